@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Installs the Debian packages vmsnap and its tests need, on a fresh Debian 12 (bookworm) machine.
+# Idempotent: a second run with everything present is a no-op in well under a second.
+# QEMU must be 10.x (bookworm-backports): QEMU 7.2 leaves stale pages after live migration under TCG.
+set -euo pipefail
+
+need_root() { if [ "$(id -u)" -ne 0 ]; then echo "setup-system: run as root (or with sudo) to install Debian packages" >&2; exit 1; fi; }
+
+qemu_major() { qemu-system-x86_64 --version 2>/dev/null | sed -n 's/^QEMU emulator version \([0-9]*\).*/\1/p'; }
+
+missing=()
+[ "$(qemu_major)" = "10" ] || missing+=(qemu)
+for bin in qemu-img:qemu nbdinfo:libnbd-bin nbdcopy:libnbd-bin redis-server:redis-server restic:restic cpio:cpio \
+           gcc:gcc zstd:zstd mkfs.ext4:e2fsprogs; do
+  command -v "${bin%%:*}" >/dev/null 2>&1 || missing+=("${bin#*:}")
+done
+[ -x /bin/busybox ] && /bin/busybox --help 2>&1 | grep -q 'static' || dpkg -s busybox-static >/dev/null 2>&1 || missing+=(busybox-static)
+dpkg -s gcc-multilib >/dev/null 2>&1 || missing+=(gcc-multilib)
+
+if [ ${#missing[@]} -eq 0 ]; then exit 0; fi
+need_root
+echo "setup-system: installing ${missing[*]}" >&2
+
+bp=/etc/apt/sources.list.d/bookworm-backports.sources
+if [ ! -f "$bp" ]; then
+  cat > "$bp" <<'SRC'
+Types: deb
+URIs: http://deb.debian.org/debian
+Suites: bookworm-backports
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+SRC
+fi
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq -t bookworm-backports qemu-system-x86 qemu-utils >/dev/null
+apt-get install -y -qq libnbd-bin nbdkit redis-server restic cpio gcc gcc-multilib busybox-static zstd e2fsprogs >/dev/null
+[ "$(qemu_major)" = "10" ] || { echo "setup-system: QEMU 10 did not install (got: $(qemu-system-x86_64 --version | head -1))" >&2; exit 1; }
+echo "setup-system: done ($(qemu-system-x86_64 --version | head -1))" >&2

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Sets up everything vmsnap and its tests need on a fresh Debian 12 machine:
+# Debian packages (QEMU 10 from bookworm-backports, NBD clients, redis, restic, ...), npm dependencies
+# (native modules built), the compiled CLI, and the fixture guests (cached under fixtures/guest/build).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup-system.sh
+if [ ! -d node_modules ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
+  npm ci --no-audit --no-fund
+fi
+# Native modules must really have built (npm may skip install scripts it does not trust).
+node -e "require('zstd-napi'); require('@napi-rs/blake-hash'); require('lz4-napi')" \
+  || { echo "setup: native modules missing; run npm rebuild" >&2; exit 1; }
+npm run build --silent
+if [ -x fixtures/guest/build.sh ]; then bash fixtures/guest/build.sh; fi
