@@ -9,7 +9,7 @@ if [ ! -d node_modules ] || [ package-lock.json -nt node_modules/.package-lock.j
   npm ci --no-audit --no-fund
 fi
 # Native modules must really have built (npm may skip install scripts it does not trust).
-node -e "require('zstd-napi'); require('@napi-rs/blake-hash'); require('lz4-napi')" \
+node -e "require('zstd-napi'); require('@napi-rs/blake-hash'); require('lz4')" \
   || { echo "setup: native modules missing; run npm rebuild" >&2; exit 1; }
 npm run build --silent
 if [ -x fixtures/guest/build.sh ]; then bash fixtures/guest/build.sh; fi
