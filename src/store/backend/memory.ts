@@ -1,0 +1,82 @@
+/**
+ * An in-process backend for tests and `memory:` URLs. It honours the whole contract (copies on put
+ * and get so callers cannot mutate stored objects through a shared buffer).
+ */
+import {
+  BackendError,
+  ObjectNotFoundError,
+  checkObjectName,
+  checkRange,
+  type Backend,
+  type BackendCapabilities,
+  type ByteRange,
+  type ObjectInfo,
+  type ObjectKind,
+} from './contract.js';
+
+export class MemoryBackend implements Backend {
+  readonly capabilities: BackendCapabilities = { local: true, requestCost: false, atomicCreate: true };
+  private readonly objects = new Map<ObjectKind, Map<string, Buffer>>();
+  private closed = false;
+
+  constructor(readonly location: string = 'memory:') {}
+
+  private bucket(kind: ObjectKind): Map<string, Buffer> {
+    let m = this.objects.get(kind);
+    if (!m) {
+      m = new Map();
+      this.objects.set(kind, m);
+    }
+    return m;
+  }
+
+  private check(kind: ObjectKind, name: string): void {
+    if (this.closed) throw new BackendError(`${this.location} is closed`, false);
+    checkObjectName(kind, name);
+  }
+
+  async put(kind: ObjectKind, name: string, data: Uint8Array): Promise<void> {
+    this.check(kind, name);
+    this.bucket(kind).set(name, Buffer.from(data));
+  }
+
+  async create(kind: ObjectKind, name: string, data: Uint8Array): Promise<boolean> {
+    this.check(kind, name);
+    const m = this.bucket(kind);
+    if (m.has(name)) return false;
+    m.set(name, Buffer.from(data));
+    return true;
+  }
+
+  async get(kind: ObjectKind, name: string, range?: ByteRange): Promise<Buffer> {
+    this.check(kind, name);
+    const data = this.bucket(kind).get(name);
+    if (!data) throw new ObjectNotFoundError(kind, name);
+    if (!range) return Buffer.from(data);
+    checkRange(kind, name, range, data.length);
+    return Buffer.from(data.subarray(range.offset, range.offset + range.length));
+  }
+
+  async stat(kind: ObjectKind, name: string): Promise<ObjectInfo> {
+    this.check(kind, name);
+    const data = this.bucket(kind).get(name);
+    if (!data) throw new ObjectNotFoundError(kind, name);
+    return { name, size: data.length };
+  }
+
+  async *list(kind: ObjectKind): AsyncIterable<ObjectInfo> {
+    this.check(kind, 'x');
+    // Snapshot the entries so deletes during iteration neither skip nor repeat objects.
+    const entries = [...this.bucket(kind)].map(([name, data]) => ({ name, size: data.length }));
+    for (const e of entries) yield e;
+  }
+
+  async delete(kind: ObjectKind, name: string): Promise<void> {
+    this.check(kind, name);
+    this.bucket(kind).delete(name);
+  }
+
+  async close(): Promise<void> {
+    this.closed = true;
+  }
+}
