@@ -1,0 +1,315 @@
+/**
+ * Launching QEMU (qemu-system-x86_64) for vmsnap: version gate, accelerator choice, argv, process.
+ *
+ * Layout of a run directory (one per QEMU process, owned by the caller):
+ *
+ *   RUNDIR/qmp.sock     QMP control socket (QEMU is the server)
+ *   RUNDIR/serial.log   guest COM1 (-chardev file)
+ *   RUNDIR/qemu.log     QEMU's own stdout+stderr
+ *
+ * Supported QEMU: 10.x only (>= 10.0, < 11). The migration stream layout vmsnap parses and rebuilds
+ * (see migstream/) was measured on 10.0.2; other majors are refused with UnsupportedQemuError rather
+ * than risk writing snapshots that cannot be restored. The machine type defaults to
+ * `pc-i440fx-10.0` and is recorded in the launch result, because a stream only loads into the same
+ * machine type.
+ */
+import { execFile, spawn, type ChildProcess } from 'node:child_process';
+import { promises as fsp, constants as fsc } from 'node:fs';
+import * as path from 'node:path';
+import { promisify } from 'node:util';
+import { QmpClient } from './qmp.js';
+
+const execFileP = promisify(execFile);
+
+export const DEFAULT_QEMU_BINARY = 'qemu-system-x86_64';
+export const DEFAULT_MACHINE_TYPE = 'pc-i440fx-10.0';
+/** Versions whose migration stream format vmsnap understands: major 10. */
+export const SUPPORTED_QEMU = { minMajor: 10, maxMajorExclusive: 11 } as const;
+
+export class UnsupportedQemuError extends Error {
+  override readonly name = 'UnsupportedQemuError';
+}
+
+export class QemuDetectError extends Error {
+  override readonly name = 'QemuDetectError';
+}
+
+export class QemuLaunchError extends Error {
+  override readonly name = 'QemuLaunchError';
+  constructor(
+    message: string,
+    readonly logTail: string,
+  ) {
+    super(logTail ? `${message}\n--- QEMU log tail ---\n${logTail}` : message);
+  }
+}
+
+export interface QemuVersion {
+  major: number;
+  minor: number;
+  micro: number;
+  /** The full first line of `--version`. */
+  text: string;
+}
+
+export interface QemuBinary {
+  path: string;
+  version: QemuVersion;
+}
+
+/** Parses `qemu-system-x86_64 --version` output. */
+export function parseQemuVersion(out: string): QemuVersion {
+  const m = /QEMU emulator version (\d+)\.(\d+)(?:\.(\d+))?/.exec(out);
+  if (!m) throw new QemuDetectError(`cannot find a version in QEMU output: ${out.slice(0, 200)}`);
+  return {
+    major: Number(m[1]),
+    minor: Number(m[2]),
+    micro: Number(m[3] ?? 0),
+    text: out.split('\n')[0]?.trim() ?? '',
+  };
+}
+
+/** Throws UnsupportedQemuError unless `v` is a QEMU whose stream format vmsnap handles (10.x). */
+export function assertSupportedQemu(v: QemuVersion): void {
+  if (v.major < SUPPORTED_QEMU.minMajor || v.major >= SUPPORTED_QEMU.maxMajorExclusive) {
+    throw new UnsupportedQemuError(
+      `QEMU ${v.major}.${v.minor}.${v.micro} is not supported: vmsnap needs QEMU >= ` +
+        `${SUPPORTED_QEMU.minMajor}.0 and < ${SUPPORTED_QEMU.maxMajorExclusive}.0 (its migration stream ` +
+        `format was verified only there). On Debian 12 install qemu-system-x86 from bookworm-backports.`,
+    );
+  }
+}
+
+/** Finds the QEMU binary, reads its version and checks it is supported. */
+export async function detectQemu(binary: string = DEFAULT_QEMU_BINARY): Promise<QemuBinary> {
+  let out: string;
+  try {
+    ({ stdout: out } = await execFileP(binary, ['--version'], { timeout: 15_000 }));
+  } catch (e) {
+    throw new QemuDetectError(`cannot run ${binary} --version: ${(e as Error).message}`);
+  }
+  const version = parseQemuVersion(out);
+  assertSupportedQemu(version);
+  return { path: binary, version };
+}
+
+/** True when /dev/kvm exists and opens read-write (permission and presence). */
+export async function kvmAvailable(dev = '/dev/kvm'): Promise<boolean> {
+  try {
+    const fh = await fsp.open(dev, fsc.O_RDWR);
+    await fh.close();
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+export type Accel = 'kvm' | 'tcg';
+
+export interface AccelChoice {
+  /** Force an accelerator; 'auto' (default) picks KVM only when it opens and the guest can use it. */
+  force?: Accel | 'auto';
+  /**
+   * Whether this guest is known to run under this host's KVM. Some hosts expose a /dev/kvm that
+   * cannot run every guest (e.g. nested software hypervisors), so opening is not enough.
+   */
+  guestRunsUnderKvm: boolean;
+}
+
+export async function chooseAccel(c: AccelChoice, dev = '/dev/kvm'): Promise<Accel> {
+  if (c.force === 'kvm' || c.force === 'tcg') return c.force;
+  return c.guestRunsUnderKvm && (await kvmAvailable(dev)) ? 'kvm' : 'tcg';
+}
+
+export interface NbdDisk {
+  /** unix socket of the NBD server */
+  socketPath: string;
+  exportName: string;
+  readOnly?: boolean;
+}
+
+export interface QemuLaunchOptions {
+  runDir: string;
+  binary?: string;
+  accel: Accel;
+  memoryMiB: number;
+  cpus?: number;
+  machine?: string;
+  kernel?: string;
+  initrd?: string;
+  append?: string;
+  disks?: NbdDisk[];
+  /** Start with `-incoming defer` (a restore target, loads via migrate-incoming). */
+  incomingDefer?: boolean;
+  /** Start paused (-S). */
+  paused?: boolean;
+  extraArgs?: string[];
+}
+
+export interface QemuPaths {
+  qmpSocket: string;
+  serialLog: string;
+  qemuLog: string;
+}
+
+export function qemuPaths(runDir: string): QemuPaths {
+  return {
+    qmpSocket: path.join(runDir, 'qmp.sock'),
+    serialLog: path.join(runDir, 'serial.log'),
+    qemuLog: path.join(runDir, 'qemu.log'),
+  };
+}
+
+/** QEMU's option parser splits on ','; a literal comma in a value is written ',,'. */
+function optVal(s: string): string {
+  return s.replaceAll(',', ',,');
+}
+
+/** Builds the full argv (without the binary). Pure: easy to test and to record in a snapshot. */
+export function buildQemuArgv(o: QemuLaunchOptions): string[] {
+  if (!Number.isInteger(o.memoryMiB) || o.memoryMiB < 16) {
+    throw new QemuLaunchError(`memory must be an integer number of MiB >= 16, got ${o.memoryMiB}`, '');
+  }
+  const cpus = o.cpus ?? 1;
+  if (!Number.isInteger(cpus) || cpus < 1) throw new QemuLaunchError(`cpus must be a positive integer, got ${cpus}`, '');
+  const p = qemuPaths(o.runDir);
+  const argv = [
+    '-machine', optVal(o.machine ?? DEFAULT_MACHINE_TYPE),
+    '-accel', o.accel,
+    '-m', `${o.memoryMiB}M`,
+    '-smp', String(cpus),
+    '-nodefaults',
+    '-no-user-config',
+    '-display', 'none',
+    '-chardev', `socket,id=qmp,path=${optVal(p.qmpSocket)},server=on,wait=off`,
+    '-mon', 'chardev=qmp,mode=control',
+    '-chardev', `file,id=serial0,path=${optVal(p.serialLog)}`,
+    '-serial', 'chardev:serial0',
+  ];
+  if (o.kernel) argv.push('-kernel', o.kernel);
+  if (o.initrd) argv.push('-initrd', o.initrd);
+  if (o.append !== undefined) argv.push('-append', o.append);
+  (o.disks ?? []).forEach((d, i) => {
+    // JSON syntax for -blockdev needs no comma escaping of paths/export names.
+    const node = `disk${i}`;
+    argv.push(
+      '-blockdev',
+      JSON.stringify({
+        driver: 'nbd',
+        'node-name': node,
+        server: { type: 'unix', path: d.socketPath },
+        export: d.exportName,
+        'read-only': d.readOnly ?? false,
+        // The NBD server owns caching; flushes must reach it so guest fsync means durable.
+        cache: { direct: false, 'no-flush': false },
+      }),
+      '-device',
+      `virtio-blk-pci,drive=${node},id=vblk${i}`,
+    );
+  });
+  if (o.paused) argv.push('-S');
+  if (o.incomingDefer) argv.push('-incoming', 'defer');
+  argv.push(...(o.extraArgs ?? []));
+  return argv;
+}
+
+export interface QemuExit {
+  code: number | null;
+  signal: NodeJS.Signals | null;
+}
+
+export class QemuProcess {
+  readonly pid: number;
+  readonly exited: Promise<QemuExit>;
+  private exitInfo: QemuExit | undefined;
+
+  constructor(
+    private readonly child: ChildProcess,
+    readonly qmp: QmpClient,
+    readonly paths: QemuPaths,
+    readonly argv: readonly string[],
+    readonly machine: string,
+    readonly accel: Accel,
+    readonly version: QemuVersion,
+    exited: Promise<QemuExit>,
+  ) {
+    if (child.pid === undefined) throw new QemuLaunchError('QEMU has no pid', '');
+    this.pid = child.pid;
+    this.exited = exited.then((x) => (this.exitInfo = x));
+  }
+
+  get hasExited(): boolean {
+    return this.exitInfo !== undefined;
+  }
+
+  /** Sends a signal (default SIGKILL) and waits for the process to exit. */
+  async kill(signal: NodeJS.Signals = 'SIGKILL'): Promise<QemuExit> {
+    if (!this.exitInfo) this.child.kill(signal);
+    const r = await this.exited;
+    this.qmp.close();
+    return r;
+  }
+
+  /** Asks QEMU to quit over QMP; kills it if it has not exited within `timeoutMs`. */
+  async quit(timeoutMs = 10_000): Promise<QemuExit> {
+    if (!this.exitInfo) {
+      // The reply may lose the race with the socket closing; either outcome means QEMU is quitting.
+      await this.qmp.execute('quit', undefined, { timeoutMs }).catch(() => undefined);
+      const t = new Promise<'timeout'>((r) => setTimeout(() => r('timeout'), timeoutMs).unref());
+      if ((await Promise.race([this.exited, t])) === 'timeout') return this.kill('SIGKILL');
+    }
+    this.qmp.close();
+    return this.exited;
+  }
+
+  async logTail(bytes = 4000): Promise<string> {
+    return readTail(this.paths.qemuLog, bytes);
+  }
+}
+
+async function readTail(file: string, bytes: number): Promise<string> {
+  try {
+    const buf = await fsp.readFile(file);
+    return buf.subarray(Math.max(0, buf.length - bytes)).toString('utf8');
+  } catch {
+    return '';
+  }
+}
+
+/**
+ * Starts QEMU and connects QMP. Fails with QemuLaunchError (including QEMU's log tail) if QEMU
+ * exits before its QMP socket answers.
+ */
+export async function launchQemu(o: QemuLaunchOptions & { qemu?: QemuBinary; qmpTimeoutMs?: number }): Promise<QemuProcess> {
+  const qemu = o.qemu ?? (await detectQemu(o.binary));
+  await fsp.mkdir(o.runDir, { recursive: true, mode: 0o700 });
+  const paths = qemuPaths(o.runDir);
+  await fsp.rm(paths.qmpSocket, { force: true });
+  const argv = buildQemuArgv(o);
+  const log = await fsp.open(paths.qemuLog, 'a');
+  let child: ChildProcess;
+  try {
+    child = spawn(qemu.path, argv, { stdio: ['ignore', log.fd, log.fd], detached: false });
+  } finally {
+    // The child holds its own copy of the descriptor.
+    await log.close();
+  }
+  const exited = new Promise<QemuExit>((resolve) => {
+    child.once('exit', (code, signal) => resolve({ code, signal }));
+  });
+  const spawnErr = new Promise<Error>((resolve) => child.once('error', resolve));
+  const abort = new AbortController();
+  void exited.then((x) => abort.abort(`QEMU exited (code ${x.code}, signal ${x.signal})`));
+  let qmp: QmpClient;
+  try {
+    qmp = await Promise.race([
+      QmpClient.connect(paths.qmpSocket, { timeoutMs: o.qmpTimeoutMs ?? 30_000, signal: abort.signal }),
+      spawnErr.then((e) => Promise.reject(e)),
+    ]);
+  } catch (e) {
+    child.kill('SIGKILL');
+    await Promise.race([exited, new Promise((r) => setTimeout(r, 2000).unref())]);
+    throw new QemuLaunchError(`QEMU did not start: ${(e as Error).message}`, await readTail(paths.qemuLog, 4000));
+  }
+  return new QemuProcess(child, qmp, paths, argv, o.machine ?? DEFAULT_MACHINE_TYPE, o.accel, qemu.version, exited);
+}
