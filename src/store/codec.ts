@@ -1,0 +1,71 @@
+/**
+ * Per-chunk compression. Every stored chunk records its codec, so repositories can mix them and a
+ * codec change never rewrites old data. A chunk is stored raw ("none") when compression would not
+ * save at least 1/32 of it: decompressing buys nothing then.
+ *
+ * Codec ids are part of the on-disk format (pack descriptions, index files): never renumber.
+ */
+import * as lz4 from 'lz4';
+import { compress as zstdCompress, decompress as zstdDecompress } from 'zstd-napi';
+import { FormatError, IntegrityError } from './errors.js';
+
+export const CODECS = { none: 0, zstd: 1, lz4: 2 } as const;
+export type CodecName = keyof typeof CODECS;
+export type CodecId = (typeof CODECS)[CodecName];
+
+export function codecId(name: string): CodecId {
+  if (!Object.hasOwn(CODECS, name)) {
+    throw new FormatError(`unknown codec ${JSON.stringify(name)} (expected one of: ${Object.keys(CODECS).join(', ')})`);
+  }
+  return CODECS[name as CodecName];
+}
+
+export function codecName(id: number): CodecName {
+  for (const [name, v] of Object.entries(CODECS)) if (v === id) return name as CodecName;
+  throw new FormatError(`unknown codec id ${id}`);
+}
+
+export interface Encoded {
+  codec: CodecId;
+  data: Buffer;
+}
+
+export function encode(preferred: CodecId, raw: Uint8Array, zstdLevel = 3): Encoded {
+  const limit = raw.length - (raw.length >> 5);
+  if (preferred === CODECS.zstd) {
+    const out = zstdCompress(raw, { compressionLevel: zstdLevel });
+    if (out.length < limit) return { codec: CODECS.zstd, data: out };
+  } else if (preferred === CODECS.lz4) {
+    const out = Buffer.allocUnsafe(lz4.encodeBound(raw.length));
+    const n = lz4.encodeBlock(raw, out);
+    if (n > 0 && n < limit) return { codec: CODECS.lz4, data: out.subarray(0, n) };
+  }
+  return { codec: CODECS.none, data: Buffer.from(raw.buffer, raw.byteOffset, raw.byteLength) };
+}
+
+/** Decodes a stored chunk whose plaintext must be exactly `rawLength` bytes. */
+export function decode(codec: number, stored: Uint8Array, rawLength: number): Buffer {
+  switch (codec) {
+    case CODECS.none:
+      if (stored.length !== rawLength) throw new IntegrityError(`raw chunk is ${stored.length} bytes, expected ${rawLength}`);
+      return Buffer.from(stored.buffer, stored.byteOffset, stored.byteLength);
+    case CODECS.zstd: {
+      let out: Buffer;
+      try {
+        out = zstdDecompress(stored);
+      } catch (err) {
+        throw new IntegrityError(`zstd chunk does not decompress: ${(err as Error).message}`);
+      }
+      if (out.length !== rawLength) throw new IntegrityError(`zstd chunk decompressed to ${out.length} bytes, expected ${rawLength}`);
+      return out;
+    }
+    case CODECS.lz4: {
+      const out = Buffer.allocUnsafe(rawLength);
+      const n = lz4.decodeBlock(stored, out);
+      if (n !== rawLength) throw new IntegrityError(`lz4 chunk decompressed to ${n} bytes, expected ${rawLength}`);
+      return out;
+    }
+    default:
+      throw new FormatError(`unknown codec id ${codec}`);
+  }
+}

@@ -1,0 +1,128 @@
+/**
+ * Encryption at rest.
+ *
+ * A repository created with `--encrypt` has a random 64-byte master key:
+ *   bytes  0..31  AES-256-GCM key for every encrypted object (chunks, pack descriptions, index files,
+ *                 snapshot manifests);
+ *   bytes 32..63  keyed-BLAKE3 key for chunk ids (see hash.ts).
+ * The master key is stored only wrapped, in `keys/<id>` objects, one per passphrase:
+ *
+ *   { "version": 1, "kdf": "scrypt", "N": 32768, "r": 8, "p": 1, "salt": b64(16),
+ *     "wrapped": b64(sealed(master)), "created": ISO-8601, "host": "..." }
+ *
+ * where the wrapping key is scrypt(passphrase, salt). A sealed box is
+ *
+ *   nonce (12 random bytes) | ciphertext | GCM tag (16)
+ *
+ * with additional authenticated data naming what the box is ("chunk" + id, "pack-description",
+ * "index", "snapshot", "master-key"), so a box moved to another role or another id fails to open.
+ * Random 96-bit nonces: a key seals far fewer than 2^32 boxes in a desktop repository's life.
+ */
+import { createCipheriv, createDecipheriv, randomBytes, scrypt as scryptCb, type ScryptOptions } from 'node:crypto';
+import { FormatError, IntegrityError, WrongPasswordError } from './errors.js';
+
+const NONCE = 12;
+const TAG = 16;
+export const SEAL_OVERHEAD = NONCE + TAG;
+
+export interface KeyFile {
+  version: 1;
+  kdf: 'scrypt';
+  N: number;
+  r: number;
+  p: number;
+  salt: string;
+  wrapped: string;
+  created: string;
+  host: string;
+}
+
+export class MasterKey {
+  readonly aeadKey: Buffer;
+  readonly idKey: Buffer;
+  constructor(readonly raw: Buffer) {
+    if (raw.length !== 64) throw new FormatError('master key must be 64 bytes');
+    this.aeadKey = raw.subarray(0, 32);
+    this.idKey = raw.subarray(32, 64);
+  }
+  static generate(): MasterKey {
+    return new MasterKey(randomBytes(64));
+  }
+}
+
+export function seal(key: Buffer, plaintext: Uint8Array, aad: Uint8Array): Buffer {
+  const nonce = randomBytes(NONCE);
+  const cipher = createCipheriv('aes-256-gcm', key, nonce);
+  cipher.setAAD(aad);
+  const out = Buffer.allocUnsafe(NONCE + plaintext.length + TAG);
+  nonce.copy(out, 0);
+  const n = cipher.update(plaintext).copy(out, NONCE);
+  cipher.final();
+  cipher.getAuthTag().copy(out, NONCE + n);
+  return out;
+}
+
+export function open(key: Buffer, box: Uint8Array, aad: Uint8Array, what: string): Buffer {
+  if (box.length < SEAL_OVERHEAD) throw new IntegrityError(`${what}: encrypted object is too short (${box.length} bytes)`);
+  const b = Buffer.from(box.buffer, box.byteOffset, box.byteLength);
+  const decipher = createDecipheriv('aes-256-gcm', key, b.subarray(0, NONCE));
+  decipher.setAAD(aad);
+  decipher.setAuthTag(b.subarray(b.length - TAG));
+  try {
+    const head = decipher.update(b.subarray(NONCE, b.length - TAG));
+    const tail = decipher.final();
+    return tail.length ? Buffer.concat([head, tail]) : head;
+  } catch {
+    throw new IntegrityError(`${what}: authentication failed (the data was modified or belongs elsewhere)`);
+  }
+}
+
+const DEFAULT_KDF = { N: 1 << 15, r: 8, p: 1 };
+const MAX_KDF_N = 1 << 20;
+
+function scrypt(pass: string, salt: Buffer, params: { N: number; r: number; p: number }): Promise<Buffer> {
+  const opts: ScryptOptions = { ...params, maxmem: 256 * params.N * params.r + (1 << 20) };
+  return new Promise((resolve, reject) =>
+    scryptCb(pass, salt, 32, opts, (err, key) => (err ? reject(err) : resolve(key))),
+  );
+}
+
+export async function wrapMasterKey(master: MasterKey, passphrase: string, host: string, kdf = DEFAULT_KDF): Promise<KeyFile> {
+  const salt = randomBytes(16);
+  const wrapping = await scrypt(passphrase, salt, kdf);
+  return {
+    version: 1,
+    kdf: 'scrypt',
+    ...kdf,
+    salt: salt.toString('base64'),
+    wrapped: seal(wrapping, master.raw, Buffer.from('master-key')).toString('base64'),
+    created: new Date().toISOString(),
+    host,
+  };
+}
+
+export function parseKeyFile(bytes: Buffer, name: string): KeyFile {
+  let k: Partial<KeyFile>;
+  try {
+    k = JSON.parse(bytes.toString('utf8')) as Partial<KeyFile>;
+  } catch {
+    throw new FormatError(`key ${name} is not valid JSON`);
+  }
+  if (k.version !== 1 || k.kdf !== 'scrypt') throw new FormatError(`key ${name}: unsupported version or kdf`);
+  const pow2 = (n: unknown): n is number => typeof n === 'number' && Number.isInteger(n) && n >= 2 && (n & (n - 1)) === 0;
+  if (!pow2(k.N) || k.N > MAX_KDF_N || !Number.isInteger(k.r) || !Number.isInteger(k.p) || k.r! < 1 || k.r! > 32 || k.p! < 1 || k.p! > 16) {
+    throw new FormatError(`key ${name}: scrypt parameters out of range`);
+  }
+  if (typeof k.salt !== 'string' || typeof k.wrapped !== 'string') throw new FormatError(`key ${name}: missing salt or wrapped key`);
+  return k as KeyFile;
+}
+
+export async function unwrapMasterKey(key: KeyFile, passphrase: string): Promise<MasterKey> {
+  const wrapping = await scrypt(passphrase, Buffer.from(key.salt, 'base64'), key);
+  try {
+    return new MasterKey(open(wrapping, Buffer.from(key.wrapped, 'base64'), Buffer.from('master-key'), 'key'));
+  } catch (err) {
+    if (err instanceof IntegrityError) throw new WrongPasswordError('wrong password: it does not open any key of this repository');
+    throw err;
+  }
+}

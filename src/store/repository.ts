@@ -1,0 +1,423 @@
+/**
+ * The repository: content-addressed chunks in packs, an index, and snapshot manifests, on any
+ * backend (see format.ts for the layout, pack.ts, chunk-index.ts and manifest.ts for the formats).
+ *
+ * Write ordering (what makes a crash at any point harmless):
+ *   1. chunks are appended to an in-memory pack; a full pack is uploaded (atomic put);
+ *   2. flush() waits for all pack uploads, then writes one index file naming them;
+ *   3. saveSnapshot() flushes, then writes the manifest.
+ * A crash before (3) leaves packs and maybe an index file that no snapshot references: garbage
+ * that prune removes, never a snapshot that references a missing chunk. Packs are never modified,
+ * only deleted by prune under an exclusive lock after a new index no longer references them.
+ */
+import { randomBytes } from 'node:crypto';
+import { hostname } from 'node:os';
+import { type Backend, ObjectNotFoundError } from './backend/contract.js';
+import { codecId, decode, encode, type CodecId, type CodecName } from './codec.js';
+import { MasterKey, open, parseKeyFile, seal, unwrapMasterKey, wrapMasterKey } from './crypto.js';
+import { FormatError, IntegrityError, NotFoundError, UsageError, WrongPasswordError } from './errors.js';
+import { DEFAULT_CHUNK_SIZE, FORMAT_NAME, FORMAT_VERSION, parseConfig, type RepoConfig } from './format.js';
+import { ChunkIndex, decodeIndexFile, encodeIndexFile, type ChunkLocation } from './chunk-index.js';
+import { chunkHasher, contentHash, ID_SIZE, isAllZero, isZeroId, ZERO_CHUNK_ID, type ChunkHasher } from './hash.js';
+import {
+  decodeManifest,
+  encodeManifest,
+  MANIFEST_AAD,
+  MAX_MANIFEST_BYTES,
+  type Snapshot,
+  type SnapshotData,
+} from './manifest.js';
+import { chunkAad, PackWriter, type PackEntry } from './pack.js';
+import { WorkerPool } from './workers.js';
+
+/** Packs are cut at this size: large enough for ≤ 64 PUTs per GiB on S3, small enough to repack. */
+export const PACK_TARGET = 32 << 20;
+const UPLOAD_CONCURRENCY = 2;
+
+export interface InitOptions {
+  password?: string;
+  chunkSize?: number;
+  codec?: CodecName;
+}
+
+export interface OpenOptions {
+  /** Called only when the repository is encrypted. */
+  password?: string | (() => Promise<string>);
+  /** Number of chunk worker threads (default: cores, at most 4). */
+  workers?: number;
+}
+
+export interface PutResult {
+  id: Buffer;
+  isNew: boolean;
+  /** Bytes added to the repository (after compression and encryption), 0 when deduplicated. */
+  storedBytes: number;
+}
+
+export interface WriteStats {
+  newChunks: number;
+  dedupChunks: number;
+  zeroChunks: number;
+  rawBytes: number;
+  storedBytes: number;
+  packs: number;
+}
+
+export class Repository {
+  readonly index = new ChunkIndex(1 << 14);
+  readonly chunkId: ChunkHasher;
+  readonly codec: CodecId;
+  readonly stats: WriteStats = { newChunks: 0, dedupChunks: 0, zeroChunks: 0, rawBytes: 0, storedBytes: 0, packs: 0 };
+  private pack = new PackWriter();
+  /** Chunks written this session but not yet in the index (hex id -> pack writer holding them). */
+  private pending = new Map<string, PackWriter>();
+  private uploads = new Set<Promise<void>>();
+  private unindexed: { pack: string; entries: PackEntry[] }[] = [];
+  private failure: Error | null = null;
+  private pool: WorkerPool | null = null;
+  private snapshotCache = new Map<string, Snapshot>();
+  readonly indexFiles = new Set<string>();
+
+  private constructor(
+    readonly backend: Backend,
+    readonly config: RepoConfig,
+    private readonly master: MasterKey | null,
+    private readonly workerCount: number | undefined,
+  ) {
+    this.chunkId = chunkHasher(master ? master.idKey : null);
+    this.codec = codecId(config.codec);
+  }
+
+  get chunkSize(): number {
+    return this.config.chunkSize;
+  }
+  get encrypted(): boolean {
+    return this.master !== null;
+  }
+  get aeadKey(): Buffer | null {
+    return this.master ? this.master.aeadKey : null;
+  }
+
+  static async init(backend: Backend, opts: InitOptions = {}): Promise<Repository> {
+    const chunkSize = opts.chunkSize ?? DEFAULT_CHUNK_SIZE;
+    const codec = opts.codec ?? 'zstd';
+    codecId(codec);
+    if (chunkSize < 4096 || chunkSize > 16 << 20 || (chunkSize & (chunkSize - 1)) !== 0) {
+      throw new UsageError(`invalid chunk size ${chunkSize}: use a power of two between 4 KiB and 16 MiB`);
+    }
+    if (opts.password !== undefined && opts.password.length === 0) throw new UsageError('an empty password is not allowed');
+    const config: RepoConfig = {
+      format: FORMAT_NAME,
+      version: FORMAT_VERSION,
+      id: randomBytes(16).toString('hex'),
+      chunkSize,
+      codec,
+      created: new Date().toISOString(),
+      encryption: opts.password !== undefined ? { aead: 'aes-256-gcm', ids: 'blake3-keyed', kdf: 'scrypt' } : null,
+    };
+    let master: MasterKey | null = null;
+    if (opts.password !== undefined) {
+      master = MasterKey.generate();
+      const key = await wrapMasterKey(master, opts.password, hostname());
+      await backend.put('keys', randomBytes(16).toString('hex'), Buffer.from(JSON.stringify(key)));
+    }
+    // The config is created last and exclusively: a half-initialised directory has no config, and two
+    // concurrent inits cannot both succeed.
+    const created = await backend.create('config', 'config', Buffer.from(JSON.stringify(config, null, 2)));
+    if (!created) throw new UsageError(`a repository already exists at ${backend.location}`);
+    return new Repository(backend, config, master, undefined);
+  }
+
+  static async open(backend: Backend, opts: OpenOptions = {}): Promise<Repository> {
+    let bytes: Buffer;
+    try {
+      bytes = await backend.get('config', 'config');
+    } catch (err) {
+      if (err instanceof ObjectNotFoundError) {
+        throw new NotFoundError(`no vmsnap repository at ${backend.location} (run \`vmsnap init\` first)`);
+      }
+      throw err;
+    }
+    const config = parseConfig(bytes);
+    let master: MasterKey | null = null;
+    if (config.encryption) {
+      if (opts.password === undefined) {
+        throw new WrongPasswordError(`repository ${backend.location} is encrypted: give a password (VMSNAP_PASSWORD or --password-file)`);
+      }
+      const password = typeof opts.password === 'string' ? opts.password : await opts.password();
+      master = await unlock(backend, password);
+    }
+    const repo = new Repository(backend, config, master, opts.workers);
+    await repo.loadIndex();
+    return repo;
+  }
+
+  /** Reads every index file. Damaged index files are reported, not fatal: packs can rebuild them. */
+  async loadIndex(onDamage?: (name: string, err: Error) => void): Promise<void> {
+    const names: string[] = [];
+    for await (const o of this.backend.list('index')) names.push(o.name);
+    await mapLimit(names, 8, async (name) => {
+      try {
+        const bytes = await this.backend.get('index', name);
+        if (!this.master && contentHash(bytes).toString('hex') !== name) {
+          throw new IntegrityError(`index ${name}: content does not match its name`);
+        }
+        decodeIndexFile(bytes, this.aeadKey, name, this.index);
+        this.indexFiles.add(name);
+      } catch (err) {
+        if (onDamage) onDamage(name, err as Error);
+        else if (!(err instanceof IntegrityError || err instanceof FormatError)) throw err;
+      }
+    });
+  }
+
+  workers(): WorkerPool {
+    if (!this.pool) {
+      this.pool = new WorkerPool(
+        { aeadKey: this.master ? this.master.aeadKey : null, idKey: this.master ? this.master.idKey : null },
+        this.workerCount,
+      );
+    }
+    return this.pool;
+  }
+
+  hasChunk(id: Uint8Array): boolean {
+    return isZeroId(id) || this.index.has(id) || this.pending.has(Buffer.from(id.buffer, id.byteOffset, ID_SIZE).toString('hex'));
+  }
+
+  /** Hashes, deduplicates, compresses and stores one chunk (on this thread; ingest uses workers). */
+  async putChunk(data: Uint8Array): Promise<PutResult> {
+    this.throwIfFailed();
+    if (isAllZero(data)) {
+      this.stats.zeroChunks++;
+      return { id: ZERO_CHUNK_ID, isNew: false, storedBytes: 0 };
+    }
+    const id = this.chunkId(data);
+    if (this.hasChunk(id)) {
+      this.stats.dedupChunks++;
+      return { id, isNew: false, storedBytes: 0 };
+    }
+    const enc = encode(this.codec, data);
+    const stored = this.master ? seal(this.master.aeadKey, enc.data, chunkAad(id)) : enc.data;
+    await this.addEncoded(id, enc.codec, stored, data.length);
+    return { id, isNew: true, storedBytes: stored.length };
+  }
+
+  /**
+   * Adds a chunk that is already compressed (and sealed). The caller must have checked hasChunk();
+   * a duplicate is ignored. Resolves once the chunk is buffered (it waits only when uploads lag).
+   */
+  async addEncoded(id: Buffer, codec: number, stored: Buffer, rawLength: number): Promise<void> {
+    this.throwIfFailed();
+    const key = id.toString('hex');
+    if (this.index.has(id) || this.pending.has(key)) {
+      this.stats.dedupChunks++;
+      return;
+    }
+    this.pack.add(Buffer.from(id), codec, stored, rawLength);
+    this.pending.set(key, this.pack);
+    this.stats.newChunks++;
+    this.stats.rawBytes += rawLength;
+    this.stats.storedBytes += stored.length;
+    if (this.pack.byteLength >= PACK_TARGET) await this.cutPack();
+  }
+
+  noteDedup(n: number, zero: number): void {
+    this.stats.dedupChunks += n;
+    this.stats.zeroChunks += zero;
+  }
+
+  private async cutPack(): Promise<void> {
+    if (this.pack.count === 0) return;
+    const writer = this.pack;
+    this.pack = new PackWriter();
+    // Backpressure: never more than UPLOAD_CONCURRENCY packs in flight (bounded memory).
+    while (this.uploads.size >= UPLOAD_CONCURRENCY) await Promise.race(this.uploads);
+    this.throwIfFailed();
+    const { name, bytes, entries } = writer.finish(this.aeadKey);
+    const upload = this.backend
+      .put('packs', name, bytes)
+      .then(() => {
+        for (const e of entries) {
+          this.index.add(e.id, name, e);
+          this.pending.delete(e.id.toString('hex'));
+        }
+        this.unindexed.push({ pack: name, entries });
+        this.stats.packs++;
+      })
+      .catch((err: unknown) => {
+        this.failure ??= err instanceof Error ? err : new Error(String(err));
+      })
+      .finally(() => this.uploads.delete(upload));
+    this.uploads.add(upload);
+  }
+
+  /** Uploads the open pack, waits for all uploads, and writes an index file for the new packs. */
+  async flush(): Promise<void> {
+    this.throwIfFailed();
+    await this.cutPack();
+    while (this.uploads.size) await Promise.all(this.uploads);
+    this.throwIfFailed();
+    if (this.unindexed.length === 0) return;
+    const batch = this.unindexed;
+    this.unindexed = [];
+    const bytes = encodeIndexFile({ packs: batch, superseded: [] }, this.aeadKey);
+    const name = contentHash(bytes).toString('hex');
+    try {
+      await this.backend.put('index', name, bytes);
+    } catch (err) {
+      this.failure = err as Error;
+      throw err;
+    }
+    this.indexFiles.add(name);
+  }
+
+  /** Discards buffered, unflushed chunks (used after a failed operation). */
+  abandon(): void {
+    this.pack = new PackWriter();
+    this.pending.clear();
+  }
+
+  private throwIfFailed(): void {
+    if (this.failure) throw this.failure;
+  }
+
+  locate(id: Uint8Array): ChunkLocation {
+    const loc = this.index.get(id);
+    if (!loc) throw new IntegrityError(`chunk ${Buffer.from(id).toString('hex')} is not in the index (missing data)`);
+    return loc;
+  }
+
+  /** Returns a chunk's verified plaintext. `rawLength` is needed only for the zero id. */
+  async getChunk(id: Uint8Array, rawLength = this.chunkSize): Promise<Buffer> {
+    if (isZeroId(id)) return Buffer.alloc(rawLength);
+    const idBuf = Buffer.from(id.buffer, id.byteOffset, ID_SIZE);
+    if (!this.index.has(idBuf) && this.pending.has(idBuf.toString('hex'))) await this.flush();
+    const loc = this.locate(idBuf);
+    const stored = await this.backend.get('packs', loc.pack, { offset: loc.offset, length: loc.storedLength });
+    return this.openChunk(idBuf, loc, stored);
+  }
+
+  /** Decrypts, decompresses and verifies one stored chunk. */
+  openChunk(id: Buffer, loc: Pick<ChunkLocation, 'codec' | 'rawLength'>, stored: Buffer): Buffer {
+    const what = `chunk ${id.toString('hex')}`;
+    const body = this.master ? open(this.master.aeadKey, stored, chunkAad(id), what) : stored;
+    const plain = decode(loc.codec, body, loc.rawLength);
+    if (!this.chunkId(plain).equals(id)) throw new IntegrityError(`${what}: content does not match its id (corrupted data)`);
+    return plain;
+  }
+
+  // ---- snapshots ----
+
+  async saveSnapshot(data: Omit<SnapshotData, 'time' | 'host'> & Partial<Pick<SnapshotData, 'time' | 'host'>>): Promise<Snapshot> {
+    const full: SnapshotData = { time: new Date().toISOString(), host: hostname(), ...data };
+    const plain = encodeManifest(full);
+    // Every chunk a manifest references must be durable and indexed before the manifest exists.
+    await this.flush();
+    for (const s of full.streams) {
+      for (let off = 0; off < s.chunks.length; off += ID_SIZE) {
+        const id = s.chunks.subarray(off, off + ID_SIZE);
+        if (!isZeroId(id) && !this.index.has(id)) {
+          throw new IntegrityError(`stream ${s.name} references chunk ${id.toString('hex')}, which is not in the repository`);
+        }
+      }
+    }
+    const id = this.chunkId(plain).toString('hex');
+    const stored = this.master ? seal(this.master.aeadKey, plain, MANIFEST_AAD) : plain;
+    await this.backend.put('snapshots', id, stored);
+    const snap: Snapshot = { id, ...full };
+    this.snapshotCache.set(id, snap);
+    return snap;
+  }
+
+  async readSnapshot(id: string): Promise<Snapshot> {
+    const cached = this.snapshotCache.get(id);
+    if (cached) return cached;
+    const info = await this.backend.stat('snapshots', id);
+    if (info.size > MAX_MANIFEST_BYTES) throw new FormatError(`snapshot ${id}: manifest of ${info.size} bytes is over the limit`);
+    const stored = await this.backend.get('snapshots', id);
+    const plain = this.master ? open(this.master.aeadKey, stored, MANIFEST_AAD, `snapshot ${id}`) : stored;
+    if (this.chunkId(plain).toString('hex') !== id) {
+      throw new IntegrityError(`snapshot ${id}: manifest content does not match its id (corrupted)`);
+    }
+    const snap = decodeManifest(plain, id);
+    this.snapshotCache.set(id, snap);
+    return snap;
+  }
+
+  async snapshotIds(): Promise<string[]> {
+    const ids: string[] = [];
+    for await (const o of this.backend.list('snapshots')) ids.push(o.name);
+    return ids;
+  }
+
+  /** All snapshots, oldest first. Unreadable manifests go to `onError` (or throw without it). */
+  async listSnapshots(onError?: (id: string, err: Error) => void): Promise<Snapshot[]> {
+    const out: Snapshot[] = [];
+    await mapLimit(await this.snapshotIds(), 8, async (id) => {
+      try {
+        out.push(await this.readSnapshot(id));
+      } catch (err) {
+        if (!onError) throw err;
+        onError(id, err as Error);
+      }
+    });
+    return out.sort((a, b) => a.time.localeCompare(b.time) || a.id.localeCompare(b.id));
+  }
+
+  /** Resolves a full id, a unique prefix (≥ 4 hex digits), or `latest` / `VM:latest`. */
+  async resolveSnapshot(ref: string): Promise<Snapshot> {
+    const latest = /^(?:(.+):)?latest$/.exec(ref);
+    if (latest) {
+      const vm = latest[1];
+      const all = (await this.listSnapshots()).filter((s) => vm === undefined || s.vm === vm);
+      const last = all[all.length - 1];
+      if (!last) throw new NotFoundError(vm ? `VM ${vm} has no snapshots` : 'the repository has no snapshots');
+      return last;
+    }
+    if (!/^[0-9a-f]{4,64}$/.test(ref)) {
+      throw new UsageError(`invalid snapshot id ${JSON.stringify(ref)}: give at least 4 hex digits of an id, or "latest"`);
+    }
+    const matches = (await this.snapshotIds()).filter((id) => id.startsWith(ref));
+    if (matches.length === 0) throw new NotFoundError(`no snapshot matches ${ref}`);
+    if (matches.length > 1) throw new UsageError(`snapshot id prefix ${ref} is ambiguous (${matches.length} snapshots match)`);
+    return this.readSnapshot(matches[0]!);
+  }
+
+  async deleteSnapshot(id: string): Promise<void> {
+    await this.backend.delete('snapshots', id);
+    this.snapshotCache.delete(id);
+  }
+
+  async close(): Promise<void> {
+    if (this.pool) await this.pool.close();
+    this.pool = null;
+  }
+}
+
+async function unlock(backend: Backend, password: string): Promise<MasterKey> {
+  const names: string[] = [];
+  for await (const o of backend.list('keys')) names.push(o.name);
+  if (names.length === 0) throw new IntegrityError('repository is encrypted but has no key objects');
+  let lastErr: Error | null = null;
+  for (const name of names) {
+    try {
+      return await unwrapMasterKey(parseKeyFile(await backend.get('keys', name), name), password);
+    } catch (err) {
+      lastErr = err as Error;
+      if (!(err instanceof WrongPasswordError || err instanceof FormatError)) throw err;
+    }
+  }
+  throw lastErr instanceof FormatError ? lastErr : new WrongPasswordError('wrong password: it opens no key of this repository');
+}
+
+export async function mapLimit<T>(items: readonly T[], limit: number, fn: (item: T, i: number) => Promise<void>): Promise<void> {
+  let next = 0;
+  const run = async () => {
+    while (next < items.length) {
+      const i = next++;
+      await fn(items[i]!, i);
+    }
+  };
+  await Promise.all(Array.from({ length: Math.min(limit, items.length) }, run));
+}
