@@ -1,0 +1,222 @@
+/**
+ * Snapshots and clones of copy-on-write volumes.
+ *
+ * A snapshot writes only the closed generations' dirty blocks into the repository; every other
+ * block keeps the parent stream's chunk id, so unchanged data is never read. When tracking was
+ * lost the frozen set covers the whole volume and each block's hash is compared with the parent's
+ * id instead (slower, still correct, and still deduplicated because the store deduplicates).
+ *
+ * A clone is a new volume whose base is a snapshot's disk stream: constant work, no data copied.
+ */
+import { blockCount, isZeroBuffer, validateDiskStream, ZERO_CHUNK_ID, CHUNK_ID_BYTES, type ChunkStore, type DiskStream } from './chunk-store.js';
+import { Volume, BASE, ZERO, type FrozenSet, type VolumeOpenOptions } from './volume.js';
+
+export class SnapshotError extends Error {
+  override readonly name = 'SnapshotError';
+}
+export class CloneError extends Error {
+  override readonly name = 'CloneError';
+}
+
+export interface SnapshotStats {
+  /** Generations captured (oldest first). */
+  generations: number[];
+  mode: 'tracked' | 'hash';
+  /** Blocks examined: the dirty blocks, or every block in hash mode. */
+  dirtyBlocks: number;
+  zeroBlocks: number;
+  /** Blocks whose chunk id equals the parent's (hash mode) or that the store already had. */
+  reusedBlocks: number;
+  newChunks: number;
+  newBytes: number;
+  readBytes: number;
+  durationMs: number;
+}
+
+export interface SnapshotResult {
+  stream: DiskStream;
+  stats: SnapshotStats;
+}
+
+export interface SnapshotOptions {
+  /** Stream to diff against when the volume lost its own record of it (hash mode). */
+  parent?: DiskStream;
+  /** Parallel reads of the overlay (default 4). */
+  concurrency?: number;
+}
+
+const RUN_BLOCKS = 16;
+const running = new WeakMap<Volume, Promise<unknown>>();
+
+/**
+ * Freezes the volume (unless it already has frozen generations, e.g. frozen by the QEMU driver
+ * while the guest was paused), writes the frozen blocks into `store` and returns the new disk
+ * stream. The caller commits the stream into a snapshot manifest.
+ */
+export function snapshotVolume(volume: Volume, store: ChunkStore, opts: SnapshotOptions = {}): Promise<SnapshotResult> {
+  const prev = running.get(volume) ?? Promise.resolve();
+  const p = prev.catch(() => undefined).then(() => snapshotLocked(volume, store, opts));
+  running.set(volume, p);
+  return p;
+}
+
+async function snapshotLocked(volume: Volume, store: ChunkStore, opts: SnapshotOptions): Promise<SnapshotResult> {
+  const t0 = performance.now();
+  const bs = volume.blockSize;
+  if (store.chunkSize !== bs) {
+    throw new SnapshotError(`repository chunk size ${store.chunkSize} differs from volume block size ${bs}`);
+  }
+  if (volume.frozenSets().length === 0) volume.freeze();
+  const sets: FrozenSet[] = [...volume.frozenSets()];
+  await Promise.all(sets.map((s) => s.drained));
+  try {
+    await volume.flush();
+  } catch (err) {
+    throw new SnapshotError(`flushing the volume before the snapshot failed: ${(err as Error).message}`);
+  }
+  const hash = sets.some((s) => s.full);
+  const parent = opts.parent ?? volume.parent;
+  if (parent) {
+    try {
+      validateDiskStream(parent);
+    } catch (err) {
+      throw new SnapshotError(`parent stream is invalid: ${(err as Error).message}`);
+    }
+    if (parent.size !== volume.size || parent.chunkSize !== bs) {
+      throw new SnapshotError(`parent stream geometry ${parent.size}/${parent.chunkSize} does not match the volume`);
+    }
+  } else if (!hash) {
+    throw new SnapshotError('the volume has no parent stream to diff against');
+  }
+  const n = blockCount(volume.size, bs);
+  const chunks = parent ? Buffer.from(parent.chunks) : Buffer.alloc(n * CHUNK_ID_BYTES);
+
+  // Latest frozen mapping per block; later generations override earlier ones.
+  let merged: Int32Array | null = null;
+  let touched: Uint8Array | null = null;
+  if (sets.length > 1) {
+    merged = new Int32Array(n);
+    touched = new Uint8Array(n);
+    for (const s of sets) {
+      for (let k = 0; k < s.blocks.length; k++) {
+        merged[s.blocks[k]!] = s.slots[k]!;
+        touched[s.blocks[k]!] = 1;
+      }
+    }
+  }
+  const blocks: number[] = [];
+  const slots: number[] = [];
+  if (merged && touched) {
+    for (let i = 0; i < n; i++) {
+      if (touched[i]) {
+        blocks.push(i);
+        slots.push(merged[i]!);
+      }
+    }
+  } else if (sets[0]) {
+    for (let k = 0; k < sets[0].blocks.length; k++) {
+      blocks.push(sets[0].blocks[k]!);
+      slots.push(sets[0].slots[k]!);
+    }
+  }
+
+  const stats: SnapshotStats = {
+    generations: sets.map((s) => s.generation),
+    mode: hash ? 'hash' : 'tracked',
+    dirtyBlocks: blocks.length,
+    zeroBlocks: 0,
+    reusedBlocks: 0,
+    newChunks: 0,
+    newBytes: 0,
+    readBytes: 0,
+    durationMs: 0,
+  };
+
+  // Runs of blocks whose slots are consecutive in the overlay file are read with one call.
+  interface Run {
+    first: number; // index into blocks/slots
+    count: number;
+  }
+  const runs: Run[] = [];
+  const base = volume.base;
+  for (let k = 0; k < blocks.length; k++) {
+    const b = blocks[k]!;
+    const s = slots[k]!;
+    if (s === ZERO) {
+      ZERO_CHUNK_ID.copy(chunks, b * CHUNK_ID_BYTES);
+      stats.zeroBlocks++;
+      continue;
+    }
+    if (s === BASE) {
+      // Only in hash mode: the block still reads from the base, whose id is known without a read.
+      if (base) base.chunks.copy(chunks, b * CHUNK_ID_BYTES, b * CHUNK_ID_BYTES, (b + 1) * CHUNK_ID_BYTES);
+      else ZERO_CHUNK_ID.copy(chunks, b * CHUNK_ID_BYTES);
+      stats.reusedBlocks++;
+      continue;
+    }
+    const last = runs[runs.length - 1];
+    if (last && last.count < RUN_BLOCKS && slots[last.first + last.count - 1]! + 1 === s && last.first + last.count === k) last.count++;
+    else runs.push({ first: k, count: 1 });
+  }
+
+  let next = 0;
+  const worker = async (): Promise<void> => {
+    while (next < runs.length) {
+      const run = runs[next++]!;
+      const buf = Buffer.allocUnsafe(run.count * bs);
+      await volume.readSlots(slots[run.first]!, run.count, buf);
+      stats.readBytes += run.count * bs;
+      for (let j = 0; j < run.count; j++) {
+        const b = blocks[run.first + j]!;
+        const data = buf.subarray(j * bs, j * bs + volume.blockLen(b));
+        const at = b * CHUNK_ID_BYTES;
+        if (isZeroBuffer(data)) {
+          ZERO_CHUNK_ID.copy(chunks, at);
+          stats.zeroBlocks++;
+          continue;
+        }
+        if (hash && parent) {
+          const id = store.chunkId(data);
+          if (id.equals(parent.chunks.subarray(at, at + CHUNK_ID_BYTES))) {
+            id.copy(chunks, at);
+            stats.reusedBlocks++;
+            continue;
+          }
+        }
+        const { id, isNew } = await store.putChunk(data);
+        id.copy(chunks, at);
+        if (isNew) {
+          stats.newChunks++;
+          stats.newBytes += data.length;
+        } else stats.reusedBlocks++;
+      }
+    }
+  };
+  try {
+    await Promise.all(Array.from({ length: Math.max(1, opts.concurrency ?? 4) }, worker));
+    await store.flush();
+  } catch (err) {
+    throw new SnapshotError(`writing the snapshot of generation ${stats.generations.join(',')} failed: ${(err as Error).message}`);
+  }
+  const stream: DiskStream = { size: volume.size, chunkSize: bs, chunks };
+  await volume.completeSnapshot(sets, stream);
+  stats.durationMs = performance.now() - t0;
+  return { stream, stats };
+}
+
+/** Creates a volume in `dir` whose base is `stream`: no data copied, constant time. */
+export async function cloneVolume(dir: string, stream: DiskStream, opts: VolumeOpenOptions = {}): Promise<Volume> {
+  try {
+    validateDiskStream(stream);
+  } catch (err) {
+    throw new CloneError(`cannot clone: ${(err as Error).message}`);
+  }
+  if (opts.store && opts.store.chunkSize !== stream.chunkSize) {
+    throw new CloneError(`snapshot chunk size ${stream.chunkSize} differs from the repository's ${opts.store.chunkSize}`);
+  }
+  try {
+    return await Volume.create(dir, { size: stream.size, blockSize: stream.chunkSize, base: stream, store: opts.store, baseReader: opts.baseReader });
+  } catch (err) {
+    throw new CloneError(`cloning into ${dir} failed: ${(err as Error).message}`);
+  }
+}
