@@ -95,6 +95,12 @@ const NEED = new NeedMore();
 
 export interface ParserOptions {
   maxSuffixBytes?: number;
+  /**
+   * Accept a suffix ending in a bare EOF (machine option suppress-vmdesc=on). Off by default:
+   * QEMU writes vmdesc unless told not to, and requiring it turns a truncated device state into
+   * an error instead of a snapshot that fails only at restore.
+   */
+  allowMissingVmdesc?: boolean;
 }
 
 /**
@@ -127,11 +133,13 @@ export class MigStreamParser {
   private readonly suffixParts: Buffer[] = [];
   private suffixLen = 0;
   private readonly maxSuffix: number;
+  private readonly allowMissingVmdesc: boolean;
 
   readonly stats: StreamStats = { bytes: 0, pageRecords: 0, zeroRecords: 0, ramSections: 0, endSections: 0 };
 
   constructor(opts: ParserOptions = {}) {
     this.maxSuffix = opts.maxSuffixBytes ?? DEFAULT_MAX_SUFFIX_BYTES;
+    this.allowMissingVmdesc = opts.allowMissingVmdesc ?? false;
   }
 
   /** The prefix once RAM START has been parsed (undefined before). */
@@ -191,7 +199,7 @@ export class MigStreamParser {
       throw new MigrationStreamError(`stream truncated ${where}`, this.consumed + this.carry.length);
     }
     const suffix = Buffer.concat(this.suffixParts, this.suffixLen);
-    const trailer = checkTrailer(suffix, this.consumed - suffix.length);
+    const trailer = checkTrailer(suffix, this.consumed - suffix.length, this.allowMissingVmdesc);
     return { commands: this.commands.slice(), suffix, trailer };
   }
 
@@ -521,11 +529,12 @@ export class MigStreamParser {
 
 /**
  * Checks that the device-state suffix is complete: it must end with EOF + vmdesc whose length runs
- * exactly to the end and whose JSON parses, or (vmdesc suppressed) with the EOF byte itself.
+ * exactly to the end and whose JSON parses, or (vmdesc suppressed, only if allowed) with the EOF
+ * byte itself.
  * Device sections carry no length, so this is the only end-to-end check available without
  * interpreting each device's state; a suffix cut right after a 0x00 byte passes as 'eof'.
  */
-function checkTrailer(suffix: Buffer, base: number): 'vmdesc' | 'eof' {
+function checkTrailer(suffix: Buffer, base: number, allowBareEof: boolean): 'vmdesc' | 'eof' {
   const pat = Buffer.from([SEC_EOF, SEC_VMDESC]);
   let k = suffix.lastIndexOf(pat);
   while (k >= 0) {
@@ -540,8 +549,11 @@ function checkTrailer(suffix: Buffer, base: number): 'vmdesc' | 'eof' {
     }
     k = k > 0 ? suffix.lastIndexOf(pat, k - 1) : -1;
   }
-  if (suffix.length > 0 && suffix[suffix.length - 1] === SEC_EOF) return 'eof';
-  throw new MigrationStreamError('stream truncated in the device state (no EOF/vmdesc trailer)', base + suffix.length);
+  if (allowBareEof && suffix.length > 0 && suffix[suffix.length - 1] === SEC_EOF) return 'eof';
+  throw new MigrationStreamError(
+    `stream truncated in the device state (no EOF${allowBareEof ? '' : ' + vmdesc'} trailer)`,
+    base + suffix.length,
+  );
 }
 
 export interface MigStreamSink {
