@@ -1,0 +1,175 @@
+import { mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import * as path from 'node:path';
+import { randomBytes } from 'node:crypto';
+import { afterEach, beforeEach, describe, expect, it } from 'vitest';
+import { MemoryChunkStore, checkDiskStream, isZeroId, type DiskStream } from '../../src/cow/chunk-store.js';
+import { Volume } from '../../src/cow/volume.js';
+import { cloneVolume, snapshotVolume } from '../../src/cow/snapshot.js';
+
+const BS = 65536;
+let dir: string;
+let store: MemoryChunkStore;
+
+beforeEach(async () => {
+  dir = await mkdtemp(path.join(tmpdir(), 'cow-vol-'));
+  store = new MemoryChunkStore(BS);
+});
+afterEach(async () => {
+  await rm(dir, { recursive: true, force: true });
+});
+
+async function readAll(v: Volume): Promise<Buffer> {
+  const b = Buffer.alloc(v.size);
+  await v.read(0, v.size, b);
+  return b;
+}
+
+/** Content a stream describes, reassembled from the store. */
+async function streamContent(s: DiskStream): Promise<Buffer> {
+  const out = Buffer.alloc(s.size);
+  const n = Math.ceil(s.size / s.chunkSize);
+  for (let i = 0; i < n; i++) {
+    if (isZeroId(s.chunks, i)) continue;
+    (await store.getChunk(s.chunks.subarray(i * 32, i * 32 + 32))).copy(out, i * s.chunkSize);
+  }
+  return out;
+}
+
+describe('Volume', () => {
+  it('reads back writes, partial and unaligned, and persists them across reopen after flush', async () => {
+    const size = 10 * BS + 1234; // a short last block
+    const v = await Volume.create(path.join(dir, 'v'), { size, blockSize: BS });
+    const ref = Buffer.alloc(size);
+    for (let k = 0; k < 40; k++) {
+      const off = Math.floor(Math.random() * (size - 1));
+      const len = 1 + Math.floor(Math.random() * Math.min(size - off, 3 * BS));
+      const data = randomBytes(len);
+      // split the payload to exercise the multi-buffer path
+      const cut = Math.floor(len / 3);
+      await v.write(off, [data.subarray(0, cut), data.subarray(cut)]);
+      data.copy(ref, off);
+    }
+    await v.writeZeroes(2 * BS + 100, BS);
+    ref.fill(0, 2 * BS + 100, 3 * BS + 100);
+    expect((await readAll(v)).equals(ref)).toBe(true);
+    await v.flush();
+    await v.close();
+    const v2 = await Volume.open(path.join(dir, 'v'));
+    expect((await readAll(v2)).equals(ref)).toBe(true);
+    await v2.close();
+  });
+
+  it('tracks exactly the blocks written per generation and snapshots only them', async () => {
+    const size = 64 * BS;
+    const v = await Volume.create(path.join(dir, 'v'), { size, blockSize: BS });
+    await v.write(0, randomBytes(size));
+    const s1 = await snapshotVolume(v, store);
+    expect(s1.stats.dirtyBlocks).toBe(64);
+    expect(s1.stats.newChunks).toBe(64);
+    expect((await streamContent(s1.stream)).equals(await readAll(v))).toBe(true);
+
+    await v.write(5 * BS + 10, Buffer.from('hello'));
+    await v.write(9 * BS, randomBytes(2 * BS));
+    await v.trim(20 * BS, BS);
+    expect([...v.dirtyBlocks()]).toEqual([5, 9, 10, 20]);
+    const readsBefore = store.gets;
+    const s2 = await snapshotVolume(v, store);
+    expect(s2.stats.mode).toBe('tracked');
+    expect(s2.stats.dirtyBlocks).toBe(4);
+    expect(s2.stats.newChunks).toBe(3);
+    expect(s2.stats.zeroBlocks).toBe(1);
+    expect(s2.stats.readBytes).toBe(3 * BS);
+    expect(store.gets).toBe(readsBefore);
+    expect(isZeroId(s2.stream.chunks, 20)).toBe(true);
+    expect((await streamContent(s2.stream)).equals(await readAll(v))).toBe(true);
+    expect(await checkDiskStream(s2.stream, store)).toEqual([]);
+    await v.close();
+  });
+
+  it('freeze keeps the frozen content while the guest keeps writing', async () => {
+    const size = 8 * BS;
+    const v = await Volume.create(path.join(dir, 'v'), { size, blockSize: BS });
+    const a = randomBytes(size);
+    await v.write(0, a);
+    const f = v.freeze();
+    expect(f.dirtyBlocks).toBe(8);
+    // writes after the freeze (full and partial) must not leak into the frozen generation
+    await v.write(0, randomBytes(BS));
+    await v.write(3 * BS + 7, Buffer.from('xyz'));
+    const after = await readAll(v);
+    const s = await snapshotVolume(v, store);
+    expect(s.stats.generations).toEqual([1]);
+    expect((await streamContent(s.stream)).equals(a)).toBe(true);
+    expect([...v.dirtyBlocks()]).toEqual([0, 3]);
+    const s2 = await snapshotVolume(v, store);
+    expect((await streamContent(s2.stream)).equals(after)).toBe(true);
+    await v.close();
+  });
+
+  it('falls back to hash comparison when tracking is lost, still deduplicating', async () => {
+    const size = 16 * BS;
+    const v = await Volume.create(path.join(dir, 'v'), { size, blockSize: BS });
+    await v.write(0, randomBytes(size));
+    const s1 = await snapshotVolume(v, store);
+    await v.write(BS, randomBytes(BS));
+    v.invalidateTracking();
+    const s2 = await snapshotVolume(v, store, { parent: s1.stream });
+    expect(s2.stats.mode).toBe('hash');
+    expect(s2.stats.newChunks).toBe(1);
+    expect(s2.stats.reusedBlocks).toBe(15);
+    expect((await streamContent(s2.stream)).equals(await readAll(v))).toBe(true);
+    // tracking is exact again from the next generation on
+    await v.write(2 * BS, randomBytes(10));
+    const s3 = await snapshotVolume(v, store);
+    expect(s3.stats.mode).toBe('tracked');
+    expect(s3.stats.dirtyBlocks).toBe(1);
+    await v.close();
+  });
+
+  it('clones a snapshot without copying, reads lazily with copy-on-write, restores in place, hydrates', async () => {
+    const size = 32 * BS + 512;
+    const v = await Volume.create(path.join(dir, 'v'), { size, blockSize: BS });
+    const content = randomBytes(size);
+    content.fill(0, 4 * BS, 6 * BS);
+    await v.write(0, content);
+    const { stream } = await snapshotVolume(v, store);
+    await v.close();
+
+    const t0 = performance.now();
+    const c = await cloneVolume(path.join(dir, 'clone'), stream, { store });
+    const ms = performance.now() - t0;
+    expect(ms).toBeLessThan(1000);
+    expect(c.info().overlayBlocks).toBe(0);
+    expect((await readAll(c)).equals(content)).toBe(true);
+    // partial write on a base block: the rest of the block comes from the base
+    await c.write(7 * BS + 3, Buffer.from('COW'));
+    Buffer.from('COW').copy(content, 7 * BS + 3);
+    expect((await readAll(c)).equals(content)).toBe(true);
+    expect([...c.dirtyBlocks()]).toEqual([7]);
+    const snap = await snapshotVolume(c, store);
+    expect(snap.stats.dirtyBlocks).toBe(1);
+    expect((await streamContent(snap.stream)).equals(content)).toBe(true);
+
+    await c.restoreBase(stream);
+    const orig = await streamContent(stream);
+    expect((await readAll(c)).equals(orig)).toBe(true);
+    expect(c.info().overlayBlocks).toBe(0);
+
+    const hydrated = await c.hydrate();
+    expect(hydrated).toBe(31); // 33 blocks, 2 of them zero
+    expect(c.dirtyBlocks().length).toBe(0);
+    await c.close();
+    const c2 = await Volume.open(path.join(dir, 'clone')); // no store: everything is local now
+    expect((await readAll(c2)).equals(orig)).toBe(true);
+    await c2.close();
+  });
+
+  it('refuses out-of-range I/O and a second opener', async () => {
+    const v = await Volume.create(path.join(dir, 'v'), { size: 4 * BS, blockSize: BS });
+    await expect(v.read(4 * BS - 1, 2, Buffer.alloc(2))).rejects.toThrow(/outside/);
+    await expect(v.write(4 * BS, Buffer.alloc(1))).rejects.toThrow(/outside/);
+    await expect(Volume.open(path.join(dir, 'v'))).rejects.toThrow(/already open/);
+    await v.close();
+  });
+});
