@@ -1,0 +1,54 @@
+/**
+ * The `vmsnap` command. Errors: a RepositoryError (or any error marked user-facing) prints one line
+ * `vmsnap: <message>` and exits 1 (2 for usage errors, 3 for `check` finding problems); anything else
+ * is a bug and prints its stack.
+ */
+import { Command, CommanderError } from 'commander';
+import { RepositoryError, UsageError } from '../src/store/errors.js';
+import { BackendError } from '../src/store/backend/contract.js';
+import { registerStoreCommands } from './store-commands.js';
+import type { GlobalOptions } from './context.js';
+
+export function buildProgram(): Command {
+  const program = new Command();
+  program
+    .name('vmsnap')
+    .description('snapshots, backups and live migration for desktop virtual machines')
+    .version('0.1.0')
+    .option('-r, --repo <location>', 'repository: a directory, or s3:https://host/bucket/prefix (env VMSNAP_REPO)')
+    .option('--password-file <file>', 'read the repository password from a file (env VMSNAP_PASSWORD_FILE)')
+    .option('--json', 'machine-readable output')
+    .option('-q, --quiet', 'no progress output')
+    .showHelpAfterError()
+    .exitOverride();
+  const globals = () => program.opts<GlobalOptions>();
+  registerStoreCommands(program, globals);
+  return program;
+}
+
+/** Errors whose message is meant for the user as is. */
+export function isUserFacing(err: unknown): err is Error {
+  if (err instanceof RepositoryError || err instanceof BackendError) return true;
+  const e = err as { userFacing?: unknown } | null;
+  return typeof e === 'object' && e !== null && e.userFacing === true;
+}
+
+export async function main(argv: string[]): Promise<number> {
+  const program = buildProgram();
+  try {
+    await program.parseAsync(argv);
+    return typeof process.exitCode === 'number' ? process.exitCode : 0;
+  } catch (err) {
+    if (err instanceof CommanderError) return err.exitCode === 0 ? 0 : 2;
+    if (isUserFacing(err)) {
+      process.stderr.write(`vmsnap: ${err.message}\n`);
+      return err instanceof UsageError ? 2 : 1;
+    }
+    process.stderr.write(`vmsnap: internal error: ${err instanceof Error ? (err.stack ?? err.message) : String(err)}\n`);
+    return 70;
+  }
+}
+
+const code = await main(process.argv);
+// Flush stdout before exiting: a pipe reader must get everything (export to '-').
+process.stdout.write('', () => process.exit(code));

@@ -1,0 +1,51 @@
+/** Output helpers: progress bars only on a terminal, JSON for machines, human sizes. */
+import cliProgress from 'cli-progress';
+
+export function humanBytes(n: number): string {
+  const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB'];
+  let i = 0;
+  let v = n;
+  while (v >= 1024 && i < units.length - 1) {
+    v /= 1024;
+    i++;
+  }
+  return `${i === 0 ? v : v.toFixed(v < 10 ? 2 : 1)} ${units[i]}`;
+}
+
+export interface Progress {
+  update(value: number, total?: number): void;
+  stop(): void;
+}
+
+export function progress(label: string, total: number, enabled: boolean): Progress {
+  if (!enabled || !process.stderr.isTTY) return { update: () => undefined, stop: () => undefined };
+  const bar = new cliProgress.SingleBar(
+    {
+      format: `${label} [{bar}] {percentage}% | {done} of {all} | {speed}`,
+      stream: process.stderr,
+      hideCursor: true,
+      clearOnComplete: true,
+    },
+    cliProgress.Presets.shades_classic,
+  );
+  const t0 = Date.now();
+  bar.start(total, 0, { done: humanBytes(0), all: total ? humanBytes(total) : '?', speed: '' });
+  return {
+    update(value, newTotal) {
+      if (newTotal !== undefined) bar.setTotal(newTotal);
+      const s = (Date.now() - t0) / 1000;
+      bar.update(value, { done: humanBytes(value), all: humanBytes(newTotal ?? total), speed: s > 0 ? `${humanBytes(value / s)}/s` : '' });
+    },
+    stop() {
+      bar.stop();
+    },
+  };
+}
+
+export function printJson(v: unknown): void {
+  process.stdout.write(JSON.stringify(v, null, 2) + '\n');
+}
+
+export function shortId(id: string): string {
+  return id.slice(0, 12);
+}

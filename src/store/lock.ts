@@ -1,0 +1,124 @@
+/**
+ * Repository locks.
+ *
+ *   locks/<random 32 hex>  JSON { "version": 1, "exclusive": bool, "host": "...", "pid": 1234,
+ *                                 "created": ISO, "refreshed": ISO, "operation": "prune" }
+ *
+ * Writers (import, take, copy) hold a shared lock; prune holds an exclusive one. To acquire, a
+ * process writes its own lock object, then lists all locks: if a conflicting live lock exists, it
+ * deletes its own and fails with LockedError naming the holder. Two exclusive lockers racing both
+ * see each other and both back off (the caller may retry) — never both proceed.
+ *
+ * A lock is stale (ignored, and removed by `unlock --stale`/prune) when it was not refreshed for
+ * STALE_AFTER_MS, or when it was written on this host by a process that no longer exists. Holders
+ * refresh every REFRESH_MS. Clock skew between hosts sharing an S3 repository must stay well under
+ * STALE_AFTER_MS - REFRESH_MS (25 minutes); a host whose clock runs ahead makes its locks look
+ * fresher, never staler, than they are, so skew delays prune rather than breaking a writer.
+ */
+import { randomBytes } from 'node:crypto';
+import { hostname } from 'node:os';
+import type { Backend } from './backend/contract.js';
+import { ObjectNotFoundError } from './backend/contract.js';
+import { LockedError } from './errors.js';
+
+export const STALE_AFTER_MS = 30 * 60_000;
+export const REFRESH_MS = 5 * 60_000;
+
+export interface LockInfo {
+  version: 1;
+  exclusive: boolean;
+  host: string;
+  pid: number;
+  created: string;
+  refreshed: string;
+  operation: string;
+}
+
+export interface HeldLock {
+  name: string;
+  info: LockInfo;
+  release(): Promise<void>;
+}
+
+function processAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === 'EPERM';
+  }
+}
+
+export function isStale(info: LockInfo, now = Date.now()): boolean {
+  const refreshed = Date.parse(info.refreshed);
+  if (Number.isNaN(refreshed) || now - refreshed > STALE_AFTER_MS) return true;
+  return info.host === hostname() && !processAlive(info.pid);
+}
+
+export async function listLocks(backend: Backend): Promise<{ name: string; info: LockInfo | null }[]> {
+  const out: { name: string; info: LockInfo | null }[] = [];
+  for await (const o of backend.list('locks')) {
+    try {
+      out.push({ name: o.name, info: JSON.parse((await backend.get('locks', o.name)).toString('utf8')) as LockInfo });
+    } catch (err) {
+      if (err instanceof ObjectNotFoundError) continue; // released while we listed
+      out.push({ name: o.name, info: null });
+    }
+  }
+  return out;
+}
+
+export async function removeStaleLocks(backend: Backend): Promise<string[]> {
+  const removed: string[] = [];
+  for (const l of await listLocks(backend)) {
+    if (!l.info || isStale(l.info)) {
+      await backend.delete('locks', l.name);
+      removed.push(l.name);
+    }
+  }
+  return removed;
+}
+
+export async function acquireLock(backend: Backend, exclusive: boolean, operation: string): Promise<HeldLock> {
+  const name = randomBytes(16).toString('hex');
+  const now = new Date().toISOString();
+  const info: LockInfo = { version: 1, exclusive, host: hostname(), pid: process.pid, created: now, refreshed: now, operation };
+  await backend.put('locks', name, Buffer.from(JSON.stringify(info)));
+  let conflict: LockInfo | null = null;
+  for (const l of await listLocks(backend)) {
+    if (l.name === name || !l.info || isStale(l.info)) continue;
+    if (exclusive || l.info.exclusive) {
+      conflict = l.info;
+      break;
+    }
+  }
+  if (conflict) {
+    await backend.delete('locks', name);
+    throw new LockedError(
+      `repository is locked by ${conflict.operation} (pid ${conflict.pid} on ${conflict.host}, since ${conflict.created}${conflict.exclusive ? ', exclusive' : ''}); ` +
+        'if that process is gone the lock expires after 30 minutes, or run `vmsnap unlock`',
+    );
+  }
+  const timer = setInterval(() => {
+    info.refreshed = new Date().toISOString();
+    backend.put('locks', name, Buffer.from(JSON.stringify(info))).catch(() => undefined);
+  }, REFRESH_MS);
+  timer.unref();
+  return {
+    name,
+    info,
+    async release() {
+      clearInterval(timer);
+      await backend.delete('locks', name);
+    },
+  };
+}
+
+export async function withLock<T>(backend: Backend, exclusive: boolean, operation: string, fn: () => Promise<T>): Promise<T> {
+  const lock = await acquireLock(backend, exclusive, operation);
+  try {
+    return await fn();
+  } finally {
+    await lock.release();
+  }
+}

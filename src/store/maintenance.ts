@@ -1,0 +1,384 @@
+/**
+ * Repository maintenance: forget, prune (mark and sweep with repacking), check and rebuild-index.
+ *
+ * Prune ordering (each step durable before the next, so a kill at any point loses nothing that a
+ * snapshot references):
+ *   1. under an exclusive lock, read every manifest — if any cannot be read, stop: its chunks are
+ *      unknown, so nothing may be deleted;
+ *   2. mark every referenced chunk;
+ *   3. copy the live chunks of mostly-garbage packs into new packs (blobs copied as stored, after
+ *      verifying they decode to their id);
+ *   4. write one new index file describing every live chunk, listing the index files it supersedes;
+ *   5. delete the superseded index files;
+ *   6. delete packs that hold no live chunk (fully garbage, repacked, or never indexed).
+ * A crash after 4 leaves duplicate index entries (harmless: first wins, both locations exist);
+ * after 5 only unreferenced packs, which the next prune deletes.
+ */
+import type { Backend } from './backend/contract.js';
+import { ObjectNotFoundError } from './backend/contract.js';
+import { ChunkIndex, encodeIndexFile, decodeIndexFile } from './chunk-index.js';
+import { IntegrityError, RepositoryError } from './errors.js';
+import { contentHash, ID_SIZE, isZeroId } from './hash.js';
+import { chunkCount, type Snapshot } from './manifest.js';
+import { PACK_MAGIC, PACK_TRAILER, PackWriter, parseDescription, parseTrailer, type PackEntry } from './pack.js';
+import { mapLimit, PACK_TARGET, type Repository } from './repository.js';
+import { withLock } from './lock.js';
+
+export class PruneError extends RepositoryError {
+  override readonly name = 'PruneError';
+}
+
+export interface PruneOptions {
+  /** Repack a pack when less than this fraction of its stored bytes is live (default 0.5). */
+  repackBelow?: number;
+  dryRun?: boolean;
+  onProgress?: (msg: string) => void;
+}
+
+export interface PruneStats {
+  snapshots: number;
+  liveChunks: number;
+  packsDeleted: number;
+  packsRepacked: number;
+  packsWritten: number;
+  bytesFreed: number;
+  indexFilesReplaced: number;
+}
+
+function idKey(id: Uint8Array): string {
+  return Buffer.from(id.buffer, id.byteOffset, ID_SIZE).toString('hex');
+}
+
+export function referencedChunks(snapshots: Snapshot[]): Set<string> {
+  const used = new Set<string>();
+  for (const s of snapshots)
+    for (const st of s.streams)
+      for (let o = 0; o < st.chunks.length; o += ID_SIZE) {
+        const id = st.chunks.subarray(o, o + ID_SIZE);
+        if (!isZeroId(id)) used.add(idKey(id));
+      }
+  return used;
+}
+
+export async function prune(repo: Repository, opts: PruneOptions = {}): Promise<PruneStats> {
+  return withLock(repo.backend, true, 'prune', () => pruneLocked(repo, opts));
+}
+
+async function pruneLocked(repo: Repository, opts: PruneOptions): Promise<PruneStats> {
+  const log = opts.onProgress ?? (() => undefined);
+  const repackBelow = opts.repackBelow ?? 0.5;
+  await repo.flush();
+  const unreadable: string[] = [];
+  const snapshots = await repo.listSnapshots((id, err) => unreadable.push(`${id.slice(0, 12)}: ${err.message}`));
+  if (unreadable.length) {
+    throw new PruneError(`prune: reading snapshots: ${unreadable.length} manifest(s) unreadable, nothing deleted (${unreadable.join('; ')})`);
+  }
+  const used = referencedChunks(snapshots);
+  for (const k of used) {
+    if (!repo.index.has(Buffer.from(k, 'hex'))) {
+      throw new PruneError(`prune: chunk ${k} is referenced but not indexed; run \`vmsnap check\` and \`vmsnap rebuild-index\` first, nothing deleted`);
+    }
+  }
+  const packFiles = new Map<string, number>();
+  for await (const o of repo.backend.list('packs')) packFiles.set(o.name, o.size);
+
+  // Live and total stored bytes per indexed pack.
+  const perPack = new Map<string, { live: number; total: number; liveEntries: ({ id: Buffer } & PackEntry)[] }>();
+  const seen = new Set<string>();
+  for (const e of repo.index.entries()) {
+    let p = perPack.get(e.pack);
+    if (!p) perPack.set(e.pack, (p = { live: 0, total: 0, liveEntries: [] }));
+    p.total += e.storedLength;
+    const k = idKey(e.id);
+    if (used.has(k) && !seen.has(k)) {
+      seen.add(k);
+      p.live += e.storedLength;
+      p.liveEntries.push({ ...e, id: Buffer.from(e.id) });
+    }
+  }
+  const stats: PruneStats = { snapshots: snapshots.length, liveChunks: used.size, packsDeleted: 0, packsRepacked: 0, packsWritten: 0, bytesFreed: 0, indexFilesReplaced: 0 };
+  const doomed = new Set<string>();
+  const keepPacks: { pack: string; entries: PackEntry[] }[] = [];
+  const toRepack: string[] = [];
+  for (const [pack, size] of packFiles) {
+    const p = perPack.get(pack);
+    if (!p || p.live === 0) {
+      doomed.add(pack);
+      stats.bytesFreed += size;
+    } else if (p.live < p.total * repackBelow) toRepack.push(pack);
+    else keepPacks.push({ pack, entries: p.liveEntries });
+  }
+  for (const pack of perPack.keys()) {
+    if (!packFiles.has(pack) && perPack.get(pack)!.live > 0) {
+      throw new PruneError(`prune: pack ${pack} holds live chunks but is missing; run \`vmsnap check\`, nothing deleted`);
+    }
+  }
+  log(`${snapshots.length} snapshots, ${used.size} live chunks; ${doomed.size} packs to delete, ${toRepack.length} to repack`);
+  if (opts.dryRun) {
+    stats.packsDeleted = doomed.size;
+    stats.packsRepacked = toRepack.length;
+    return stats;
+  }
+
+  // 3. repack live chunks of mostly-garbage packs.
+  const written: { pack: string; entries: PackEntry[] }[] = [];
+  let writer = new PackWriter();
+  const cut = async () => {
+    if (writer.count === 0) return;
+    const { name, bytes, entries } = writer.finish(repo.aeadKey);
+    await repo.backend.put('packs', name, bytes);
+    written.push({ pack: name, entries });
+    stats.packsWritten++;
+    writer = new PackWriter();
+  };
+  for (const pack of toRepack) {
+    const p = perPack.get(pack)!;
+    const bytes = await repo.backend.get('packs', pack);
+    for (const e of p.liveEntries) {
+      const stored = bytes.subarray(e.offset, e.offset + e.storedLength);
+      repo.openChunk(e.id, e, stored); // throws IntegrityError: never copy a damaged chunk forward
+      writer.add(e.id, e.codec, Buffer.from(stored), e.rawLength);
+      if (writer.byteLength >= PACK_TARGET) await cut();
+    }
+    doomed.add(pack);
+    stats.packsRepacked++;
+    stats.bytesFreed += packFiles.get(pack)!;
+  }
+  await cut();
+
+  // 4-5. one index for everything live, superseding every existing index file.
+  const oldIndex = [...repo.indexFiles];
+  for await (const o of repo.backend.list('index')) if (!repo.indexFiles.has(o.name)) oldIndex.push(o.name);
+  const indexBytes = encodeIndexFile({ packs: [...keepPacks, ...written], superseded: oldIndex }, repo.aeadKey);
+  const indexName = contentHash(indexBytes).toString('hex');
+  await repo.backend.put('index', indexName, indexBytes);
+  for (const name of oldIndex) if (name !== indexName) await repo.backend.delete('index', name);
+  stats.indexFilesReplaced = oldIndex.length;
+
+  // 6. packs nothing references any more.
+  await mapLimit([...doomed], 4, async (pack) => {
+    await repo.backend.delete('packs', pack);
+    stats.packsDeleted++;
+  });
+  log(`deleted ${stats.packsDeleted} packs, wrote ${stats.packsWritten}, freed ${stats.bytesFreed} bytes`);
+  return stats;
+}
+
+// ---------------------------------------------------------------- check
+
+export interface AffectedStream {
+  snapshot: string;
+  vm: string;
+  stream: string;
+}
+
+export interface CheckProblem {
+  severity: 'error' | 'warning';
+  message: string;
+  affected: AffectedStream[];
+}
+
+export interface CheckReport {
+  problems: CheckProblem[];
+  snapshots: number;
+  packs: number;
+  chunks: number;
+  readData: boolean;
+}
+
+export interface CheckOptions {
+  readData?: boolean;
+  onProgress?: (done: number, total: number) => void;
+}
+
+/**
+ * Checks a repository. It opens its own view of the index (damaged index files are problems, not
+ * crashes), so it works on a repository that `Repository.open` loaded before the damage.
+ */
+export async function check(repo: Repository, opts: CheckOptions = {}): Promise<CheckReport> {
+  const problems: CheckProblem[] = [];
+  const backend = repo.backend;
+  const index = new ChunkIndex(Math.max(1024, repo.index.size));
+  const indexNames: string[] = [];
+  for await (const o of backend.list('index')) indexNames.push(o.name);
+  await mapLimit(indexNames, 8, async (name) => {
+    try {
+      const bytes = await backend.get('index', name);
+      if (!repo.encrypted && contentHash(bytes).toString('hex') !== name) throw new IntegrityError(`index ${name}: content does not match its name`);
+      decodeIndexFile(bytes, repo.aeadKey, name, index);
+    } catch (err) {
+      problems.push({ severity: 'error', message: `index file ${name.slice(0, 12)} is damaged: ${(err as Error).message} (run \`vmsnap rebuild-index\`)`, affected: [] });
+    }
+  });
+
+  // Which snapshot streams reference which chunk (for naming the affected ones).
+  const snapshots: Snapshot[] = [];
+  for (const id of await repo.snapshotIds()) {
+    try {
+      snapshots.push(await repo.readSnapshot(id));
+    } catch (err) {
+      problems.push({ severity: 'error', message: `snapshot ${id.slice(0, 12)}: manifest unreadable: ${(err as Error).message}`, affected: [{ snapshot: id, vm: '?', stream: '*' }] });
+    }
+  }
+  const users = new Map<string, AffectedStream[]>();
+  for (const s of snapshots)
+    for (const st of s.streams)
+      for (let o = 0; o < st.chunks.length; o += ID_SIZE) {
+        const id = st.chunks.subarray(o, o + ID_SIZE);
+        if (isZeroId(id)) continue;
+        const k = idKey(id);
+        let u = users.get(k);
+        if (!u) users.set(k, (u = []));
+        const last = u[u.length - 1];
+        if (!last || last.snapshot !== s.id || last.stream !== st.name) u.push({ snapshot: s.id, vm: s.vm, stream: st.name });
+      }
+  const affectedBy = (chunkIds: Iterable<string>): AffectedStream[] => {
+    const out = new Map<string, AffectedStream>();
+    for (const k of chunkIds) for (const a of users.get(k) ?? []) out.set(`${a.snapshot}/${a.stream}`, a);
+    return [...out.values()];
+  };
+
+  const missing: string[] = [];
+  for (const k of users.keys()) if (!index.has(Buffer.from(k, 'hex'))) missing.push(k);
+  if (missing.length) {
+    problems.push({ severity: 'error', message: `${missing.length} referenced chunk(s) are not in the index (data missing or index damaged)`, affected: affectedBy(missing) });
+  }
+
+  const packSizes = new Map<string, number>();
+  for await (const o of backend.list('packs')) packSizes.set(o.name, o.size);
+  const byPack = new Map<string, ({ id: Buffer } & PackEntry)[]>();
+  for (const e of index.entries()) {
+    let l = byPack.get(e.pack);
+    if (!l) byPack.set(e.pack, (l = []));
+    l.push({ ...e, id: Buffer.from(e.id) });
+  }
+  for (const [pack, entries] of byPack) {
+    const size = packSizes.get(pack);
+    const ids = entries.map((e) => idKey(e.id));
+    if (size === undefined) {
+      problems.push({ severity: 'error', message: `pack ${pack.slice(0, 12)} is missing (${entries.length} chunks)`, affected: affectedBy(ids) });
+      continue;
+    }
+    const beyond = entries.filter((e) => e.offset + e.storedLength > size - PACK_TRAILER);
+    if (beyond.length) {
+      problems.push({ severity: 'error', message: `pack ${pack.slice(0, 12)} is truncated: ${beyond.length} chunk(s) lie past its end (${size} bytes)`, affected: affectedBy(beyond.map((e) => idKey(e.id))) });
+    }
+  }
+  for (const pack of packSizes.keys()) {
+    if (!byPack.has(pack)) problems.push({ severity: 'warning', message: `pack ${pack.slice(0, 12)} is not indexed (left by an interrupted write; prune removes it, or rebuild-index adopts it)`, affected: [] });
+  }
+
+  if (opts.readData) {
+    let done = 0;
+    const packs = [...packSizes.keys()];
+    await mapLimit(packs, 2, async (pack) => {
+      const entries = byPack.get(pack) ?? [];
+      const bad = await readPack(repo, pack, entries);
+      if (bad) problems.push({ ...bad, affected: affectedBy(bad.chunks) });
+      opts.onProgress?.(++done, packs.length);
+    });
+  }
+  return { problems, snapshots: snapshots.length, packs: packSizes.size, chunks: index.size, readData: !!opts.readData };
+}
+
+async function readPack(repo: Repository, pack: string, entries: ({ id: Buffer } & PackEntry)[]): Promise<{ severity: 'error'; message: string; chunks: string[] } | null> {
+  let bytes: Buffer;
+  try {
+    bytes = await repo.backend.get('packs', pack);
+  } catch (err) {
+    if (err instanceof ObjectNotFoundError) return null; // reported by the structure check
+    throw err;
+  }
+  const reasons: string[] = [];
+  if (contentHash(bytes).toString('hex') !== pack) reasons.push('content does not match its name');
+  const badChunks: string[] = [];
+  for (const e of entries) {
+    try {
+      if (e.offset + e.storedLength > bytes.length) throw new IntegrityError('past the end of the pack');
+      repo.openChunk(e.id, e, bytes.subarray(e.offset, e.offset + e.storedLength));
+    } catch {
+      badChunks.push(idKey(e.id));
+    }
+  }
+  if (badChunks.length) reasons.push(`${badChunks.length} chunk(s) fail verification`);
+  try {
+    if (bytes.length < PACK_MAGIC.length + PACK_TRAILER || !bytes.subarray(0, PACK_MAGIC.length).equals(PACK_MAGIC)) throw new IntegrityError('bad pack header');
+    const d = parseTrailer(bytes.subarray(bytes.length - PACK_TRAILER), bytes.length, pack);
+    parseDescription(bytes.subarray(bytes.length - PACK_TRAILER - d, bytes.length - PACK_TRAILER), bytes.length, repo.aeadKey, pack);
+  } catch (err) {
+    reasons.push(`description unreadable: ${(err as Error).message}`);
+  }
+  if (!reasons.length) return null;
+  return { severity: 'error', message: `pack ${pack.slice(0, 12)}: ${reasons.join('; ')}`, chunks: badChunks };
+}
+
+/** Rebuilds the index from pack descriptions alone and replaces every index file. */
+export async function rebuildIndex(repo: Repository): Promise<{ packs: number; chunks: number; unreadable: string[] }> {
+  return withLock(repo.backend, true, 'rebuild-index', async () => {
+    const packs: { pack: string; entries: PackEntry[] }[] = [];
+    const unreadable: string[] = [];
+    const names: { name: string; size: number }[] = [];
+    for await (const o of repo.backend.list('packs')) names.push(o);
+    await mapLimit(names, 4, async ({ name, size }) => {
+      try {
+        const trailer = await repo.backend.get('packs', name, { offset: size - PACK_TRAILER, length: PACK_TRAILER });
+        const d = parseTrailer(trailer, size, name);
+        const desc = await repo.backend.get('packs', name, { offset: size - PACK_TRAILER - d, length: d });
+        packs.push({ pack: name, entries: parseDescription(desc, size, repo.aeadKey, name) });
+      } catch (err) {
+        unreadable.push(`${name.slice(0, 12)}: ${(err as Error).message}`);
+      }
+    });
+    const old: string[] = [];
+    for await (const o of repo.backend.list('index')) old.push(o.name);
+    const bytes = encodeIndexFile({ packs, superseded: old }, repo.aeadKey);
+    const name = contentHash(bytes).toString('hex');
+    await repo.backend.put('index', name, bytes);
+    for (const o of old) if (o !== name) await repo.backend.delete('index', o);
+    return { packs: packs.length, chunks: packs.reduce((s, p) => s + p.entries.length, 0), unreadable };
+  });
+}
+
+// ---------------------------------------------------------------- diff
+
+export interface StreamDiff {
+  stream: string;
+  sizeA: number | null;
+  sizeB: number | null;
+  changedBytes: number;
+  extents: { offset: number; length: number }[];
+}
+
+/** Which byte ranges differ between the same-named streams of two snapshots (chunk granularity). */
+export function diffSnapshots(a: Snapshot, b: Snapshot): StreamDiff[] {
+  const names = [...new Set([...a.streams.map((s) => s.name), ...b.streams.map((s) => s.name)])];
+  return names.map((name) => {
+    const sa = a.streams.find((s) => s.name === name);
+    const sb = b.streams.find((s) => s.name === name);
+    if (!sa || !sb) {
+      const only = (sa ?? sb)!;
+      return { stream: name, sizeA: sa?.size ?? null, sizeB: sb?.size ?? null, changedBytes: only.size, extents: only.size ? [{ offset: 0, length: only.size }] : [] };
+    }
+    const extents: { offset: number; length: number }[] = [];
+    const cs = sa.chunkSize === sb.chunkSize ? sa.chunkSize : 0;
+    const size = Math.max(sa.size, sb.size);
+    if (!cs) return { stream: name, sizeA: sa.size, sizeB: sb.size, changedBytes: size, extents: [{ offset: 0, length: size }] };
+    const n = chunkCount(size, cs);
+    const na = chunkCount(sa.size, cs);
+    const nb = chunkCount(sb.size, cs);
+    let changed = 0;
+    for (let i = 0; i < n; i++) {
+      const same = i < na && i < nb && sa.chunks.compare(sb.chunks, i * ID_SIZE, (i + 1) * ID_SIZE, i * ID_SIZE, (i + 1) * ID_SIZE) === 0 && !(i === na - 1 && sa.size !== sb.size);
+      if (same) continue;
+      const offset = i * cs;
+      const length = Math.min(cs, size - offset);
+      changed += length;
+      const last = extents[extents.length - 1];
+      if (last && last.offset + last.length === offset) last.length += length;
+      else extents.push({ offset, length });
+    }
+    return { stream: name, sizeA: sa.size, sizeB: sb.size, changedBytes: changed, extents };
+  });
+}
+
+export type { Backend };
