@@ -255,6 +255,11 @@ export async function captureSnapshot(qmp: QmpClient, sink: MigStreamSink, opts:
 }
 
 export interface RestoreOptions {
+  /**
+   * QEMU's log file (QemuProcess.paths.qemuLog). QEMU reports the precise reason for a rejected
+   * stream ("Can't find block …") only there; what it logged during the restore goes into the error.
+   */
+  qemuLog?: string;
   socketDir?: string;
   timeoutMs?: number;
   pollMs?: number;
@@ -294,6 +299,12 @@ export async function restoreFromStream(
       `destination QEMU is '${status.status}', not 'inmigrate' (start it with -incoming defer)`,
     );
   }
+  const logStart = opts.qemuLog ? await fileSize(opts.qemuLog) : 0;
+  const logSince = async (): Promise<string> => {
+    if (!opts.qemuLog) return '';
+    const t = (await readFrom(opts.qemuLog, logStart)).trim();
+    return t ? ` (QEMU log: ${t.slice(-2000)})` : '';
+  };
   const dir = await privateDir(opts.socketDir, 'vmsnap-in-');
   const sockPath = path.join(dir, 'in.sock');
   let sock: net.Socket | undefined;
@@ -328,7 +339,8 @@ export async function restoreFromStream(
         throw wrap('load', e);
       }
       if (mig.status === 'failed' || mig.status === 'cancelled') {
-        throw new SnapshotRestoreError('load', `QEMU rejected the stream: ${mig['error-desc'] ?? mig.status}`, {
+        const why = `${mig['error-desc'] ?? mig.status}${await logSince()}`;
+        throw new SnapshotRestoreError('load', `QEMU rejected the stream: ${why}`, {
           cause: sendErr,
         });
       }
@@ -366,5 +378,22 @@ async function connectRetry(p: string, timeoutMs: number): Promise<net.Socket> {
       if ((code !== 'ENOENT' && code !== 'ECONNREFUSED') || Date.now() > deadline) throw e;
       await new Promise((r) => setTimeout(r, 20));
     }
+  }
+}
+
+async function fileSize(f: string): Promise<number> {
+  try {
+    return (await fsp.stat(f)).size;
+  } catch {
+    return 0;
+  }
+}
+
+async function readFrom(f: string, start: number): Promise<string> {
+  try {
+    const b = await fsp.readFile(f);
+    return b.subarray(Math.min(start, b.length)).toString('utf8');
+  } catch {
+    return '';
   }
 }
