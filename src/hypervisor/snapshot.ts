@@ -25,7 +25,7 @@ import { promises as fsp } from 'node:fs';
 import * as net from 'node:net';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import type { Readable } from 'node:stream';
+import { Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { parseMigrationStream, type MigStreamSink, type ParsedStream } from './migstream/parser.js';
 import type { QmpClient } from './qmp.js';
@@ -277,7 +277,7 @@ export interface RestoreResult {
  */
 export async function restoreFromStream(
   qmp: QmpClient,
-  stream: Readable | AsyncIterable<Uint8Array>,
+  stream: Readable | AsyncIterable<Uint8Array> | Iterable<Uint8Array>,
   opts: RestoreOptions = {},
 ): Promise<RestoreResult> {
   const t0 = performance.now();
@@ -324,7 +324,7 @@ export async function restoreFromStream(
     let sendErr: unknown;
     let sendErrAt = 0;
     try {
-      await pipeline(stream, sock);
+      await pipeline(stream instanceof Readable ? stream : Readable.from(stream, { objectMode: false }), sock);
     } catch (e) {
       // QEMU closes its end when it rejects the stream; its own reason is more useful than EPIPE.
       sendErr = e;
