@@ -167,6 +167,28 @@ describe('QEMU 10 migration streams through vmsnap', () => {
     expect(dstRam.equals(srcRam)).toBe(true);
   });
 
+  it('a failing sink cancels the migration; the guest keeps running and the next capture works', async () => {
+    const src = await h.start('cancel-src', { extraArgs: ['-bios', h.firmware] });
+    const err = await captureSnapshot(src.qmp, {
+      onPages() {
+        throw new Error('store is full');
+      },
+    }).catch((e: unknown) => e);
+    expect(err).toBeInstanceOf(SnapshotCaptureError);
+    expect((err as SnapshotCaptureError).step).toBe('stream');
+    expect((err as Error).message).toContain('store is full');
+    const deadline = Date.now() + 30_000;
+    let st = await src.qmp.execute<{ status: string }>('query-migrate');
+    while (st.status !== 'cancelled' && st.status !== 'failed' && Date.now() < deadline) {
+      await new Promise((r) => setTimeout(r, 20));
+      st = await src.qmp.execute<{ status: string }>('query-migrate');
+    }
+    expect(['cancelled', 'failed']).toContain(st.status);
+    await waitStatus(src.qmp, 'running');
+    const c = await capture(src.qmp, 'background');
+    expect(c.pages.size).toBe(totalPages(c.res.prefix));
+  });
+
   it('a corrupted rebuilt stream is rejected by QEMU (exit-on-error false) and reported', async () => {
     const src = await h.start('bad-src', { extraArgs: ['-bios', h.firmware] });
     await src.qmp.execute('stop');
