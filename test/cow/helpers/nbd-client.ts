@@ -5,7 +5,7 @@
 import * as net from 'node:net';
 
 export class TestNbdClient {
-  private buf = Buffer.alloc(0);
+  private buf: Buffer = Buffer.alloc(0);
   private wake: (() => void) | null = null;
   private closed = false;
   private nextCookie = 1n;

@@ -1,0 +1,151 @@
+/**
+ * `vmsnap volume create|ls|serve|freeze|clone|rm` — the lead wires registerVolumeCommands into the
+ * main CLI. Volumes live in <dataDir>/volumes/<name>/. Snapshots are named by whatever reference
+ * the repository understands; ctx.resolveDisk turns one into a disk stream.
+ */
+import { promises as fsp } from 'node:fs';
+import * as path from 'node:path';
+import type { Command } from 'commander';
+import { containedPath } from '../util/fs.js';
+import type { ChunkStore, DiskStream } from './chunk-store.js';
+import { NbdServer } from './nbd-server.js';
+import { cloneVolume } from './snapshot.js';
+import { Volume } from './volume.js';
+
+export interface VolumeCliContext {
+  /** vmsnap's data directory. */
+  dataDir: string;
+  /** Opens the repository's chunk store (needed for volumes with a base). */
+  openStore?: () => Promise<ChunkStore>;
+  /** Resolves a snapshot reference (e.g. "<snapshot>:<disk>") to its disk stream. */
+  resolveDisk?: (ref: string) => Promise<DiskStream>;
+  /** Output sink (default: stdout). */
+  print?: (line: string) => void;
+}
+
+export class VolumeCliError extends Error {
+  override readonly name = 'VolumeCliError';
+}
+
+const NAME_RE = /^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$/;
+
+export function parseSize(text: string): number {
+  const m = /^(\d+)\s*([kmgt]?)(i?b)?$/i.exec(text.trim());
+  if (!m) throw new VolumeCliError(`cannot parse size ${JSON.stringify(text)} (examples: 4G, 512M, 1048576)`);
+  const mult = { '': 1, k: 2 ** 10, m: 2 ** 20, g: 2 ** 30, t: 2 ** 40 }[m[2]!.toLowerCase() as '' | 'k' | 'm' | 'g' | 't'];
+  return Number(m[1]) * mult;
+}
+
+export function volumeDir(dataDir: string, name: string): string {
+  if (!NAME_RE.test(name)) throw new VolumeCliError(`invalid volume name ${JSON.stringify(name)}: use letters, digits, '.', '_' and '-'`);
+  return containedPath(dataDir, 'volumes', name);
+}
+
+export function registerVolumeCommands(program: Command, ctx: VolumeCliContext): Command {
+  const print = ctx.print ?? ((l: string) => process.stdout.write(l + '\n'));
+  const store = async (): Promise<ChunkStore | undefined> => (ctx.openStore ? ctx.openStore() : undefined);
+  const vol = program.command('volume').description('copy-on-write volumes served to QEMU over NBD');
+
+  vol
+    .command('create <name>')
+    .description('create an empty volume, or one based on a snapshot disk with --from')
+    .option('--size <size>', 'virtual size, e.g. 20G')
+    .option('--block-size <bytes>', 'block size (default: the repository chunk size or 65536)')
+    .option('--from <snapshotDisk>', 'base the volume on this snapshot disk (same as clone)')
+    .action(async (name: string, o: { size?: string; blockSize?: string; from?: string }) => {
+      const dir = volumeDir(ctx.dataDir, name);
+      if (o.from) {
+        if (!ctx.resolveDisk) throw new VolumeCliError('no repository is configured to resolve --from');
+        const v = await cloneVolume(dir, await ctx.resolveDisk(o.from), { store: await store() });
+        await v.close();
+      } else {
+        if (!o.size) throw new VolumeCliError('volume create needs --size or --from');
+        const s = await store();
+        const v = await Volume.create(dir, { size: parseSize(o.size), blockSize: o.blockSize ? parseSize(o.blockSize) : (s?.chunkSize ?? 65536) });
+        await v.close();
+      }
+      print(`created volume ${name}`);
+    });
+
+  vol
+    .command('ls')
+    .description('list volumes')
+    .option('--json', 'machine-readable output')
+    .action(async (o: { json?: boolean }) => {
+      const root = path.join(ctx.dataDir, 'volumes');
+      const names = (await fsp.readdir(root).catch(() => [] as string[])).filter((n) => NAME_RE.test(n)).sort();
+      const rows: { name: string; size: number; generation: number; dirtyBlocks: number; overlayBlocks: number; base: boolean; busy?: boolean }[] = [];
+      for (const name of names) {
+        try {
+          const v = await Volume.open(volumeDir(ctx.dataDir, name));
+          const i = v.info();
+          rows.push({ name, size: i.size, generation: i.generation, dirtyBlocks: i.dirtyBlocks, overlayBlocks: i.overlayBlocks, base: i.hasBase });
+          await v.close();
+        } catch {
+          rows.push({ name, size: 0, generation: 0, dirtyBlocks: 0, overlayBlocks: 0, base: false, busy: true });
+        }
+      }
+      if (o.json) return print(JSON.stringify(rows));
+      for (const r of rows) {
+        print(r.busy ? `${r.name}\t(in use)` : `${r.name}\t${r.size}\tgen ${r.generation}\tdirty ${r.dirtyBlocks}\toverlay ${r.overlayBlocks}${r.base ? '\tbased' : ''}`);
+      }
+    });
+
+  vol
+    .command('serve <names...>')
+    .description('serve volumes over NBD (export name = volume name) until interrupted')
+    .option('--socket <path>', 'unix socket path (default <dataDir>/nbd.sock)')
+    .option('--tcp <port>', 'listen on 127.0.0.1:<port> instead of a unix socket')
+    .action(async (names: string[], o: { socket?: string; tcp?: string }) => {
+      const s = await store();
+      const server = new NbdServer();
+      const vols: Volume[] = [];
+      for (const n of names) {
+        const v = await Volume.open(volumeDir(ctx.dataDir, n), { store: s });
+        vols.push(v);
+        server.addExport(n, v);
+      }
+      const addr = o.tcp
+        ? await server.listen({ host: '127.0.0.1', port: Number(o.tcp) })
+        : await server.listen({ socketPath: o.socket ?? path.join(ctx.dataDir, 'nbd.sock') });
+      print(addr.socketPath ? `serving ${names.join(', ')} on ${addr.socketPath}` : `serving ${names.join(', ')} on nbd://${addr.host}:${addr.port}`);
+      await new Promise<void>((resolve) => {
+        process.once('SIGINT', resolve);
+        process.once('SIGTERM', resolve);
+      });
+      await server.close();
+      for (const v of vols) await v.close();
+    });
+
+  vol
+    .command('freeze <name>')
+    .description('close the current generation of a volume that is not being served')
+    .action(async (name: string) => {
+      const v = await Volume.open(volumeDir(ctx.dataDir, name));
+      const r = v.freeze();
+      await v.close();
+      print(`froze generation ${r.generation} of ${name}: ${r.dirtyBlocks} dirty blocks${r.full ? ' (tracking was lost: full compare)' : ''}`);
+    });
+
+  vol
+    .command('clone <snapshotDisk> <name>')
+    .description('create a volume whose base is a snapshot disk, without copying data')
+    .action(async (ref: string, name: string) => {
+      if (!ctx.resolveDisk) throw new VolumeCliError('no repository is configured to resolve snapshots');
+      const v = await cloneVolume(volumeDir(ctx.dataDir, name), await ctx.resolveDisk(ref), { store: await store() });
+      await v.close();
+      print(`cloned ${ref} into volume ${name}`);
+    });
+
+  vol
+    .command('rm <name>')
+    .description('remove a volume and its overlay')
+    .action(async (name: string) => {
+      const dir = volumeDir(ctx.dataDir, name);
+      const v = await Volume.open(dir); // fails if the volume is in use
+      await v.close();
+      await fsp.rm(dir, { recursive: true, force: true });
+      print(`removed volume ${name}`);
+    });
+  return vol;
+}
