@@ -1,0 +1,163 @@
+/**
+ * Helpers for the repository's end-to-end tests: run the compiled `vmsnap` CLI (bin/vmsnap.js ->
+ * dist/), make temporary repositories and deterministic test images, and look at repository files.
+ *
+ * The CLI runs from dist/: `npm test` builds first. When a test file runs on its own
+ * (`npx vitest run test/store/cli.test.ts`), `ensureBuilt()` runs `npm run build` once if any source
+ * under src/ or cli/ is newer than dist/cli/main.js.
+ */
+import { execFileSync, spawn } from 'node:child_process';
+import { createHash } from 'node:crypto';
+import { existsSync, mkdtempSync, readdirSync, rmSync, statSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import * as path from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+export const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
+export const BIN = path.join(ROOT, 'bin/vmsnap.js');
+
+function newestMtime(dir: string): number {
+  let t = 0;
+  for (const e of readdirSync(dir, { withFileTypes: true })) {
+    const p = path.join(dir, e.name);
+    if (e.isDirectory()) t = Math.max(t, newestMtime(p));
+    else if (e.name.endsWith('.ts')) t = Math.max(t, statSync(p).mtimeMs);
+  }
+  return t;
+}
+
+/** Builds dist/ if it is missing or older than the sources. */
+export function ensureBuilt(): void {
+  const out = path.join(ROOT, 'dist/cli/main.js');
+  const built = existsSync(out) ? statSync(out).mtimeMs : 0;
+  const src = Math.max(newestMtime(path.join(ROOT, 'src')), newestMtime(path.join(ROOT, 'cli')));
+  if (built >= src) return;
+  execFileSync('npm', ['run', 'build'], { cwd: ROOT, stdio: 'pipe' });
+}
+
+export interface RunResult {
+  code: number | null;
+  signal: NodeJS.Signals | null;
+  stdout: string;
+  stderr: string;
+  stdoutBytes: Buffer;
+}
+
+export interface RunOptions {
+  env?: Record<string, string | undefined>;
+  input?: Buffer;
+  cwd?: string;
+}
+
+/** Runs `node <script> ...args` and collects its output. Never throws on a non-zero exit. */
+export function runNode(script: string[], args: string[], opts: RunOptions = {}): Promise<RunResult> {
+  return new Promise((resolve, reject) => {
+    const env: Record<string, string | undefined> = { ...process.env, VMSNAP_PASSWORD: undefined, VMSNAP_REPO: undefined, VMSNAP_PASSWORD_FILE: undefined, ...opts.env };
+    // Keep any user config file out of the tests.
+    env.XDG_CONFIG_HOME ??= path.join(tmpdir(), 'vmsnap-test-no-config');
+    const child = spawn(process.execPath, [...script, ...args], { cwd: opts.cwd ?? ROOT, env: env as NodeJS.ProcessEnv, stdio: ['pipe', 'pipe', 'pipe'] });
+    const out: Buffer[] = [];
+    const err: Buffer[] = [];
+    child.stdout.on('data', (b: Buffer) => out.push(b));
+    child.stderr.on('data', (b: Buffer) => err.push(b));
+    child.on('error', reject);
+    child.on('close', (code, signal) => {
+      const stdoutBytes = Buffer.concat(out);
+      resolve({ code, signal, stdout: stdoutBytes.toString('utf8'), stderr: Buffer.concat(err).toString('utf8'), stdoutBytes });
+    });
+    child.stdin.on('error', () => undefined);
+    if (opts.input) child.stdin.end(opts.input);
+    else child.stdin.end();
+  });
+}
+
+/** Runs the compiled CLI: `vmsnap --repo <repo> ...args`. */
+export function vmsnap(repo: string | null, args: string[], opts: RunOptions = {}): Promise<RunResult> {
+  return runNode([BIN], repo === null ? args : ['--repo', repo, ...args], opts);
+}
+
+/** Like vmsnap() but fails the test with the CLI's stderr when the exit code is not 0. */
+export async function vmsnapOk(repo: string | null, args: string[], opts: RunOptions = {}): Promise<RunResult> {
+  const r = await vmsnap(repo, args, opts);
+  if (r.code !== 0) throw new Error(`vmsnap ${args.join(' ')} exited ${r.code}: ${r.stderr}`);
+  return r;
+}
+
+export function tempDir(prefix = 'vmsnap-test-'): string {
+  return mkdtempSync(path.join(tmpdir(), prefix));
+}
+
+export function removeDir(dir: string): void {
+  rmSync(dir, { recursive: true, force: true });
+}
+
+/** A deterministic pseudo-random generator (xorshift32): test data and kill points from a seed. */
+export function rng(seed: number): () => number {
+  let x = seed >>> 0 || 0x9e3779b9;
+  return () => {
+    x ^= x << 13;
+    x >>>= 0;
+    x ^= x >>> 17;
+    x ^= x << 5;
+    x >>>= 0;
+    return x / 0x1_0000_0000;
+  };
+}
+
+/** Deterministic incompressible bytes. */
+export function randomData(size: number, seed: number): Buffer {
+  const b = Buffer.allocUnsafe(size);
+  let x = seed >>> 0 || 1;
+  for (let i = 0; i + 4 <= size; i += 4) {
+    x ^= x << 13;
+    x >>>= 0;
+    x ^= x >>> 17;
+    x ^= x << 5;
+    x >>>= 0;
+    b.writeUInt32LE(x, i);
+  }
+  for (let i = size & ~3; i < size; i++) b[i] = i & 0xff;
+  return b;
+}
+
+/**
+ * An image with structure like a disk: zero runs, compressible text and random blocks, cut in
+ * `block`-sized pieces chosen by `seed`.
+ */
+export function mixedImage(size: number, seed: number, block = 4096): Buffer {
+  const buf = Buffer.alloc(size);
+  const r = rng(seed);
+  const text = Buffer.from('the quick brown fox jumps over the lazy dog; '.repeat(Math.ceil(block / 40)));
+  for (let off = 0; off < size; off += block) {
+    const n = Math.min(block, size - off);
+    const k = r();
+    if (k < 0.2) continue;
+    if (k < 0.45) text.copy(buf, off, 0, n);
+    else randomData(n, Math.floor(r() * 0xffffffff)).copy(buf, off);
+  }
+  return buf;
+}
+
+export function sha256(b: Uint8Array): string {
+  return createHash('sha256').update(b).digest('hex');
+}
+
+/** All files of one kind in a local repository (packs are fanned out in two-character folders). */
+export function repoFiles(repo: string, kind: 'packs' | 'index' | 'snapshots' | 'keys' | 'locks' | 'config'): string[] {
+  const dir = path.join(repo, kind);
+  if (!existsSync(dir)) return [];
+  const out: string[] = [];
+  for (const e of readdirSync(dir, { withFileTypes: true })) {
+    if (e.name.startsWith('.tmp-')) continue;
+    const p = path.join(dir, e.name);
+    if (e.isDirectory()) {
+      for (const f of readdirSync(p)) if (!f.startsWith('.tmp-')) out.push(path.join(p, f));
+    } else out.push(p);
+  }
+  return out.sort();
+}
+
+/** Sum of the sizes of the pack files. */
+export function packBytes(repo: string): number {
+  return repoFiles(repo, 'packs').reduce((s, f) => s + statSync(f).size, 0);
+}
