@@ -214,7 +214,10 @@ export async function captureSnapshot(qmp: QmpClient, sink: MigStreamSink, opts:
     let parsed: ParsedStream;
     try {
       conn = await Promise.race([accepted, failed]);
-      parsed = await Promise.race([parseMigrationStream(conn, sink), failed]);
+      const parsing = parseMigrationStream(conn, sink);
+      // If QEMU's failure wins the race, the parse still ends (socket destroyed below): not unhandled.
+      parsing.catch(() => undefined);
+      parsed = await Promise.race([parsing, failed]);
     } catch (e) {
       await qmp.execute('migrate_cancel').catch(() => undefined);
       if (e instanceof SnapshotCaptureError) throw e;
