@@ -145,6 +145,10 @@ async function pruneLocked(repo: Repository, opts: PruneOptions): Promise<PruneS
     stats.bytesFreed += packFiles.get(pack)!;
   }
   await cut();
+  // Unencrypted repacking is deterministic: after a prune killed between writing a repacked pack and
+  // its index, the leftover (unindexed, hence doomed) pack has exactly the name of the one just
+  // rewritten, which the new index references — it must not be deleted with the garbage.
+  for (const w of written) if (doomed.delete(w.pack)) stats.bytesFreed -= packFiles.get(w.pack) ?? 0;
 
   // 4-5. one index for everything live, superseding every existing index file.
   const oldIndex = [...repo.indexFiles];
