@@ -46,6 +46,8 @@ import {
 } from './contract.js';
 
 const MAX_SINGLE_PUT = 5 * 2 ** 30;
+/** Slowest upload rate tolerated before a PUT counts as stalled (64 MiB pack: about 4 minutes). */
+const MIN_UPLOAD_BYTES_PER_S = 256 * 1024;
 
 export interface S3Location {
   /** `http(s)://host:port` for S3-compatible servers; undefined for AWS (`s3://bucket/prefix`). */
@@ -358,6 +360,25 @@ export class S3Backend implements Backend {
     return `${this.base}${kind}/${name}`;
   }
 
+  /**
+   * Runs one SDK request with a deadline for its answer (headers): the SDK's socket timeout does not
+   * cover a server that accepts the request and then never answers. Uploads get extra time in
+   * proportion to their size (a floor of {@link MIN_UPLOAD_BYTES_PER_S}) so slow links still work.
+   */
+  private async timed<T>(uploadBytes: number, fn: (abortSignal: AbortSignal) => Promise<T>): Promise<T> {
+    const ac = new AbortController();
+    const ms = this.idleMs + Math.ceil((uploadBytes / MIN_UPLOAD_BYTES_PER_S) * 1000);
+    const timer = setTimeout(() => ac.abort(), ms);
+    try {
+      return await fn(ac.signal);
+    } catch (err) {
+      if (ac.signal.aborted) throw Object.assign(new Error(`no answer within ${ms} ms`), { name: 'TimeoutError' });
+      throw err;
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+
   async put(kind: ObjectKind, name: string, data: Uint8Array): Promise<void> {
     const key = this.key(kind, name);
     await this.upload('put', kind, name, key, data, false);
@@ -378,16 +399,19 @@ export class S3Backend implements Backend {
     const md5 = createHash('md5').update(data).digest();
     const res = await this.sem.run(async () => {
       try {
-        return await this.client.send(
-          new PutObjectCommand({
-            Bucket: this.bucket,
-            Key: key,
-            Body: data,
-            ContentLength: data.length,
-            ContentMD5: md5.toString('base64'),
-            ContentType: 'application/octet-stream',
-            ...(ifNoneMatch ? { IfNoneMatch: '*' } : {}),
-          }),
+        return await this.timed(data.length, (abortSignal) =>
+          this.client.send(
+            new PutObjectCommand({
+              Bucket: this.bucket,
+              Key: key,
+              Body: data,
+              ContentLength: data.length,
+              ContentMD5: md5.toString('base64'),
+              ContentType: 'application/octet-stream',
+              ...(ifNoneMatch ? { IfNoneMatch: '*' } : {}),
+            }),
+            { abortSignal },
+          ),
         );
       } catch (err) {
         throw s3Error(step, what, err);
@@ -419,7 +443,9 @@ export class S3Backend implements Backend {
   private async exists(kind: ObjectKind, name: string, key: string): Promise<boolean> {
     return this.sem.run(async () => {
       try {
-        await this.client.send(new HeadObjectCommand({ Bucket: this.bucket, Key: key }));
+        await this.timed(0, (abortSignal) =>
+          this.client.send(new HeadObjectCommand({ Bucket: this.bucket, Key: key }), { abortSignal }),
+        );
         return true;
       } catch (err) {
         if (isNotFound(err)) return false;
@@ -444,12 +470,15 @@ export class S3Backend implements Backend {
     return this.sem.run(async () => {
       let res;
       try {
-        res = await this.client.send(
-          new GetObjectCommand({
-            Bucket: this.bucket,
-            Key: key,
-            ...(range ? { Range: `bytes=${range.offset}-${range.offset + range.length - 1}` } : {}),
-          }),
+        res = await this.timed(0, (abortSignal) =>
+          this.client.send(
+            new GetObjectCommand({
+              Bucket: this.bucket,
+              Key: key,
+              ...(range ? { Range: `bytes=${range.offset}-${range.offset + range.length - 1}` } : {}),
+            }),
+            { abortSignal },
+          ),
         );
       } catch (err) {
         if (isNotFound(err)) throw new ObjectNotFoundError(kind, name);
@@ -493,7 +522,9 @@ export class S3Backend implements Backend {
     const key = this.key(kind, name);
     return this.sem.run(async () => {
       try {
-        const res = await this.client.send(new HeadObjectCommand({ Bucket: this.bucket, Key: key }));
+        const res = await this.timed(0, (abortSignal) =>
+          this.client.send(new HeadObjectCommand({ Bucket: this.bucket, Key: key }), { abortSignal }),
+        );
         return { name, size: res.ContentLength ?? 0 };
       } catch (err) {
         if (isNotFound(err)) throw new ObjectNotFoundError(kind, name);
@@ -511,13 +542,16 @@ export class S3Backend implements Backend {
     for (;;) {
       const page = await this.sem.run(async () => {
         try {
-          return await this.client.send(
-            new ListObjectsCommand({
-              Bucket: this.bucket,
-              Prefix: prefix,
-              MaxKeys: this.pageSize,
-              ...(marker !== undefined ? { Marker: marker } : {}),
-            }),
+          return await this.timed(0, (abortSignal) =>
+            this.client.send(
+              new ListObjectsCommand({
+                Bucket: this.bucket,
+                Prefix: prefix,
+                MaxKeys: this.pageSize,
+                ...(marker !== undefined ? { Marker: marker } : {}),
+              }),
+              { abortSignal },
+            ),
           );
         } catch (err) {
           throw s3Error('list', `${kind}/`, err);
@@ -539,7 +573,9 @@ export class S3Backend implements Backend {
     const key = this.key(kind, name);
     await this.sem.run(async () => {
       try {
-        await this.client.send(new DeleteObjectCommand({ Bucket: this.bucket, Key: key }));
+        await this.timed(0, (abortSignal) =>
+          this.client.send(new DeleteObjectCommand({ Bucket: this.bucket, Key: key }), { abortSignal }),
+        );
       } catch (err) {
         if (isNotFound(err)) return;
         throw s3Error('delete', `${kind}/${name}`, err);
