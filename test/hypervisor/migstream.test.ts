@@ -141,6 +141,27 @@ describe('migration stream parser + rebuilder (synthetic streams)', () => {
     }
   });
 
+  it('handles offsets past 4 GiB (be64 split into 32-bit halves)', async () => {
+    const big = makePrefix([['pc.ram', 8n << 30n], ['pc.bios', 4 * PS]]);
+    const off = 5 * 2 ** 30 + 3 * PS;
+    const last = 8 * 2 ** 30 - PS;
+    const pages: RebuildPage[] = [
+      { block: 0, offset: off, kind: 'page', data: pageData(5) },
+      { block: 0, offset: last, kind: 'zero' },
+      { block: 1, offset: 0, kind: 'zero' },
+    ];
+    const r = parseSync(await collect(buildStream(big, pages, suffix)), [100]);
+    expect(r.records.map((x) => [x.block, x.offset, x.kind])).toEqual([
+      [0, off, 'page'],
+      [0, last, 'zero'],
+      [1, 0, 'zero'],
+    ]);
+    expect(r.records[0]?.data).toBe(pageData(5).toString('hex'));
+    await expect(collect(buildStream(big, [{ block: 0, offset: 8 * 2 ** 30, kind: 'zero' }], suffix))).rejects.toThrow(
+      MigrationBuildError,
+    );
+  });
+
   it('parsePrefix recovers the block list; a truncated prefix is refused', () => {
     const p = parsePrefix(prefix);
     expect(p.blocks).toEqual([
