@@ -326,12 +326,19 @@ export async function restoreFromStream(
     sock.on('error', () => undefined); // surfaced through pipeline() or QEMU's own report
     let sendErr: unknown;
     let sendErrAt = 0;
+    // A QEMU that stops reading would otherwise block the write forever.
+    const sendTimer = setTimeout(
+      () => sock?.destroy(new Error(`stream not consumed within ${timeoutMs} ms`)),
+      Math.max(0, deadline - Date.now()),
+    );
     try {
       await pipeline(stream instanceof Readable ? stream : Readable.from(stream, { objectMode: false }), sock);
     } catch (e) {
       // QEMU closes its end when it rejects the stream; its own reason is more useful than EPIPE.
       sendErr = e;
       sendErrAt = Date.now();
+    } finally {
+      clearTimeout(sendTimer);
     }
     let mig: MigrationInfo;
     for (;;) {
