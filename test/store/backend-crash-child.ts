@@ -3,6 +3,7 @@
  * of config) and prints `done <kind> <name>` after each put resolves, until the parent SIGKILLs it.
  * Content is a deterministic function of the name so the parent can verify every object it finds.
  */
+import { promises as fsp } from 'node:fs';
 import { LocalBackend } from '../../src/store/backend/local.js';
 
 /** Deterministic pseudo-random content of a name-dependent size (xorshift32 seeded from the name). */
@@ -27,16 +28,40 @@ async function main(root: string, round: string): Promise<void> {
   const b = new LocalBackend(root);
   for (let i = 0; ; i++) {
     const name = `r${round}n${i}`;
-    await b.put('packs', name, expectedContent(name));
+    // `start` is printed once the content is ready, so a kill triggered by it lands inside the put.
+    const pack = expectedContent(name);
+    process.stdout.write(`start packs ${name}\n`);
+    await b.put('packs', name, pack);
     process.stdout.write(`done packs ${name}\n`);
-    await b.put('index', name, expectedContent(`idx${name}`));
+    const idx = expectedContent(`idx${name}`);
+    process.stdout.write(`start index ${name}\n`);
+    await b.put('index', name, idx);
     process.stdout.write(`done index ${name}\n`);
-    await b.put('config', 'config', expectedContent(`config${name}`));
+    const cfg = expectedContent(`config${name}`);
+    process.stdout.write(`start config config${name}\n`);
+    await b.put('config', 'config', cfg);
     process.stdout.write(`done config config${name}\n`);
   }
 }
 
+/**
+ * With VMSNAP_CRASH_AT_PUBLISH=N the child kills itself at its N-th publish (rename or link of a
+ * complete, fsynced temp file): a crash at the one point where a torn put is guaranteed to exist.
+ */
+function crashAtPublish(n: number): void {
+  let calls = 0;
+  const die = (): never => {
+    process.kill(process.pid, 'SIGKILL');
+    throw new Error('unreachable');
+  };
+  const { rename, link } = fsp;
+  fsp.rename = async (...args: Parameters<typeof rename>) => (++calls >= n ? die() : rename(...args));
+  fsp.link = async (...args: Parameters<typeof link>) => (++calls >= n ? die() : link(...args));
+}
+
 if (process.env.VMSNAP_CRASH_CHILD === '1') {
+  const at = Number(process.env.VMSNAP_CRASH_AT_PUBLISH ?? 0);
+  if (at > 0) crashAtPublish(at);
   const [root, round] = process.argv.slice(2);
   if (!root || !round) throw new Error('usage: backend-crash-child.ts ROOT ROUND');
   void main(root, round);

@@ -20,14 +20,18 @@ afterAll(async () => {
   for (const d of dirs) await rm(d, { recursive: true, force: true });
 });
 
-/** Runs the child until it has acknowledged `acks` puts, then SIGKILLs it; returns the acknowledged puts. */
-function runAndKill(root: string, round: number, acks: number): Promise<string[]> {
+/**
+ * Runs the child until it starts its `starts`-th put, then SIGKILLs it (or, with `selfKillAtPublish`,
+ * lets it kill itself at that publish); returns the acknowledged puts.
+ */
+function runAndKill(root: string, round: number, starts: number, selfKillAtPublish = 0): Promise<string[]> {
   return new Promise((resolve, reject) => {
     const p = spawn(process.execPath, ['--import', 'tsx', child, root, String(round)], {
-      env: { ...process.env, VMSNAP_CRASH_CHILD: '1' },
+      env: { ...process.env, VMSNAP_CRASH_CHILD: '1', VMSNAP_CRASH_AT_PUBLISH: String(selfKillAtPublish) },
       stdio: ['ignore', 'pipe', 'pipe'],
     });
     const done: string[] = [];
+    let started = 0;
     let buf = '';
     let stderr = '';
     let killed = false;
@@ -39,8 +43,9 @@ function runAndKill(root: string, round: number, acks: number): Promise<string[]
         const line = buf.slice(0, nl);
         buf = buf.slice(nl + 1);
         if (line.startsWith('done ')) done.push(line.slice(5));
+        if (line.startsWith('start ')) started++;
       }
-      if (!killed && done.length >= acks) {
+      if (!killed && selfKillAtPublish === 0 && started >= starts) {
         killed = true;
         p.kill('SIGKILL');
       }
@@ -48,7 +53,7 @@ function runAndKill(root: string, round: number, acks: number): Promise<string[]
     p.stderr.on('data', (c: Buffer) => (stderr += c.toString()));
     p.on('error', reject);
     p.on('exit', (code, signal) => {
-      if (signal === 'SIGKILL' && killed) resolve(done);
+      if (signal === 'SIGKILL' && (killed || selfKillAtPublish > 0)) resolve(done);
       else reject(new Error(`crash child exited early (code ${code}, signal ${signal}): ${stderr}`));
     });
   });
@@ -60,8 +65,11 @@ describe('LocalBackend crash safety', () => {
     dirs.push(root);
     const acknowledged: string[] = [];
     // Different ack counts put the kill at different points of the put cycle.
-    for (const [round, acks] of [[1, 7], [2, 11], [3, 15], [4, 20]] as const) {
-      acknowledged.push(...(await runAndKill(root, round, acks)));
+    // External kills land wherever the child happens to be; self-kills at a publish guarantee torn
+    // temp files (a pack, an index, and a config overwrite) exist on disk.
+    const rounds: Array<[number, number, number]> = [[1, 7, 0], [2, 11, 0], [3, 0, 4], [4, 0, 5], [5, 0, 6], [6, 15, 0]];
+    for (const [round, starts, selfKill] of rounds) {
+      acknowledged.push(...(await runAndKill(root, round, starts, selfKill)));
     }
     const b = new LocalBackend(root);
     const packs = await listAll(b, 'packs');
@@ -102,6 +110,7 @@ describe('LocalBackend crash safety', () => {
       return n;
     };
     const before = await tmpCount();
+    expect(before).toBeGreaterThanOrEqual(3);
     console.info(`crash test: ${acknowledged.length} puts acknowledged, ${packs.length} packs listed, ${before} torn temp files left`);
     expect(await b.removeStaleTempFiles(0)).toBe(before);
     expect(await tmpCount()).toBe(0);
