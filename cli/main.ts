@@ -7,6 +7,7 @@ import { Command, CommanderError } from 'commander';
 import { RepositoryError, UsageError } from '../src/store/errors.js';
 import { BackendError } from '../src/store/backend/contract.js';
 import { registerStoreCommands } from './store-commands.js';
+import { registerVmCommands } from './vm-commands.js';
 import type { GlobalOptions } from './context.js';
 
 export function buildProgram(): Command {
@@ -23,6 +24,7 @@ export function buildProgram(): Command {
     .exitOverride();
   const globals = () => program.opts<GlobalOptions>();
   registerStoreCommands(program, globals);
+  registerVmCommands(program, globals);
   return program;
 }
 

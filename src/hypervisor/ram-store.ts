@@ -124,7 +124,7 @@ export class RamStreamWriter implements MigStreamSink {
   }
 
   /** The snapshot streams for this capture; fails if any page never arrived. */
-  streams(tail: StreamTail): StreamRecord[] {
+  streams(): StreamRecord[] {
     if (!this.prefix) throw new RamCaptureError('the stream ended before its RAM block list');
     const cs = this.repo.chunkSize;
     const out: StreamRecord[] = [];

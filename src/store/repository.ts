@@ -171,6 +171,24 @@ export class Repository {
     });
   }
 
+  /**
+   * Loads index files written by other processes since this one opened the repository (a VM
+   * supervisor lives for days while `vmsnap import` or another VM's snapshots add data).
+   */
+  async refreshIndex(): Promise<number> {
+    const fresh: string[] = [];
+    for await (const o of this.backend.list('index')) if (!this.indexFiles.has(o.name)) fresh.push(o.name);
+    await mapLimit(fresh, 8, async (name) => {
+      try {
+        decodeIndexFile(await this.backend.get('index', name), this.aeadKey, name, this.index);
+        this.indexFiles.add(name);
+      } catch (err) {
+        if (!(err instanceof ObjectNotFoundError || err instanceof IntegrityError || err instanceof FormatError)) throw err;
+      }
+    });
+    return fresh.length;
+  }
+
   workers(): WorkerPool {
     if (!this.pool) {
       this.pool = new WorkerPool(
@@ -292,7 +310,10 @@ export class Repository {
   async getChunk(id: Uint8Array, rawLength = this.chunkSize): Promise<Buffer> {
     if (isZeroId(id)) return Buffer.alloc(rawLength);
     const idBuf = Buffer.from(id.buffer, id.byteOffset, ID_SIZE);
-    if (!this.index.has(idBuf) && this.pending.has(idBuf.toString('hex'))) await this.flush();
+    if (!this.index.has(idBuf)) {
+      if (this.pending.has(idBuf.toString('hex'))) await this.flush();
+      else await this.refreshIndex();
+    }
     const loc = this.locate(idBuf);
     const stored = await this.backend.get('packs', loc.pack, { offset: loc.offset, length: loc.storedLength });
     return this.openChunk(idBuf, loc, stored);
@@ -333,7 +354,13 @@ export class Repository {
   async readSnapshot(id: string): Promise<Snapshot> {
     const cached = this.snapshotCache.get(id);
     if (cached) return cached;
-    const info = await this.backend.stat('snapshots', id);
+    let info;
+    try {
+      info = await this.backend.stat('snapshots', id);
+    } catch (err) {
+      if (err instanceof ObjectNotFoundError) throw new NotFoundError(`snapshot ${id} does not exist`);
+      throw err;
+    }
     if (info.size > MAX_MANIFEST_BYTES) throw new FormatError(`snapshot ${id}: manifest of ${info.size} bytes is over the limit`);
     const stored = await this.backend.get('snapshots', id);
     const plain = this.master ? open(this.master.aeadKey, stored, MANIFEST_AAD, `snapshot ${id}`) : stored;

@@ -1,0 +1,345 @@
+/** VM verbs: vm create|start|stop|pause|resume|ls|show|console|rm, take, restore, clone. */
+import { createReadStream, promises as fsp } from 'node:fs';
+import type { Command } from 'commander';
+import { Volume } from '../src/cow/volume.js';
+import { cloneVolume } from '../src/cow/snapshot.js';
+import { NotFoundError, UsageError } from '../src/store/errors.js';
+import { checkTags } from '../src/store/manifest.js';
+import type { Repository } from '../src/store/repository.js';
+import { DEFAULT_CHUNK_SIZE } from '../src/store/format.js';
+import { loadBytes } from '../src/hypervisor/ram-store.js';
+import {
+  diskDir,
+  listVms,
+  loadDefinition,
+  loadState,
+  newDefinition,
+  parseDefinition,
+  parseSize,
+  saveDefinition,
+  saveState,
+  vmPaths,
+  type DiskDef,
+  type VmDefinition,
+} from '../src/hypervisor/vm-config.js';
+import { callSupervisor, isRunning, runSupervisor, spawnSupervisor, SupervisorError } from '../src/hypervisor/supervisor.js';
+import { takeStopped, type TakeResult } from '../src/hypervisor/vm-runtime.js';
+import { dataDir, openBackendAt, openRepository, password, repoLocation, type GlobalOptions } from './context.js';
+import { humanBytes, printJson, shortId } from './output.js';
+import { resolveStreamRef } from './store-commands.js';
+
+type Globals = () => GlobalOptions;
+const collect = (v: string, prev: string[]) => [...prev, v];
+
+/** The environment a supervisor needs to open the same repository without prompting. */
+async function supervisorEnv(g: GlobalOptions): Promise<NodeJS.ProcessEnv> {
+  const env: NodeJS.ProcessEnv = { ...process.env, VMSNAP_REPO: repoLocation(g) };
+  try {
+    const backend = await openBackendAt(repoLocation(g));
+    const cfg = JSON.parse((await backend.get('config', 'config')).toString()) as { encryption: unknown };
+    if (cfg.encryption) env.VMSNAP_PASSWORD = await password(g, 'open');
+  } catch {
+    // No repository yet: the VM runs; `take` will say to run `vmsnap init`.
+  }
+  return env;
+}
+
+function printTake(r: TakeResult, json: boolean): void {
+  if (json) return printJson(r);
+  if (r.note) console.log(`note: ${r.note}`);
+  console.log(
+    `snapshot ${shortId(r.snapshot)} taken in ${(r.durationMs / 1000).toFixed(2)} s` +
+      (r.diskOnly ? ' (disk only)' : `; guest paused ${r.pauseMs.toFixed(1)} ms (QEMU downtime ${r.qemuDowntimeMs ?? '?'} ms)`),
+  );
+  console.log(`  new ${humanBytes(r.newBytes)}, stored ${humanBytes(r.storedBytes)} after compression${r.ramBytes ? `, RAM ${humanBytes(r.ramBytes)} (${humanBytes(r.dedupBytes)} deduplicated)` : ''}`);
+  for (const [name, d] of Object.entries(r.disks)) console.log(`  ${name}: ${d.dirtyBlocks} dirty blocks, ${humanBytes(d.newBytes)} new (${d.mode})`);
+}
+
+async function createDisks(def: VmDefinition, sources: { def: DiskDef; from?: string }[], g: GlobalOptions): Promise<void> {
+  const paths = vmPaths(dataDir(), def.name);
+  let repo: Repository | null = null;
+  try {
+    for (const s of sources) {
+      const dir = diskDir(paths, s.def.name);
+      await fsp.mkdir(paths.disksDir, { recursive: true });
+      if (s.from && !(await fsp.stat(s.from).catch(() => null))) {
+        // Not a file: a snapshot reference (SNAP or SNAP:disk) cloned without copying.
+        repo ??= await openRepository(g);
+        const { stream } = await resolveStreamRef(repo, s.from);
+        if (stream.kind !== 'disk') throw new UsageError(`${s.from} is a ${stream.kind} stream, not a disk`);
+        s.def.size = stream.size;
+        await (await cloneVolume(dir, stream, { store: repo })).close();
+        continue;
+      }
+      const blockSize = repo?.chunkSize ?? DEFAULT_CHUNK_SIZE;
+      const size = Math.ceil(s.def.size / blockSize) * blockSize;
+      s.def.size = size;
+      const v = await Volume.create(dir, { size, blockSize });
+      try {
+        if (s.from) {
+          let off = 0;
+          for await (const piece of createReadStream(s.from, { highWaterMark: 1 << 20 }) as AsyncIterable<Buffer>) {
+            await v.write(off, piece);
+            off += piece.length;
+          }
+          await v.flush();
+        }
+      } finally {
+        await v.close();
+      }
+    }
+  } finally {
+    await repo?.close();
+  }
+}
+
+export function registerVmCommands(program: Command, globals: Globals): void {
+  const vm = program.command('vm').description('define, run and inspect VMs');
+
+  vm.command('create <name>')
+    .description('define a VM (disks are vmsnap copy-on-write volumes)')
+    .option('--memory <size>', 'guest memory (e.g. 256M, 1G)', '256M')
+    .option('--cpus <n>', 'vCPUs', '1')
+    .option('--disk <size>', 'add an empty disk of this size (repeatable)', collect, [] as string[])
+    .option('--disk-from <file|snap>', 'add a disk with the contents of a raw image file or a snapshot disk (repeatable)', collect, [] as string[])
+    .option('--kernel <file>', 'boot this kernel (or multiboot ELF) directly')
+    .option('--initrd <file>', 'initial ramdisk')
+    .option('--append <cmdline>', 'kernel command line')
+    .option('--display <d>', 'none, gtk or vnc', 'none')
+    .option('--accel <a>', 'auto, kvm or tcg', 'auto')
+    .option('--qemu-arg <arg>', 'extra QEMU argument (repeatable)', collect, [] as string[])
+    .action(async (name: string, o: { memory: string; cpus: string; disk: string[]; diskFrom: string[]; kernel?: string; initrd?: string; append?: string; display: string; accel: string; qemuArg: string[] }) => {
+      const g = globals();
+      const paths = vmPaths(dataDir(), name);
+      if (await fsp.stat(paths.config).catch(() => null)) throw new UsageError(`VM ${name} already exists`);
+      const memory = parseSize(o.memory.match(/^\d+$/) ? `${o.memory}M` : o.memory, '--memory');
+      const abs = async (f: string | undefined, what: string) => {
+        if (f === undefined) return undefined;
+        const p = (await import('node:path')).resolve(f);
+        if (!(await fsp.stat(p).catch(() => null))) throw new UsageError(`${what} ${f} does not exist`);
+        return p;
+      };
+      const sources: { def: DiskDef; from?: string }[] = [];
+      o.disk.forEach((s) => sources.push({ def: { name: `disk${sources.length}`, size: parseSize(s, '--disk') } }));
+      o.diskFrom.forEach((f) => sources.push({ def: { name: `disk${sources.length}`, size: 1 }, from: f }));
+      for (const s of sources) if (s.from && (await fsp.stat(s.from).catch(() => null))) s.def.size = (await fsp.stat(s.from)).size || 1;
+      const kernel = await abs(o.kernel, 'kernel');
+      const initrd = await abs(o.initrd, 'initrd');
+      const def = newDefinition({
+        name,
+        memoryMiB: Math.round(memory / (1 << 20)),
+        cpus: Number(o.cpus),
+        ...(kernel ? { kernel } : {}),
+        ...(initrd ? { initrd } : {}),
+        ...(o.append !== undefined ? { append: o.append } : {}),
+        display: o.display as VmDefinition['display'],
+        accel: o.accel as VmDefinition['accel'],
+        qemuArgs: o.qemuArg,
+        disks: sources.map((s) => s.def),
+      });
+      await fsp.mkdir(paths.dir, { recursive: true, mode: 0o700 });
+      try {
+        await createDisks(def, sources, g);
+        await saveDefinition(dataDir(), def);
+      } catch (err) {
+        await fsp.rm(paths.dir, { recursive: true, force: true });
+        throw err;
+      }
+      if (g.json) printJson(def);
+      else console.log(`created VM ${name}: ${def.memoryMiB} MiB, ${def.cpus} vCPU, ${def.disks.map((d) => `${d.name} ${humanBytes(d.size)}`).join(', ') || 'no disks'}`);
+    });
+
+  vm.command('start <name>')
+    .description('start a VM (its supervisor keeps disks served while it runs)')
+    .option('--restore <snapshot>', 'start from this snapshot')
+    .action(async (name: string, o: { restore?: string }) => {
+      const g = globals();
+      await loadDefinition(dataDir(), name);
+      await spawnSupervisor(dataDir(), name, { env: await supervisorEnv(g), ...(o.restore ? { restore: o.restore } : {}) });
+      const st = await callSupervisor<{ state: string; pid: number; accel: string }>(vmPaths(dataDir(), name), { op: 'status' });
+      if (g.json) printJson(st);
+      else console.log(`VM ${name} ${st.state} (QEMU pid ${st.pid}, ${st.accel})`);
+    });
+
+  for (const [verb, op, desc] of [
+    ['stop', 'stop', 'stop a VM (QEMU quits; disks are checkpointed)'],
+    ['pause', 'pause', 'pause the guest'],
+    ['resume', 'resume', 'resume the guest'],
+  ] as const) {
+    vm.command(`${verb} <name>`)
+      .description(desc)
+      .action(async (name: string) => {
+        const paths = vmPaths(dataDir(), name);
+        await loadDefinition(dataDir(), name);
+        await callSupervisor(paths, { op });
+        if (op === 'stop') {
+          for (let i = 0; i < 200 && (await isRunning(paths)); i++) await new Promise((r) => setTimeout(r, 50));
+        }
+        if (!globals().json) console.log(`VM ${name}: ${verb} done`);
+      });
+  }
+
+  vm.command('ls')
+    .description('list VMs')
+    .action(async () => {
+      const g = globals();
+      const rows = [];
+      for (const name of await listVms(dataDir())) {
+        const def = await loadDefinition(dataDir(), name);
+        const paths = vmPaths(dataDir(), name);
+        const st = await callSupervisor<{ state: string }>(paths, { op: 'status' }, 5000).catch(() => ({ state: 'shutoff' }));
+        rows.push({ name, state: st.state, memoryMiB: def.memoryMiB, cpus: def.cpus, disks: def.disks, lastSnapshot: (await loadState(dataDir(), name)).lastSnapshot });
+      }
+      if (g.json) return printJson(rows);
+      if (!rows.length) return console.log('no VMs');
+      for (const r of rows) console.log(`${r.name.padEnd(16)} ${r.state.padEnd(10)} ${String(r.memoryMiB).padStart(6)} MiB  ${r.disks.length} disk(s)  last snapshot ${r.lastSnapshot ? shortId(r.lastSnapshot) : '-'}`);
+    });
+
+  vm.command('show <name>')
+    .description('show a VM definition and state')
+    .action(async (name: string) => {
+      const g = globals();
+      const def = await loadDefinition(dataDir(), name);
+      const paths = vmPaths(dataDir(), name);
+      const st = await callSupervisor<Record<string, unknown>>(paths, { op: 'status' }, 5000).catch(() => ({ state: 'shutoff' }));
+      const state = await loadState(dataDir(), name);
+      if (g.json) return printJson({ ...def, status: st, lastSnapshot: state.lastSnapshot, serialLog: paths.serialLog });
+      console.log(JSON.stringify({ ...def, status: st, lastSnapshot: state.lastSnapshot, serialLog: paths.serialLog }, null, 2));
+    });
+
+  vm.command('console <name>')
+    .description('print the serial console log (follows it while the VM runs)')
+    .option('--no-follow', 'print what is there and exit')
+    .action(async (name: string, o: { follow: boolean }) => {
+      await loadDefinition(dataDir(), name);
+      const paths = vmPaths(dataDir(), name);
+      let pos = 0;
+      for (;;) {
+        const fh = await fsp.open(paths.serialLog, 'r').catch(() => null);
+        if (fh) {
+          const { size } = await fh.stat();
+          if (size < pos) pos = 0;
+          if (size > pos) {
+            const b = Buffer.alloc(size - pos);
+            await fh.read(b, 0, b.length, pos);
+            process.stdout.write(b);
+            pos = size;
+          }
+          await fh.close();
+        }
+        if (!o.follow || !(await isRunning(paths))) return;
+        await new Promise((r) => setTimeout(r, 250));
+      }
+    });
+
+  vm.command('rm <name>')
+    .description('delete a VM and its disks (its snapshots stay in the repository)')
+    .action(async (name: string) => {
+      await loadDefinition(dataDir(), name);
+      const paths = vmPaths(dataDir(), name);
+      if (await isRunning(paths)) throw new UsageError(`VM ${name} is running: stop it first`);
+      await fsp.rm(paths.dir, { recursive: true, force: true });
+      if (!globals().json) console.log(`removed VM ${name}`);
+    });
+
+  program
+    .command('take <vm>')
+    .description('snapshot a VM: RAM, devices and disks while it runs (paused for milliseconds)')
+    .option('-m, --message <text>', 'a note stored with the snapshot')
+    .option('--tag <tag>', 'tag (repeatable)', collect, [] as string[])
+    .option('--disk-only', 'crash-consistent disks only, no RAM')
+    .option('--quiesce', 'ask qemu-guest-agent to freeze guest filesystems first')
+    .action(async (name: string, o: { message?: string; tag: string[]; diskOnly?: boolean; quiesce?: boolean }) => {
+      const g = globals();
+      checkTags(o.tag);
+      await loadDefinition(dataDir(), name);
+      if (o.quiesce) throw new UsageError('--quiesce needs a qemu-guest-agent channel, which vmsnap VMs do not have yet');
+      const paths = vmPaths(dataDir(), name);
+      const opts = { ...(o.message !== undefined ? { message: o.message } : {}), tags: o.tag, diskOnly: !!o.diskOnly };
+      let r: TakeResult;
+      if (await isRunning(paths)) r = await callSupervisor<TakeResult>(paths, { op: 'take', options: opts });
+      else {
+        const repo = await openRepository(g);
+        try {
+          r = await takeStopped(dataDir(), name, repo, opts);
+        } finally {
+          await repo.close();
+        }
+      }
+      printTake(r, !!g.json);
+    });
+
+  program
+    .command('restore <vm> <snapshot>')
+    .description('put a VM back to a snapshot: RAM, devices and disks; it resumes at that moment')
+    .action(async (name: string, ref: string) => {
+      const g = globals();
+      await loadDefinition(dataDir(), name);
+      const paths = vmPaths(dataDir(), name);
+      let r: { snapshot: string; runState: string; loadMs?: number };
+      if (await isRunning(paths)) r = await callSupervisor(paths, { op: 'restore', snapshot: ref });
+      else {
+        // Resolve and check first, so a bad reference fails before anything starts.
+        const repo = await openRepository(g);
+        try {
+          const snap = await repo.resolveSnapshot(ref);
+          if (snap.vm !== name && !snap.streams.some((s) => s.name === 'vm-config')) throw new NotFoundError(`snapshot ${shortId(snap.id)} is not a VM snapshot`);
+          ref = snap.id;
+        } finally {
+          await repo.close();
+        }
+        await spawnSupervisor(dataDir(), name, { restore: ref, env: await supervisorEnv(g) });
+        const st = await callSupervisor<{ state: string }>(paths, { op: 'status' });
+        r = { snapshot: ref, runState: st.state };
+      }
+      if (g.json) printJson(r);
+      else console.log(`VM ${name} restored to ${shortId(r.snapshot)}: ${r.runState}${r.loadMs !== undefined ? ` (loaded in ${r.loadMs.toFixed(0)} ms)` : ''}`);
+    });
+
+  program
+    .command('clone <snapshot> <newvm>')
+    .description('a new VM from a snapshot: disks cloned copy-on-write, RAM restored; runs beside the original')
+    .option('--no-start', 'define the clone but do not start it')
+    .action(async (ref: string, newName: string, o: { start: boolean }) => {
+      const g = globals();
+      const paths = vmPaths(dataDir(), newName);
+      if (await fsp.stat(paths.config).catch(() => null)) throw new UsageError(`VM ${newName} already exists`);
+      const repo = await openRepository(g);
+      let snapId: string;
+      try {
+        const snap = await repo.resolveSnapshot(ref);
+        snapId = snap.id;
+        const cfg = snap.streams.find((s) => s.name === 'vm-config');
+        if (!cfg) throw new UsageError(`snapshot ${shortId(snap.id)} is not a VM snapshot (no vm-config stream)`);
+        const def = { ...parseDefinition(await loadBytes(repo, cfg), `snapshot ${shortId(snap.id)}`), name: newName, created: new Date().toISOString() };
+        await fsp.mkdir(paths.disksDir, { recursive: true, mode: 0o700 });
+        try {
+          for (const d of def.disks) {
+            const s = snap.streams.find((x) => x.name === d.name && x.kind === 'disk');
+            if (!s) throw new UsageError(`snapshot ${shortId(snap.id)} has no disk ${d.name}`);
+            await (await cloneVolume(diskDir(paths, d.name), s, { store: repo })).close();
+          }
+          await saveDefinition(dataDir(), def);
+          await saveState(dataDir(), newName, { lastSnapshot: null });
+        } catch (err) {
+          await fsp.rm(paths.dir, { recursive: true, force: true });
+          throw err;
+        }
+      } finally {
+        await repo.close();
+      }
+      if (o.start) await spawnSupervisor(dataDir(), newName, { restore: snapId, env: await supervisorEnv(g) });
+      if (g.json) printJson({ vm: newName, snapshot: snapId, started: o.start });
+      else console.log(`VM ${newName} cloned from ${shortId(snapId)}${o.start ? ' and running' : ''}`);
+    });
+
+  program
+    .command('__supervise <vm>', { hidden: true })
+    .option('--restore <snapshot>')
+    .action(async (name: string, o: { restore?: string }) => {
+      const g = globals();
+      await runSupervisor({ dataDir: dataDir(), name, ...(o.restore ? { restore: o.restore } : {}), openRepo: () => openRepository(g) });
+    });
+}
+
+export { SupervisorError };

@@ -1,0 +1,192 @@
+/**
+ * The per-VM supervisor: a detached process that owns a running VM's volumes, NBD server and QEMU
+ * (VmRuntime), so the guest's disks stay served after the `vmsnap vm start` that launched it exits.
+ * CLI commands talk to it over a unix socket in the VM's run directory (mode 0700):
+ *
+ *   request  (one JSON line)  { "op": "status" | "take" | "restore" | "pause" | "resume" | "stop",
+ *                               ...arguments }
+ *   reply    (one JSON line)  { "ok": true, "result": … } | { "ok": false, "error": "…", "name": "…" }
+ *
+ * The supervisor exits when QEMU exits (guest shutdown, crash or kill) after closing the NBD
+ * server and checkpointing the volumes, or on `stop`. Its stdout/stderr go to run/supervisor.log.
+ */
+import { spawn } from 'node:child_process';
+import { existsSync, openSync, closeSync, promises as fsp } from 'node:fs';
+import * as net from 'node:net';
+import * as path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { VmRuntime, type TakeOptions } from './vm-runtime.js';
+import { vmPaths, type VmPaths } from './vm-config.js';
+import type { Repository } from '../store/repository.js';
+
+export class SupervisorError extends Error {
+  override readonly name = 'SupervisorError';
+  readonly userFacing = true;
+}
+
+export type SupervisorRequest =
+  | { op: 'status' }
+  | { op: 'take'; options: TakeOptions }
+  | { op: 'restore'; snapshot: string }
+  | { op: 'pause' }
+  | { op: 'resume' }
+  | { op: 'stop' };
+
+type Reply = { ok: true; result: unknown } | { ok: false; error: string; name: string };
+
+export async function runSupervisor(opts: { dataDir: string; name: string; restore?: string; openRepo: () => Promise<Repository> }): Promise<void> {
+  const paths = vmPaths(opts.dataDir, opts.name);
+  const log = (m: string) => process.stderr.write(`${new Date().toISOString()} ${m}\n`);
+  await fsp.writeFile(paths.supervisorPid, String(process.pid));
+  const rt = await VmRuntime.start({ ...opts, log });
+  const server = net.createServer((sock) => handle(rt, sock, log, () => void shutdown()));
+  await fsp.rm(paths.supervisorSocket, { force: true });
+  await new Promise<void>((res, rej) => server.once('error', rej).listen(paths.supervisorSocket, () => res()));
+  log(`supervisor ready for ${opts.name}`);
+  let done = false;
+  const shutdown = async () => {
+    if (done) return;
+    done = true;
+    server.close();
+    await rt.shutdown();
+    await fsp.rm(paths.supervisorSocket, { force: true });
+    await fsp.rm(paths.supervisorPid, { force: true });
+    log('supervisor exiting');
+    process.exit(0);
+  };
+  process.on('SIGTERM', () => void shutdown());
+  process.on('SIGINT', () => void shutdown());
+  await rt.ended;
+  await shutdown();
+}
+
+function handle(rt: VmRuntime, sock: net.Socket, log: (m: string) => void, stop: () => void): void {
+  let buf = '';
+  sock.setEncoding('utf8');
+  sock.on('error', () => undefined);
+  sock.on('data', (d: string) => {
+    buf += d;
+    const nl = buf.indexOf('\n');
+    if (nl < 0) {
+      if (buf.length > 1 << 16) sock.destroy();
+      return;
+    }
+    const line = buf.slice(0, nl);
+    buf = '';
+    void (async () => {
+      let reply: Reply;
+      try {
+        const req = JSON.parse(line) as SupervisorRequest;
+        log(`request ${req.op}`);
+        reply = { ok: true, result: await dispatch(rt, req, stop) };
+      } catch (err) {
+        const e = err as Error;
+        log(`error: ${e.stack ?? e.message}`);
+        reply = { ok: false, error: e.message, name: e.name };
+      }
+      sock.end(JSON.stringify(reply) + '\n');
+    })();
+  });
+}
+
+async function dispatch(rt: VmRuntime, req: SupervisorRequest, stop: () => void): Promise<unknown> {
+  switch (req.op) {
+    case 'status':
+      return rt.status();
+    case 'take':
+      return rt.take(req.options ?? {});
+    case 'restore':
+      return rt.restore(req.snapshot);
+    case 'pause':
+      return rt.pause();
+    case 'resume':
+      return rt.resume();
+    case 'stop':
+      setImmediate(stop);
+      return { stopping: true };
+    default:
+      throw new SupervisorError(`unknown request ${JSON.stringify((req as { op?: unknown }).op)}`);
+  }
+}
+
+/** Sends one request to a VM's supervisor. Throws SupervisorError when it is not running. */
+export async function callSupervisor<T>(paths: VmPaths, req: SupervisorRequest, timeoutMs = 600_000): Promise<T> {
+  if (!existsSync(paths.supervisorSocket)) throw new SupervisorError(`VM ${path.basename(paths.dir)} is not running`);
+  return new Promise<T>((resolve, reject) => {
+    const sock = net.connect(paths.supervisorSocket);
+    let buf = '';
+    const timer = setTimeout(() => {
+      sock.destroy();
+      reject(new SupervisorError(`VM ${path.basename(paths.dir)}: no answer from its supervisor within ${timeoutMs} ms`));
+    }, timeoutMs);
+    sock.setEncoding('utf8');
+    sock.on('connect', () => sock.write(JSON.stringify(req) + '\n'));
+    sock.on('data', (d: string) => (buf += d));
+    sock.on('error', (err: NodeJS.ErrnoException) => {
+      clearTimeout(timer);
+      reject(new SupervisorError(err.code === 'ECONNREFUSED' || err.code === 'ENOENT' ? `VM ${path.basename(paths.dir)} is not running` : `supervisor: ${err.message}`));
+    });
+    sock.on('end', () => {
+      clearTimeout(timer);
+      try {
+        const r = JSON.parse(buf) as Reply;
+        if (r.ok) resolve(r.result as T);
+        else {
+          const e = new SupervisorError(r.error);
+          reject(e);
+        }
+      } catch {
+        reject(new SupervisorError(`VM ${path.basename(paths.dir)}: the supervisor closed the connection without an answer (see ${paths.supervisorLog})`));
+      }
+    });
+  });
+}
+
+export async function isRunning(paths: VmPaths): Promise<boolean> {
+  try {
+    await callSupervisor(paths, { op: 'status' }, 5000);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+/** The project root (where package.json and bin/ live), from this module's location. */
+function projectRoot(): string {
+  let dir = path.dirname(fileURLToPath(import.meta.url));
+  while (!existsSync(path.join(dir, 'package.json'))) {
+    const up = path.dirname(dir);
+    if (up === dir) throw new Error('cannot find the vmsnap installation root');
+    dir = up;
+  }
+  return dir;
+}
+
+/**
+ * Starts a VM's supervisor detached and waits until it answers (or dies: then its log tail is in
+ * the error). `env` carries the repository location and password to the child.
+ */
+export async function spawnSupervisor(dataDir: string, name: string, opts: { restore?: string; env: NodeJS.ProcessEnv; timeoutMs?: number }): Promise<void> {
+  const paths = vmPaths(dataDir, name);
+  await fsp.mkdir(paths.runDir, { recursive: true, mode: 0o700 });
+  if (await isRunning(paths)) throw new SupervisorError(`VM ${name} is already running`);
+  await fsp.rm(paths.supervisorSocket, { force: true });
+  const logFd = openSync(paths.supervisorLog, 'a');
+  const bin = path.join(projectRoot(), 'bin', 'vmsnap.js');
+  const args = [bin, '__supervise', name, ...(opts.restore ? ['--restore', opts.restore] : [])];
+  const child = spawn(process.execPath, args, { detached: true, stdio: ['ignore', logFd, logFd], env: { ...opts.env, VMSNAP_DATA_DIR: dataDir } });
+  closeSync(logFd);
+  let exited: number | null | undefined;
+  child.once('exit', (code) => (exited = code));
+  child.unref();
+  const deadline = Date.now() + (opts.timeoutMs ?? 120_000);
+  while (Date.now() < deadline) {
+    if (exited !== undefined) break;
+    if (existsSync(paths.supervisorSocket) && (await isRunning(paths))) return;
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  const logText = await fsp.readFile(paths.supervisorLog, 'utf8').catch(() => '');
+  const lastErr = logText.trim().split('\n').slice(-5).join(' | ');
+  if (exited === undefined) child.kill('SIGKILL');
+  throw new SupervisorError(`VM ${name} failed to start: ${lastErr || 'no output'} (log: ${paths.supervisorLog})`);
+}

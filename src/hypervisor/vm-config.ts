@@ -1,0 +1,175 @@
+/**
+ * VM definitions and their on-disk home.
+ *
+ *   <dataDir>/vms/<name>/vm.json         the definition (below), replaced atomically
+ *   <dataDir>/vms/<name>/state.json      { lastSnapshot, repo } — what `take` diffs against
+ *   <dataDir>/vms/<name>/disks/<disk>/   one copy-on-write volume per disk (src/cow)
+ *   <dataDir>/vms/<name>/run/            supervisor.sock, nbd.sock, qmp.sock, serial.log,
+ *                                        qemu.log, supervisor.log, supervisor.pid — while running
+ *
+ * vm.json: { "version": 1, "name", "memoryMiB", "cpus", "machine", "accel": "auto"|"kvm"|"tcg",
+ *            "kernel"?, "initrd"?, "append"?, "display": "none"|"gtk"|"vnc", "qemuArgs": [],
+ *            "disks": [{ "name": "disk0", "size": bytes }], "created" }
+ * A snapshot stores vm.json as its `vm-config` stream, so `clone` and shape checks need nothing else.
+ */
+import { promises as fsp } from 'node:fs';
+import * as path from 'node:path';
+import { atomicWriteFile, containedPath, exists } from '../util/fs.js';
+import { checkName } from '../store/manifest.js';
+import { DEFAULT_MACHINE_TYPE } from './qemu.js';
+
+export class VmConfigError extends Error {
+  override readonly name = 'VmConfigError';
+  readonly userFacing = true;
+}
+
+export interface DiskDef {
+  name: string;
+  size: number;
+}
+
+export interface VmDefinition {
+  version: 1;
+  name: string;
+  memoryMiB: number;
+  cpus: number;
+  machine: string;
+  accel: 'auto' | 'kvm' | 'tcg';
+  kernel?: string;
+  initrd?: string;
+  append?: string;
+  display: 'none' | 'gtk' | 'vnc';
+  qemuArgs: string[];
+  disks: DiskDef[];
+  created: string;
+}
+
+export interface VmState {
+  lastSnapshot: string | null;
+}
+
+export interface VmPaths {
+  dir: string;
+  config: string;
+  state: string;
+  disksDir: string;
+  runDir: string;
+  supervisorSocket: string;
+  nbdSocket: string;
+  supervisorLog: string;
+  supervisorPid: string;
+  serialLog: string;
+  qemuLog: string;
+}
+
+export function vmPaths(dataDir: string, name: string): VmPaths {
+  checkName('VM name', name);
+  const dir = containedPath(path.join(dataDir, 'vms'), name);
+  const runDir = path.join(dir, 'run');
+  return {
+    dir,
+    config: path.join(dir, 'vm.json'),
+    state: path.join(dir, 'state.json'),
+    disksDir: path.join(dir, 'disks'),
+    runDir,
+    supervisorSocket: path.join(runDir, 'supervisor.sock'),
+    nbdSocket: path.join(runDir, 'nbd.sock'),
+    supervisorLog: path.join(runDir, 'supervisor.log'),
+    supervisorPid: path.join(runDir, 'supervisor.pid'),
+    serialLog: path.join(runDir, 'serial.log'),
+    qemuLog: path.join(runDir, 'qemu.log'),
+  };
+}
+
+export function diskDir(p: VmPaths, disk: string): string {
+  return containedPath(p.disksDir, checkName('disk name', disk));
+}
+
+const SIZE_RE = /^(\d+)([KMGT]?)(i?B)?$/i;
+export function parseSize(s: string, what: string): number {
+  const m = SIZE_RE.exec(s.trim());
+  if (!m) throw new VmConfigError(`invalid ${what} ${JSON.stringify(s)}: use a number with an optional K, M, G or T suffix`);
+  const mult = { '': 1, K: 1024, M: 1024 ** 2, G: 1024 ** 3, T: 1024 ** 4 }[m[2]!.toUpperCase() as '' | 'K' | 'M' | 'G' | 'T'];
+  const n = Number(m[1]) * mult;
+  if (!Number.isSafeInteger(n) || n <= 0) throw new VmConfigError(`invalid ${what} ${JSON.stringify(s)}`);
+  return n;
+}
+
+export function validateDefinition(d: VmDefinition): VmDefinition {
+  checkName('VM name', d.name);
+  if (!Number.isInteger(d.memoryMiB) || d.memoryMiB < 16 || d.memoryMiB > 1 << 20) throw new VmConfigError(`memory must be between 16 MiB and 1 TiB, got ${d.memoryMiB} MiB`);
+  if (!Number.isInteger(d.cpus) || d.cpus < 1 || d.cpus > 64) throw new VmConfigError(`cpus must be between 1 and 64, got ${d.cpus}`);
+  if (!['auto', 'kvm', 'tcg'].includes(d.accel)) throw new VmConfigError(`accel must be auto, kvm or tcg, got ${d.accel}`);
+  if (!['none', 'gtk', 'vnc'].includes(d.display)) throw new VmConfigError(`display must be none, gtk or vnc, got ${d.display}`);
+  const names = new Set<string>();
+  for (const disk of d.disks) {
+    checkName('disk name', disk.name);
+    if (names.has(disk.name)) throw new VmConfigError(`disk ${disk.name} appears twice`);
+    names.add(disk.name);
+    if (!Number.isSafeInteger(disk.size) || disk.size <= 0) throw new VmConfigError(`disk ${disk.name}: invalid size ${disk.size}`);
+  }
+  return d;
+}
+
+export function newDefinition(p: Partial<VmDefinition> & { name: string }): VmDefinition {
+  return validateDefinition({
+    version: 1,
+    memoryMiB: 256,
+    cpus: 1,
+    machine: DEFAULT_MACHINE_TYPE,
+    accel: 'auto',
+    display: 'none',
+    qemuArgs: [],
+    disks: [],
+    created: new Date().toISOString(),
+    ...p,
+  });
+}
+
+export function parseDefinition(bytes: Buffer | string, where: string): VmDefinition {
+  let d: unknown;
+  try {
+    d = JSON.parse(bytes.toString());
+  } catch {
+    throw new VmConfigError(`${where}: VM definition is not valid JSON`);
+  }
+  if (typeof d !== 'object' || d === null || (d as { version?: unknown }).version !== 1) throw new VmConfigError(`${where}: unsupported VM definition`);
+  return validateDefinition(d as VmDefinition);
+}
+
+export async function loadDefinition(dataDir: string, name: string): Promise<VmDefinition> {
+  const p = vmPaths(dataDir, name);
+  let bytes: Buffer;
+  try {
+    bytes = await fsp.readFile(p.config);
+  } catch {
+    throw new VmConfigError(`no VM named ${name} (see \`vmsnap vm ls\`)`);
+  }
+  return parseDefinition(bytes, p.config);
+}
+
+export async function saveDefinition(dataDir: string, d: VmDefinition): Promise<void> {
+  const p = vmPaths(dataDir, d.name);
+  await fsp.mkdir(p.dir, { recursive: true, mode: 0o700 });
+  await atomicWriteFile(p.config, JSON.stringify(d, null, 2));
+}
+
+export async function loadState(dataDir: string, name: string): Promise<VmState> {
+  try {
+    return JSON.parse(await fsp.readFile(vmPaths(dataDir, name).state, 'utf8')) as VmState;
+  } catch {
+    return { lastSnapshot: null };
+  }
+}
+
+export async function saveState(dataDir: string, name: string, s: VmState): Promise<void> {
+  await atomicWriteFile(vmPaths(dataDir, name).state, JSON.stringify(s));
+}
+
+export async function listVms(dataDir: string): Promise<string[]> {
+  const root = path.join(dataDir, 'vms');
+  if (!(await exists(root))) return [];
+  const out: string[] = [];
+  for (const n of await fsp.readdir(root)) if (await exists(path.join(root, n, 'vm.json'))) out.push(n);
+  return out.sort();
+}

@@ -1,0 +1,445 @@
+/**
+ * A running VM: its copy-on-write volumes served over NBD, its QEMU, and the operations that need
+ * all of them at once (take, restore). One VmRuntime lives in each VM's supervisor process
+ * (supervisor.ts), which owns the volumes for as long as the guest runs.
+ *
+ * Taking a live snapshot — how RAM, devices and disks are made to agree on one instant:
+ *
+ *   t0  QMP stop            QEMU pauses the vCPUs, drains in-flight block requests and flushes
+ *                           every disk: each guest write issued so far has reached our NBD server
+ *   t1  freeze volumes      in memory, O(1): later writes belong to the next generation
+ *   t2  QMP migrate         (capability background-snapshot) QEMU saves device state and arms
+ *                           userfaultfd write-protection while the guest is still paused
+ *   t3  first RAM record    QEMU sends RAM only after write tracking is armed…
+ *   t4  QMP cont            …so the guest may run again: every later guest write to RAM is
+ *                           first copied into the stream by QEMU
+ *   RAM streams in while the guest runs; then the frozen disk generations are written out.
+ * RAM, device state and disks all describe t0..t4, when the guest executed nothing. The guest
+ * pause is t4 - t0, reported by `take`.
+ *
+ * Restore: kill QEMU, make each volume's base the snapshot's disk stream (dropping its overlay),
+ * start a fresh QEMU with -incoming defer, feed it a stream rebuilt from the stored RAM and device
+ * state, and `cont` if the guest was running when the snapshot was taken.
+ */
+import { promises as fsp } from 'node:fs';
+import { Volume } from '../cow/volume.js';
+import { NbdServer } from '../cow/nbd-server.js';
+import { snapshotVolume, type SnapshotStats } from '../cow/snapshot.js';
+import type { DiskStream } from '../cow/chunk-store.js';
+import type { Repository } from '../store/repository.js';
+import type { Snapshot, StreamRecord } from '../store/manifest.js';
+import { chooseAccel, detectQemu, launchQemu, type QemuBinary, type QemuProcess } from './qemu.js';
+import { captureSnapshot, restoreFromStream } from './snapshot.js';
+import { buildStream } from './migstream/builder.js';
+import { loadBytes, loadStoredRam, ramPages, RamStreamWriter, storeBytes } from './ram-store.js';
+import { diskDir, loadDefinition, loadState, parseDefinition, saveState, vmPaths, type VmDefinition, type VmPaths } from './vm-config.js';
+
+export class VmOperationError extends Error {
+  override readonly name = 'VmOperationError';
+  readonly userFacing = true;
+  constructor(
+    readonly operation: 'start' | 'take' | 'restore' | 'stop',
+    readonly step: string,
+    message: string,
+    options?: { cause?: unknown },
+  ) {
+    super(`${operation}: ${step}: ${message}`, options);
+  }
+}
+
+export interface TakeOptions {
+  message?: string;
+  tags?: string[];
+  diskOnly?: boolean;
+}
+
+export interface TakeResult {
+  snapshot: string;
+  parent: string | null;
+  diskOnly: boolean;
+  note?: string;
+  /** Guest paused (stop … cont), ms, measured by vmsnap around its QMP commands. */
+  pauseMs: number;
+  /** QEMU's own downtime figure for the background snapshot (ms). */
+  qemuDowntimeMs: number | null;
+  durationMs: number;
+  ramBytes: number;
+  newBytes: number;
+  storedBytes: number;
+  dedupBytes: number;
+  disks: Record<string, SnapshotStats>;
+}
+
+export interface RuntimeOptions {
+  dataDir: string;
+  name: string;
+  /** Opens the repository (lazily: a VM runs without one until the first snapshot). */
+  openRepo: () => Promise<Repository>;
+  /** Start from this snapshot (its disks must already be the volumes' bases, or restore does it). */
+  restore?: string;
+  log?: (msg: string) => void;
+}
+
+export class VmRuntime {
+  private repoPromise: Promise<Repository> | null = null;
+  qemu: QemuProcess | null = null;
+  private qemuBin: QemuBinary | null = null;
+  private busy: Promise<unknown> = Promise.resolve();
+  private stopping = false;
+  /** Resolves when QEMU exits without being asked to by restore. */
+  readonly ended: Promise<void>;
+  private endedResolve!: () => void;
+
+  private constructor(
+    readonly def: VmDefinition,
+    readonly paths: VmPaths,
+    readonly volumes: Map<string, Volume>,
+    readonly nbd: NbdServer,
+    private readonly opts: RuntimeOptions,
+  ) {
+    this.ended = new Promise((r) => (this.endedResolve = r));
+  }
+
+  private log(msg: string): void {
+    this.opts.log?.(msg);
+  }
+
+  repo(): Promise<Repository> {
+    this.repoPromise ??= this.opts.openRepo();
+    this.repoPromise.catch(() => (this.repoPromise = null));
+    return this.repoPromise;
+  }
+
+  static async start(opts: RuntimeOptions): Promise<VmRuntime> {
+    const def = await loadDefinition(opts.dataDir, opts.name);
+    const paths = vmPaths(opts.dataDir, opts.name);
+    await fsp.mkdir(paths.runDir, { recursive: true, mode: 0o700 });
+    const volumes = new Map<string, Volume>();
+    let rt: VmRuntime | null = null;
+    const nbd = new NbdServer();
+    try {
+      let repo: Repository | null = null;
+      const needRepo = opts.restore !== undefined || (await anyBase(paths, def));
+      if (needRepo) repo = await opts.openRepo();
+      for (const d of def.disks) {
+        const v = await Volume.open(diskDir(paths, d.name), repo ? { store: repo } : {});
+        volumes.set(d.name, v);
+        nbd.addExport(d.name, v);
+      }
+      await fsp.rm(paths.nbdSocket, { force: true });
+      await nbd.listen({ socketPath: paths.nbdSocket });
+      rt = new VmRuntime(def, paths, volumes, nbd, opts);
+      if (repo) rt.repoPromise = Promise.resolve(repo);
+      if (opts.restore !== undefined) await rt.restoreLocked(opts.restore);
+      else await rt.launch(false);
+      return rt;
+    } catch (err) {
+      if (rt) await rt.shutdown().catch(() => undefined);
+      else {
+        await nbd.close().catch(() => undefined);
+        for (const v of volumes.values()) await v.close().catch(() => undefined);
+      }
+      throw err;
+    }
+  }
+
+  private async launch(incoming: boolean): Promise<QemuProcess> {
+    this.qemuBin ??= await detectQemu();
+    const accel = await chooseAccel({ force: this.def.accel, guestRunsUnderKvm: isBareMetal(this.def) });
+    const display = this.def.display === 'none' ? [] : this.def.display === 'vnc' ? ['-display', 'vnc=unix:' + this.paths.runDir + '/vnc.sock'] : ['-display', 'gtk'];
+    const q = await launchQemu({
+      qemu: this.qemuBin,
+      runDir: this.paths.runDir,
+      accel,
+      memoryMiB: this.def.memoryMiB,
+      cpus: this.def.cpus,
+      machine: this.def.machine,
+      ...(this.def.kernel ? { kernel: this.def.kernel } : {}),
+      ...(this.def.initrd ? { initrd: this.def.initrd } : {}),
+      ...(this.def.append !== undefined ? { append: this.def.append } : {}),
+      disks: this.def.disks.map((d) => ({ socketPath: this.paths.nbdSocket, exportName: d.name })),
+      incomingDefer: incoming,
+      extraArgs: [...display, ...this.def.qemuArgs],
+    });
+    this.qemu = q;
+    void q.exited.then(() => {
+      if (this.qemu === q && !this.stopping) {
+        this.log(`QEMU exited (pid ${q.pid})`);
+        this.endedResolve();
+      }
+    });
+    this.log(`QEMU ${`${q.version.major}.${q.version.minor}.${q.version.micro}`} pid ${q.pid} accel ${accel}${incoming ? ' (incoming)' : ''}`);
+    return q;
+  }
+
+  /** Serialises operations: a take and a restore never overlap. */
+  private exclusive<T>(fn: () => Promise<T>): Promise<T> {
+    const p = this.busy.catch(() => undefined).then(fn);
+    this.busy = p;
+    return p;
+  }
+
+  async status(): Promise<{ name: string; state: string; pid: number | null; accel: string | null; qemuVersion: string | null }> {
+    const q = this.qemu;
+    let state = 'stopped';
+    if (q && !q.hasExited) state = (await q.qmp.execute<{ status: string }>('query-status').catch(() => ({ status: 'unknown' }))).status;
+    return { name: this.def.name, state, pid: q?.pid ?? null, accel: q?.accel ?? null, qemuVersion: q ? `${q.version.major}.${q.version.minor}.${q.version.micro}` : null };
+  }
+
+  pause(): Promise<void> {
+    return this.exclusive(async () => void (await this.liveQemu('pause').qmp.execute('stop')));
+  }
+  resume(): Promise<void> {
+    return this.exclusive(async () => void (await this.liveQemu('resume').qmp.execute('cont')));
+  }
+
+  private liveQemu(op: string): QemuProcess {
+    if (!this.qemu || this.qemu.hasExited) throw new VmOperationError('take', op, `VM ${this.def.name} is not running`);
+    return this.qemu;
+  }
+
+  take(opts: TakeOptions = {}): Promise<TakeResult> {
+    return this.exclusive(() => this.takeLocked(opts));
+  }
+
+  private async takeLocked(opts: TakeOptions): Promise<TakeResult> {
+    const t0 = performance.now();
+    const q = this.liveQemu('check');
+    const step = async <T>(name: string, fn: () => Promise<T>): Promise<T> => {
+      try {
+        return await fn();
+      } catch (err) {
+        if (err instanceof VmOperationError) throw err;
+        throw new VmOperationError('take', name, (err as Error).message, { cause: err });
+      }
+    };
+    const repo = await step('opening the repository', () => this.repo());
+    await step('refreshing the index', () => repo.refreshIndex());
+    const state = await loadState(this.opts.dataDir, this.def.name);
+    const parent = state.lastSnapshot ? await repo.readSnapshot(state.lastSnapshot).catch(() => null) : null;
+    const runState = (await q.qmp.execute<{ status: string }>('query-status')).status;
+    const wasRunning = runState === 'running';
+    let resumed = !wasRunning;
+    let tStop = 0;
+    let tCont = 0;
+    const resume = async () => {
+      if (resumed) return;
+      resumed = true;
+      await q.qmp.execute('cont');
+      tCont = performance.now();
+    };
+    const streams: StreamRecord[] = [];
+    let ramWriter: RamStreamWriter | null = null;
+    let qemuDowntimeMs: number | null = null;
+    const diskOnly = !!opts.diskOnly;
+    try {
+      tStop = performance.now();
+      if (wasRunning) await step('pausing the guest', () => q.qmp.execute('stop'));
+      for (const v of this.volumes.values()) v.freeze();
+      if (diskOnly) await resume();
+      else {
+        ramWriter = new RamStreamWriter(repo, { onFirstPage: resume });
+        const cap = await step('capturing RAM and device state', () => captureSnapshot(q.qmp, ramWriter!, { socketDir: this.paths.runDir }));
+        await resume();
+        qemuDowntimeMs = cap.qemu.downtimeMs ?? null;
+        streams.push(...(await step('storing device state', () => ramWriter!.metaStreams(cap.tail))), ...ramWriter.streams());
+      }
+    } catch (err) {
+      // Whatever failed, the guest runs on: it must never stay paused because a snapshot failed.
+      await resume().catch(() => undefined);
+      repo.abandon();
+      this.repoPromise = null;
+      throw err;
+    }
+    const disks: Record<string, SnapshotStats> = {};
+    try {
+      for (const [name, v] of this.volumes) {
+        const parentDisk = parent?.streams.find((s) => s.name === name && s.kind === 'disk');
+        const r = await step(`writing disk ${name}`, () => snapshotVolume(v, repo, parentDisk ? { parent: parentDisk } : {}));
+        disks[name] = r.stats;
+        streams.push({ name, kind: 'disk', size: r.stream.size, chunkSize: r.stream.chunkSize, chunks: r.stream.chunks });
+      }
+      streams.push(await storeBytes(repo, 'vm-config', 'config', Buffer.from(JSON.stringify(this.def))));
+      const snap = await step('committing the snapshot', () =>
+        repo.saveSnapshot({
+          vm: this.def.name,
+          tags: opts.tags ?? [],
+          parent: parent?.id ?? null,
+          ...(opts.message !== undefined ? { message: opts.message } : {}),
+          meta: {
+            type: diskOnly ? 'disk-only' : 'live',
+            runState,
+            qemuVersion: `${q.version.major}.${q.version.minor}.${q.version.micro}`,
+            machine: q.machine,
+            accel: q.accel,
+            memoryMiB: this.def.memoryMiB,
+            cpus: this.def.cpus,
+          },
+          streams,
+        }),
+      );
+      await saveState(this.opts.dataDir, this.def.name, { lastSnapshot: snap.id });
+      const diskNew = Object.values(disks).reduce((a, d) => a + d.newBytes, 0);
+      const ram = ramWriter?.stats;
+      const ramBytes = ramWriter ? streams.filter((s) => s.kind === 'ram').reduce((a, s) => a + s.size, 0) : 0;
+      return {
+        snapshot: snap.id,
+        parent: parent?.id ?? null,
+        diskOnly,
+        pauseMs: wasRunning ? tCont - tStop : 0,
+        qemuDowntimeMs,
+        durationMs: performance.now() - t0,
+        ramBytes,
+        newBytes: (ram?.newBytes ?? 0) + diskNew,
+        storedBytes: repo.stats.storedBytes,
+        dedupBytes: ram ? ram.dedupChunks * repo.chunkSize : 0,
+        disks,
+      };
+    } catch (err) {
+      repo.abandon();
+      this.repoPromise = null;
+      throw err;
+    }
+  }
+
+  restore(ref: string): Promise<{ snapshot: string; runState: string; loadMs: number }> {
+    return this.exclusive(() => this.restoreLocked(ref));
+  }
+
+  private async restoreLocked(ref: string): Promise<{ snapshot: string; runState: string; loadMs: number }> {
+    const step = async <T>(name: string, fn: () => Promise<T>): Promise<T> => {
+      try {
+        return await fn();
+      } catch (err) {
+        if (err instanceof VmOperationError) throw err;
+        throw new VmOperationError('restore', name, (err as Error).message, { cause: err });
+      }
+    };
+    const repo = await step('opening the repository', () => this.repo());
+    await repo.refreshIndex();
+    const snap = await step('finding the snapshot', () => repo.resolveSnapshot(ref));
+    // Everything is checked before anything changes: a refused restore leaves the VM as it was.
+    await step('checking the snapshot', () => checkRestorable(repo, snap, this.def));
+    const ram = snap.meta.type === 'disk-only' ? null : await step('loading device state', () => loadStoredRam(repo, snap.streams));
+    const t0 = performance.now();
+    if (this.qemu && !this.qemu.hasExited) {
+      this.stopping = true;
+      await this.qemu.kill('SIGKILL');
+      this.stopping = false;
+    }
+    for (const [name, v] of this.volumes) {
+      const s = snap.streams.find((x) => x.name === name)!;
+      await step(`resetting disk ${name}`, () => v.restoreBase(s as DiskStream));
+    }
+    const q = await step('starting QEMU', () => this.launch(ram !== null));
+    let runState = 'running';
+    if (ram) {
+      const stream = buildStream(ram.prefix, ramPages(repo, ram.ram), ram.suffix, { commands: ram.commands });
+      const r = await step('loading RAM and device state', () => restoreFromStream(q.qmp, stream, { qemuLog: q.paths.qemuLog }));
+      runState = r.runState;
+      if (snap.meta.runState === 'running' && runState !== 'running') {
+        await q.qmp.execute('cont');
+        runState = 'running';
+      }
+    }
+    await saveState(this.opts.dataDir, this.def.name, { lastSnapshot: snap.id });
+    return { snapshot: snap.id, runState, loadMs: performance.now() - t0 };
+  }
+
+  /** Stops QEMU (quit, then kill), closes NBD and the volumes. */
+  async shutdown(): Promise<void> {
+    this.stopping = true;
+    if (this.qemu && !this.qemu.hasExited) await this.qemu.quit(5000).catch(() => undefined);
+    await this.nbd.close().catch(() => undefined);
+    for (const v of this.volumes.values()) await v.close().catch(() => undefined);
+    const repo = this.repoPromise ? await this.repoPromise.catch(() => null) : null;
+    await repo?.close();
+    this.endedResolve();
+  }
+}
+
+function isBareMetal(def: VmDefinition): boolean {
+  // A multiboot ELF (no initrd, no Linux bzImage) is what this machine's KVM can run; Linux guests
+  // need real VMX/SVM. Users force either with --accel.
+  return !!def.kernel && /\.elf$/.test(def.kernel) && !def.initrd;
+}
+
+async function anyBase(paths: VmPaths, def: VmDefinition): Promise<boolean> {
+  for (const d of def.disks) {
+    try {
+      await fsp.access(`${diskDir(paths, d.name)}/base.chunks`);
+      return true;
+    } catch {
+      // no base
+    }
+  }
+  return false;
+}
+
+/** Refuses (clearly) a snapshot whose VM shape differs from `def`, before anything is changed. */
+export async function checkRestorable(repo: Repository, snap: Snapshot, def: VmDefinition): Promise<void> {
+  const cfgStream = snap.streams.find((s) => s.name === 'vm-config');
+  if (!cfgStream) throw new Error(`snapshot ${snap.id.slice(0, 12)} is not a VM snapshot (it has no vm-config stream)`);
+  const taken = parseDefinition(await loadBytes(repo, cfgStream), `snapshot ${snap.id.slice(0, 12)}`);
+  const problems: string[] = [];
+  if (taken.memoryMiB !== def.memoryMiB) problems.push(`memory ${taken.memoryMiB} MiB vs ${def.memoryMiB} MiB`);
+  if (taken.machine !== def.machine) problems.push(`machine ${taken.machine} vs ${def.machine}`);
+  if (taken.cpus !== def.cpus) problems.push(`cpus ${taken.cpus} vs ${def.cpus}`);
+  const disksT = taken.disks.map((d) => `${d.name}:${d.size}`).join(',');
+  const disksD = def.disks.map((d) => `${d.name}:${d.size}`).join(',');
+  if (disksT !== disksD) problems.push(`disks [${disksT}] vs [${disksD}]`);
+  if (problems.length) throw new Error(`snapshot ${snap.id.slice(0, 12)} was taken of a VM of a different shape (${problems.join('; ')})`);
+  const qv = String(snap.meta.qemuVersion ?? '');
+  if (snap.meta.type !== 'disk-only' && !/^10\./.test(qv)) throw new Error(`snapshot ${snap.id.slice(0, 12)} was taken with QEMU ${qv || 'unknown'}; this vmsnap restores snapshots of QEMU 10.x`);
+  for (const d of def.disks) {
+    const s = snap.streams.find((x) => x.name === d.name);
+    if (!s || s.kind !== 'disk') throw new Error(`snapshot ${snap.id.slice(0, 12)} has no disk ${d.name}`);
+  }
+}
+
+/** A snapshot of a VM that is not running: its disks only (there is no RAM to save). */
+export async function takeStopped(dataDir: string, name: string, repo: Repository, opts: TakeOptions = {}): Promise<TakeResult> {
+  const t0 = performance.now();
+  const def = await loadDefinition(dataDir, name);
+  const paths = vmPaths(dataDir, name);
+  const state = await loadState(dataDir, name);
+  await repo.refreshIndex();
+  const parent = state.lastSnapshot ? await repo.readSnapshot(state.lastSnapshot).catch(() => null) : null;
+  const streams: StreamRecord[] = [];
+  const disks: Record<string, SnapshotStats> = {};
+  for (const d of def.disks) {
+    const v = await Volume.open(diskDir(paths, d.name), { store: repo });
+    try {
+      const parentDisk = parent?.streams.find((s) => s.name === d.name && s.kind === 'disk');
+      const r = await snapshotVolume(v, repo, parentDisk ? { parent: parentDisk } : {});
+      disks[d.name] = r.stats;
+      streams.push({ name: d.name, kind: 'disk', size: r.stream.size, chunkSize: r.stream.chunkSize, chunks: r.stream.chunks });
+    } finally {
+      await v.close();
+    }
+  }
+  streams.push(await storeBytes(repo, 'vm-config', 'config', Buffer.from(JSON.stringify(def))));
+  const snap = await repo.saveSnapshot({
+    vm: name,
+    tags: opts.tags ?? [],
+    parent: parent?.id ?? null,
+    ...(opts.message !== undefined ? { message: opts.message } : {}),
+    meta: { type: 'disk-only', runState: 'shutoff', machine: def.machine, memoryMiB: def.memoryMiB, cpus: def.cpus },
+    streams,
+  });
+  await saveState(dataDir, name, { lastSnapshot: snap.id });
+  return {
+    snapshot: snap.id,
+    parent: parent?.id ?? null,
+    diskOnly: true,
+    note: `VM ${name} is not running: took a disk-only snapshot (no RAM or device state)`,
+    pauseMs: 0,
+    qemuDowntimeMs: null,
+    durationMs: performance.now() - t0,
+    ramBytes: 0,
+    newBytes: Object.values(disks).reduce((a, d) => a + d.newBytes, 0),
+    storedBytes: repo.stats.storedBytes,
+    dedupBytes: 0,
+    disks,
+  };
+}
