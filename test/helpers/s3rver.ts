@@ -12,15 +12,18 @@
  *  - Object bytes, MD5 and metadata live in three files updated one after another, so concurrent
  *    PUT/GET/HEAD of one key can mix versions. Patched: per-key serialisation of those operations
  *    (a GET holds the key only until its file is open, as S3 serves a consistent version).
+ *  - `If-None-Match: *` on PUT is ignored. Patched (unless `conditionalWrites: false`): the PUT
+ *    fails with 412 PreconditionFailed when the key exists, checked under the same per-key lock as
+ *    the write, as AWS has done since 2024.
  * Known remaining differences (handled by S3Backend, not patched): SigV4 signatures are not
- * verified (only the access key id); `If-None-Match` on PUT is ignored; ListObjectsV2 continuation
+ * verified (only the access key id); ListObjectsV2 continuation
  * tokens use DES, which Node 20's OpenSSL 3 lacks (S3Backend pages with StartAfter); a range
  * `bytes=0-0` returns the whole object (S3Backend accepts a covering range and slices).
  */
 import { AsyncLocalStorage } from 'node:async_hooks';
 import { createHash, randomBytes } from 'node:crypto';
 import { mkdir, mkdtemp, rename, rm, writeFile } from 'node:fs/promises';
-import type { Server } from 'node:http';
+import type { IncomingMessage, Server, ServerResponse } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { createRequire } from 'node:module';
 import { tmpdir } from 'node:os';
@@ -76,6 +79,11 @@ async function readAll(content: Buffer | NodeJS.ReadableStream): Promise<Buffer>
   });
 }
 
+/** Per request: whether this PUT must fail when the key exists (set by the request wrapper). */
+const conditional = new AsyncLocalStorage<{ ifNoneMatch: boolean }>();
+
+type S3ErrorCtor = new (code: string, message: string, detail?: Record<string, string>) => Error;
+
 function patchStoreForS3Semantics(): void {
   const Store = require('s3rver/lib/stores/filesystem.js') as { prototype: FilesystemStoreProto };
   const proto = Store.prototype;
@@ -106,6 +114,12 @@ function patchStoreForS3Semantics(): void {
     const md5 = createHash('md5').update(body).digest('hex');
     const file = this.getResourcePath(object.bucket, object.key, 'object');
     return withKey(object.bucket, object.key, async () => {
+      if (conditional.getStore()?.ifNoneMatch && (await existsObject.call(this, object.bucket, object.key))) {
+        const S3Error = require('s3rver/lib/models/error.js') as S3ErrorCtor;
+        throw new S3Error('PreconditionFailed', 'At least one of the pre-conditions you specified did not hold', {
+          Condition: 'If-None-Match',
+        });
+      }
       await mkdir(path.dirname(file), { recursive: true });
       const tmp = `${file}.tmp-${randomBytes(6).toString('hex')}`;
       await writeFile(tmp, body);
@@ -141,7 +155,7 @@ export interface S3rverHandle {
   stop(): Promise<void>;
 }
 
-export async function startS3rver(opts: { bucket?: string } = {}): Promise<S3rverHandle> {
+export async function startS3rver(opts: { bucket?: string; conditionalWrites?: boolean } = {}): Promise<S3rverHandle> {
   patchStoreForS3Semantics();
   const S3rver = require('s3rver') as S3rverCtor;
   const account = require('s3rver/lib/models/account.js') as AccountModule;
@@ -159,6 +173,17 @@ export async function startS3rver(opts: { bucket?: string } = {}): Promise<S3rve
     vhostBuckets: false,
   });
   const addr = await server.run();
+  const http = server.httpServer;
+  if (!http) throw new Error('s3rver did not start an HTTP server');
+  const honour = opts.conditionalWrites ?? true;
+  const handlers = http.listeners('request') as Array<(req: IncomingMessage, res: ServerResponse) => void>;
+  http.removeAllListeners('request');
+  http.on('request', (req: IncomingMessage, res: ServerResponse) => {
+    const ifNoneMatch = honour && req.method === 'PUT' && req.headers['if-none-match'] === '*';
+    conditional.run({ ifNoneMatch }, () => {
+      for (const h of handlers) h.call(http, req, res);
+    });
+  });
   const endpoint = `http://127.0.0.1:${addr.port}`;
   return {
     endpoint,

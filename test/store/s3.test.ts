@@ -3,7 +3,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { BackendError } from '../../src/store/backend/contract.js';
 import { S3Backend, parseS3Url } from '../../src/store/backend/s3.js';
 import { startS3rver, type S3rverHandle } from '../helpers/s3rver.js';
-import { runBackendConformance } from './backend-conformance.js';
+import { listAll, runBackendConformance } from './backend-conformance.js';
 
 let s3: S3rverHandle;
 beforeAll(async () => {
@@ -21,15 +21,24 @@ function backendAt(prefix: string, extra: ConstructorParameters<typeof S3Backend
 }
 
 runBackendConformance(
-  'S3Backend (s3rver)',
+  'S3Backend (s3rver, conditional create with If-None-Match)',
   async () => {
     const prefix = `repo-${randomBytes(6).toString('hex')}`;
     return {
-      backend: backendAt(prefix, { listPageSize: 70 }),
-      reopen: async () => backendAt(prefix),
+      backend: backendAt(prefix, { listPageSize: 70, atomicCreate: true }),
+      reopen: async () => backendAt(prefix, { atomicCreate: true }),
     };
   },
   { listCount: 300 },
+);
+
+runBackendConformance(
+  'S3Backend (s3rver, HEAD-then-PUT create)',
+  async () => {
+    const prefix = `repo-${randomBytes(6).toString('hex')}`;
+    return { backend: backendAt(prefix), reopen: async () => backendAt(prefix) };
+  },
+  { listCount: 120, largeObjectBytes: 8 * 1024 * 1024 },
 );
 
 describe('parseS3Url', () => {
@@ -67,12 +76,20 @@ describe('S3Backend against s3rver', () => {
     expect(b.capabilities).toEqual({ local: false, requestCost: true, atomicCreate: false });
   });
 
-  it('reports whether the server honours conditional creates (s3rver does not)', async () => {
+  it('probes whether the server honours conditional creates', async () => {
     const b = backendAt(`probe-${randomBytes(4).toString('hex')}`);
+    const plain = await startS3rver({ conditionalWrites: false });
+    const p = S3Backend.fromUrl(`${plain.url}/probe`, {
+      credentials: { accessKeyId: plain.accessKeyId, secretAccessKey: plain.secretAccessKey },
+    });
     try {
-      expect(await b.probeConditionalCreate()).toBe(false);
+      expect(await b.probeConditionalCreate()).toBe(true);
+      expect(await p.probeConditionalCreate()).toBe(false);
+      expect(await listAll(b, 'locks')).toEqual([]);
     } finally {
       await b.close();
+      await p.close();
+      await plain.stop();
     }
   });
 
