@@ -58,7 +58,7 @@ function vmsnapTool(name: string, cliMain: string, root: string, opts: { encrypt
     XDG_CONFIG_HOME: path.join(root, 'xdg-config'),
     XDG_DATA_HOME: path.join(root, 'xdg-data'),
   };
-  const cli = (repo: string, ...args: string[]) => ['--max-old-space-size=4096', cliMain, '--repo', repo, '--quiet', ...args];
+  const cli = (repo: string, ...args: string[]) => [cliMain, '--repo', repo, '--quiet', ...args];
   return {
     name,
     codec: opts.codec,
