@@ -16,14 +16,14 @@
  * directory, after minus before.
  */
 import { parseArgs } from 'node:util';
-import { promises as fsp, existsSync } from 'node:fs';
+import { promises as fsp } from 'node:fs';
 import * as path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { benchRoot, check, dirBytes, dropCaches, fmt, freshDir, MB, measure, mib, sha256File, table, type Measured } from '../common/measure.js';
+import { buildCli } from '../common/vmsnap-cli.js';
 import { mutateImage, type Mutation } from './mutate.js';
 
 const HERE = path.dirname(fileURLToPath(import.meta.url));
-const REPO_ROOT = path.resolve(HERE, '../..');
 const PASSWORD = 'bench-password-not-secret';
 
 type StepName = 'backup' | 'restore' | 'backup+1%64K' | 'backup+1%4K';
@@ -91,19 +91,6 @@ function resticTool(root: string): Tool {
   };
 }
 
-async function buildCli(root: string): Promise<string> {
-  const out = path.join(root, 'build');
-  await fsp.rm(out, { recursive: true, force: true });
-  await fsp.mkdir(out, { recursive: true });
-  // Our own output directory: the shared dist/ belongs to whoever runs `npm run build`.
-  await check(path.join(REPO_ROOT, 'node_modules/.bin/tsc'), ['-p', path.join(REPO_ROOT, 'tsconfig.build.json'), '--outDir', out], { cwd: REPO_ROOT });
-  await fsp.writeFile(path.join(out, 'package.json'), '{ "type": "module" }\n');
-  await fsp.symlink(path.join(REPO_ROOT, 'node_modules'), path.join(out, 'node_modules'));
-  const main = path.join(out, 'cli/main.js');
-  if (!existsSync(main)) throw new Error(`tsc did not produce ${main}`);
-  return main;
-}
-
 async function runTool(tool: Tool, round: number, root: string, images: { base: string; m64: Mutation; m4: Mutation }, drop: boolean, sourceHash: string): Promise<ToolRun> {
   const work = await freshDir(root, `work-${tool.name}`);
   const repo = path.join(work, 'repo');
@@ -167,7 +154,7 @@ async function main(): Promise<void> {
   const m4 = await mutateImage(base, path.join(root, 'images/mut-4k.img'), 4 << 10);
   const imageSize = (await fsp.stat(base)).size;
   const sourceHash = await sha256File(base);
-  const cliMain = await buildCli(root);
+  const cliMain = await buildCli(root, 'build-ingest');
   const resticVersion = (await check('restic', ['version'])).trim();
 
   const all: Record<string, Tool> = {
