@@ -97,6 +97,12 @@ export interface CaptureOptions {
   socketDir?: string;
   timeoutMs?: number;
   pollMs?: number;
+  /**
+   * Runs after everything that can be prepared is (capabilities, parameters, listening socket) and
+   * immediately before `migrate`: the caller pauses the guest and freezes its disks here, so the
+   * pause covers only migrate's own setup (see vm-runtime.ts).
+   */
+  beforeMigrate?: () => Promise<void>;
 }
 
 export interface CaptureResult extends ParsedStream {
@@ -210,6 +216,7 @@ export async function captureSnapshot(qmp: QmpClient, sink: MigStreamSink, opts:
       }
     })();
 
+    if (opts.beforeMigrate) await step('migrate', opts.beforeMigrate);
     await step('migrate', () => qmp.execute('migrate', { uri: `unix:${sockPath}` }));
     let parsed: ParsedStream;
     try {

@@ -219,34 +219,53 @@ export class VmRuntime {
     const parent = state.lastSnapshot ? await repo.readSnapshot(state.lastSnapshot).catch(() => null) : null;
     const runState = (await q.qmp.execute<{ status: string }>('query-status')).status;
     const wasRunning = runState === 'running';
-    let resumed = !wasRunning;
+    let resumed: Promise<void> | null = wasRunning ? null : Promise.resolve();
     let tStop = 0;
     let tCont = 0;
-    const resume = async () => {
-      if (resumed) return;
-      resumed = true;
-      await q.qmp.execute('cont');
-      tCont = performance.now();
+    let tFrozen = 0;
+    // Idempotent, and never awaited from inside the stream sink: `cont` runs VM-state notifiers that
+    // write to write-protected guest RAM; QEMU's migration thread resolves those faults only while
+    // it can write the stream, i.e. while we keep reading it. Awaiting `cont` before reading on
+    // would deadlock once the socket buffer fills.
+    const resume = (): Promise<void> => {
+      resumed ??= (async () => {
+        const tFirst = performance.now();
+        await q.qmp.execute('cont');
+        tCont = performance.now();
+        if (process.env.VMSNAP_DEBUG_TAKE) this.log(`take timeline: stop→frozen ${(tFrozen - tStop).toFixed(1)} ms, →first page ${(tFirst - tStop).toFixed(1)} ms, →cont ${(tCont - tStop).toFixed(1)} ms`);
+      })();
+      return resumed;
     };
+    const storedBefore = repo.stats.storedBytes;
     const streams: StreamRecord[] = [];
     let ramWriter: RamStreamWriter | null = null;
     let qemuDowntimeMs: number | null = null;
     const diskOnly = !!opts.diskOnly;
     try {
-      tStop = performance.now();
-      if (wasRunning) await step('pausing the guest', () => q.qmp.execute('stop'));
-      for (const v of this.volumes.values()) v.freeze();
-      if (diskOnly) await resume();
-      else {
-        ramWriter = new RamStreamWriter(repo, { onFirstPage: resume });
-        const cap = await step('capturing RAM and device state', () => captureSnapshot(q.qmp, ramWriter!, { socketDir: this.paths.runDir }));
+      const pauseAndFreeze = async () => {
+        tStop = performance.now();
+        if (wasRunning) await step('pausing the guest', () => q.qmp.execute('stop'));
+        for (const v of this.volumes.values()) v.freeze();
+        tFrozen = performance.now();
+      };
+      if (diskOnly) {
+        await pauseAndFreeze();
+        await resume();
+      } else {
+        ramWriter = new RamStreamWriter(repo, { onFirstPage: () => void resume().catch(() => undefined) });
+        const cap = await step('capturing RAM and device state', () =>
+          captureSnapshot(q.qmp, ramWriter!, { socketDir: this.paths.runDir, beforeMigrate: pauseAndFreeze }),
+        );
         await resume();
         qemuDowntimeMs = cap.qemu.downtimeMs ?? null;
         streams.push(...(await step('storing device state', () => ramWriter!.metaStreams(cap.tail))), ...ramWriter.streams());
       }
     } catch (err) {
       // Whatever failed, the guest runs on: it must never stay paused because a snapshot failed.
-      await resume().catch(() => undefined);
+      if (wasRunning) {
+        // A failed `cont` above must not leave the guest paused: try once more.
+        await resume().catch(() => q.qmp.execute('cont').catch(() => undefined));
+      }
       repo.abandon();
       this.repoPromise = null;
       throw err;
@@ -291,7 +310,7 @@ export class VmRuntime {
         durationMs: performance.now() - t0,
         ramBytes,
         newBytes: (ram?.newBytes ?? 0) + diskNew,
-        storedBytes: repo.stats.storedBytes,
+        storedBytes: repo.stats.storedBytes - storedBefore,
         dedupBytes: ram ? ram.dedupChunks * repo.chunkSize : 0,
         disks,
       };
