@@ -18,6 +18,7 @@
 import { parseArgs } from 'node:util';
 import { promises as fsp } from 'node:fs';
 import * as path from 'node:path';
+import { loadavg } from 'node:os';
 import { fileURLToPath } from 'node:url';
 import { benchRoot, check, dirBytes, dropCaches, fmt, freshDir, MB, measure, mib, sha256File, table, type Measured } from '../common/measure.js';
 import { buildCli } from '../common/vmsnap-cli.js';
@@ -32,6 +33,8 @@ interface StepResult extends Measured {
   step: StepName;
   /** Repository growth in bytes (backups only). */
   growth: number;
+  /** 1-minute load average just before the step: how busy the shared machine was. */
+  load: number;
 }
 
 interface ToolRun {
@@ -103,18 +106,20 @@ async function runTool(tool: Tool, round: number, root: string, images: { base: 
     await fsp.link(image, disk);
     const before = await dirBytes(repo);
     if (drop) await dropCaches();
+    const load = loadavg()[0]!;
     const m = await tool.backup(repo, disk);
-    steps.push({ step, ...m, growth: (await dirBytes(repo)) - before });
+    steps.push({ step, ...m, growth: (await dirBytes(repo)) - before, load });
     log(`${tool.name} r${round} ${step}: ${fmt(m.seconds, 2)} s, ${fmt(m.peakRssMiB, 0)} MiB RSS`);
   };
   await backup('backup', images.base);
   {
     await fsp.mkdir(restoreDir, { recursive: true });
     if (drop) await dropCaches();
+    const load = loadavg()[0]!;
     const m = await tool.restore(repo, restoreDir, disk);
     const hash = await sha256File(m.file);
     if (hash !== sourceHash) throw new Error(`${tool.name}: restored image differs from the source (sha256 ${hash} != ${sourceHash})`);
-    steps.push({ step: 'restore', ...m, growth: 0 });
+    steps.push({ step: 'restore', ...m, growth: 0, load });
     log(`${tool.name} r${round} restore: ${fmt(m.seconds, 2)} s, ${fmt(m.peakRssMiB, 0)} MiB RSS, sha256 ok`);
     await fsp.rm(restoreDir, { recursive: true, force: true });
   }
@@ -185,7 +190,8 @@ async function main(): Promise<void> {
   const out = (s = '') => lines.push(s);
   out(`image: ${base} (${mib(imageSize, 0)} MiB, ext4 with ~1.2 GiB of /usr), ${restic(resticVersion)}, node ${process.version}`);
   out(`rounds: ${rounds} (figures are medians), page cache ${drop ? 'dropped before each step' : 'NOT dropped'}`);
-  out(`MB/s = image size (${fmt(imageSize / MB, 0)} MB) / wall seconds; "x restic" = restic seconds / tool seconds (higher is faster)`);
+  out(`MB/s = image size (${fmt(imageSize / MB, 0)} MB) / wall seconds; "x restic" = restic seconds / tool seconds (higher is faster);`);
+  out('"CPU x restic" = restic CPU seconds (user+sys) / tool CPU seconds: less sensitive to other load on a shared machine');
   out();
   const rows: string[][] = [];
   for (const t of tools) {
@@ -200,13 +206,14 @@ async function main(): Promise<void> {
         fmt(imageSize / MB / secs, 0),
         t.name === 'restic' || !hasRestic ? '–' : `${fmt(rSecs / secs, 2)}x`,
         fmt(med(t.name, step, (s) => s.cpuSeconds), 1),
+        t.name === 'restic' || !hasRestic ? '–' : `${fmt(med('restic', step, (s) => s.cpuSeconds) / med(t.name, step, (s) => s.cpuSeconds), 2)}x`,
         fmt(rss, 0),
         step === 'restore' ? '–' : mib(med(t.name, step, (s) => s.growth), 1),
         step === 'restore' || !hasRestic || t.name === 'restic' ? '–' : `${fmt(med(t.name, step, (s) => s.growth) / med('restic', step, (s) => s.growth), 2)}x`,
       ]);
     }
   }
-  out(table(['tool', 'step', 'seconds', 'MB/s', 'x restic', 'CPU s', 'peak RSS MiB', 'repo growth MiB', 'growth / restic'], rows));
+  out(table(['tool', 'step', 'seconds', 'MB/s', 'x restic', 'CPU s', 'CPU x restic', 'peak RSS MiB', 'repo growth MiB', 'growth / restic'], rows));
   out();
   out(`changed blocks: 64K variant ${m64.blocks.length} × 64 KiB blocks (${mib(m64.changedBytes)} MiB); 4K variant ${m4.blocks.length} × 4 KiB blocks (${mib(m4.changedBytes)} MiB) dirtying ${m4.dirtiedChunks} chunks of 64 KiB (${mib(m4.dirtiedChunks * 65536)} MiB)`);
   out('compressed size of the changed blocks = sum of each changed block compressed on its own (zstd -3, or lz4 for the lz4 repository), measured on the new contents');
@@ -250,8 +257,10 @@ async function main(): Promise<void> {
   }
   if (rounds > 1) {
     out();
-    out('per round (seconds: backup / restore / +1%64K / +1%4K):');
-    for (const x of runs) out(`  r${x.round} ${x.tool}: ${x.steps.map((s) => fmt(s.seconds, 2)).join(' / ')}`);
+    out('per round (seconds: backup / restore / +1%64K / +1%4K; [1-minute load average before each step])');
+    for (const x of runs) {
+      out(`  r${x.round} ${x.tool}: ${x.steps.map((s) => fmt(s.seconds, 2)).join(' / ')}  [${x.steps.map((s) => fmt(s.load, 1)).join(' ')}]`);
+    }
   }
   const report = lines.join('\n');
   console.log(report);
