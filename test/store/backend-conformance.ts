@@ -337,6 +337,24 @@ export function runBackendConformance(
       await expect(b.get('snapshots', 'shared')).rejects.toBeInstanceOf(ObjectNotFoundError);
     });
 
+    it('is unusable after close, and closing twice is harmless', async () => {
+      await b.put('config', 'config', Buffer.from('x'));
+      await b.close();
+      for (const call of [
+        () => b.put('config', 'config', Buffer.from('y')),
+        () => b.get('config', 'config'),
+        () => b.stat('config', 'config'),
+        () => b.create('locks', 'l', Buffer.from('y')),
+        () => b.delete('config', 'config'),
+        () => listAll(b, 'config'),
+      ]) {
+        const err = await rejection(call());
+        expect(err).toBeInstanceOf(BackendError);
+        expect((err as BackendError).retryable).toBe(false);
+      }
+      await b.close();
+    });
+
     it('deletes objects from get, stat and list', async () => {
       for (let i = 0; i < 5; i++) await b.put('index', `i${i}`, Buffer.from(`index ${i}`));
       await b.delete('index', 'i2');

@@ -12,6 +12,7 @@ import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { BackendError, ObjectNotFoundError, type Backend } from '../../src/store/backend/contract.js';
 import { openBackend, openBackendDetailed } from '../../src/store/backend/open.js';
 import { RetryExhaustedError } from '../../src/store/backend/retry.js';
+import { S3Backend } from '../../src/store/backend/s3.js';
 import { startFaultProxy, type FaultProxy, type HttpFaultRule } from '../helpers/http-fault-proxy.js';
 import { startS3rver, type S3rverHandle } from '../helpers/s3rver.js';
 import { listAll } from './backend-conformance.js';
@@ -187,6 +188,8 @@ describe('credentials never leak', () => {
       const opened = openBackendDetailed(url, { stats: true, retry: { baseDelayMs: 1, maxAttempts: 3 } });
       backend = opened.backend;
       seen.push(backend.location);
+      // The objects themselves, as a debugger or a careless log line would print them.
+      seen.push(backend, S3Backend.fromUrl(url, { credentials: { accessKeyId: s3.accessKeyId, secretAccessKey: s3.secretAccessKey } }));
       await backend.put('snapshots', 's1', Buffer.from('x'));
       await backend.stat('snapshots', 's1');
       seen.push(await backend.get('snapshots', 's1').catch((e: unknown) => e));

@@ -23,6 +23,7 @@
  */
 import { createHash, randomBytes } from 'node:crypto';
 import type { Readable } from 'node:stream';
+import { inspect } from 'node:util';
 import {
   DeleteObjectCommand,
   GetObjectCommand,
@@ -605,7 +606,13 @@ export class S3Backend implements Backend {
   }
 
   async close(): Promise<void> {
+    if (this.closed) return;
     this.closed = true;
     this.client.destroy();
+  }
+
+  /** Printing the backend shows where it points, never the client and its credential provider. */
+  [inspect.custom](): string {
+    return `S3Backend(${this.location})`;
   }
 }
