@@ -45,6 +45,8 @@ export interface FaultProxy {
   fired: FiredHttpFault[];
   /** Requests seen, faulted or not. */
   requests: Array<{ method: string; path: string }>;
+  /** Most requests that were in flight at once. */
+  readonly maxInFlight: number;
   addRule(rule: HttpFaultRule): void;
   unfired(): Array<{ id: string; fired: number; expected: number }>;
   assertAllFired(): void;
@@ -128,10 +130,15 @@ export async function startFaultProxy(upstream: string, rules: HttpFaultRule[] =
     return out;
   };
 
+  let inFlight = 0;
+  let maxInFlight = 0;
   const server = http.createServer((req, res) => {
     const method = req.method ?? 'GET';
     const path = req.url ?? '/';
     requests.push({ method, path });
+    inFlight++;
+    maxInFlight = Math.max(maxInFlight, inFlight);
+    res.on('close', () => inFlight--);
     const fault = pick(method, path);
     if (!fault) {
       forward(req, (upRes) => {
@@ -218,6 +225,9 @@ export async function startFaultProxy(upstream: string, rules: HttpFaultRule[] =
     port,
     fired,
     requests,
+    get maxInFlight() {
+      return maxInFlight;
+    },
     addRule,
     unfired,
     assertAllFired() {

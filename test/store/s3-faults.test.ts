@@ -157,6 +157,25 @@ describe('S3Backend + RetryBackend through an HTTP fault proxy', () => {
   });
 });
 
+describe('S3Backend request shape', () => {
+  it('sends one PUT per object (no multipart) and bounds requests in flight', async () => {
+    proxy = await startFaultProxy(s3.endpoint);
+    const prefix = `shape-${randomBytes(4).toString('hex')}`;
+    backend = openBackend(`s3:${proxy.endpoint}/${s3.bucket}/${prefix}`, {
+      s3: { credentials: { accessKeyId: s3.accessKeyId, secretAccessKey: s3.secretAccessKey }, concurrency: 2 },
+    });
+    const big = randomBytes(16 * 1024 * 1024);
+    await Promise.all([backend.put('packs', 'big1', big), backend.put('packs', 'big2', big)]);
+    const puts = proxy.requests.filter((r) => r.method === 'PUT' || r.method === 'POST');
+    expect(puts.length).toBe(2);
+    const small = Array.from({ length: 12 }, (_, i) => `s${i}`);
+    await Promise.all(small.map((n) => backend?.put('index', n, Buffer.from(n))));
+    await Promise.all(small.map((n) => backend?.get('index', n)));
+    expect(proxy.maxInFlight).toBeLessThanOrEqual(2);
+    expect(proxy.requests.length).toBe(2 + 24);
+  });
+});
+
 describe('credentials never leak', () => {
   it('keeps the secret key out of location, errors, logs and stats, with credentials from the environment and a profile', async () => {
     const captured: string[] = [];
