@@ -8,6 +8,9 @@ import { RepositoryError, UsageError } from '../src/store/errors.js';
 import { BackendError } from '../src/store/backend/contract.js';
 import { registerStoreCommands } from './store-commands.js';
 import { registerVmCommands } from './vm-commands.js';
+import { registerVolumeCommands } from '../src/cow/cli.js';
+import { dataDir, openRepository } from './context.js';
+import { resolveStreamRef } from './store-commands.js';
 import type { GlobalOptions } from './context.js';
 
 export function buildProgram(): Command {
@@ -25,12 +28,34 @@ export function buildProgram(): Command {
   const globals = () => program.opts<GlobalOptions>();
   registerStoreCommands(program, globals);
   registerVmCommands(program, globals);
+  registerVolumeCommands(program, {
+    get dataDir() {
+      return dataDir();
+    },
+    openStore: () => openRepository(globals()),
+    resolveDisk: async (ref: string) => {
+      const repo = await openRepository(globals());
+      const { stream } = await resolveStreamRef(repo, ref);
+      return stream;
+    },
+  });
   return program;
 }
+
+/**
+ * Errors of other layers that describe a failed operation or bad input in words meant for the
+ * user (the step and the reason), as opposed to bugs.
+ */
+const USER_FACING = new Set([
+  'VolumeCliError', 'VolumeCreateError', 'VolumeOpenError', 'VolumeRestoreError', 'VolumeRangeError', 'CloneError',
+  'SnapshotError', 'SnapshotCaptureError', 'SnapshotRestoreError', 'QemuLaunchError', 'UnsupportedQemuError',
+  'QemuDetectError', 'MigrationStreamError', 'RamCaptureError', 'PathEscapeError', 'DiskStreamError',
+]);
 
 /** Errors whose message is meant for the user as is. */
 export function isUserFacing(err: unknown): err is Error {
   if (err instanceof RepositoryError || err instanceof BackendError) return true;
+  if (err instanceof Error && USER_FACING.has(err.name)) return true;
   const e = err as { userFacing?: unknown } | null;
   return typeof e === 'object' && e !== null && e.userFacing === true;
 }

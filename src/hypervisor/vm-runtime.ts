@@ -348,6 +348,8 @@ export class VmRuntime {
     }
     for (const [name, v] of this.volumes) {
       const s = snap.streams.find((x) => x.name === name)!;
+      // The volume may have been opened without a store (it had no base): it reads the base from now on.
+      v.setStore(repo);
       await step(`resetting disk ${name}`, () => v.restoreBase(s as DiskStream));
     }
     const q = await step('starting QEMU', () => this.launch(ram !== null));
