@@ -268,6 +268,20 @@ describe('LocalBackend errors', () => {
     }
   });
 
+  it('recreates a kind folder removed behind its back', async () => {
+    const dir = await mkdtemp(path.join(tmpdir(), 'vmsnap-vanish-'));
+    try {
+      const b = new LocalBackend(dir);
+      await b.put('locks', 'l1', Buffer.from('x'));
+      await rm(path.join(dir, 'locks'), { recursive: true });
+      await b.put('locks', 'l2', Buffer.from('y'));
+      expect(await b.create('locks', 'l3', Buffer.from('z'))).toBe(true);
+      expect((await listAll(b, 'locks')).map((o) => o.name).sort()).toEqual(['l2', 'l3']);
+    } finally {
+      await rm(dir, { recursive: true, force: true });
+    }
+  });
+
   it('fans packs out into two-character folders and ignores temp files in listings', async () => {
     const dir = await mkdtemp(path.join(tmpdir(), 'vmsnap-fanout-'));
     try {

@@ -106,11 +106,24 @@ export class LocalBackend implements Backend {
     this.knownDirs.add(dir);
   }
 
+  /** Writes via atomicWriteFile, recreating the folder once if it vanished since it was cached. */
+  private async write(file: string, data: Uint8Array, exclusive: boolean): Promise<void> {
+    const dir = path.dirname(file);
+    await this.ensureDir(dir);
+    try {
+      await atomicWriteFile(file, data, { exclusive });
+    } catch (err) {
+      if (errnoCode(err) !== 'ENOENT') throw err;
+      this.knownDirs.delete(dir);
+      await this.ensureDir(dir);
+      await atomicWriteFile(file, data, { exclusive });
+    }
+  }
+
   async put(kind: ObjectKind, name: string, data: Uint8Array): Promise<void> {
     const file = this.fileOf(kind, name);
     try {
-      await this.ensureDir(path.dirname(file));
-      await atomicWriteFile(file, data);
+      await this.write(file, data, false);
     } catch (err) {
       throw localError('put', `${kind}/${name}`, err);
     }
@@ -119,8 +132,7 @@ export class LocalBackend implements Backend {
   async create(kind: ObjectKind, name: string, data: Uint8Array): Promise<boolean> {
     const file = this.fileOf(kind, name);
     try {
-      await this.ensureDir(path.dirname(file));
-      await atomicWriteFile(file, data, { exclusive: true });
+      await this.write(file, data, true);
       return true;
     } catch (err) {
       if (errnoCode(err) === 'EEXIST') return false;
