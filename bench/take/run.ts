@@ -29,7 +29,7 @@ import { closeSync, existsSync, openSync, readSync, fstatSync, promises as fsp }
 import * as path from 'node:path';
 import { benchRoot, check, freshDir, fmt, table, MiB } from '../common/measure.js';
 import { buildCli, REPO_ROOT } from '../common/vmsnap-cli.js';
-import { guestArtifacts, parseStatusLines } from '../../fixtures/guest/index.js';
+import { guestArtifacts, parseErrorLines, parseStatusLines } from '../../fixtures/guest/index.js';
 import { launchQemu, type QemuProcess } from '../../src/hypervisor/qemu.js';
 import { QmpClient, type QmpEvent } from '../../src/hypervisor/qmp.js';
 
@@ -46,7 +46,7 @@ interface Options {
 }
 
 function parseArgs(argv: readonly string[]): Options {
-  const o: Options = { memoryMiB: 1024, areaMiB: 768, rate: 12800, takes: 7, savevms: 3, gapS: 4, out: undefined };
+  const o: Options = { memoryMiB: 1024, areaMiB: NaN, rate: 12800, takes: 7, savevms: 3, gapS: 4, out: undefined };
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i]!;
     const v = argv[i + 1];
@@ -68,6 +68,9 @@ function parseArgs(argv: readonly string[]): Options {
       i++;
     } else throw new Error(`unknown argument ${a}`);
   }
+  // The fixture forks its disk writer after stamping the area, so every page the memory workload
+  // rewrites is copied (COW): the area needs 2× its size. 3/8 of RAM leaves room for the kernel.
+  if (!Number.isFinite(o.areaMiB)) o.areaMiB = Math.floor((o.memoryMiB * 3) / 8);
   return o;
 }
 
@@ -175,6 +178,19 @@ function guestPause(tail: SerialTail, opStart: number, opEnd: number, windowMs: 
   return { pauseMs: a.offset - b.offset, before: b.n, after: a.n };
 }
 
+/** Errors the guest reported: its counters, or its VMSNAP-ERROR lines (e.g. the workload died). */
+function guestErrors(tail: SerialTail): string {
+  const last = tail.last();
+  const lines = parseErrorLines(tail.text);
+  const counted = (last?.errors ?? 0) + (last?.diskErrors ?? 0);
+  return lines.length ? `${Math.max(counted, lines.length)} (${lines.map((l) => l.detail).slice(0, 3).join('; ')})` : String(counted);
+}
+
+function assertWorkloadAlive(tail: SerialTail): void {
+  const dead = parseErrorLines(tail.text).find((l) => l.area === 'workload');
+  if (dead) throw new Error(`the guest workload stopped (${dead.detail}); console:\n${tail.text.slice(-1500)}`);
+}
+
 // ------------------------------------------------------------------ QMP events
 
 function eventMs(e: QmpEvent): number {
@@ -259,7 +275,7 @@ function workload(o: Options): Workload {
   return { args: params, append: `console=ttyS0 quiet ${params}` };
 }
 
-async function runVmsnap(o: Options, root: string, log: (s: string) => void): Promise<{ rows: TakeRow[]; tail: SerialTail; rate: { hostRate: number; guestRate: number }; errors: number }> {
+async function runVmsnap(o: Options, root: string, log: (s: string) => void): Promise<{ rows: TakeRow[]; tail: SerialTail; rate: { hostRate: number; guestRate: number }; errors: string }> {
   const g = guestArtifacts();
   const cliMain = await buildCli(root, 'build-take');
   // The supervisor re-executes <install root>/bin/vmsnap.js: give the bench build its own.
@@ -296,6 +312,7 @@ async function runVmsnap(o: Options, root: string, log: (s: string) => void): Pr
     log(`vmsnap guest: rewrite rate ${fmt(rate.guestRate, 0)} pages/s guest time, ${fmt(rate.hostRate, 0)} pages/s host time`);
     const supLog = path.join(runDir, 'supervisor.log');
     for (let i = 1; i <= o.takes; i++) {
+      assertWorkloadAlive(tail);
       const logBefore = (await fsp.readFile(supLog, 'utf8')).length;
       const mark = events.mark();
       const t0 = performance.now();
@@ -318,8 +335,7 @@ async function runVmsnap(o: Options, root: string, log: (s: string) => void): Pr
     await cli(['vm', 'stop', 'bench']).catch((e: unknown) => log(`vm stop failed: ${(e as Error).message}`));
     tail.close();
   }
-  const last = tail.last();
-  return { rows, tail, rate, errors: (last?.errors ?? 0) + (last?.diskErrors ?? 0) };
+  return { rows, tail, rate, errors: guestErrors(tail) };
 }
 
 // ------------------------------------------------------------------ savevm side
@@ -332,7 +348,7 @@ interface SavevmRow {
   qcow2GrowthBytes: number;
 }
 
-async function runSavevm(o: Options, root: string, log: (s: string) => void): Promise<{ rows: SavevmRow[]; calib: { knownMs: number; qmpMs: number; guestMs: number; toolMs: number }; idleGuestMs: number; rate: { hostRate: number; guestRate: number }; errors: number }> {
+async function runSavevm(o: Options, root: string, log: (s: string) => void): Promise<{ rows: SavevmRow[]; calib: { knownMs: number; qmpMs: number; guestMs: number; toolMs: number }; idleGuestMs: number; rate: { hostRate: number; guestRate: number }; errors: string }> {
   const g = guestArtifacts();
   const dir = await freshDir(root, 'take-savevm');
   const qcow = path.join(dir, 'disk.qcow2');
@@ -372,6 +388,7 @@ async function runSavevm(o: Options, root: string, log: (s: string) => void): Pr
     log(`method check: stop/${knownMs} ms/cont: host ${fmt(calib.toolMs, 1)} ms, QMP events ${fmt(calib.qmpMs, 1)} ms, guest ${fmt(calib.guestMs, 1)} ms`);
 
     for (let i = 1; i <= o.savevms; i++) {
+      assertWorkloadAlive(tail);
       const size0 = (await fsp.stat(qcow)).size;
       mark = events.mark();
       const t0 = performance.now();
@@ -384,8 +401,7 @@ async function runSavevm(o: Options, root: string, log: (s: string) => void): Pr
       rows.push(row);
       log(`savevm ${i}: command ${fmt(row.toolMs, 0)} ms, QMP events ${fmt(row.qmpMs, 0)} ms, guest ${fmt(row.guestMs, 0)} ms, qcow2 +${fmt(row.qcow2GrowthBytes / MiB)} MiB`);
     }
-    const last = tail.last();
-    return { rows, calib, idleGuestMs: idle.pauseMs, rate, errors: (last?.errors ?? 0) + (last?.diskErrors ?? 0) };
+    return { rows, calib, idleGuestMs: idle.pauseMs, rate, errors: guestErrors(tail) };
   } finally {
     tail.close();
     await q.quit(10_000);
