@@ -16,8 +16,11 @@ export type HttpFault =
   | { type: 'reset'; when: 'before' | 'after' }
   /** Never answer; the connection stays open until the client gives up or the proxy stops. */
   | { type: 'stall' }
-  /** Forward, send the upstream headers (full Content-Length), then only `bytes` of the body, then reset. */
-  | { type: 'truncateResponse'; bytes?: number }
+  /**
+   * Forward, send the upstream headers (full Content-Length), then only `bytes` of the body, then
+   * reset the connection, or with `stall` keep it open and silent (a body that stops arriving).
+   */
+  | { type: 'truncateResponse'; bytes?: number; stall?: boolean }
   /** Send upstream only `bytes` of the request body, then abort both connections (a torn upload). */
   | { type: 'truncateRequest'; bytes: number };
 
@@ -192,12 +195,15 @@ export async function startFaultProxy(upstream: string, rules: HttpFaultRule[] =
             res.write(part);
             if (sent >= limit) {
               upRes.destroy();
+              if (fault.stall) return;
               // Flush what was written, then drop the connection mid-body.
               res.socket?.end(() => res.socket?.destroy());
               setImmediate(() => req.socket.destroy());
             }
           });
-          upRes.on('end', () => res.end());
+          upRes.on('end', () => {
+            if (sent < limit || !fault.stall) res.end();
+          });
         });
         return;
       case 'truncateRequest':

@@ -11,7 +11,7 @@ import { inspect } from 'node:util';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { BackendError, ObjectNotFoundError, type Backend } from '../../src/store/backend/contract.js';
 import { openBackend, openBackendDetailed } from '../../src/store/backend/open.js';
-import { RetryExhaustedError } from '../../src/store/backend/retry.js';
+import { RetryBackend, RetryExhaustedError } from '../../src/store/backend/retry.js';
 import { S3Backend } from '../../src/store/backend/s3.js';
 import { startFaultProxy, type FaultProxy, type HttpFaultRule } from '../helpers/http-fault-proxy.js';
 import { startS3rver, type S3rverHandle } from '../helpers/s3rver.js';
@@ -104,6 +104,17 @@ describe('S3Backend + RetryBackend through an HTTP fault proxy', () => {
     proxy?.assertAllFired();
   });
 
+  it('times out a body that stops arriving and retries it', async () => {
+    const { b } = await throughProxy(
+      [{ id: 'stall-body', method: 'GET', path: obj('packs', 'slow'), fault: { type: 'truncateResponse', bytes: 50_000, stall: true } }],
+      { requestTimeoutMs: 1000 },
+    );
+    const data = randomBytes(200_000);
+    await b.put('packs', 'slow', data);
+    expect(Buffer.compare(await b.get('packs', 'slow'), data)).toBe(0);
+    proxy?.assertAllFired();
+  });
+
   it('never shows a torn upload; the retry publishes the whole object', async () => {
     const { b } = await throughProxy([
       { id: 'torn', method: 'PUT', path: obj('packs', 'torn'), fault: { type: 'truncateRequest', bytes: 64 * 1024 } },
@@ -162,8 +173,9 @@ describe('S3Backend request shape', () => {
     proxy = await startFaultProxy(s3.endpoint);
     const prefix = `shape-${randomBytes(4).toString('hex')}`;
     backend = openBackend(`s3:${proxy.endpoint}/${s3.bucket}/${prefix}`, {
-      s3: { credentials: { accessKeyId: s3.accessKeyId, secretAccessKey: s3.secretAccessKey }, concurrency: 2 },
+      s3: { credentials: { accessKeyId: s3.accessKeyId, secretAccessKey: s3.secretAccessKey }, concurrency: 2, listPageSize: 5 },
     });
+    const s3b = (backend as RetryBackend).inner as S3Backend;
     const big = randomBytes(16 * 1024 * 1024);
     await Promise.all([backend.put('packs', 'big1', big), backend.put('packs', 'big2', big)]);
     const puts = proxy.requests.filter((r) => r.method === 'PUT' || r.method === 'POST');
@@ -173,6 +185,8 @@ describe('S3Backend request shape', () => {
     await Promise.all(small.map((n) => backend?.get('index', n)));
     expect(proxy.maxInFlight).toBeLessThanOrEqual(2);
     expect(proxy.requests.length).toBe(2 + 24);
+    expect((await listAll(backend, 'index')).length).toBe(12);
+    expect(s3b.requestCounts).toEqual({ put: 14, get: 12, head: 0, list: 3, delete: 0 });
   });
 });
 

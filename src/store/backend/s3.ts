@@ -134,7 +134,10 @@ export interface S3BackendOptions {
   profile?: string;
   /** Requests in flight at once (default 8). */
   concurrency?: number;
-  /** Socket idle timeout for a request, including body transfer (default 60 s). */
+  /**
+   * How long to wait for a request's answer (plus time for the upload at 256 KiB/s), and for the next
+   * chunk of a download body (default 60 s). Expiry is a retryable error.
+   */
   requestTimeoutMs?: number;
   connectionTimeoutMs?: number;
   /**
@@ -308,6 +311,8 @@ function md5Etag(etag: string | undefined): string | undefined {
   return m?.[1];
 }
 
+export type S3Operation = 'put' | 'get' | 'head' | 'list' | 'delete';
+
 export class S3Backend implements Backend {
   readonly location: string;
   readonly capabilities: BackendCapabilities;
@@ -318,6 +323,8 @@ export class S3Backend implements Backend {
   private readonly idleMs: number;
   private readonly pageSize: number;
   private closed = false;
+  /** HTTP requests sent, by operation (ListObjects pages counted one each): the billed unit on S3. */
+  readonly requestCounts: Record<S3Operation, number> = { put: 0, get: 0, head: 0, list: 0, delete: 0 };
 
   constructor(loc: S3Location, opts: S3BackendOptions = {}) {
     const endpoint = loc.endpoint ?? opts.endpoint;
@@ -366,7 +373,8 @@ export class S3Backend implements Backend {
    * cover a server that accepts the request and then never answers. Uploads get extra time in
    * proportion to their size (a floor of {@link MIN_UPLOAD_BYTES_PER_S}) so slow links still work.
    */
-  private async timed<T>(uploadBytes: number, fn: (abortSignal: AbortSignal) => Promise<T>): Promise<T> {
+  private async timed<T>(op: S3Operation, uploadBytes: number, fn: (abortSignal: AbortSignal) => Promise<T>): Promise<T> {
+    this.requestCounts[op]++;
     const ac = new AbortController();
     const ms = this.idleMs + Math.ceil((uploadBytes / MIN_UPLOAD_BYTES_PER_S) * 1000);
     const timer = setTimeout(() => ac.abort(), ms);
@@ -400,7 +408,7 @@ export class S3Backend implements Backend {
     const md5 = createHash('md5').update(data).digest();
     const res = await this.sem.run(async () => {
       try {
-        return await this.timed(data.length, (abortSignal) =>
+        return await this.timed('put', data.length, (abortSignal) =>
           this.client.send(
             new PutObjectCommand({
               Bucket: this.bucket,
@@ -444,7 +452,7 @@ export class S3Backend implements Backend {
   private async exists(kind: ObjectKind, name: string, key: string): Promise<boolean> {
     return this.sem.run(async () => {
       try {
-        await this.timed(0, (abortSignal) =>
+        await this.timed('head', 0, (abortSignal) =>
           this.client.send(new HeadObjectCommand({ Bucket: this.bucket, Key: key }), { abortSignal }),
         );
         return true;
@@ -471,7 +479,7 @@ export class S3Backend implements Backend {
     return this.sem.run(async () => {
       let res;
       try {
-        res = await this.timed(0, (abortSignal) =>
+        res = await this.timed('get', 0, (abortSignal) =>
           this.client.send(
             new GetObjectCommand({
               Bucket: this.bucket,
@@ -523,7 +531,7 @@ export class S3Backend implements Backend {
     const key = this.key(kind, name);
     return this.sem.run(async () => {
       try {
-        const res = await this.timed(0, (abortSignal) =>
+        const res = await this.timed('head', 0, (abortSignal) =>
           this.client.send(new HeadObjectCommand({ Bucket: this.bucket, Key: key }), { abortSignal }),
         );
         return { name, size: res.ContentLength ?? 0 };
@@ -543,7 +551,7 @@ export class S3Backend implements Backend {
     for (;;) {
       const page = await this.sem.run(async () => {
         try {
-          return await this.timed(0, (abortSignal) =>
+          return await this.timed('list', 0, (abortSignal) =>
             this.client.send(
               new ListObjectsCommand({
                 Bucket: this.bucket,
@@ -574,7 +582,7 @@ export class S3Backend implements Backend {
     const key = this.key(kind, name);
     await this.sem.run(async () => {
       try {
-        await this.timed(0, (abortSignal) =>
+        await this.timed('delete', 0, (abortSignal) =>
           this.client.send(new DeleteObjectCommand({ Bucket: this.bucket, Key: key }), { abortSignal }),
         );
       } catch (err) {
