@@ -5,6 +5,11 @@
  * The CLI runs from dist/: `npm test` builds first. When a test file runs on its own
  * (`npx vitest run test/store/cli.test.ts`), `ensureBuilt()` runs `npm run build` once if any source
  * under src/ or cli/ is newer than dist/cli/main.js.
+ *
+ * dist/ is shared with everyone working in the tree, and a concurrent `npm run build` rewrites it
+ * file by file. With VMSNAP_TEST_DIST=<dir> the tests use (and ensureBuilt() writes) a private build
+ * there instead; it must lie inside the repository so that node_modules resolves:
+ * `VMSNAP_TEST_DIST=.cache/test-dist npx vitest run test/store/crash.test.ts`.
  */
 import { execFileSync, spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
@@ -15,6 +20,17 @@ import { fileURLToPath } from 'node:url';
 
 export const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
 export const BIN = path.join(ROOT, 'bin/vmsnap.js');
+
+/** The compiled tree the tests run: dist/, or the private build named by VMSNAP_TEST_DIST. */
+export function distDir(): string {
+  const d = process.env.VMSNAP_TEST_DIST;
+  return d ? path.resolve(ROOT, d) : path.join(ROOT, 'dist');
+}
+
+/** The script that runs the CLI: bin/vmsnap.js, or the private build's cli/main.js. */
+export function cliEntry(): string {
+  return process.env.VMSNAP_TEST_DIST ? path.join(distDir(), 'cli/main.js') : BIN;
+}
 
 function newestMtime(dir: string): number {
   let t = 0;
@@ -28,11 +44,13 @@ function newestMtime(dir: string): number {
 
 /** Builds dist/ if it is missing or older than the sources. */
 export function ensureBuilt(): void {
-  const out = path.join(ROOT, 'dist/cli/main.js');
+  const out = path.join(distDir(), 'cli/main.js');
   const built = existsSync(out) ? statSync(out).mtimeMs : 0;
   const src = Math.max(newestMtime(path.join(ROOT, 'src')), newestMtime(path.join(ROOT, 'cli')));
   if (built >= src) return;
-  execFileSync('npm', ['run', 'build'], { cwd: ROOT, stdio: 'pipe' });
+  if (process.env.VMSNAP_TEST_DIST) {
+    execFileSync(process.execPath, [path.join(ROOT, 'node_modules/typescript/bin/tsc'), '-p', 'tsconfig.build.json', '--outDir', distDir()], { cwd: ROOT, stdio: 'pipe' });
+  } else execFileSync('npm', ['run', 'build'], { cwd: ROOT, stdio: 'pipe' });
 }
 
 export interface RunResult {
@@ -73,7 +91,7 @@ export function runNode(script: string[], args: string[], opts: RunOptions = {})
 
 /** Runs the compiled CLI: `vmsnap --repo <repo> ...args`. */
 export function vmsnap(repo: string | null, args: string[], opts: RunOptions = {}): Promise<RunResult> {
-  return runNode([BIN], repo === null ? args : ['--repo', repo, ...args], opts);
+  return runNode([cliEntry()], repo === null ? args : ['--repo', repo, ...args], opts);
 }
 
 /** Like vmsnap() but fails the test with the CLI's stderr when the exit code is not 0. */
