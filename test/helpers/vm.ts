@@ -5,6 +5,7 @@
  * QEMU this lab started that is still alive.
  */
 import { execFileSync } from 'node:child_process';
+import { expect } from 'vitest';
 import { promises as fsp, readFileSync } from 'node:fs';
 import * as path from 'node:path';
 import { guestArtifacts, parseErrorLines, parseStatusLines, type GuestErrorLine, type GuestStatus } from '../../fixtures/guest/index.js';
@@ -279,4 +280,30 @@ export function first(s: GuestStatus[]): GuestStatus {
 export function last(s: GuestStatus[]): GuestStatus {
   if (!s.length) throw new Error('no status lines');
   return s[s.length - 1]!;
+}
+
+/**
+ * Checks a guest's status lines after a restore (or clone) of the snapshot taken in `w`: the first
+ * line lies between the window's bounds (before <= S <= after; plus `genMargin` / `diskMargin` for
+ * the guest time between S and its first status), no memory or disk errors, and it runs on.
+ */
+export function checkResumed(what: string, w: TakeWindow, post: GuestStatus[], m: { genMargin: number; diskMargin: number }): void {
+  const r0 = post[0]!;
+  console.log(
+    `${what}: window gen ${w.before.gen}..${w.after.gen} disk_seq ${w.before.diskSeq}..${w.after.diskSeq}; ` +
+      `first after restore gen ${r0.gen} disk_seq ${r0.diskSeq}; ${post.length} lines, last gen ${last(post).gen} errors ${last(post).errors} disk_errors ${last(post).diskErrors}`,
+  );
+  expect(r0.gen, `${what}: first gen >= last gen before take`).toBeGreaterThanOrEqual(w.before.gen);
+  expect(r0.gen, `${what}: first gen near the snapshot point`).toBeLessThan(w.after.gen + m.genMargin);
+  expect(r0.diskSeq, `${what}: first disk_seq >= last before take`).toBeGreaterThanOrEqual(w.before.diskSeq);
+  expect(r0.diskSeq, `${what}: first disk_seq near the snapshot point`).toBeLessThanOrEqual(w.after.diskSeq + m.diskMargin);
+  for (const s of post) {
+    expect(s.errors, `${what}: memory errors`).toBe(0);
+    expect(s.diskErrors, `${what}: disk errors`).toBe(0);
+  }
+  for (let i = 1; i < post.length; i++) {
+    expect(post[i]!.gen, `${what}: gen monotonic`).toBeGreaterThanOrEqual(post[i - 1]!.gen);
+    expect(post[i]!.diskSeq, `${what}: disk_seq monotonic`).toBeGreaterThanOrEqual(post[i - 1]!.diskSeq);
+  }
+  expect(last(post).gen, `${what}: the guest runs on`).toBeGreaterThan(r0.gen);
 }
