@@ -26,6 +26,7 @@
  *          idle pair of windows (no operation: ≈ 0).
  */
 import { closeSync, existsSync, openSync, readSync, fstatSync, promises as fsp } from 'node:fs';
+import { loadavg } from 'node:os';
 import * as path from 'node:path';
 import { benchRoot, check, freshDir, fmt, table, MiB } from '../common/measure.js';
 import { buildCli, REPO_ROOT } from '../common/vmsnap-cli.js';
@@ -418,14 +419,18 @@ async function main(): Promise<void> {
   const qemuVersion = (await check('qemu-system-x86_64', ['--version'])).split('\n')[0] ?? '';
   log(`${qemuVersion}; guest ${o.memoryMiB} MiB, workload area ${o.areaMiB} MiB at ${o.rate} pages/s`);
 
+  const load0 = loadavg()[0]!;
   const vm = await runVmsnap(o, root, log);
+  const load1 = loadavg()[0]!;
   const sv = await runSavevm(o, root, log);
+  const load2 = loadavg()[0]!;
 
   const areaPages = (o.areaMiB * MiB) / PAGE;
   const pick = (rows: readonly { toolMs: number; qmpMs: number; guestMs: number }[], k: 'toolMs' | 'qmpMs' | 'guestMs'): number[] => rows.map((r) => r[k]);
   const out: string[] = [];
   out.push(`QEMU: ${qemuVersion}; TCG; machine pc-i440fx-10.0; 1 vCPU; guest ${o.memoryMiB} MiB; workload area ${o.areaMiB} MiB, target ${o.rate} pages/s (${fmt((o.rate * PAGE) / 1e6)} MB/s) + disk 100 × 4 KiB records/s`);
   out.push(`Achieved rewrite rate before the first operation: vmsnap guest ${fmt(vm.rate.guestRate, 0)} pages/s of guest time (${fmt((vm.rate.guestRate * PAGE) / 1e6)} MB/s), ${fmt(vm.rate.hostRate, 0)} pages/s of host time; savevm guest ${fmt(sv.rate.guestRate, 0)} / ${fmt(sv.rate.hostRate, 0)} pages/s`);
+  out.push(`Host load average (1 min, 2 cores): ${fmt(load0)} at start, ${fmt(load1)} after the takes, ${fmt(load2)} after the savevms`);
   out.push(`Guest self-check errors at the end: vmsnap guest ${vm.errors}, savevm guest ${sv.errors}`);
   out.push('');
   out.push(`Method check (savevm guest): no operation → guest measure ${fmt(sv.idleGuestMs, 1)} ms; QMP stop, ${sv.calib.knownMs} ms sleep, cont → host ${fmt(sv.calib.toolMs, 1)} ms, QMP events ${fmt(sv.calib.qmpMs, 1)} ms, guest ${fmt(sv.calib.guestMs, 1)} ms`);
