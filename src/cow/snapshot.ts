@@ -49,8 +49,8 @@ const RUN_BLOCKS = 16;
 const running = new WeakMap<Volume, Promise<unknown>>();
 
 /**
- * Freezes the volume (unless it already has frozen generations, e.g. frozen by the QEMU driver
- * while the guest was paused), writes the frozen blocks into `store` and returns the new disk
+ * Freezes the volume (unless freeze() was already called in this process for a generation not yet
+ * captured, e.g. by the QEMU driver while the guest was paused), writes the frozen blocks into `store` and returns the new disk
  * stream. The caller commits the stream into a snapshot manifest.
  */
 export function snapshotVolume(volume: Volume, store: ChunkStore, opts: SnapshotOptions = {}): Promise<SnapshotResult> {
@@ -66,7 +66,9 @@ async function snapshotLocked(volume: Volume, store: ChunkStore, opts: SnapshotO
   if (store.chunkSize !== bs) {
     throw new SnapshotError(`repository chunk size ${store.chunkSize} differs from volume block size ${bs}`);
   }
-  if (volume.frozenSets().length === 0) volume.freeze();
+  // Frozen sets restored at open (a snapshot interrupted by a crash) do not stand for a freeze
+  // point the caller chose: without a fresh freeze the snapshot would miss every later write.
+  if (!volume.frozenSets().some((s) => !s.recovered)) volume.freeze();
   const sets: FrozenSet[] = [...volume.frozenSets()];
   await Promise.all(sets.map((s) => s.drained));
   try {

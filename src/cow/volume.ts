@@ -105,6 +105,11 @@ export interface FrozenSet {
   full: boolean;
   /** Settles once every write issued before the freeze has completed. */
   drained: Promise<unknown>;
+  /**
+   * Restored from disk when the volume was opened (a snapshot of it was interrupted, e.g. by a
+   * crash) rather than frozen by freeze() in this process.
+   */
+  recovered?: boolean;
 }
 
 export interface FreezeResult {
@@ -373,7 +378,7 @@ export class Volume {
         } else if (t === FREEZE_ENTRY) {
           const newGen = payload.readUInt32LE(p + 1);
           const full = payload[p + 5] === 1;
-          frozen.push(frozenFromMap(st.map, st.gen, newGen - 1, full));
+          frozen.push({ ...frozenFromMap(st.map, st.gen, newGen - 1, full), recovered: true });
           generation = newGen;
           if (full) tracking = true;
           p += 6;
@@ -1138,7 +1143,7 @@ function decodeState(
   for (const f of header.frozen) {
     const blocks = new Uint32Array(take(f.count));
     const slots = new Int32Array(take(f.count));
-    frozen.push({ generation: f.generation, blocks, slots, full: f.full, drained: Promise.resolve() });
+    frozen.push({ generation: f.generation, blocks, slots, full: f.full, drained: Promise.resolve(), recovered: true });
   }
   return { header, map, gen, frozen };
 }
