@@ -34,6 +34,6 @@ fi
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 apt-get install -y -qq -t bookworm-backports qemu-system-x86 qemu-utils >/dev/null
-apt-get install -y -qq libnbd-bin nbdkit redis-server restic cpio gcc gcc-multilib busybox-static zstd e2fsprogs >/dev/null
+apt-get install -y -qq libnbd-bin nbdkit redis-server restic cpio gcc gcc-multilib busybox-static zstd e2fsprogs fio >/dev/null
 [ "$(qemu_major)" = "10" ] || { echo "setup-system: QEMU 10 did not install (got: $(qemu-system-x86_64 --version | head -1))" >&2; exit 1; }
 echo "setup-system: done ($(qemu-system-x86_64 --version | head -1))" >&2
