@@ -234,9 +234,17 @@ export function decodeIndexFile(
   p += 4;
   if (entries > MAX_INDEX_ENTRIES) throw new IntegrityError(`index ${name}: ${entries} entries is over the limit`);
   need(entries * ENTRY + 4, p);
+  // Validate the whole file before adding anything: a rejected file must leave `into` untouched.
+  const supAt = p + entries * ENTRY;
+  const sup = buf.readUInt32BE(supAt);
+  need(sup * 32, supAt + 4);
+  if (supAt + 4 + sup * 32 !== buf.length) throw new IntegrityError(`index ${name}: trailing bytes`);
+  for (let i = 0; i < entries; i++) {
+    const pi = buf.readUInt32BE(p + i * ENTRY + 32);
+    if (pi >= packCount) throw new IntegrityError(`index ${name}: entry ${i} names pack #${pi} of ${packCount}`);
+  }
   for (let i = 0; i < entries; i++, p += ENTRY) {
     const pi = buf.readUInt32BE(p + 32);
-    if (pi >= packCount) throw new IntegrityError(`index ${name}: entry ${i} names pack #${pi} of ${packCount}`);
     into.add(buf.subarray(p, p + 32), packs[pi]!, {
       offset: buf.readUInt32BE(p + 36),
       storedLength: buf.readUInt32BE(p + 40),
@@ -244,10 +252,7 @@ export function decodeIndexFile(
       codec: buf.readUInt8(p + 48),
     });
   }
-  const sup = buf.readUInt32BE(p);
   p += 4;
-  need(sup * 32, p);
-  if (p + sup * 32 !== buf.length) throw new IntegrityError(`index ${name}: trailing bytes`);
   const superseded: string[] = [];
   for (let i = 0; i < sup; i++, p += 32) superseded.push(buf.subarray(p, p + 32).toString('hex'));
   return { packs, superseded, entries };
