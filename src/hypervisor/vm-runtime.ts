@@ -268,7 +268,7 @@ export class VmRuntime {
       }
       repo.abandon();
       this.repoPromise = null;
-      throw err;
+      throw await explainQemuExit(q, err);
     }
     const disks: Record<string, SnapshotStats> = {};
     try {
@@ -377,6 +377,19 @@ export class VmRuntime {
     await repo?.close();
     this.endedResolve();
   }
+}
+
+/**
+ * A take whose QEMU died under it fails with a stream or QMP error that hides the cause ("stream
+ * truncated…"): when QEMU has exited (or exits within a moment), say so.
+ */
+async function explainQemuExit(q: QemuProcess, err: unknown): Promise<unknown> {
+  const x = await Promise.race([q.exited, new Promise<null>((r) => setTimeout(() => r(null), 500).unref())]);
+  if (!x) return err;
+  const how = x.signal ? `killed by ${x.signal}` : `exit code ${x.code}`;
+  const step = err instanceof VmOperationError ? err.step : 'capturing RAM and device state';
+  const detail = err instanceof VmOperationError ? err.message.slice(`take: ${err.step}: `.length) : (err as Error).message;
+  return new VmOperationError('take', step, `QEMU (pid ${q.pid}) exited during the snapshot (${how}); no snapshot was saved [${detail}]`, { cause: err });
 }
 
 function isBareMetal(def: VmDefinition): boolean {
