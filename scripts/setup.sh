@@ -6,7 +6,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup-system.sh
 if [ ! -d node_modules ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
-  npm ci --no-audit --no-fund
+  # Not `npm ci`: npm 11 leaves the other platforms' optional prebuilt packages (e.g.
+  # @napi-rs/blake-hash-darwin-arm64) out of the lock file, and `npm ci` then refuses the lock as
+  # out of sync. `npm install` honours the locked versions and installs this platform's binaries.
+  npm install --no-audit --no-fund
 fi
 # Native modules must really have built (npm may skip install scripts it does not trust).
 node -e "require('zstd-napi'); require('@napi-rs/blake-hash'); require('lz4')" \
