@@ -9,7 +9,8 @@ import { homedir } from 'node:os';
 import * as path from 'node:path';
 import { createInterface } from 'node:readline';
 import type { Backend } from '../src/store/backend/contract.js';
-import { LocalBackend } from '../src/store/backend/local.js';
+import { openBackendDetailed } from '../src/store/backend/open.js';
+import type { BackendStats, StatsBackend } from '../src/store/backend/stats.js';
 import { Repository } from '../src/store/repository.js';
 import { UsageError } from '../src/store/errors.js';
 
@@ -18,6 +19,8 @@ export interface GlobalOptions {
   passwordFile?: string;
   json?: boolean;
   quiet?: boolean;
+  /** Count backend requests and bytes per operation; printed to stderr at exit (`--stats`). */
+  stats?: boolean;
 }
 
 export interface FileConfig {
@@ -53,12 +56,67 @@ export function repoLocation(opts: GlobalOptions): string {
   return opts.repo ?? process.env.VMSNAP_REPO ?? loadFileConfig().repo ?? path.join(dataDir(), 'repo');
 }
 
+/** Backends opened while `--stats` is on, in opening order (see backendStatsReport). */
+const statsBackends: { location: string; stats: StatsBackend }[] = [];
+let statsEnabled = false;
+
+/** Turns on request counting for every backend opened from now on (the global `--stats`). */
+export function enableBackendStats(): void {
+  statsEnabled = true;
+}
+
+/**
+ * Opens the backend of a repository location: a path / local:PATH, s3://..., s3:http(s)://...
+ * (see src/store/backend/open.ts). Remote backends retry; with `--stats` each is counted.
+ */
 export async function openBackendAt(location: string): Promise<Backend> {
-  if (location.startsWith('s3:')) {
-    const { openBackend } = (await import('../src/store/backend/open.js' as string)) as { openBackend: (url: string) => Promise<Backend> };
-    return openBackend(location);
+  const opened = openBackendDetailed(location, { stats: statsEnabled });
+  if (opened.stats) statsBackends.push({ location: opened.backend.location, stats: opened.stats });
+  return Promise.resolve(opened.backend);
+}
+
+/** Counters of every backend opened with `--stats`, summed per location (never holds credentials). */
+export function backendStatsReport(): { location: string; stats: BackendStats }[] {
+  const out = new Map<string, BackendStats>();
+  for (const b of statsBackends) {
+    const s = b.stats.snapshot();
+    const acc = out.get(b.location);
+    if (!acc) {
+      out.set(b.location, s);
+      continue;
+    }
+    for (const m of STATS_METHODS) {
+      acc[m].requests += s[m].requests;
+      acc[m].errors += s[m].errors;
+      acc[m].bytes += s[m].bytes;
+    }
+    acc.listed += s.listed;
   }
-  return new LocalBackend(location.startsWith('local:') ? location.slice(6) : location);
+  return [...out].map(([location, stats]) => ({ location, stats }));
+}
+
+const STATS_METHODS = ['put', 'create', 'get', 'stat', 'list', 'delete'] as const;
+
+/**
+ * Writes the `--stats` report to stderr: a table per backend, or with `--json` one line
+ * `{"backendStats":[{location, stats}]}` (stdout stays the command's own output).
+ */
+export function printBackendStats(json: boolean): void {
+  if (!statsEnabled) return;
+  const report = backendStatsReport();
+  if (json) {
+    process.stderr.write(JSON.stringify({ backendStats: report }) + '\n');
+    return;
+  }
+  for (const { location, stats } of report) {
+    process.stderr.write(`backend requests for ${location}:\n`);
+    for (const m of STATS_METHODS) {
+      const c = stats[m];
+      if (c.requests === 0) continue;
+      const bytes = m === 'put' || m === 'create' ? `${c.bytes} bytes sent` : m === 'get' ? `${c.bytes} bytes received` : m === 'list' ? `${stats.listed} objects listed` : '';
+      process.stderr.write(`  ${m.padEnd(7)} ${String(c.requests).padStart(7)} requests${c.errors ? ` (${c.errors} failed)` : ''}${bytes ? `, ${bytes}` : ''}\n`);
+    }
+  }
 }
 
 async function prompt(question: string): Promise<string> {
