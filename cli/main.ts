@@ -8,8 +8,9 @@ import { RepositoryError, UsageError } from '../src/store/errors.js';
 import { BackendError } from '../src/store/backend/contract.js';
 import { registerStoreCommands } from './store-commands.js';
 import { registerVmCommands } from './vm-commands.js';
+import { registerCopyCommands } from './copy-commands.js';
 import { registerVolumeCommands } from '../src/cow/cli.js';
-import { dataDir, openRepository } from './context.js';
+import { dataDir, enableBackendStats, openRepository, printBackendStats } from './context.js';
 import { resolveStreamRef } from './store-commands.js';
 import type { GlobalOptions } from './context.js';
 
@@ -23,11 +24,16 @@ export function buildProgram(): Command {
     .option('--password-file <file>', 'read the repository password from a file (env VMSNAP_PASSWORD_FILE)')
     .option('--json', 'machine-readable output')
     .option('-q, --quiet', 'no progress output')
+    .option('--stats', 'print backend requests and bytes per operation to stderr at exit (JSON with --json)')
     .showHelpAfterError()
     .exitOverride();
   const globals = () => program.opts<GlobalOptions>();
+  program.hook('preAction', () => {
+    if (globals().stats) enableBackendStats();
+  });
   registerStoreCommands(program, globals);
   registerVmCommands(program, globals);
+  registerCopyCommands(program, globals);
   registerVolumeCommands(program, {
     get dataDir() {
       return dataDir();
@@ -73,7 +79,17 @@ export async function main(argv: string[]): Promise<number> {
     }
     process.stderr.write(`vmsnap: internal error: ${err instanceof Error ? (err.stack ?? err.message) : String(err)}\n`);
     return 70;
+  } finally {
+    printStats(program);
   }
+}
+
+let statsPrinted = false;
+/** `--stats`: once, whether the command succeeded or failed (failures cost requests too). */
+function printStats(program: Command): void {
+  if (statsPrinted) return;
+  statsPrinted = true;
+  printBackendStats(!!program.opts<GlobalOptions>().json);
 }
 
 const code = await main(process.argv);
