@@ -59,7 +59,7 @@ export function applyRetention(snapshots: Snapshot[], policy: RetentionPolicy, g
   }
   const out: RetentionDecision[] = [];
   for (const [group, list] of groups) {
-    list.sort((a, b) => b.time.localeCompare(a.time) || b.id.localeCompare(a.id));
+    list.sort((a, b) => Date.parse(b.time) - Date.parse(a.time) || b.id.localeCompare(a.id));
     const reasons = new Map<string, string[]>();
     const keep = (s: Snapshot, why: string) => {
       let r = reasons.get(s.id);
