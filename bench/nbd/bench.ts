@@ -1,31 +1,44 @@
 /**
- * NBD data-path benchmark: the vmsnap server (its own process) against qemu-nbd serving a raw
- * file, same clients, same run. Sequential 1 MiB writes and reads with nbdcopy; 4 KiB random
- * writes at queue depth 16 with the same minimal client for both servers (fio is not installed).
+ * NBD data-path benchmark: the vmsnap server (its own process, fresh 64 KiB-block volume) against
+ * qemu-nbd serving a fresh sparse raw file, same client (fio's nbd engine, libnbd), same run.
+ * Runs interleave (round k: qemu-nbd then vmsnap when k is even, vmsnap then qemu-nbd when odd) and
+ * the report gives medians and the median of the per-round ratios.
  *
- *   npx tsx bench/nbd/bench.ts [--size-mib 1024] [--iops-ops 20000] [--rounds 2]
+ * Per server and round, in this order on a fresh export:
+ *   randwrite  4 KiB random writes, queue depth 16, --io-size of them, end_fsync (first touch of
+ *              every block: copy-on-write territory for vmsnap)
+ *   write      1 MiB sequential writes over the whole export, queue depth 8, end_fsync
+ *   read       1 MiB sequential reads over the whole export, queue depth 8
+ *   randwrite2 4 KiB random writes again, now into blocks written in the current generation
+ *
+ *   npx tsx bench/nbd/bench.ts [--size-mib 1024] [--iops-mib 80] [--rounds 3] [--dir /var/tmp]
  */
 import { spawn, execFile, type ChildProcess } from 'node:child_process';
-import { mkdtemp, rm, writeFile } from 'node:fs/promises';
-import { randomBytes } from 'node:crypto';
-import { tmpdir } from 'node:os';
+import { mkdtemp, rm } from 'node:fs/promises';
 import * as path from 'node:path';
 import { promisify } from 'node:util';
 import { fileURLToPath } from 'node:url';
-import { TestNbdClient } from '../../test/cow/helpers/nbd-client.js';
 
 const run = promisify(execFile);
 const here = path.dirname(fileURLToPath(import.meta.url));
-const arg = (k: string, d: number): number => {
+const arg = (k: string, d: string): string => {
   const i = process.argv.indexOf(k);
-  return i >= 0 ? Number(process.argv[i + 1]) : d;
+  return i >= 0 ? process.argv[i + 1]! : d;
 };
-const SIZE = arg('--size-mib', 1024) * 2 ** 20;
-const OPS = arg('--iops-ops', 20000);
-const ROUNDS = arg('--rounds', 2);
+const SIZE_MIB = Number(arg('--size-mib', '1024'));
+const SIZE = SIZE_MIB * 2 ** 20;
+const IOPS_MIB = Number(arg('--iops-mib', '80'));
+const ROUNDS = Number(arg('--rounds', '3'));
+const DIR = arg('--dir', '/var/tmp');
+const SERVER_ARGS = process.argv.includes('--cpu-prof') ? ['--cpu-prof', `--cpu-prof-dir=${path.join(DIR, 'nbd-prof')}`] : [];
+
+type Server = 'qemu-nbd' | 'vmsnap';
+const TESTS = ['randwrite', 'write', 'read', 'randwrite2'] as const;
+type Test = (typeof TESTS)[number];
+type Figures = Record<Test, number>;
 
 async function waitFor(child: ChildProcess, sock: string): Promise<void> {
-  for (let k = 0; k < 200; k++) {
+  for (let k = 0; k < 300; k++) {
     try {
       await run('nbdinfo', ['--size', `nbd+unix:///vol?socket=${sock}`]);
       return;
@@ -37,87 +50,80 @@ async function waitFor(child: ChildProcess, sock: string): Promise<void> {
   throw new Error('server did not come up');
 }
 
-async function startVmsnap(dir: string, sock: string): Promise<ChildProcess> {
-  const c = spawn(process.execPath, ['--import', 'tsx', path.join(here, '../../test/cow/helpers/serve.ts'), path.join(dir, 'vol'), sock, '--create', String(SIZE)], { stdio: 'ignore' });
+async function start(server: Server, dir: string, sock: string): Promise<ChildProcess> {
+  let c: ChildProcess;
+  if (server === 'vmsnap') {
+    c = spawn(process.execPath, [...SERVER_ARGS, '--import', 'tsx', path.join(here, '../../test/cow/helpers/serve.ts'), path.join(dir, 'vol'), sock, '--create', String(SIZE)], {
+      stdio: 'ignore',
+    });
+  } else {
+    const img = path.join(dir, 'qemu.raw');
+    await run('qemu-img', ['create', '-f', 'raw', img, String(SIZE)]);
+    // Same durability contract as the vmsnap server: host page cache, fsync on FLUSH.
+    c = spawn('qemu-nbd', ['-t', '-f', 'raw', '-x', 'vol', '-k', sock, '--cache=writeback', '--aio=threads', '-e', '16', img], { stdio: 'ignore' });
+  }
   await waitFor(c, sock);
   return c;
 }
 
-async function startQemuNbd(dir: string, sock: string): Promise<ChildProcess> {
-  const img = path.join(dir, 'qemu.raw');
-  await run('qemu-img', ['create', '-f', 'raw', img, String(SIZE)]);
-  // Same durability contract as the vmsnap server: host page cache, fsync on FLUSH.
-  const c = spawn('qemu-nbd', ['-t', '-f', 'raw', '-x', 'vol', '-k', sock, '--cache=writeback', '--aio=threads', '-e', '16', img], { stdio: 'ignore' });
-  await waitFor(c, sock);
-  return c;
+interface FioResult {
+  jobs: { write: { iops: number; bw_bytes: number }; read: { iops: number; bw_bytes: number } }[];
 }
 
-async function timed(fn: () => Promise<unknown>): Promise<number> {
-  const t = performance.now();
-  await fn();
-  return (performance.now() - t) / 1000;
-}
-
-async function randomWrites(sock: string): Promise<number> {
-  const c = await TestNbdClient.connect(sock, 'vol');
-  const buf = randomBytes(4096);
-  const sectors = SIZE / 4096;
-  let seed = 12345;
-  let issued = 0;
-  const t = performance.now();
-  const worker = async (): Promise<void> => {
-    while (issued < OPS) {
-      issued++;
-      seed = (seed * 1103515245 + 12345) >>> 0;
-      await c.write((seed % sectors) * 4096, buf);
-    }
+async function fio(sock: string, test: Test): Promise<number> {
+  const common = ['--name=t', '--ioengine=nbd', `--uri=nbd+unix:///vol?socket=${sock}`, `--size=${SIZE}`, '--output-format=json'];
+  const spec: Record<Test, string[]> = {
+    randwrite: ['--rw=randwrite', '--bs=4k', '--iodepth=16', `--io_size=${IOPS_MIB}m`, '--norandommap', '--randseed=42', '--end_fsync=1'],
+    write: ['--rw=write', '--bs=1m', '--iodepth=8', '--end_fsync=1'],
+    read: ['--rw=read', '--bs=1m', '--iodepth=8'],
+    randwrite2: ['--rw=randwrite', '--bs=4k', '--iodepth=16', `--io_size=${IOPS_MIB}m`, '--norandommap', '--randseed=43', '--end_fsync=1'],
   };
-  await Promise.all(Array.from({ length: 16 }, worker));
-  await c.flush();
-  const s = (performance.now() - t) / 1000;
-  c.close();
-  return OPS / s;
+  const { stdout } = await run('fio', [...common, ...spec[test]], { maxBuffer: 64 << 20 });
+  const r = JSON.parse(stdout.slice(stdout.indexOf('{'))) as FioResult;
+  const j = r.jobs[0]!;
+  if (test === 'read') return j.read.bw_bytes / 2 ** 20;
+  if (test === 'write') return j.write.bw_bytes / 2 ** 20;
+  return j.write.iops;
 }
 
-async function measure(name: string, start: (dir: string, sock: string) => Promise<ChildProcess>, src: string): Promise<{ write: number; read: number; iops: number }> {
-  const dir = await mkdtemp(path.join(tmpdir(), `nbdbench-${name}-`));
+async function measure(server: Server): Promise<Figures> {
+  const dir = await mkdtemp(path.join(DIR, `nbdbench-${server}-`));
   const sock = path.join(dir, 'sock');
-  const server = await start(dir, sock);
+  const child = await start(server, dir, sock);
   try {
-    const uri = `nbd+unix:///vol?socket=${sock}`;
-    const mib = SIZE / 2 ** 20;
-    const w = await timed(() => run('nbdcopy', ['--request-size=1048576', '--flush', src, uri]));
-    const r = await timed(() => run('nbdcopy', ['--request-size=1048576', uri, 'null:']));
-    const iops = await randomWrites(sock);
-    return { write: mib / w, read: mib / r, iops };
+    const out = {} as Figures;
+    for (const t of TESTS) out[t] = await fio(sock, t);
+    return out;
   } finally {
-    server.kill('SIGTERM');
-    if (server.exitCode === null && server.signalCode === null) await new Promise((r) => server.once('exit', r));
+    child.kill('SIGTERM');
+    if (child.exitCode === null && child.signalCode === null) await new Promise((r) => child.once('exit', r));
     await rm(dir, { recursive: true, force: true });
   }
 }
 
-const srcDir = await mkdtemp(path.join('/dev/shm', 'nbdbench-src-'));
-const src = path.join(srcDir, 'src.raw');
-const block = randomBytes(2 ** 20);
-const whole = Buffer.allocUnsafe(SIZE);
-for (let o = 0; o < SIZE; o += block.length) {
-  block.copy(whole, o);
-  whole.writeUInt32LE(o / block.length, o); // no two MiB identical
-}
-await writeFile(src, whole);
-const results: Record<string, { write: number; read: number; iops: number }[]> = { vmsnap: [], 'qemu-nbd': [] };
+const median = (l: number[]): number => {
+  const s = [...l].sort((a, b) => a - b);
+  const m = s.length >> 1;
+  return s.length % 2 ? s[m]! : (s[m - 1]! + s[m]!) / 2;
+};
+const results: Record<Server, Figures[]> = { 'qemu-nbd': [], vmsnap: [] };
 for (let k = 0; k < ROUNDS; k++) {
-  results['qemu-nbd']!.push(await measure('qemu', startQemuNbd, src));
-  results.vmsnap!.push(await measure('vmsnap', startVmsnap, src));
+  const order: Server[] = k % 2 === 0 ? ['qemu-nbd', 'vmsnap'] : ['vmsnap', 'qemu-nbd'];
+  for (const s of order) {
+    const f = await measure(s);
+    results[s].push(f);
+    console.log(`round ${k + 1} ${s.padEnd(8)} ${TESTS.map((t) => `${t} ${f[t].toFixed(0)}`).join(', ')}`);
+  }
 }
-await rm(srcDir, { recursive: true, force: true });
-const best = (l: { write: number; read: number; iops: number }[], k: 'write' | 'read' | 'iops'): number => Math.max(...l.map((x) => x[k]));
-console.log(`size ${SIZE / 2 ** 20} MiB, ${OPS} random 4 KiB writes at QD16, best of ${ROUNDS} rounds (runs alternate)`);
-console.log('server      seq write MiB/s   seq read MiB/s   4k randwrite IOPS');
-for (const n of ['qemu-nbd', 'vmsnap'] as const) {
-  console.log(`${n.padEnd(10)}  ${best(results[n]!, 'write').toFixed(0).padStart(15)}  ${best(results[n]!, 'read').toFixed(0).padStart(15)}  ${best(results[n]!, 'iops').toFixed(0).padStart(18)}`);
+const unit: Record<Test, string> = { randwrite: 'IOPS', write: 'MiB/s', read: 'MiB/s', randwrite2: 'IOPS' };
+console.log(`\nsize ${SIZE_MIB} MiB, ${IOPS_MIB} MiB of 4 KiB random writes, ${ROUNDS} interleaved rounds, fio nbd engine`);
+console.log('test         unit    qemu-nbd median   vmsnap median   ratio of medians   median per-round ratio');
+for (const t of TESTS) {
+  const q = results['qemu-nbd'].map((f) => f[t]);
+  const v = results.vmsnap.map((f) => f[t]);
+  const perRound = v.map((x, k) => x / q[k]!);
+  console.log(
+    `${t.padEnd(12)} ${unit[t].padEnd(6)} ${median(q).toFixed(0).padStart(16)} ${median(v).toFixed(0).padStart(15)} ${((100 * median(v)) / median(q)).toFixed(0).padStart(17)}% ${(100 * median(perRound)).toFixed(0).padStart(22)}%`,
+  );
 }
-const ratio = (k: 'write' | 'read' | 'iops'): string => ((100 * best(results.vmsnap!, k)) / best(results['qemu-nbd']!, k)).toFixed(0) + '%';
-console.log(`vmsnap/qemu-nbd: seq write ${ratio('write')}, seq read ${ratio('read')}, random write IOPS ${ratio('iops')}`);
 console.log('all rounds:', JSON.stringify(results));

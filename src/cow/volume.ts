@@ -212,6 +212,16 @@ export class Volume {
   private closed = false;
   private baseReader: BaseReader | null;
   private parentStream: DiskStream | null;
+  /**
+   * Home slots known to hold zeros in the overlay file: never written since this process created
+   * the file or truncated it (restoreBase). Null when unknown (after open). A partial write into a
+   * zero block whose home slot is known zero writes only its own bytes: no copy-on-write.
+   */
+  private homeZero: Uint8Array | null = null;
+  /** Set by allocSlot: the slot it returned is known to hold zeros. */
+  private allocZero = false;
+  /** Read-only zeros, one block long (padding for writes into zero blocks). */
+  private zeroBlock: Buffer | null = null;
 
   private constructor(
     readonly dir: string,
@@ -288,14 +298,27 @@ export class Volume {
     }
     const n = blockCount(size, blockSize);
     const dataPath = containedPath(dir, 'overlay.data');
+    // Not fsynced: a slot past a shorter file reads as zeros, and slot writes are fdatasynced
+    // (size included) before any journal entry refers to them.
     const fd = fs.openSync(dataPath, 'w');
     try {
       fs.ftruncateSync(fd, n * blockSize);
-      fs.fsyncSync(fd);
     } finally {
       fs.closeSync(fd);
     }
-    if (base) await atomicWriteFile(containedPath(dir, 'base.chunks'), base.chunks);
+    if (base) {
+      // Durable content, renamed into place; the directory fsync of the state file below makes
+      // both names durable together, so a clone costs two fsyncs of the directory less.
+      const tmp = containedPath(dir, '.tmp-base.chunks');
+      const bfd = fs.openSync(tmp, 'w');
+      try {
+        for (let off = 0; off < base.chunks.length; ) off += fs.writeSync(bfd, base.chunks, off);
+        fs.fdatasyncSync(bfd);
+      } finally {
+        fs.closeSync(bfd);
+      }
+      fs.renameSync(tmp, containedPath(dir, 'base.chunks'));
+    }
     fs.closeSync(fs.openSync(containedPath(dir, 'journal-1.log'), 'w'));
     const map = new Int32Array(n).fill(BASE);
     const gen = new Uint32Array(n);
@@ -311,7 +334,9 @@ export class Volume {
     };
     // The state file is written last: its presence is what makes the directory a volume.
     await atomicWriteFile(statePath, encodeState(header, map, gen, []), { exclusive: true });
-    return Volume.open(dir, { store: opts.store, baseReader: opts.baseReader });
+    const vol = await Volume.open(dir, { store: opts.store, baseReader: opts.baseReader });
+    vol.homeZero = new Uint8Array(n).fill(1); // the overlay file was just created empty
+    return vol;
   }
 
   static async open(dir: string, opts: VolumeOpenOptions = {}): Promise<Volume> {
@@ -503,11 +528,23 @@ export class Volume {
     if (--this.refs[s]! === 0 && s >= this.nBlocks) this.overflowFree.push(s);
   }
 
+  /** A free slot for `block` (its home slot when free); sets allocZero. The caller writes it. */
   private allocSlot(block: number): number {
-    if (this.refs[block] === 0) return block;
+    this.allocZero = false;
+    if (this.refs[block] === 0) {
+      if (this.homeZero && this.homeZero[block] === 1) {
+        this.homeZero[block] = 0;
+        this.allocZero = true;
+      }
+      return block;
+    }
     const s = this.overflowFree.pop();
     if (s !== undefined) return s;
     return this.slotCount++;
+  }
+
+  private zeros(): Buffer {
+    return (this.zeroBlock ??= Buffer.alloc(this.blockSize));
   }
 
   /** Changes a block's mapping and queues the journal entry (which holds a ref until committed). */
@@ -767,7 +804,7 @@ export class Volume {
       const i = Math.floor(pos / bs);
       const inOff = pos - i * bs;
       const n = Math.min(end, (i + 1) * bs) - pos;
-      zeroBuf ??= Buffer.alloc(bs);
+      zeroBuf ??= this.zeros();
       const slices = [zeroBuf.subarray(0, n)];
       const lock = this.locks.get(i);
       if (lock) waits.push(this.writeAfterLock(i, lock, inOff, slices, opts.noHole ? 'keep' : 'zero'));
@@ -849,8 +886,30 @@ export class Volume {
       ops.push({ pos: s * bs, bufs: slices });
       return;
     }
+    const wasZero = cur === ZERO || (cur === BASE && (!this.baseReader || this.baseReader.isZero(i)));
+    if (wasZero && this.allocZero) {
+      // The block reads as zeros and its fresh slot already holds zeros: write only the new bytes.
+      this.setMap(i, s, gen);
+      ops.push({ pos: s * bs + inOff, bufs: slices });
+      return;
+    }
     if (cur >= 0) this.ref(cur); // keep the old slot from being reused while we copy it
     this.setMap(i, s, gen);
+    if (wasZero) {
+      // Nothing to read or copy: pad the new bytes with zeros to the whole block (still under the
+      // block lock, so a later write to the block cannot be overtaken by this one).
+      const zeros = this.zeros();
+      const bufs = inOff > 0 ? [zeros.subarray(0, inOff), ...slices] : [...slices];
+      const tail = this.blockLen(i) - inOff - n;
+      if (tail > 0) bufs.push(zeros.subarray(0, tail));
+      this.dataDirty = true;
+      const lock = this.track(pwritev(this.dataFd, bufs, s * bs)).finally(() => {
+        if (this.locks.get(i) === lock) this.locks.delete(i);
+      });
+      this.locks.set(i, lock);
+      waits.push(lock);
+      return;
+    }
     const fill = (async (): Promise<void> => {
       const buf = Buffer.allocUnsafe(bs);
       try {
@@ -1031,11 +1090,13 @@ export class Volume {
       this.refs.fill(0);
       this.overflowFree = [];
       this.slotCount = this.nBlocks;
+      this.homeZero = null;
       await this.checkpointLocked();
       // Punch the old overlay out of the host file system.
       await ftruncate(this.dataFd, 0);
       await ftruncate(this.dataFd, this.nBlocks * this.blockSize);
       await fdatasync(this.dataFd);
+      this.homeZero = new Uint8Array(this.nBlocks).fill(1);
       if (oldParent) await fsp.rm(containedPath(this.dir, oldParent), { force: true });
     });
   }
