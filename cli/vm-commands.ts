@@ -23,7 +23,7 @@ import {
   type VmDefinition,
 } from '../src/hypervisor/vm-config.js';
 import { callSupervisor, isRunning, runSupervisor, spawnSupervisor, SupervisorError } from '../src/hypervisor/supervisor.js';
-import { takeStopped, type TakeResult } from '../src/hypervisor/vm-runtime.js';
+import { checkRestorable, takeStopped, VmOperationError, type TakeResult } from '../src/hypervisor/vm-runtime.js';
 import { dataDir, openBackendAt, openRepository, password, repoLocation, type GlobalOptions } from './context.js';
 import { humanBytes, printJson, shortId } from './output.js';
 import { resolveStreamRef } from './store-commands.js';
@@ -284,6 +284,9 @@ export function registerVmCommands(program: Command, globals: Globals): void {
         try {
           const snap = await repo.resolveSnapshot(ref);
           if (snap.vm !== name && !snap.streams.some((s) => s.name === 'vm-config')) throw new NotFoundError(`snapshot ${shortId(snap.id)} is not a VM snapshot`);
+          await checkRestorable(repo, snap, await loadDefinition(dataDir(), name)).catch((err: Error) => {
+            throw new VmOperationError('restore', 'checking the snapshot', err.message, { cause: err });
+          });
           ref = snap.id;
         } finally {
           await repo.close();
@@ -312,6 +315,12 @@ export function registerVmCommands(program: Command, globals: Globals): void {
         const cfg = snap.streams.find((s) => s.name === 'vm-config');
         if (!cfg) throw new UsageError(`snapshot ${shortId(snap.id)} is not a VM snapshot (no vm-config stream)`);
         const def = { ...parseDefinition(await loadBytes(repo, cfg), `snapshot ${shortId(snap.id)}`), name: newName, created: new Date().toISOString() };
+        // Refuse before creating anything: a clone that cannot be restored must not leave a VM behind.
+        if (o.start) {
+          await checkRestorable(repo, snap, def).catch((err: Error) => {
+            throw new VmOperationError('restore', 'checking the snapshot', err.message, { cause: err });
+          });
+        }
         await fsp.mkdir(paths.disksDir, { recursive: true, mode: 0o700 });
         try {
           for (const d of def.disks) {
