@@ -11,7 +11,11 @@
  *   read       1 MiB sequential reads over the whole export, queue depth 8
  *   randwrite2 4 KiB random writes again, now into blocks written in the current generation
  *
+ * The vmsnap server runs with UV_THREADPOOL_SIZE=--uv-threads (default 16): Node's default of 4
+ * file I/O threads caps first-touch random writes, which block in the file system's allocator.
+ *
  *   npx tsx bench/nbd/bench.ts [--size-mib 1024] [--iops-mib 80] [--rounds 3] [--dir /var/tmp]
+ *                              [--uv-threads 16] [--cpu-prof]
  */
 import { spawn, execFile, type ChildProcess } from 'node:child_process';
 import { mkdtemp, rm } from 'node:fs/promises';
@@ -30,6 +34,8 @@ const SIZE = SIZE_MIB * 2 ** 20;
 const IOPS_MIB = Number(arg('--iops-mib', '80'));
 const ROUNDS = Number(arg('--rounds', '3'));
 const DIR = arg('--dir', '/var/tmp');
+/** libuv threads of the vmsnap server process (its file I/O pool; qemu-nbd --aio=threads uses up to 64). */
+const UV_THREADS = arg('--uv-threads', '16');
 const SERVER_ARGS = process.argv.includes('--cpu-prof') ? ['--cpu-prof', `--cpu-prof-dir=${path.join(DIR, 'nbd-prof')}`] : [];
 
 type Server = 'qemu-nbd' | 'vmsnap';
@@ -55,6 +61,7 @@ async function start(server: Server, dir: string, sock: string): Promise<ChildPr
   if (server === 'vmsnap') {
     c = spawn(process.execPath, [...SERVER_ARGS, '--import', 'tsx', path.join(here, '../../test/cow/helpers/serve.ts'), path.join(dir, 'vol'), sock, '--create', String(SIZE)], {
       stdio: 'ignore',
+      env: { ...process.env, UV_THREADPOOL_SIZE: UV_THREADS },
     });
   } else {
     const img = path.join(dir, 'qemu.raw');
@@ -116,7 +123,7 @@ for (let k = 0; k < ROUNDS; k++) {
   }
 }
 const unit: Record<Test, string> = { randwrite: 'IOPS', write: 'MiB/s', read: 'MiB/s', randwrite2: 'IOPS' };
-console.log(`\nsize ${SIZE_MIB} MiB, ${IOPS_MIB} MiB of 4 KiB random writes, ${ROUNDS} interleaved rounds, fio nbd engine`);
+console.log(`\nsize ${SIZE_MIB} MiB, ${IOPS_MIB} MiB of 4 KiB random writes, ${ROUNDS} interleaved rounds, fio nbd engine, vmsnap UV_THREADPOOL_SIZE=${UV_THREADS}`);
 console.log('test         unit    qemu-nbd median   vmsnap median   ratio of medians   median per-round ratio');
 for (const t of TESTS) {
   const q = results['qemu-nbd'].map((f) => f[t]);
