@@ -14,6 +14,12 @@
  * refresh every REFRESH_MS. Clock skew between hosts sharing an S3 repository must stay well under
  * STALE_AFTER_MS - REFRESH_MS (25 minutes); a host whose clock runs ahead makes its locks look
  * fresher, never staler, than they are, so skew delays prune rather than breaking a writer.
+ *
+ * Holders that cannot refresh (network down) must stop before others may call them stale:
+ * `HeldLock.assertHeld()` throws once the last successful refresh is older than STALE_AFTER_MS -
+ * REFRESH_MS; writers call it before writing a manifest. `release()` waits for a refresh in flight so
+ * the lock object is not re-created after its delete. For S3-compatible servers whose listings lag
+ * behind writes, VMSNAP_LOCK_SETTLE_MS adds a second listing after a pause. See docs/locks.md.
  */
 import { randomBytes } from 'node:crypto';
 import { hostname } from 'node:os';
@@ -37,6 +43,12 @@ export interface LockInfo {
 export interface HeldLock {
   name: string;
   info: LockInfo;
+  /**
+   * Throws LockedError when the lock may no longer protect us: it was released, or it has not been
+   * refreshed successfully for so long that other hosts may treat it as stale (and a prune may
+   * delete our unindexed packs). Call it before a commit point (writing a manifest).
+   */
+  assertHeld(): void;
   release(): Promise<void>;
 }
 
@@ -79,18 +91,38 @@ export async function removeStaleLocks(backend: Backend): Promise<string[]> {
   return removed;
 }
 
-export async function acquireLock(backend: Backend, exclusive: boolean, operation: string): Promise<HeldLock> {
+export interface AcquireOptions {
+  /**
+   * After the first conflict check, wait this long and list again (default: env
+   * VMSNAP_LOCK_SETTLE_MS, else 0). For S3-compatible servers whose listings lag behind writes:
+   * two lockers that raced then see each other on the second listing. AWS S3 lists consistently.
+   */
+  settleMs?: number;
+}
+
+function settleDefault(): number {
+  const v = Number(process.env.VMSNAP_LOCK_SETTLE_MS ?? 0);
+  return Number.isFinite(v) && v > 0 ? Math.min(v, 60_000) : 0;
+}
+
+async function findConflict(backend: Backend, name: string, exclusive: boolean): Promise<LockInfo | null> {
+  for (const l of await listLocks(backend)) {
+    if (l.name === name || !l.info || isStale(l.info)) continue;
+    if (exclusive || l.info.exclusive) return l.info;
+  }
+  return null;
+}
+
+export async function acquireLock(backend: Backend, exclusive: boolean, operation: string, opts: AcquireOptions = {}): Promise<HeldLock> {
   const name = randomBytes(16).toString('hex');
   const now = new Date().toISOString();
   const info: LockInfo = { version: 1, exclusive, host: hostname(), pid: process.pid, created: now, refreshed: now, operation };
   await backend.put('locks', name, Buffer.from(JSON.stringify(info)));
-  let conflict: LockInfo | null = null;
-  for (const l of await listLocks(backend)) {
-    if (l.name === name || !l.info || isStale(l.info)) continue;
-    if (exclusive || l.info.exclusive) {
-      conflict = l.info;
-      break;
-    }
+  let conflict = await findConflict(backend, name, exclusive);
+  const settle = opts.settleMs ?? settleDefault();
+  if (!conflict && settle > 0) {
+    await new Promise((r) => setTimeout(r, settle));
+    conflict = await findConflict(backend, name, exclusive);
   }
   if (conflict) {
     await backend.delete('locks', name);
@@ -99,16 +131,37 @@ export async function acquireLock(backend: Backend, exclusive: boolean, operatio
         'if that process is gone the lock expires after 30 minutes, or run `vmsnap unlock`',
     );
   }
+  // Time of the last write of the lock object that is known to have succeeded.
+  let confirmed = Date.now();
+  let refreshing: Promise<void> = Promise.resolve();
+  let released = false;
   const timer = setInterval(() => {
-    info.refreshed = new Date().toISOString();
-    backend.put('locks', name, Buffer.from(JSON.stringify(info))).catch(() => undefined);
+    const started = Date.now();
+    info.refreshed = new Date(started).toISOString();
+    refreshing = backend.put('locks', name, Buffer.from(JSON.stringify(info))).then(
+      () => {
+        confirmed = started;
+      },
+      () => undefined, // retried at the next interval; assertHeld() reports a lock that went stale
+    );
   }, REFRESH_MS);
   timer.unref();
   return {
     name,
     info,
+    assertHeld() {
+      // Others judge staleness by `refreshed` with their own clocks; leave them REFRESH_MS of margin.
+      if (released || Date.now() - confirmed > STALE_AFTER_MS - REFRESH_MS) {
+        throw new LockedError(
+          `lost the ${exclusive ? 'exclusive' : 'shared'} lock for ${operation}: it could not be refreshed for ${Math.round((Date.now() - confirmed) / 60_000)} minutes, so another host may consider it stale; nothing more is written`,
+        );
+      }
+    },
     async release() {
+      released = true;
       clearInterval(timer);
+      // A refresh still in flight would otherwise re-create the object after the delete.
+      await refreshing;
       await backend.delete('locks', name);
     },
   };
@@ -117,7 +170,9 @@ export async function acquireLock(backend: Backend, exclusive: boolean, operatio
 export async function withLock<T>(backend: Backend, exclusive: boolean, operation: string, fn: () => Promise<T>): Promise<T> {
   const lock = await acquireLock(backend, exclusive, operation);
   try {
-    return await fn();
+    const r = await fn();
+    lock.assertHeld();
+    return r;
   } finally {
     await lock.release();
   }
