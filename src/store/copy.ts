@@ -191,13 +191,13 @@ export async function copySnapshots(src: Repository, dst: Repository, snapshots:
       locks.push(await acquireLock(src.backend, false, 'copy (source)'));
       locks.push(await acquireLock(dst.backend, false, 'copy'));
     }
-    return await copyLocked(src, dst, snapshots, opts);
+    return await copyLocked(src, dst, snapshots, opts, () => locks.forEach((l) => l.assertHeld()));
   } finally {
     for (const l of locks.reverse()) await l.release().catch(() => undefined);
   }
 }
 
-async function copyLocked(src: Repository, dst: Repository, snapshots: Snapshot[], opts: CopyOptions): Promise<CopyReport> {
+async function copyLocked(src: Repository, dst: Repository, snapshots: Snapshot[], opts: CopyOptions, assertLocked: () => void): Promise<CopyReport> {
   const same = sameKeys(src, dst);
   const report: CopyReport = { mode: same ? 'same-keys' : 're-encrypt', snapshots: [], adoptedPacks: 0, packsWritten: 0 };
   const packsBefore = dst.stats.packs;
@@ -274,6 +274,8 @@ async function copyLocked(src: Repository, dst: Repository, snapshots: Snapshot[
     let parent = snap.parent;
     if (!same && parent !== null) parent = byCopyOf.get(parent)?.id ?? null;
     const meta = same ? snap.meta : { ...snap.meta, copyOf: snap.id };
+    await dst.flush();
+    assertLocked(); // commit point: only while prune cannot have touched our unindexed packs
     const saved = await dst.saveSnapshot({
       vm: snap.vm,
       time: snap.time,

@@ -1,0 +1,93 @@
+/**
+ * Repository locks on S3 (s3rver) and their failure modes: shared/exclusive conflicts between two
+ * clients, the settle re-listing, release racing a refresh in flight, and a holder that cannot refresh
+ * noticing it lost its lock (docs/locks.md).
+ */
+import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
+import { openBackend } from '../../src/store/backend/open.js';
+import { MemoryBackend } from '../../src/store/backend/memory.js';
+import type { Backend, ObjectKind } from '../../src/store/backend/contract.js';
+import { acquireLock, listLocks, REFRESH_MS, STALE_AFTER_MS } from '../../src/store/lock.js';
+import { LockedError } from '../../src/store/errors.js';
+import { startS3rver, type S3rverHandle } from '../helpers/s3rver.js';
+
+let s3: S3rverHandle;
+beforeAll(async () => {
+  s3 = await startS3rver();
+}, 60_000);
+afterAll(async () => {
+  await s3?.stop();
+});
+
+const client = (prefix: string): Backend => openBackend(`${s3.url}/${prefix}`, { s3: { credentials: { accessKeyId: s3.accessKeyId, secretAccessKey: s3.secretAccessKey } } });
+
+describe('locks on S3', () => {
+  it('two clients: shared locks coexist, exclusive excludes both ways, release frees', async () => {
+    const a = client('locks1');
+    const b = client('locks1');
+    const w1 = await acquireLock(a, false, 'import');
+    const w2 = await acquireLock(b, false, 'copy');
+    await expect(acquireLock(b, true, 'prune')).rejects.toThrow(LockedError);
+    await w1.release();
+    await w2.release();
+    const p = await acquireLock(b, true, 'prune', { settleMs: 50 });
+    await expect(acquireLock(a, false, 'import')).rejects.toThrow(/locked by prune/);
+    p.assertHeld();
+    await p.release();
+    expect(() => p.assertHeld()).toThrow(LockedError);
+    expect(await listLocks(a)).toEqual([]);
+    await a.close();
+    await b.close();
+  });
+});
+
+/** Memory backend whose lock puts can be delayed or made to fail. */
+class Flaky extends MemoryBackend {
+  failPuts = false;
+  delay: Promise<void> | null = null;
+  override async put(kind: ObjectKind, name: string, data: Uint8Array): Promise<void> {
+    if (kind === 'locks' && this.failPuts) throw new Error('network down');
+    if (kind === 'locks' && this.delay) await this.delay;
+    return super.put(kind, name, data);
+  }
+}
+
+describe('lock refresh', () => {
+  it('release waits for a refresh in flight, so the lock object is not re-created', async () => {
+    vi.useFakeTimers({ toFake: ['setInterval', 'clearInterval', 'Date'] });
+    try {
+      const b = new Flaky();
+      const l = await acquireLock(b, false, 'import');
+      let let_go = (): void => undefined;
+      b.delay = new Promise<void>((r) => (let_go = r));
+      vi.advanceTimersByTime(REFRESH_MS + 1); // refresh PUT starts and hangs
+      const released = l.release();
+      let_go();
+      await released;
+      expect(await listLocks(b)).toEqual([]);
+    } finally {
+      vi.useRealTimers();
+    }
+  });
+
+  it('a holder that cannot refresh learns it lost the lock before others may call it stale', async () => {
+    vi.useFakeTimers({ toFake: ['setInterval', 'clearInterval', 'Date'] });
+    try {
+      const b = new Flaky();
+      const l = await acquireLock(b, false, 'copy');
+      b.failPuts = true;
+      for (let t = 0; t < STALE_AFTER_MS - 2 * REFRESH_MS; t += REFRESH_MS) {
+        vi.advanceTimersByTime(REFRESH_MS);
+        await Promise.resolve();
+      }
+      l.assertHeld(); // still within the margin
+      vi.advanceTimersByTime(2 * REFRESH_MS);
+      await Promise.resolve();
+      expect(() => l.assertHeld()).toThrow(/lost the shared lock/);
+      b.failPuts = false;
+      await l.release();
+    } finally {
+      vi.useRealTimers();
+    }
+  });
+});
