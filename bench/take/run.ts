@@ -174,6 +174,23 @@ function statusAt(lines: readonly StampedStatus[], t: number): StampedStatus {
   return best;
 }
 
+/**
+ * Waits until the console runs steadily (a full window of status lines: right after boot the
+ * lines come in bursts, which would make the first guest-clock figure meaningless), then `gapS`.
+ */
+async function warmUp(tail: SerialTail, gapS: number, log: (s: string) => void, who: string): Promise<number> {
+  const t0 = performance.now();
+  for (;;) {
+    const now = performance.now();
+    if (minOffset(tail.lines, now - 4000, now).n >= (4000 / STATUS_MS) * 0.8 || now - t0 > 120_000) break;
+    await sleep(250);
+  }
+  log(`${who} guest: console steady after ${fmt((performance.now() - t0) / 1000, 1)} s`);
+  const warm0 = performance.now();
+  await sleep(gapS * 1000);
+  return warm0;
+}
+
 /** Guest-measured pause of an operation between host times `opStart` and `opEnd`. */
 function guestPause(tail: SerialTail, opStart: number, opEnd: number, windowMs: number): { pauseMs: number; before: number; after: number } {
   const b = minOffset(tail.lines, opStart - windowMs, opStart);
@@ -313,9 +330,8 @@ async function runVmsnap(o: Options, root: string, log: (s: string) => void): Pr
   try {
     const first = await tail.waitFor(() => true, 300_000, 'first status line');
     log(`vmsnap guest: first status at uptime ${first.uptimeMs} ms`);
-    const warm0 = performance.now();
+    const warm0 = await warmUp(tail, o.gapS, log, 'vmsnap');
     warmStart = warm0;
-    await sleep(o.gapS * 1000);
     rate = achievedRate(tail.lines, warm0, performance.now());
     log(`vmsnap guest: rewrite rate ${fmt(rate.guestRate, 0)} pages/s guest time, ${fmt(rate.hostRate, 0)} pages/s host time`);
     const supLog = path.join(runDir, 'supervisor.log');
@@ -373,8 +389,7 @@ async function runSavevm(o: Options, root: string, log: (s: string) => void): Pr
   const W = o.gapS * 1000 - 200;
   try {
     await tail.waitFor(() => true, 300_000, 'first status line');
-    const warm0 = performance.now();
-    await sleep(o.gapS * 1000);
+    const warm0 = await warmUp(tail, o.gapS, log, 'savevm');
     const rate = achievedRate(tail.lines, warm0, performance.now());
     log(`savevm guest: rewrite rate ${fmt(rate.guestRate, 0)} pages/s guest time, ${fmt(rate.hostRate, 0)} pages/s host time`);
 
