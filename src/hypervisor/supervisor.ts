@@ -43,17 +43,18 @@ export async function runSupervisor(opts: { dataDir: string; name: string; resto
   await fsp.rm(paths.supervisorSocket, { force: true });
   await new Promise<void>((res, rej) => server.once('error', rej).listen(paths.supervisorSocket, () => res()));
   log(`supervisor ready for ${opts.name}`);
-  let done = false;
-  const shutdown = async () => {
-    if (done) return;
-    done = true;
-    server.close();
-    await rt.shutdown();
-    await fsp.rm(paths.supervisorSocket, { force: true });
-    await fsp.rm(paths.supervisorPid, { force: true });
-    log('supervisor exiting');
-    process.exit(0);
-  };
+  // One shutdown, awaited by every caller: rt.shutdown() resolves rt.ended, and a second caller
+  // returning early let the CLI exit before the pid file was removed (a stale pid file stayed).
+  let stopping: Promise<void> | null = null;
+  const shutdown = (): Promise<void> =>
+    (stopping ??= (async () => {
+      server.close();
+      await rt.shutdown();
+      await fsp.rm(paths.supervisorSocket, { force: true });
+      await fsp.rm(paths.supervisorPid, { force: true });
+      log('supervisor exiting');
+      process.exit(0);
+    })());
   process.on('SIGTERM', () => void shutdown());
   process.on('SIGINT', () => void shutdown());
   await rt.ended;
