@@ -109,7 +109,8 @@ export function registerStoreCommands(program: Command, globals: Globals): void 
       const t0 = performance.now();
       try {
         const snap = await withLock(repo.backend, false, 'import', async () => {
-          const parent = (await repo.listSnapshots()).filter((s) => s.vm === o.vm).pop();
+          // The parent is informational: an unrelated unreadable manifest (reported by `check`) must not block a backup.
+          const parent = (await repo.listSnapshots(() => undefined)).filter((s) => s.vm === o.vm).pop();
           const bar = progress('import', total, !g.quiet && !g.json);
           const input = file === '-' ? process.stdin : createReadStream(file, { highWaterMark: 1 << 20 });
           const res = await ingestStream(repo, input, { name: o.stream, kind: o.kind as 'disk', onProgress: (n) => bar.update(n) });
