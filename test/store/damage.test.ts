@@ -162,6 +162,13 @@ describe('damage', () => {
     const p = await vmsnap(repo, ['prune']);
     expect(p.code).toBe(1);
     expect(p.stderr).toMatch(/manifest\(s\) unreadable, nothing deleted/);
+    // An unrelated damaged manifest must not stop new backups.
+    const file2 = path.join(dir, 's2.img');
+    const imp = await vmsnap(repo, ['--json', 'import', file2, '--vm', 'vm1']);
+    expect(imp.code, imp.stderr).toBe(0);
+    const newId = (JSON.parse(imp.stdout) as { snapshot: string }).snapshot;
+    const out = await vmsnapOk(repo, ['export', newId, '-']);
+    expect(sha256(out.stdoutBytes)).toBe(sha256(img.s2));
   });
 
   for (const how of ['corrupted', 'deleted'] as const) {
