@@ -175,7 +175,13 @@ export async function spawnSupervisor(dataDir: string, name: string, opts: { res
   const logFd = openSync(paths.supervisorLog, 'a');
   const bin = path.join(projectRoot(), 'bin', 'vmsnap.js');
   const args = [bin, '__supervise', name, ...(opts.restore ? ['--restore', opts.restore] : [])];
-  const child = spawn(process.execPath, args, { detached: true, stdio: ['ignore', logFd, logFd], env: { ...opts.env, VMSNAP_DATA_DIR: dataDir } });
+  const child = spawn(process.execPath, args, {
+    detached: true,
+    stdio: ['ignore', logFd, logFd],
+    // The NBD server's file I/O runs on libuv's thread pool: 4 threads (the default) cap a guest's
+    // parallel random writes well below qemu-nbd's (bench/nbd/RESULTS.md).
+    env: { UV_THREADPOOL_SIZE: '16', ...opts.env, VMSNAP_DATA_DIR: dataDir },
+  });
   closeSync(logFd);
   let exited: number | null | undefined;
   child.once('exit', (code) => (exited = code));
