@@ -243,6 +243,10 @@ export class VmRuntime {
     const diskOnly = !!opts.diskOnly;
     try {
       const pauseAndFreeze = async () => {
+        // `stop` makes QEMU flush every disk (NBD FLUSH → fdatasync of data and journal here) while
+        // the guest is paused; flushing first, with the guest running, leaves that flush only the
+        // last few milliseconds of writes (bench/take: stop alone took 2-98 ms, once 634 ms).
+        if (wasRunning) await step('flushing disks', () => Promise.all([...this.volumes.values()].map((v) => v.flush())));
         tStop = performance.now();
         if (wasRunning) await step('pausing the guest', () => q.qmp.execute('stop'));
         for (const v of this.volumes.values()) v.freeze();
