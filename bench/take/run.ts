@@ -486,9 +486,9 @@ async function main(): Promise<void> {
     return { r, memChanged, diskChanged };
   });
   out.push(table(
-    ['take', 'interval s', 'RAM pages changed MiB', 'disk changed MiB', 'new MiB', 'stored MiB', 'stored / changed'],
+    ['take', 'interval s', 'pages rewritten MiB (uncapped)', 'RAM pages changed MiB', 'disk changed MiB', 'new MiB', 'stored MiB', 'stored / changed'],
     incr.map(({ r, memChanged, diskChanged }, k) => [
-      `${r.i}`, fmt((r.at.host - vm.rows[k]!.at.host) / 1000, 1), fmt(memChanged / MiB), fmt(diskChanged / MiB), fmt(r.newBytes / MiB), fmt(r.storedBytes / MiB), fmt(r.storedBytes / (memChanged + diskChanged), 2),
+      `${r.i}`, fmt((r.at.host - vm.rows[k]!.at.host) / 1000, 1), fmt(((r.at.gen - vm.rows[k]!.at.gen) * PAGE) / MiB, 0), fmt(memChanged / MiB), fmt(diskChanged / MiB), fmt(r.newBytes / MiB), fmt(r.storedBytes / MiB), fmt(r.storedBytes / (memChanged + diskChanged), 2),
     ]),
   ));
   out.push('');
