@@ -45,7 +45,7 @@ describe('Linux guest (TCG): a chain of 5 snapshots', () => {
       const r = await lab.json<{ runState: string; loadMs?: number }>(['restore', 'c1', w.take.snapshot]);
       expect(r.runState).toBe('running');
       await lab.rememberPids('c1');
-      const post = await lab.waitGuestTime('c1', 0, 2200);
+      const post = await lab.waitGuestTime('c1', 0, 1600);
       checkResumed(`restore of snapshot ${i} (loaded in ${r.loadMs?.toFixed(0)} ms)`, w, post, MARGINS);
       expect(await lab.errorLines('c1')).toEqual([]);
     }
@@ -53,7 +53,7 @@ describe('Linux guest (TCG): a chain of 5 snapshots', () => {
     // The oldest snapshot is still whole after four incremental ones were built on it.
     const w1 = windows[0]!;
     await lab.ok(['restore', 'c1', w1.take.snapshot]);
-    const post = await lab.waitGuestTime('c1', 0, 2200);
+    const post = await lab.waitGuestTime('c1', 0, 1600);
     checkResumed('restore of snapshot 1 after the chain', w1, post, MARGINS);
     expect(await lab.errorLines('c1')).toEqual([]);
 
