@@ -43,6 +43,8 @@ const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms
 async function main(): Promise<void> {
   const memoryMiB = argNum('--memory-mib', 1024);
   const rounds = argNum('--rounds', 3);
+  // Experiment: re-collapse QEMU's RAM into huge pages after each snapshot (collapse-thp.py).
+  const collapse = process.argv.includes('--collapse');
   const areaMiB = Math.floor((memoryMiB * 3) / 8);
   const g = guestArtifacts();
   const dir = await freshDir(benchRoot(), 'take-attribution');
@@ -110,6 +112,11 @@ async function main(): Promise<void> {
         result[mode]!.push(pause);
         rows.push([`${r}`, mode, fmt(pause, 1), mode === 'stop-first' ? fmt(contMs, 1) : '–', String(info.downtime ?? '?'), String(info['setup-time'] ?? '?'), fmt(info['total-time'] ?? NaN, 0), fmt(thp, 0), fmt(loadavg()[0]!, 1), info.status ?? '?']);
         console.error(rows[rows.length - 1]!.join('  '));
+        if (collapse) {
+          const c0 = performance.now();
+          const res = (await check('python3', [path.join(path.dirname(new URL(import.meta.url).pathname), 'collapse-thp.py'), String(q.pid)])).trim();
+          console.error(`  MADV_COLLAPSE ${res} in ${fmt(performance.now() - c0, 0)} ms; AnonHugePages now ${fmt(anonHugeMiB(q.pid), 0)} MiB`);
+        }
         await sleep(3000);
       }
     }
