@@ -84,6 +84,8 @@ export class PackWriter {
     trailer.writeUInt32BE(storedDesc.length, 0);
     END_MAGIC.copy(trailer, 4);
     const bytes = Buffer.concat([...this.parts, storedDesc, trailer]);
+    // The blobs now live in `bytes`; dropping the parts halves a pack's footprint during its upload.
+    this.parts = [];
     return { name: contentHash(bytes).toString('hex'), bytes, entries: this.entries };
   }
 }

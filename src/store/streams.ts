@@ -22,7 +22,7 @@ import type { Repository } from './repository.js';
 import { IntegrityError } from './errors.js';
 
 const BATCH_BYTES = 4 << 20;
-const MAX_IN_FLIGHT = 6;
+const MAX_IN_FLIGHT = 4;
 
 export interface IngestOptions {
   name: string;
@@ -178,7 +178,16 @@ function planGroups(repo: Repository, stream: StreamRecord): (Group | { zero: nu
     if (loc.rawLength !== raw) {
       throw new IntegrityError(`stream ${stream.name}: chunk ${i} is ${loc.rawLength} bytes in the index, expected ${raw}`);
     }
-    if (g && g.pack === loc.pack && loc.offset >= g.end && loc.offset - g.end <= MAX_GAP && loc.offset + loc.storedLength - g.start <= MAX_GROUP_BYTES) {
+    // Bounded by stored and by decoded size: well-compressed chunks must not make one huge group
+    // (memory, and one worker doing all the work).
+    if (
+      g &&
+      g.pack === loc.pack &&
+      loc.offset >= g.end &&
+      loc.offset - g.end <= MAX_GAP &&
+      loc.offset + loc.storedLength - g.start <= MAX_GROUP_BYTES &&
+      (g.items.length + 1) * stream.chunkSize <= MAX_GROUP_BYTES
+    ) {
       g.items.push([i, loc.offset - g.start, loc.storedLength, loc.codec, raw]);
       g.end = loc.offset + loc.storedLength;
     } else {
