@@ -39,7 +39,10 @@ export async function runSupervisor(opts: { dataDir: string; name: string; resto
   const log = (m: string) => process.stderr.write(`${new Date().toISOString()} ${m}\n`);
   await fsp.writeFile(paths.supervisorPid, String(process.pid));
   const rt = await VmRuntime.start({ ...opts, log });
-  const server = net.createServer((sock) => handle(rt, sock, log, () => void shutdown()));
+  // Requests being answered: when QEMU dies under a `take`, its error reply must still reach the
+  // CLI before this process exits (otherwise it only sees the connection close).
+  const inflight = new Set<Promise<void>>();
+  const server = net.createServer((sock) => handle(rt, sock, log, () => void shutdown(), inflight));
   await fsp.rm(paths.supervisorSocket, { force: true });
   await new Promise<void>((res, rej) => server.once('error', rej).listen(paths.supervisorSocket, () => res()));
   log(`supervisor ready for ${opts.name}`);
@@ -50,6 +53,7 @@ export async function runSupervisor(opts: { dataDir: string; name: string; resto
     (stopping ??= (async () => {
       server.close();
       await rt.shutdown();
+      await Promise.race([Promise.allSettled([...inflight]), new Promise((r) => setTimeout(r, 30_000).unref())]);
       await fsp.rm(paths.supervisorSocket, { force: true });
       await fsp.rm(paths.supervisorPid, { force: true });
       log('supervisor exiting');
@@ -61,7 +65,7 @@ export async function runSupervisor(opts: { dataDir: string; name: string; resto
   await shutdown();
 }
 
-function handle(rt: VmRuntime, sock: net.Socket, log: (m: string) => void, stop: () => void): void {
+function handle(rt: VmRuntime, sock: net.Socket, log: (m: string) => void, stop: () => void, inflight: Set<Promise<void>>): void {
   let buf = '';
   sock.setEncoding('utf8');
   sock.on('error', () => undefined);
@@ -74,7 +78,7 @@ function handle(rt: VmRuntime, sock: net.Socket, log: (m: string) => void, stop:
     }
     const line = buf.slice(0, nl);
     buf = '';
-    void (async () => {
+    const answered = (async () => {
       let reply: Reply;
       try {
         const req = JSON.parse(line) as SupervisorRequest;
@@ -85,8 +89,14 @@ function handle(rt: VmRuntime, sock: net.Socket, log: (m: string) => void, stop:
         log(`error: ${e.stack ?? e.message}`);
         reply = { ok: false, error: e.message, name: e.name };
       }
-      sock.end(JSON.stringify(reply) + '\n');
+      await new Promise<void>((res) => {
+        if (sock.destroyed) return res();
+        sock.once('close', () => res());
+        sock.end(JSON.stringify(reply) + '\n');
+      });
     })();
+    inflight.add(answered);
+    void answered.finally(() => inflight.delete(answered));
   });
 }
 
