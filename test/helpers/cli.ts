@@ -3,7 +3,7 @@
  * dist/), make temporary repositories and deterministic test images, and look at repository files.
  *
  * The CLI runs from dist/: `npm test` builds first. When a test file runs on its own
- * (`npx vitest run test/store/cli.test.ts`), `ensureBuilt()` runs `npm run build` once if any source
+ * (`npx vitest run test/store/cli.test.ts`), `ensureBuiltAsync()` (or `ensureBuilt()`) runs `npm run build` once if any source
  * under src/ or cli/ is newer than dist/cli/main.js.
  *
  * dist/ is shared with everyone working in the tree, and a concurrent `npm run build` rewrites it
@@ -11,12 +11,15 @@
  * there instead; it must lie inside the repository so that node_modules resolves:
  * `VMSNAP_TEST_DIST=.cache/test-dist npx vitest run test/store/crash.test.ts`.
  */
-import { execFileSync, spawn } from 'node:child_process';
+import { execFile, execFileSync, spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { existsSync, mkdtempSync, readdirSync, rmSync, statSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, readdirSync, rmSync, statSync } from 'node:fs';
+import { promisify } from 'node:util';
 import { tmpdir } from 'node:os';
 import * as path from 'node:path';
 import { fileURLToPath } from 'node:url';
+
+const execFileAsync = promisify(execFile);
 
 export const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
 export const BIN = path.join(ROOT, 'bin/vmsnap.js');
@@ -42,15 +45,48 @@ function newestMtime(dir: string): number {
   return t;
 }
 
-/** Builds dist/ if it is missing or older than the sources. */
+/** Builds synchronously if needed (blocks the worker while tsc runs; prefer ensureBuiltAsync). */
 export function ensureBuilt(): void {
-  const out = path.join(distDir(), 'cli/main.js');
-  const built = existsSync(out) ? statSync(out).mtimeMs : 0;
-  const src = Math.max(newestMtime(path.join(ROOT, 'src')), newestMtime(path.join(ROOT, 'cli')));
-  if (built >= src) return;
+  if (upToDate()) return;
   if (process.env.VMSNAP_TEST_DIST) {
     execFileSync(process.execPath, [path.join(ROOT, 'node_modules/typescript/bin/tsc'), '-p', 'tsconfig.build.json', '--outDir', distDir()], { cwd: ROOT, stdio: 'pipe' });
   } else execFileSync('npm', ['run', 'build'], { cwd: ROOT, stdio: 'pipe' });
+}
+
+function upToDate(): boolean {
+  const out = path.join(distDir(), 'cli/main.js');
+  const built = existsSync(out) ? statSync(out).mtimeMs : 0;
+  return built >= Math.max(newestMtime(path.join(ROOT, 'src')), newestMtime(path.join(ROOT, 'cli')));
+}
+
+/**
+ * Builds dist/ (or the private build) if it is missing or older than the sources. Asynchronous, so
+ * a slow build does not block the test worker's event loop (vitest's RPC times out), and guarded by
+ * a lock directory, so test files starting in parallel build once.
+ */
+export async function ensureBuiltAsync(): Promise<void> {
+  if (upToDate()) return;
+  const lock = path.join(ROOT, '.cache', `build-lock-${path.basename(distDir())}`);
+  mkdirSync(path.dirname(lock), { recursive: true });
+  for (;;) {
+    try {
+      mkdirSync(lock);
+      break;
+    } catch {
+      // Another test file is building; a lock older than 10 minutes belongs to a dead run.
+      if (existsSync(lock) && Date.now() - statSync(lock).mtimeMs > 600_000) rmSync(lock, { recursive: true, force: true });
+      await new Promise((r) => setTimeout(r, 500));
+      if (!existsSync(lock) && upToDate()) return;
+    }
+  }
+  try {
+    if (upToDate()) return;
+    if (process.env.VMSNAP_TEST_DIST) {
+      await execFileAsync(process.execPath, [path.join(ROOT, 'node_modules/typescript/bin/tsc'), '-p', 'tsconfig.build.json', '--outDir', distDir()], { cwd: ROOT });
+    } else await execFileAsync('npm', ['run', 'build'], { cwd: ROOT });
+  } finally {
+    rmSync(lock, { recursive: true, force: true });
+  }
 }
 
 export interface RunResult {

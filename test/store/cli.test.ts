@@ -10,7 +10,7 @@ import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { hostname } from 'node:os';
 import * as path from 'node:path';
 import { contentHash } from '../../src/store/hash.js';
-import { ensureBuilt, mixedImage, packBytes, randomData, removeDir, repoFiles, sha256, tempDir, vmsnap, vmsnapOk } from '../helpers/cli.js';
+import { ensureBuiltAsync, mixedImage, packBytes, randomData, removeDir, repoFiles, sha256, tempDir, vmsnap, vmsnapOk } from '../helpers/cli.js';
 
 let dir: string;
 const img1 = mixedImage(1 << 20, 41);
@@ -20,8 +20,8 @@ randomData(5000, 42).copy(img2, 500_000); // chunks 122-123
 let f1: string;
 let f2: string;
 
-beforeAll(() => {
-  ensureBuilt();
+beforeAll(async () => {
+  await ensureBuiltAsync();
   dir = tempDir('vmsnap-cli-');
   f1 = path.join(dir, 'one.img');
   f2 = path.join(dir, 'two.img');

@@ -9,13 +9,13 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { cpSync } from 'node:fs';
 import * as path from 'node:path';
-import { ensureBuilt, mixedImage, randomData, removeDir, tempDir, vmsnapOk } from '../helpers/cli.js';
+import { ensureBuiltAsync, mixedImage, randomData, removeDir, tempDir, vmsnapOk } from '../helpers/cli.js';
 import { cliCheckClean, countMutations, drive, image, killPoints, verify } from '../helpers/store-crash.js';
 
 let work: string;
 
-beforeAll(() => {
-  ensureBuilt();
+beforeAll(async () => {
+  await ensureBuiltAsync();
   work = tempDir('vmsnap-crash-');
 }, 120_000);
 

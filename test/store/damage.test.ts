@@ -12,7 +12,7 @@ import * as path from 'node:path';
 import { LocalBackend } from '../../src/store/backend/local.js';
 import { Repository } from '../../src/store/repository.js';
 import { PackWriter } from '../../src/store/pack.js';
-import { ensureBuilt, mixedImage, randomData, removeDir, repoFiles, sha256, tempDir, vmsnap, vmsnapOk } from '../helpers/cli.js';
+import { ensureBuiltAsync, mixedImage, randomData, removeDir, repoFiles, sha256, tempDir, vmsnap, vmsnapOk } from '../helpers/cli.js';
 
 let dir: string;
 let base: string;
@@ -69,7 +69,7 @@ async function exportOk(repo: string, which: 's1' | 's2' | 's3'): Promise<void> 
 const aff = (...w: ('s1' | 's2' | 's3')[]) => w.map((x) => `${ids[x]}:disk0`).sort();
 
 beforeAll(async () => {
-  ensureBuilt();
+  await ensureBuiltAsync();
   dir = tempDir('vmsnap-damage-');
   base = path.join(dir, 'base');
   // s1 = X + Y; s2 = X + Z (shares X with s1); s3 = W (vm2, shares nothing).

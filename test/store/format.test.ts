@@ -10,7 +10,7 @@ import { checkFormatVersion, FORMAT_NAME, FORMAT_VERSION, MIN_READABLE_VERSION, 
 import { FormatError } from '../../src/store/errors.js';
 import { MemoryBackend } from '../../src/store/backend/memory.js';
 import { Repository } from '../../src/store/repository.js';
-import { ensureBuilt, removeDir, tempDir, vmsnap, vmsnapOk } from '../helpers/cli.js';
+import { ensureBuiltAsync, removeDir, tempDir, vmsnap, vmsnapOk } from '../helpers/cli.js';
 
 const config = (over: Record<string, unknown> = {}) =>
   Buffer.from(JSON.stringify({ format: FORMAT_NAME, version: FORMAT_VERSION, id: 'a'.repeat(32), chunkSize: 65536, codec: 'zstd', created: new Date().toISOString(), encryption: null, ...over }));
@@ -64,8 +64,8 @@ describe('parseConfig', () => {
 
 describe('CLI and the version rule', () => {
   let dir: string;
-  beforeAll(() => {
-    ensureBuilt();
+  beforeAll(async () => {
+    await ensureBuiltAsync();
     dir = tempDir('vmsnap-format-');
   }, 120_000);
   afterAll(() => removeDir(dir));

@@ -14,7 +14,7 @@ import { ChunkIndex, decodeIndexFile, encodeIndexFile } from '../../src/store/ch
 import { FORMAT_VERSION, parseConfig } from '../../src/store/format.js';
 import { contentHash } from '../../src/store/hash.js';
 import { FormatError, IntegrityError } from '../../src/store/errors.js';
-import { ensureBuilt, removeDir, repoFiles, tempDir, vmsnap, vmsnapOk } from '../helpers/cli.js';
+import { ensureBuiltAsync, removeDir, repoFiles, tempDir, vmsnap, vmsnapOk } from '../helpers/cli.js';
 
 const ID = (n: number) => Buffer.alloc(32, n);
 const snapshotData = (over: Partial<SnapshotData> = {}): SnapshotData => ({
@@ -180,7 +180,7 @@ describe('hand-crafted objects through the CLI', () => {
   let repo: string;
   let good: string;
   beforeAll(async () => {
-    ensureBuilt();
+    await ensureBuiltAsync();
     dir = tempDir('vmsnap-hostile-');
     repo = path.join(dir, 'repo');
     await vmsnapOk(repo, ['init', '--chunk-size', '4096']);
