@@ -93,6 +93,15 @@ async function createDisks(def: VmDefinition, sources: { def: DiskDef; from?: st
   }
 }
 
+function processAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === 'EPERM';
+  }
+}
+
 export function registerVmCommands(program: Command, globals: Globals): void {
   const vm = program.command('vm').description('define, run and inspect VMs');
 
@@ -174,6 +183,10 @@ export function registerVmCommands(program: Command, globals: Globals): void {
         await callSupervisor(paths, { op });
         if (op === 'stop') {
           for (let i = 0; i < 200 && (await isRunning(paths)); i++) await new Promise((r) => setTimeout(r, 50));
+          // The socket stops answering first; QEMU quits and the volumes close after: wait for the
+          // supervisor process itself, so a `vm start` right after finds the volumes free.
+          const pid = Number(await fsp.readFile(paths.supervisorPid, 'utf8').catch(() => ''));
+          for (let i = 0; i < 400 && pid > 0 && processAlive(pid); i++) await new Promise((r) => setTimeout(r, 50));
         }
         if (!globals().json) console.log(`VM ${name}: ${verb} done`);
       });
