@@ -239,7 +239,11 @@ export class VmLab {
       await this.rememberPids(name).catch(() => undefined);
       if (this.supervisorPid(name)) await this.run(['vm', 'stop', name]).catch(() => undefined);
     }
-    for (const pid of this.ourPids()) this.pids.add(pid);
+    const left = this.ourPids().filter((p) => this.owns(p));
+    const sups = [...this.pids].filter((p) => this.owns(p) && !left.includes(p));
+    // `vm stop` should have ended everything: say so when it did not (a leak to look into).
+    if (left.length || sups.length) console.log(`cleanup of ${this.root}: killing leftover processes ${[...left, ...sups].map((p) => `${p} (${cmdline(p)})`).join(", ")}`);
+    for (const pid of left) this.pids.add(pid);
     for (const pid of this.pids) {
       // A remembered pid may have exited and been reused: kill only processes of this lab.
       if (!this.owns(pid)) continue;
@@ -359,5 +363,13 @@ async function ensureBuiltAsync(): Promise<void> {
     } finally {
       await fsp.rmdir(lock).catch(() => undefined);
     }
+  }
+}
+
+function cmdline(pid: number): string {
+  try {
+    return readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0').join(' ').slice(0, 160);
+  } catch {
+    return '?';
   }
 }

@@ -152,5 +152,18 @@ describe('repository file system full during take', () => {
     const check = await lab.run(['check']);
     console.log(`check after the failed take: exit ${check.code}: ${(check.stdout + check.stderr).trim().split('\n').slice(-2).join(' | ')}`);
     expect(check.code, check.stderr + check.stdout).toBe(0);
+
+    // Space back (prune drops the unreferenced leftover): the same supervisor snapshots again.
+    await lab.ok(['prune']);
+    const dfPruned = execFileSync('df', ['-B1', '--output=avail', mnt!], { encoding: 'utf8' }).trim().split('\n')[1];
+    const t = await lab.json<{ snapshot: string; newBytes: number }>(['take', 'f1', '--disk-only']);
+    console.log(`free after prune: ${dfPruned} B; disk-only take after the failure: ${t.snapshot.slice(0, 12)}, new ${t.newBytes} B`);
+    expect(await lab.snapshotIds()).toEqual([t.snapshot]);
+    expect((await lab.show('f1')).lastSnapshot).toBe(t.snapshot);
+    const s = await lab.waitLines('f1', (await lab.statuses('f1')).length + 2);
+    expect(last(s).errors).toBe(0);
+    expect(last(s).diskErrors).toBe(0);
+    const check2 = await lab.run(['check', '--read-data']);
+    expect(check2.code, check2.stderr + check2.stdout).toBe(0);
   });
 });
