@@ -32,7 +32,12 @@ import { WorkerPool } from './workers.js';
 
 /** Packs are cut at this size: large enough for ≤ 64 PUTs per GiB on S3, small enough to repack. */
 export const PACK_TARGET = 32 << 20;
-const UPLOAD_CONCURRENCY = 2;
+/**
+ * Packs uploading at once while the next one fills. A local disk gains nothing from a second
+ * concurrent 32 MiB write, so it gets one (and 32 MiB less peak memory); remote stores hide
+ * request latency with two.
+ */
+const UPLOAD_CONCURRENCY = { local: 1, remote: 2 };
 
 export interface InitOptions {
   password?: string;
@@ -249,8 +254,9 @@ export class Repository {
     if (this.pack.count === 0) return;
     const writer = this.pack;
     this.pack = new PackWriter();
-    // Backpressure: never more than UPLOAD_CONCURRENCY packs in flight (bounded memory).
-    while (this.uploads.size >= UPLOAD_CONCURRENCY) await Promise.race(this.uploads);
+    // Backpressure: a bounded number of packs in flight (bounded memory).
+    const limit = this.backend.capabilities.local ? UPLOAD_CONCURRENCY.local : UPLOAD_CONCURRENCY.remote;
+    while (this.uploads.size >= limit) await Promise.race(this.uploads);
     this.throwIfFailed();
     const { name, bytes, entries } = writer.finish(this.aeadKey);
     const upload = this.backend
@@ -389,7 +395,8 @@ export class Repository {
         onError(id, err as Error);
       }
     });
-    return out.sort((a, b) => a.time.localeCompare(b.time) || a.id.localeCompare(b.id));
+    // By instant, not by text: times may carry different UTC offsets.
+    return out.sort((a, b) => Date.parse(a.time) - Date.parse(b.time) || a.id.localeCompare(b.id));
   }
 
   /** Resolves a full id, a unique prefix (≥ 4 hex digits), or `latest` / `VM:latest`. */

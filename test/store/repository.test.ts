@@ -86,7 +86,7 @@ describe('repository', () => {
     await repo.flush();
     const [pack] = repo.index.packs();
     const bytes = await backend.get('packs', pack!);
-    bytes[100] ^= 1;
+    bytes[100] = bytes[100]! ^ 1;
     await backend.put('packs', pack!, bytes);
     const sink = new PassThrough();
     sink.resume();
