@@ -30,6 +30,15 @@ import { resolveStreamRef } from './store-commands.js';
 
 type Globals = () => GlobalOptions;
 const collect = (v: string, prev: string[]) => [...prev, v];
+/** `--hydrate [MiB/s]`: true (unlimited) or a rate; returned as bytes per second (0 = unlimited). */
+function hydrateRate(v: boolean | string | undefined): number | undefined {
+  if (v === undefined || v === false) return undefined;
+  if (v === true) return 0;
+  const n = Number(v);
+  if (!(n > 0)) throw new UsageError(`--hydrate takes a rate in MiB/s greater than 0, got ${JSON.stringify(v)}`);
+  return Math.round(n * 1024 * 1024);
+}
+const HYDRATE_HELP = 'copy the snapshot disks into local overlays in the background (optionally at most this many MiB/s)';
 
 /** The environment a supervisor needs to open the same repository without prompting. */
 async function supervisorEnv(g: GlobalOptions): Promise<NodeJS.ProcessEnv> {
@@ -161,10 +170,16 @@ export function registerVmCommands(program: Command, globals: Globals): void {
   vm.command('start <name>')
     .description('start a VM (its supervisor keeps disks served while it runs)')
     .option('--restore <snapshot>', 'start from this snapshot')
-    .action(async (name: string, o: { restore?: string }) => {
+    .option('--hydrate [mibps]', HYDRATE_HELP)
+    .action(async (name: string, o: { restore?: string; hydrate?: boolean | string }) => {
       const g = globals();
       await loadDefinition(dataDir(), name);
-      await spawnSupervisor(dataDir(), name, { env: await supervisorEnv(g), ...(o.restore ? { restore: o.restore } : {}) });
+      const hydrate = hydrateRate(o.hydrate);
+      await spawnSupervisor(dataDir(), name, {
+        env: await supervisorEnv(g),
+        ...(o.restore ? { restore: o.restore } : {}),
+        ...(hydrate !== undefined ? { hydrate } : {}),
+      });
       const st = await callSupervisor<{ state: string; pid: number; accel: string }>(vmPaths(dataDir(), name), { op: 'status' });
       if (g.json) printJson(st);
       else console.log(`VM ${name} ${st.state} (QEMU pid ${st.pid}, ${st.accel})`);
@@ -316,8 +331,10 @@ export function registerVmCommands(program: Command, globals: Globals): void {
     .command('clone <snapshot> <newvm>')
     .description('a new VM from a snapshot: disks cloned copy-on-write, RAM restored; runs beside the original')
     .option('--no-start', 'define the clone but do not start it')
-    .action(async (ref: string, newName: string, o: { start: boolean }) => {
+    .option('--hydrate [mibps]', HYDRATE_HELP)
+    .action(async (ref: string, newName: string, o: { start: boolean; hydrate?: boolean | string }) => {
       const g = globals();
+      const hydrate = hydrateRate(o.hydrate);
       const paths = vmPaths(dataDir(), newName);
       if (await fsp.stat(paths.config).catch(() => null)) throw new UsageError(`VM ${newName} already exists`);
       const repo = await openRepository(g);
@@ -350,7 +367,7 @@ export function registerVmCommands(program: Command, globals: Globals): void {
       } finally {
         await repo.close();
       }
-      if (o.start) await spawnSupervisor(dataDir(), newName, { restore: snapId, env: await supervisorEnv(g) });
+      if (o.start) await spawnSupervisor(dataDir(), newName, { restore: snapId, env: await supervisorEnv(g), ...(hydrate !== undefined ? { hydrate } : {}) });
       if (g.json) printJson({ vm: newName, snapshot: snapId, started: o.start });
       else console.log(`VM ${newName} cloned from ${shortId(snapId)}${o.start ? ' and running' : ''}`);
     });
@@ -358,9 +375,16 @@ export function registerVmCommands(program: Command, globals: Globals): void {
   program
     .command('__supervise <vm>', { hidden: true })
     .option('--restore <snapshot>')
-    .action(async (name: string, o: { restore?: string }) => {
+    .option('--hydrate <bytesPerSecond>')
+    .action(async (name: string, o: { restore?: string; hydrate?: string }) => {
       const g = globals();
-      await runSupervisor({ dataDir: dataDir(), name, ...(o.restore ? { restore: o.restore } : {}), openRepo: () => openRepository(g) });
+      await runSupervisor({
+        dataDir: dataDir(),
+        name,
+        ...(o.restore ? { restore: o.restore } : {}),
+        ...(o.hydrate !== undefined ? { hydrate: Number(o.hydrate) } : {}),
+        openRepo: () => openRepository(g),
+      });
     });
 }
 

@@ -1105,7 +1105,10 @@ export class Volume {
    * Copies every base block not yet in the overlay into it, so the volume stops depending on the
    * repository. Hydrated blocks are not dirty. Safe while the volume is being served.
    */
-  async hydrate(opts: { signal?: AbortSignal; onProgress?: (done: number, total: number) => void } = {}): Promise<number> {
+  async hydrate(
+    opts: { signal?: AbortSignal; onProgress?: (done: number, total: number) => void; bytesPerSecond?: number } = {},
+  ): Promise<number> {
+    const t0 = performance.now();
     const reader = this.baseReader;
     if (!reader) return 0;
     const todo: number[] = [];
@@ -1122,6 +1125,11 @@ export class Volume {
       this.dataDirty = true;
       await this.track(pwritev(this.dataFd, [data], s * this.blockSize));
       done++;
+      if (opts.bytesPerSecond) {
+        // Background hydration must not starve the guest's own reads of the same link.
+        const ahead = (done * this.blockSize * 1000) / opts.bytesPerSecond - (performance.now() - t0);
+        if (ahead > 0) await new Promise((r) => setTimeout(r, ahead));
+      }
       if (done % 256 === 0) {
         await this.flush();
         opts.onProgress?.(done, todo.length);

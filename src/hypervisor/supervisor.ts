@@ -34,7 +34,7 @@ export type SupervisorRequest =
 
 type Reply = { ok: true; result: unknown } | { ok: false; error: string; name: string };
 
-export async function runSupervisor(opts: { dataDir: string; name: string; restore?: string; openRepo: () => Promise<Repository> }): Promise<void> {
+export async function runSupervisor(opts: { dataDir: string; name: string; restore?: string; hydrate?: number; openRepo: () => Promise<Repository> }): Promise<void> {
   const paths = vmPaths(opts.dataDir, opts.name);
   const log = (m: string) => process.stderr.write(`${new Date().toISOString()} ${m}\n`);
   await fsp.writeFile(paths.supervisorPid, String(process.pid));
@@ -177,14 +177,18 @@ function projectRoot(): string {
  * Starts a VM's supervisor detached and waits until it answers (or dies: then its log tail is in
  * the error). `env` carries the repository location and password to the child.
  */
-export async function spawnSupervisor(dataDir: string, name: string, opts: { restore?: string; env: NodeJS.ProcessEnv; timeoutMs?: number }): Promise<void> {
+export async function spawnSupervisor(
+  dataDir: string,
+  name: string,
+  opts: { restore?: string; hydrate?: number; env: NodeJS.ProcessEnv; timeoutMs?: number },
+): Promise<void> {
   const paths = vmPaths(dataDir, name);
   await fsp.mkdir(paths.runDir, { recursive: true, mode: 0o700 });
   if (await isRunning(paths)) throw new SupervisorError(`VM ${name} is already running`);
   await fsp.rm(paths.supervisorSocket, { force: true });
   const logFd = openSync(paths.supervisorLog, 'a');
   const bin = path.join(projectRoot(), 'bin', 'vmsnap.js');
-  const args = [bin, '__supervise', name, ...(opts.restore ? ['--restore', opts.restore] : [])];
+  const args = [bin, '__supervise', name, ...(opts.restore ? ['--restore', opts.restore] : []), ...(opts.hydrate !== undefined ? ['--hydrate', String(opts.hydrate)] : [])];
   const child = spawn(process.execPath, args, {
     detached: true,
     stdio: ['ignore', logFd, logFd],

@@ -77,6 +77,11 @@ export interface RuntimeOptions {
   openRepo: () => Promise<Repository>;
   /** Start from this snapshot (its disks must already be the volumes' bases, or restore does it). */
   restore?: string;
+  /**
+   * Copy every base block into the volumes' overlays in the background while the guest runs, so a
+   * clone or restore stops depending on the repository (e.g. S3). Bytes per second, 0 = unlimited.
+   */
+  hydrate?: number;
   log?: (msg: string) => void;
 }
 
@@ -86,6 +91,7 @@ export class VmRuntime {
   private qemuBin: QemuBinary | null = null;
   private busy: Promise<unknown> = Promise.resolve();
   private stopping = false;
+  private hydration: { abort: AbortController; done: number; total: number; finished: boolean; running: Promise<void> } | null = null;
   /** Resolves when QEMU exits without being asked to by restore. */
   readonly ended: Promise<void>;
   private endedResolve!: () => void;
@@ -132,6 +138,7 @@ export class VmRuntime {
       if (repo) rt.repoPromise = Promise.resolve(repo);
       if (opts.restore !== undefined) await rt.restoreLocked(opts.restore);
       else await rt.launch(false);
+      rt.startHydration();
       return rt;
     } catch (err) {
       if (rt) await rt.shutdown().catch(() => undefined);
@@ -179,11 +186,59 @@ export class VmRuntime {
     return p;
   }
 
-  async status(): Promise<{ name: string; state: string; pid: number | null; accel: string | null; qemuVersion: string | null }> {
+  /** Starts background hydration of every volume (when asked for), reporting blocks copied. */
+  private startHydration(): void {
+    if (this.opts.hydrate === undefined || this.hydration) return;
+    const abort = new AbortController();
+    const h = { abort, done: 0, total: 0, finished: false, running: Promise.resolve() };
+    const perVolume = new Map<string, { done: number; total: number }>();
+    h.running = (async () => {
+      for (const [name, v] of this.volumes) {
+        if (abort.signal.aborted) return;
+        await v.hydrate({
+          signal: abort.signal,
+          ...(this.opts.hydrate ? { bytesPerSecond: this.opts.hydrate } : {}),
+          onProgress: (done, total) => {
+            perVolume.set(name, { done, total });
+            h.done = [...perVolume.values()].reduce((a, x) => a + x.done, 0);
+            h.total = [...perVolume.values()].reduce((a, x) => a + x.total, 0);
+          },
+        });
+      }
+      h.finished = !abort.signal.aborted;
+      if (h.finished) this.log(`hydration finished: ${h.done} blocks copied`);
+    })().catch((err: unknown) => this.log(`hydration stopped: ${(err as Error).message}`));
+    this.hydration = h;
+  }
+
+  private async stopHydration(): Promise<void> {
+    const h = this.hydration;
+    this.hydration = null;
+    if (!h) return;
+    h.abort.abort();
+    await h.running;
+  }
+
+  async status(): Promise<{
+    name: string;
+    state: string;
+    pid: number | null;
+    accel: string | null;
+    qemuVersion: string | null;
+    hydration: { done: number; total: number; finished: boolean } | null;
+  }> {
     const q = this.qemu;
     let state = 'stopped';
     if (q && !q.hasExited) state = (await q.qmp.execute<{ status: string }>('query-status').catch(() => ({ status: 'unknown' }))).status;
-    return { name: this.def.name, state, pid: q?.pid ?? null, accel: q?.accel ?? null, qemuVersion: q ? `${q.version.major}.${q.version.minor}.${q.version.micro}` : null };
+    const h = this.hydration;
+    return {
+      name: this.def.name,
+      state,
+      pid: q?.pid ?? null,
+      accel: q?.accel ?? null,
+      qemuVersion: q ? `${q.version.major}.${q.version.minor}.${q.version.micro}` : null,
+      hydration: h ? { done: h.done, total: h.total, finished: h.finished } : null,
+    };
   }
 
   pause(): Promise<void> {
@@ -345,6 +400,7 @@ export class VmRuntime {
     await step('checking the snapshot', () => checkRestorable(repo, snap, this.def));
     const ram = snap.meta.type === 'disk-only' ? null : await step('loading device state', () => loadStoredRam(repo, snap.streams));
     const t0 = performance.now();
+    await this.stopHydration();
     if (this.qemu && !this.qemu.hasExited) {
       this.stopping = true;
       await this.qemu.kill('SIGKILL');
@@ -368,12 +424,14 @@ export class VmRuntime {
       }
     }
     await saveState(this.opts.dataDir, this.def.name, { lastSnapshot: snap.id });
+    if (this.qemu === q && this.hydration === null && this.volumes.size && !this.stopping) this.startHydration();
     return { snapshot: snap.id, runState, loadMs: performance.now() - t0 };
   }
 
   /** Stops QEMU (quit, then kill), closes NBD and the volumes. */
   async shutdown(): Promise<void> {
     this.stopping = true;
+    await this.stopHydration();
     if (this.qemu && !this.qemu.hasExited) await this.qemu.quit(5000).catch(() => undefined);
     await this.nbd.close().catch(() => undefined);
     for (const v of this.volumes.values()) await v.close().catch(() => undefined);
