@@ -4,14 +4,12 @@
  * as `VMSNAP-STATUS` lines, and a cleanup that stops every VM and kills (by pid) any supervisor or
  * QEMU this lab started that is still alive.
  */
-import { execFile, execFileSync } from 'node:child_process';
+import { execFileSync } from 'node:child_process';
 import { promises as fsp, readFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
 import * as path from 'node:path';
-import { promisify } from 'node:util';
 import { expect } from 'vitest';
 import { guestArtifacts, parseErrorLines, parseStatusLines, type GuestErrorLine, type GuestStatus } from '../../fixtures/guest/index.js';
-import { ROOT, removeDir, tempDir, vmsnap, type RunResult } from './cli.js';
+import { ensureBuiltAsync, removeDir, tempDir, vmsnap, type RunResult } from './cli.js';
 
 export type { GuestStatus };
 
@@ -326,44 +324,6 @@ export function checkResumed(what: string, w: TakeWindow, post: GuestStatus[], m
     expect(post[i]!.diskSeq, `${what}: disk_seq monotonic`).toBeGreaterThanOrEqual(post[i - 1]!.diskSeq);
   }
   expect(last(post).gen, `${what}: the guest runs on`).toBeGreaterThan(r0.gen);
-}
-
-async function newestMtime(dir: string): Promise<number> {
-  let t = 0;
-  for (const e of await fsp.readdir(dir, { withFileTypes: true })) {
-    const p = path.join(dir, e.name);
-    if (e.isDirectory()) t = Math.max(t, await newestMtime(p));
-    else if (e.name.endsWith('.ts')) t = Math.max(t, (await fsp.stat(p)).mtimeMs);
-  }
-  return t;
-}
-
-/**
- * Like ensureBuilt() in cli.ts, without blocking the event loop (a synchronous build of a minute
- * on a loaded machine makes vitest's worker RPC time out), and one build at a time across workers.
- */
-async function ensureBuiltAsync(): Promise<void> {
-  const lock = path.join(tmpdir(), 'vmsnap-vm-tests-build.lock');
-  const stale = async () => {
-    const built = (await fsp.stat(path.join(ROOT, 'dist/cli/main.js')).catch(() => null))?.mtimeMs ?? 0;
-    return Math.max(await newestMtime(path.join(ROOT, 'src')), await newestMtime(path.join(ROOT, 'cli'))) > built;
-  };
-  const deadline = Date.now() + 300_000;
-  while (await stale()) {
-    try {
-      await fsp.mkdir(lock);
-    } catch {
-      // Another worker builds (or a dead one left the lock: give up waiting after a while).
-      if (Date.now() > deadline) throw new Error(`waited too long for ${lock}`);
-      await sleep(500);
-      continue;
-    }
-    try {
-      if (await stale()) await promisify(execFile)('npm', ['run', 'build'], { cwd: ROOT });
-    } finally {
-      await fsp.rmdir(lock).catch(() => undefined);
-    }
-  }
 }
 
 function cmdline(pid: number): string {
