@@ -1114,6 +1114,7 @@ export class Volume {
     const todo: number[] = [];
     for (let i = 0; i < this.nBlocks; i++) if (this.map[i] === BASE && !reader.isZero(i)) todo.push(i);
     let done = 0;
+    opts.onProgress?.(0, todo.length);
     for (const i of todo) {
       if (opts.signal?.aborted) break;
       this.checkUsable();
