@@ -5,7 +5,7 @@
  */
 import { parentPort, workerData } from 'node:worker_threads';
 import { chunkHasher, isAllZero, ID_SIZE } from './hash.js';
-import { decode, encode, type CodecId } from './codec.js';
+import { decode, encodeBound, encodeInto, type CodecId } from './codec.js';
 import { open, seal } from './crypto.js';
 import { chunkAad } from './pack.js';
 import type { WorkerRequest, WorkerReply, WorkerInit } from './workers.js';
@@ -13,6 +13,7 @@ import type { WorkerRequest, WorkerReply, WorkerInit } from './workers.js';
 const init = workerData as WorkerInit;
 const aeadKey = init.aeadKey ? Buffer.from(init.aeadKey) : null;
 const hash = chunkHasher(init.idKey ? Buffer.from(init.idKey) : null);
+let scratch = Buffer.allocUnsafeSlow(0);
 
 parentPort!.on('message', (req: WorkerRequest) => {
   try {
@@ -40,19 +41,31 @@ function handle(req: WorkerRequest): [WorkerReply, ArrayBuffer[]] {
     return [{ type: 'hash', seq: req.seq, buffer: req.buffer, ids: idsAb }, [req.buffer, idsAb]];
   }
   if (req.type === 'encode') {
-    const parts: Buffer[] = [];
+    // Compress into one reused scratch buffer, then copy the results into one exact-size output:
+    // no per-chunk garbage in this thread (see codec.ts).
     const codecs: number[] = [];
     const sizes: number[] = [];
+    const sealed: Buffer[] = [];
+    let need = 0;
+    for (const [, length] of req.items) need += encodeBound(length);
+    if (scratch.length < need) scratch = Buffer.allocUnsafeSlow(need);
+    let pos = 0;
     for (const [offset, length, idStart] of req.items) {
       const raw = data.subarray(offset, offset + length);
-      const enc = encode(req.codec as CodecId, raw, req.level);
-      const stored = aeadKey ? seal(aeadKey, enc.data, chunkAad(Buffer.from(req.ids, idStart, ID_SIZE))) : enc.data;
-      parts.push(stored);
+      const enc = encodeInto(req.codec as CodecId, raw, scratch.subarray(pos), req.level);
       codecs.push(enc.codec);
-      sizes.push(stored.length);
+      if (aeadKey) {
+        const box = seal(aeadKey, scratch.subarray(pos, pos + enc.length), chunkAad(Buffer.from(req.ids, idStart, ID_SIZE)));
+        sealed.push(box);
+        sizes.push(box.length);
+      } else {
+        sizes.push(enc.length);
+        pos += enc.length;
+      }
     }
-    const out = toTransferable(Buffer.concat(parts));
-    return [{ type: 'encode', seq: req.seq, buffer: req.buffer, out, codecs, sizes }, [req.buffer, out]];
+    const out = aeadKey ? Buffer.concat(sealed) : Buffer.from(scratch.subarray(0, pos));
+    const outAb = toTransferable(out);
+    return [{ type: 'encode', seq: req.seq, buffer: req.buffer, out: outAb, codecs, sizes }, [req.buffer, outAb]];
   }
   // decode: each item is a stored blob; output the plaintexts back to back, verified against ids.
   const total = req.items.reduce((s, it) => s + it[3], 0);

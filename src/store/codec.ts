@@ -7,6 +7,7 @@
  */
 import * as lz4 from 'lz4';
 import { compress as zstdCompress, decompress as zstdDecompress } from 'zstd-napi';
+import zstdBinding from 'zstd-napi/binding.js';
 import { FormatError, IntegrityError } from './errors.js';
 
 export const CODECS = { none: 0, zstd: 1, lz4: 2 } as const;
@@ -41,6 +42,34 @@ export function encode(preferred: CodecId, raw: Uint8Array, zstdLevel = 3): Enco
     if (n > 0 && n < limit) return { codec: CODECS.lz4, data: out.subarray(0, n) };
   }
   return { codec: CODECS.none, data: Buffer.from(raw.buffer, raw.byteOffset, raw.byteLength) };
+}
+
+/** Room `encodeInto` may need for `rawLength` bytes. */
+export function encodeBound(rawLength: number): number {
+  return Math.max(zstdBinding.compressBound(rawLength), lz4.encodeBound(rawLength), rawLength);
+}
+
+// One compression context per thread (module state is per worker): the convenience API keeps a
+// context too, but returns a fresh Buffer per chunk, and in a worker that garbage is external
+// memory V8 collects only after tens of MiB have piled up (peak RSS of ingest).
+let cctx: InstanceType<typeof zstdBinding.CCtx> | null = null;
+
+/**
+ * Like `encode`, but writes into `dst` (at least `encodeBound(raw.length)` bytes) and allocates
+ * nothing. Returns the codec used and the number of bytes written.
+ */
+export function encodeInto(preferred: CodecId, raw: Uint8Array, dst: Buffer, zstdLevel = 3): { codec: CodecId; length: number } {
+  const limit = raw.length - (raw.length >> 5);
+  if (preferred === CODECS.zstd) {
+    cctx ??= new zstdBinding.CCtx();
+    const n = cctx.compress(dst, raw, zstdLevel);
+    if (n < limit) return { codec: CODECS.zstd, length: n };
+  } else if (preferred === CODECS.lz4) {
+    const n = lz4.encodeBlock(raw, dst);
+    if (n > 0 && n < limit) return { codec: CODECS.lz4, length: n };
+  }
+  dst.set(raw, 0);
+  return { codec: CODECS.none, length: raw.length };
 }
 
 /** Decodes a stored chunk whose plaintext must be exactly `rawLength` bytes. */

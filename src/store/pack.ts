@@ -45,11 +45,26 @@ export function chunkAad(id: Uint8Array): Buffer {
   return Buffer.concat([Buffer.from('chunk'), id]);
 }
 
-/** Accumulates blobs in memory; the repository seals and compresses before `add`. */
+/**
+ * Accumulates blobs in one growing buffer (the repository seals and compresses before `add`), so
+ * a finished pack is that buffer's prefix: no second copy of 32 MiB while it uploads.
+ */
 export class PackWriter {
-  private parts: Buffer[] = [PACK_MAGIC];
+  private buf: Buffer;
   private entries: PackEntry[] = [];
   private size = PACK_MAGIC.length;
+
+  constructor(capacityHint = 1 << 20) {
+    this.buf = Buffer.allocUnsafeSlow(Math.max(capacityHint, 64 << 10));
+    PACK_MAGIC.copy(this.buf, 0);
+  }
+
+  private reserve(n: number): void {
+    if (this.size + n <= this.buf.length) return;
+    const grown = Buffer.allocUnsafeSlow(Math.max(this.size + n, Math.ceil(this.buf.length * 1.5)));
+    this.buf.copy(grown, 0, 0, this.size);
+    this.buf = grown;
+  }
 
   get byteLength(): number {
     return this.size;
@@ -60,7 +75,8 @@ export class PackWriter {
 
   add(id: Buffer, codec: number, stored: Buffer, rawLength: number): PackEntry {
     const entry: PackEntry = { id, codec, offset: this.size, storedLength: stored.length, rawLength };
-    this.parts.push(stored);
+    this.reserve(stored.length);
+    stored.copy(this.buf, this.size);
     this.entries.push(entry);
     this.size += stored.length;
     return entry;
@@ -83,9 +99,10 @@ export class PackWriter {
     const trailer = Buffer.allocUnsafe(PACK_TRAILER);
     trailer.writeUInt32BE(storedDesc.length, 0);
     END_MAGIC.copy(trailer, 4);
-    const bytes = Buffer.concat([...this.parts, storedDesc, trailer]);
-    // The blobs now live in `bytes`; dropping the parts halves a pack's footprint during its upload.
-    this.parts = [];
+    this.reserve(storedDesc.length + trailer.length);
+    storedDesc.copy(this.buf, this.size);
+    trailer.copy(this.buf, this.size + storedDesc.length);
+    const bytes = this.buf.subarray(0, this.size + storedDesc.length + trailer.length);
     return { name: contentHash(bytes).toString('hex'), bytes, entries: this.entries };
   }
 }

@@ -73,7 +73,7 @@ export class Repository {
   readonly chunkId: ChunkHasher;
   readonly codec: CodecId;
   readonly stats: WriteStats = { newChunks: 0, dedupChunks: 0, zeroChunks: 0, rawBytes: 0, storedBytes: 0, packs: 0 };
-  private pack = new PackWriter();
+  private pack = new PackWriter(PACK_TARGET + (1 << 20));
   /** Chunks written this session but not yet in the index (hex id -> pack writer holding them). */
   private pending = new Map<string, PackWriter>();
   private uploads = new Set<Promise<void>>();
@@ -253,7 +253,7 @@ export class Repository {
   private async cutPack(): Promise<void> {
     if (this.pack.count === 0) return;
     const writer = this.pack;
-    this.pack = new PackWriter();
+    this.pack = new PackWriter(PACK_TARGET + (1 << 20));
     // Backpressure: a bounded number of packs in flight (bounded memory).
     const limit = this.backend.capabilities.local ? UPLOAD_CONCURRENCY.local : UPLOAD_CONCURRENCY.remote;
     while (this.uploads.size >= limit) await Promise.race(this.uploads);

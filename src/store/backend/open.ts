@@ -7,90 +7,24 @@
  * Remote backends are wrapped in RetryBackend unless `retry: false`; `stats: true` adds a
  * StatsBackend inside the retry layer so it counts every billed request, retries included.
  */
-import { BackendError, type Backend } from './contract.js';
-import { LocalBackend } from './local.js';
-import { MemoryBackend } from './memory.js';
-import { RetryBackend, type RetryOptions } from './retry.js';
-import { S3Backend, type S3BackendOptions } from './s3.js';
+import type { Backend } from './contract.js';
+import { openNonS3, OpenBackendError, type OpenBackendOptions, type OpenedBackend } from './open-local.js';
+import { RetryBackend } from './retry.js';
+import { S3Backend } from './s3.js';
 import { StatsBackend } from './stats.js';
 
-export interface OpenBackendOptions {
-  /** Retry policy for remote backends; false disables retries. Local and memory never retry. */
-  retry?: RetryOptions | false;
-  s3?: S3BackendOptions;
-  /** Wrap in StatsBackend (reachable as `OpenedBackend.stats`). */
-  stats?: boolean;
-}
-
-export interface OpenedBackend {
-  backend: Backend;
-  /** Present when `stats` was requested. */
-  stats?: StatsBackend;
-  kind: 'local' | 's3' | 'memory';
-}
-
-export class OpenBackendError extends BackendError {
-  override readonly name = 'OpenBackendError';
-  constructor(message: string) {
-    super(message, false);
-  }
-}
-
-const namedMemory = new Map<string, MemoryBackend>();
+export { OpenBackendError, type OpenBackendOptions, type OpenedBackend };
 
 /** Classifies `url` and builds the backend; see the module comment for the accepted forms. */
 export function openBackendDetailed(url: string, opts: OpenBackendOptions = {}): OpenedBackend {
-  let kind: OpenedBackend['kind'];
-  let base: Backend;
-  if (url.startsWith('s3:')) {
-    kind = 's3';
-    base = S3Backend.fromUrl(url, opts.s3);
-  } else if (url === 'memory:' || url.startsWith('memory:')) {
-    kind = 'memory';
-    const name = url.slice('memory:'.length);
-    if (name === '') {
-      base = new MemoryBackend();
-    } else {
-      let m = namedMemory.get(name);
-      if (!m) {
-        m = new MemoryBackend(url);
-        namedMemory.set(name, m);
-      }
-      base = sharedView(m);
-    }
-  } else {
-    const p = url.startsWith('local:') ? url.slice('local:'.length) : url;
-    if (p === '') throw new OpenBackendError('empty repository path');
-    if (/^[a-z][a-z0-9+.-]*:\/\//i.test(p)) {
-      // Do not echo the URL: it may carry credentials.
-      throw new OpenBackendError(
-        `unsupported repository URL scheme ${JSON.stringify(p.slice(0, p.indexOf(':')))} (use a path, local:PATH, s3://BUCKET/PREFIX, s3:https://HOST/BUCKET/PREFIX or memory:)`,
-      );
-    }
-    kind = 'local';
-    base = new LocalBackend(p);
-  }
+  if (!url.startsWith('s3:')) return openNonS3(url, opts);
+  const base: Backend = S3Backend.fromUrl(url, opts.s3);
   const stats = opts.stats ? new StatsBackend(base) : undefined;
   let backend: Backend = stats ?? base;
-  if (kind === 's3' && opts.retry !== false) backend = new RetryBackend(backend, opts.retry ?? {});
-  return stats ? { backend, stats, kind } : { backend, kind };
+  if (opts.retry !== false) backend = new RetryBackend(backend, opts.retry ?? {});
+  return stats ? { backend, stats, kind: 's3' } : { backend, kind: 's3' };
 }
 
 export function openBackend(url: string, opts: OpenBackendOptions = {}): Backend {
   return openBackendDetailed(url, opts).backend;
-}
-
-/** Closing one user of a named memory backend must not close it for the others. */
-function sharedView(m: MemoryBackend): Backend {
-  return {
-    location: m.location,
-    capabilities: m.capabilities,
-    put: (k, n, d) => m.put(k, n, d),
-    create: (k, n, d) => m.create(k, n, d),
-    get: (k, n, r) => m.get(k, n, r),
-    stat: (k, n) => m.stat(k, n),
-    list: (k) => m.list(k),
-    delete: (k, n) => m.delete(k, n),
-    close: async () => undefined,
-  };
 }
