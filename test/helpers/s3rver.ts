@@ -80,7 +80,28 @@ async function readAll(content: Buffer | NodeJS.ReadableStream): Promise<Buffer>
 }
 
 /** Per request: whether this PUT must fail when the key exists (set by the request wrapper). */
-const conditional = new AsyncLocalStorage<{ ifNoneMatch: boolean }>();
+const conditional = new AsyncLocalStorage<{ ifNoneMatch: boolean; awsChunked?: boolean }>();
+
+/**
+ * Decodes an `aws-chunked` body (SigV4 streaming upload: `hex-size;chunk-signature=…\r\n data \r\n`
+ * … `0;chunk-signature=…\r\n\r\n`), which s3rver would otherwise store verbatim. minio-go (restic)
+ * uploads this way over plain HTTP.
+ */
+function decodeAwsChunked(body: Buffer): Buffer {
+  const parts: Buffer[] = [];
+  let p = 0;
+  for (;;) {
+    const eol = body.indexOf('\r\n', p);
+    if (eol < 0) throw new Error('aws-chunked body: missing chunk header');
+    const m = /^([0-9a-fA-F]+)(;chunk-signature=[0-9a-f]{64})?$/.exec(body.subarray(p, eol).toString('latin1'));
+    if (!m) throw new Error('aws-chunked body: bad chunk header');
+    const n = parseInt(m[1]!, 16);
+    p = eol + 2;
+    if (n === 0) return Buffer.concat(parts);
+    parts.push(body.subarray(p, p + n));
+    p += n + 2;
+  }
+}
 
 type S3ErrorCtor = new (code: string, message: string, detail?: Record<string, string>) => Error;
 
@@ -110,7 +131,8 @@ function patchStoreForS3Semantics(): void {
   };
   const { getObject, getMetadata, existsObject, deleteObject } = proto;
   proto.putObject = async function (this: FilesystemStoreProto, object: StoreObject) {
-    const body = await readAll(object.content);
+    const raw = await readAll(object.content);
+    const body = conditional.getStore()?.awsChunked ? decodeAwsChunked(raw) : raw;
     const md5 = createHash('md5').update(body).digest('hex');
     const file = this.getResourcePath(object.bucket, object.key, 'object');
     return withKey(object.bucket, object.key, async () => {
@@ -180,7 +202,8 @@ export async function startS3rver(opts: { bucket?: string; conditionalWrites?: b
   http.removeAllListeners('request');
   http.on('request', (req: IncomingMessage, res: ServerResponse) => {
     const ifNoneMatch = honour && req.method === 'PUT' && req.headers['if-none-match'] === '*';
-    conditional.run({ ifNoneMatch }, () => {
+    const awsChunked = req.method === 'PUT' && req.headers['x-amz-content-sha256'] === 'STREAMING-AWS4-HMAC-SHA256-PAYLOAD';
+    conditional.run({ ifNoneMatch, awsChunked }, () => {
       for (const h of handlers) h.call(http, req, res);
     });
   });
