@@ -5,7 +5,7 @@
  */
 import { parentPort, workerData } from 'node:worker_threads';
 import { chunkHasher, isAllZero, ID_SIZE } from './hash.js';
-import { decode, encodeBound, encodeInto, type CodecId } from './codec.js';
+import { decodeInto, encodeBound, encodeInto, type CodecId } from './codec.js';
 import { open, seal } from './crypto.js';
 import { chunkAad } from './pack.js';
 import type { WorkerRequest, WorkerReply, WorkerInit } from './workers.js';
@@ -69,20 +69,20 @@ function handle(req: WorkerRequest): [WorkerReply, ArrayBuffer[]] {
   }
   // decode: each item is a stored blob; output the plaintexts back to back, verified against ids.
   const total = req.items.reduce((s, it) => s + it[3], 0);
-  const out = Buffer.allocUnsafe(total);
+  const out = Buffer.allocUnsafeSlow(total);
   let w = 0;
   const ids = Buffer.from(req.ids);
   for (const [offset, length, codec, rawLength, idStart] of req.items) {
     const id = ids.subarray(idStart, idStart + ID_SIZE);
     let stored: Buffer = data.subarray(offset, offset + length);
     if (aeadKey) stored = open(aeadKey, stored, chunkAad(id), `chunk ${id.toString('hex')}`);
-    const plain = decode(codec, stored, rawLength);
+    const plain = out.subarray(w, w + rawLength);
+    decodeInto(codec, stored, plain);
     if (!hash(plain).equals(id)) {
       const e = new Error(`chunk ${id.toString('hex')}: content does not match its id (corrupted data)`);
       e.name = 'IntegrityError';
       throw e;
     }
-    plain.copy(out, w);
     w += rawLength;
   }
   const outAb = toTransferable(out);

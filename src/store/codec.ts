@@ -72,6 +72,39 @@ export function encodeInto(preferred: CodecId, raw: Uint8Array, dst: Buffer, zst
   return { codec: CODECS.none, length: raw.length };
 }
 
+let dctx: InstanceType<typeof zstdBinding.DCtx> | null = null;
+
+/**
+ * Decodes a stored chunk into `dst`, which must be exactly its plaintext length: one-shot
+ * decompression with a reused context, straight into the caller's buffer (export's hot path).
+ */
+export function decodeInto(codec: number, stored: Uint8Array, dst: Buffer): void {
+  switch (codec) {
+    case CODECS.none:
+      if (stored.length !== dst.length) throw new IntegrityError(`raw chunk is ${stored.length} bytes, expected ${dst.length}`);
+      dst.set(stored, 0);
+      return;
+    case CODECS.zstd: {
+      dctx ??= new zstdBinding.DCtx();
+      let n: number;
+      try {
+        n = dctx.decompress(dst, stored);
+      } catch (err) {
+        throw new IntegrityError(`zstd chunk does not decompress: ${(err as Error).message}`);
+      }
+      if (n !== dst.length) throw new IntegrityError(`zstd chunk decompressed to ${n} bytes, expected ${dst.length}`);
+      return;
+    }
+    case CODECS.lz4: {
+      const n = lz4.decodeBlock(stored, dst);
+      if (n !== dst.length) throw new IntegrityError(`lz4 chunk decompressed to ${n} bytes, expected ${dst.length}`);
+      return;
+    }
+    default:
+      throw new FormatError(`unknown codec id ${codec}`);
+  }
+}
+
 /** Decodes a stored chunk whose plaintext must be exactly `rawLength` bytes. */
 export function decode(codec: number, stored: Uint8Array, rawLength: number): Buffer {
   switch (codec) {
