@@ -105,6 +105,8 @@ function decodeAwsChunked(body: Buffer): Buffer {
 
 type S3ErrorCtor = new (code: string, message: string, detail?: Record<string, string>) => Error;
 
+const ALLOWED_METADATA = new Set((require('s3rver/lib/models/object.js') as { ALLOWED_METADATA: string[] }).ALLOWED_METADATA);
+
 function patchStoreForS3Semantics(): void {
   const Store = require('s3rver/lib/stores/filesystem.js') as { prototype: FilesystemStoreProto };
   const proto = Store.prototype;
@@ -130,6 +132,19 @@ function patchStoreForS3Semantics(): void {
     }
   };
   const { getObject, getMetadata, existsObject, deleteObject } = proto;
+  proto.putMetadata = async function (this: FilesystemStoreProto, bucket: string, key: string, metadata: Record<string, unknown>, md5: string) {
+    const dir = path.dirname(this.getResourcePath(bucket, key, 'object'));
+    await mkdir(dir, { recursive: true });
+    const json: Record<string, unknown> = {};
+    for (const [k, v] of Object.entries(metadata)) if (ALLOWED_METADATA.has(k) || k.startsWith('x-amz-meta-')) json[k] = v;
+    const writeAtomic = async (file: string, data: string) => {
+      const tmp = `${file}.tmp-${randomBytes(6).toString('hex')}`;
+      await writeFile(tmp, data);
+      await rename(tmp, file);
+    };
+    if (md5) await writeAtomic(this.getResourcePath(bucket, key, 'object.md5'), md5);
+    await writeAtomic(this.getResourcePath(bucket, key, 'metadata.json'), JSON.stringify(json, null, 2));
+  };
   proto.putObject = async function (this: FilesystemStoreProto, object: StoreObject) {
     const raw = await readAll(object.content);
     const body = conditional.getStore()?.awsChunked ? decodeAwsChunked(raw) : raw;
@@ -145,8 +160,11 @@ function patchStoreForS3Semantics(): void {
       await mkdir(path.dirname(file), { recursive: true });
       const tmp = `${file}.tmp-${randomBytes(6).toString('hex')}`;
       await writeFile(tmp, body);
-      await rename(tmp, file);
+      // Metadata first, each file replaced atomically: a listing that finds the object file must
+      // find complete metadata beside it (s3rver's own writeFile let a concurrent LIST parse a
+      // half-written metadata.json and answer 500).
       await this.putMetadata(object.bucket, object.key, object.metadata, md5);
+      await rename(tmp, file);
       return { size: body.length, md5 };
     });
   };
