@@ -325,8 +325,7 @@ export class VmRuntime {
         // A failed `cont` above must not leave the guest paused: try once more.
         await resume().catch(() => q.qmp.execute('cont').catch(() => undefined));
       }
-      repo.abandon();
-      this.repoPromise = null;
+      this.dropRepo(repo);
       throw await explainQemuExit(q, err);
     }
     const disks: Record<string, SnapshotStats> = {};
@@ -374,10 +373,20 @@ export class VmRuntime {
         disks,
       };
     } catch (err) {
-      repo.abandon();
-      this.repoPromise = null;
+      this.dropRepo(repo);
       throw err;
     }
+  }
+
+  /**
+   * After a failed take the repository handle may be in a failed state (a pack upload failed):
+   * the next take opens a fresh one. Volumes keep reading their base through the old handle,
+   * which only needs its index and backend, so only its worker threads are released.
+   */
+  private dropRepo(repo: Repository): void {
+    repo.abandon();
+    this.repoPromise = null;
+    void repo.close().catch(() => undefined);
   }
 
   restore(ref: string): Promise<{ snapshot: string; runState: string; loadMs: number }> {
