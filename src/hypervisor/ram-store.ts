@@ -20,6 +20,10 @@
  * Restore reads the ram.<i> streams back chunk by chunk (read-ahead) and emits pages for the
  * rebuilder: all-zero pages as ZERO records, everything else as PAGE records.
  */
+import { promises as fsp } from 'node:fs';
+import type { FileHandle } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import * as path from 'node:path';
 import type { PageRecord, StreamPrefix, StreamTail } from './migstream/format.js';
 import { PAGE_SIZE } from './migstream/format.js';
 import type { MigStreamSink } from './migstream/parser.js';
@@ -40,9 +44,19 @@ interface BlockState {
   /** pages received per chunk */
   filled: Uint16Array;
   pagesPerChunk: number[];
-  partial: Map<number, Buffer>;
+  /** Chunks with pages still missing: in memory, or (past the memory budget) in the spill file. */
+  partial: Map<number, Buffer | 'spilled'>;
   done: Uint8Array;
+  /** Where this block's bytes start in the spill file. */
+  spillBase: number;
 }
+
+/**
+ * Partial chunks held in memory at most (32 MiB at 64 KiB chunks). A background snapshot sends the
+ * pages the guest is about to write first, so a busy guest can scatter thousands of early pages
+ * over RAM; past this budget their chunks wait in a sparse temporary file instead.
+ */
+const MAX_PARTIAL_IN_MEMORY = 512;
 
 export interface RamCaptureStats {
   pages: number;
@@ -59,12 +73,35 @@ export class RamStreamWriter implements MigStreamSink {
   readonly stats: RamCaptureStats = { pages: 0, zeroPages: 0, newChunks: 0, newBytes: 0, storedBytes: 0, dedupChunks: 0, zeroChunks: 0 };
   private blocks: BlockState[] = [];
   private firstPage: (() => void | Promise<void>) | null;
+  private inMemory = 0;
+  private readonly maxPartial: number;
+  private spill: FileHandle | null = null;
+  private readonly spillDir: string;
 
   constructor(
     private readonly repo: Repository,
-    opts: { onFirstPage?: () => void | Promise<void> } = {},
+    opts: { onFirstPage?: () => void | Promise<void>; spillDir?: string; maxPartialInMemory?: number } = {},
   ) {
     this.firstPage = opts.onFirstPage ?? null;
+    this.spillDir = opts.spillDir ?? tmpdir();
+    this.maxPartial = opts.maxPartialInMemory ?? MAX_PARTIAL_IN_MEMORY;
+  }
+
+  /** Removes the spill file, if one was needed. */
+  async close(): Promise<void> {
+    const f = this.spill;
+    this.spill = null;
+    if (f) await f.close().catch(() => undefined);
+  }
+
+  private async spillFile(): Promise<FileHandle> {
+    if (!this.spill) {
+      const file = path.join(this.spillDir, `ram-spill-${process.pid}-${Date.now()}`);
+      this.spill = await fsp.open(file, 'w+', 0o600);
+      // Unlinked at once: the space is released when the handle closes, even after a crash.
+      await fsp.unlink(file);
+    }
+    return this.spill;
   }
 
   onPrefix(prefix: StreamPrefix): void {
@@ -72,10 +109,13 @@ export class RamStreamWriter implements MigStreamSink {
     this.prefix = { ...prefix, bytes: Buffer.from(prefix.bytes) };
     const cs = this.repo.chunkSize;
     const ppc = cs / PAGE_SIZE;
+    let spillBase = 0;
     this.blocks = prefix.blocks.map((b) => {
       const n = chunkCount(b.usedLength, cs);
       const pagesPerChunk = Array.from({ length: n }, (_, i) => Math.ceil(Math.min(cs, b.usedLength - i * cs) / PAGE_SIZE));
-      return { size: b.usedLength, ids: Buffer.alloc(n * ID_SIZE), filled: new Uint16Array(n), pagesPerChunk, partial: new Map(), done: new Uint8Array(n) };
+      const state: BlockState = { size: b.usedLength, ids: Buffer.alloc(n * ID_SIZE), filled: new Uint16Array(n), pagesPerChunk, partial: new Map(), done: new Uint8Array(n), spillBase };
+      spillBase += n * cs;
+      return state;
     });
     if (ppc > 0xffff) throw new RamCaptureError('chunk size too large for RAM capture');
   }
@@ -99,8 +139,15 @@ export class RamStreamWriter implements MigStreamSink {
       this.stats.pages++;
       if (p.kind === 'page' && !isAllZero(p.data!)) {
         let buf = b.partial.get(ci);
-        if (!buf) b.partial.set(ci, (buf = Buffer.alloc(Math.min(cs, b.size - ci * cs))));
-        p.data!.copy(buf, p.offset - ci * cs);
+        if (!buf) {
+          if (this.inMemory < this.maxPartial) {
+            buf = Buffer.alloc(Math.min(cs, b.size - ci * cs));
+            this.inMemory++;
+          } else buf = 'spilled';
+          b.partial.set(ci, buf);
+        }
+        if (buf === 'spilled') await (await this.spillFile()).write(p.data!, 0, PAGE_SIZE, b.spillBase + p.offset);
+        else p.data!.copy(buf, p.offset - ci * cs);
       } else this.stats.zeroPages++;
       if (++b.filled[ci]! === b.pagesPerChunk[ci]) await this.complete(b, ci);
     }
@@ -108,8 +155,17 @@ export class RamStreamWriter implements MigStreamSink {
 
   private async complete(b: BlockState, ci: number): Promise<void> {
     b.done[ci] = 1;
-    const buf = b.partial.get(ci);
+    const held = b.partial.get(ci);
     b.partial.delete(ci);
+    let buf: Buffer | undefined;
+    if (held === 'spilled') {
+      // Pages never written to the spill file read back as zeros: they were zero pages.
+      buf = Buffer.alloc(Math.min(this.repo.chunkSize, b.size - ci * this.repo.chunkSize));
+      await this.spill!.read(buf, 0, buf.length, b.spillBase + ci * this.repo.chunkSize);
+    } else if (held) {
+      buf = held;
+      this.inMemory--;
+    }
     if (!buf) {
       this.stats.zeroChunks++;
       return; // ids are zero-initialised: the zero id

@@ -311,7 +311,7 @@ export class VmRuntime {
         await pauseAndFreeze();
         await resume();
       } else {
-        ramWriter = new RamStreamWriter(repo, { onFirstPage: () => void resume().catch(() => undefined) });
+        ramWriter = new RamStreamWriter(repo, { onFirstPage: () => void resume().catch(() => undefined), spillDir: this.paths.runDir });
         const cap = await step('capturing RAM and device state', () =>
           captureSnapshot(q.qmp, ramWriter!, { socketDir: this.paths.runDir, beforeMigrate: pauseAndFreeze }),
         );
@@ -320,6 +320,7 @@ export class VmRuntime {
         streams.push(...(await step('storing device state', () => ramWriter!.metaStreams(cap.tail))), ...ramWriter.streams());
       }
     } catch (err) {
+      await ramWriter?.close();
       // Whatever failed, the guest runs on: it must never stay paused because a snapshot failed.
       if (wasRunning) {
         // A failed `cont` above must not leave the guest paused: try once more.
@@ -328,6 +329,7 @@ export class VmRuntime {
       this.dropRepo(repo);
       throw await explainQemuExit(q, err);
     }
+    await ramWriter?.close();
     const disks: Record<string, SnapshotStats> = {};
     try {
       for (const [name, v] of this.volumes) {
