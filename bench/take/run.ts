@@ -25,6 +25,7 @@
  *          Checked in the same run against a known pause (QMP stop, 300 ms, cont) and against an
  *          idle pair of windows (no operation: ≈ 0).
  */
+import type { TakeResult } from '../../src/hypervisor/vm-runtime.js';
 import { closeSync, existsSync, openSync, readSync, fstatSync, promises as fsp } from 'node:fs';
 import { loadavg } from 'node:os';
 import * as path from 'node:path';
@@ -261,17 +262,8 @@ function achievedRate(lines: readonly StampedStatus[], from: number, to: number)
 
 // ------------------------------------------------------------------ vmsnap side
 
-interface TakeJson {
-  snapshot: string;
-  parent: string | null;
-  pauseMs: number;
-  qemuDowntimeMs: number | null;
-  durationMs: number;
-  ramBytes: number;
-  newBytes: number;
-  storedBytes: number;
-  dedupBytes: number;
-}
+/** `take --json` prints the TakeResult of src/hypervisor/vm-runtime.ts. */
+type TakeJson = TakeResult;
 
 interface TakeRow {
   i: number;

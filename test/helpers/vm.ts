@@ -4,6 +4,7 @@
  * as `VMSNAP-STATUS` lines, and a cleanup that stops every VM and kills (by pid) any supervisor or
  * QEMU this lab started that is still alive.
  */
+import type { TakeResult } from '../../src/hypervisor/vm-runtime.js';
 import { execFileSync } from 'node:child_process';
 import { promises as fsp, readFileSync } from 'node:fs';
 import * as path from 'node:path';
@@ -33,17 +34,8 @@ export interface BmVmOptions {
   slowCpu?: boolean;
 }
 
-export interface TakeJson {
-  snapshot: string;
-  parent: string | null;
-  pauseMs: number;
-  qemuDowntimeMs: number | null;
-  durationMs: number;
-  ramBytes: number;
-  newBytes: number;
-  storedBytes: number;
-  disks: Record<string, { newBytes: number; dirtyBlocks: number }>;
-}
+/** `take --json` prints the TakeResult of src/hypervisor/vm-runtime.ts. */
+export type TakeJson = TakeResult;
 
 export interface ShowJson {
   name: string;
