@@ -14,7 +14,7 @@ import { spawn } from 'node:child_process';
 import { existsSync, openSync, closeSync, promises as fsp } from 'node:fs';
 import * as net from 'node:net';
 import * as path from 'node:path';
-import { fileURLToPath } from 'node:url';
+import { projectRoot } from '../util/project.js';
 import { VmRuntime, type TakeOptions } from './vm-runtime.js';
 import { vmPaths, type VmPaths } from './vm-config.js';
 import type { Repository } from '../store/repository.js';
@@ -160,17 +160,6 @@ export async function isRunning(paths: VmPaths): Promise<boolean> {
   } catch {
     return false;
   }
-}
-
-/** The project root (where package.json and bin/ live), from this module's location. */
-function projectRoot(): string {
-  let dir = path.dirname(fileURLToPath(import.meta.url));
-  while (!existsSync(path.join(dir, 'package.json'))) {
-    const up = path.dirname(dir);
-    if (up === dir) throw new Error('cannot find the vmsnap installation root');
-    dir = up;
-  }
-  return dir;
 }
 
 /**

@@ -21,7 +21,9 @@
  * start a fresh QEMU with -incoming defer, feed it a stream rebuilt from the stored RAM and device
  * state, and `cont` if the guest was running when the snapshot was taken.
  */
+import { execFile } from 'node:child_process';
 import { promises as fsp } from 'node:fs';
+import { nativeHelper } from '../util/project.js';
 import { Volume } from '../cow/volume.js';
 import { NbdServer } from '../cow/nbd-server.js';
 import { snapshotVolume, type SnapshotStats } from '../cow/snapshot.js';
@@ -358,6 +360,7 @@ export class VmRuntime {
         }),
       );
       await saveState(this.opts.dataDir, this.def.name, { lastSnapshot: snap.id });
+      if (!diskOnly) this.recollapseHugePages(q);
       const diskNew = Object.values(disks).reduce((a, d) => a + d.newBytes, 0);
       const ram = ramWriter?.stats;
       const ramBytes = ramWriter ? streams.filter((s) => s.kind === 'ram').reduce((a, s) => a + s.size, 0) : 0;
@@ -378,6 +381,21 @@ export class VmRuntime {
       this.dropRepo(repo);
       throw err;
     }
+  }
+
+  /**
+   * Rebuilds QEMU's transparent huge pages after a background snapshot split them (see
+   * native/thp-collapse.c): without it every later snapshot pauses the guest several times longer.
+   * Runs at low priority while the guest runs; best effort (needs Linux >= 6.1 and CAP_SYS_NICE).
+   */
+  private recollapseHugePages(q: QemuProcess): void {
+    const helper = nativeHelper('thp-collapse');
+    if (!helper || q.hasExited) return;
+    const t0 = performance.now();
+    execFile('nice', ['-n', '10', helper, String(q.pid)], { timeout: 60_000 }, (err, stdout) => {
+      const out = stdout.trim() || (err ? err.message : '');
+      this.log(`huge pages re-collapsed in ${(performance.now() - t0).toFixed(0)} ms: ${out}`);
+    });
   }
 
   /**
