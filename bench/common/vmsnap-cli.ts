@@ -22,6 +22,8 @@ export async function buildCli(root: string, name: string): Promise<string> {
   // ESM like the package, and the project's node_modules for bare imports.
   await fsp.writeFile(path.join(out, 'package.json'), '{ "type": "module" }\n');
   await fsp.symlink(path.join(REPO_ROOT, 'node_modules'), path.join(out, 'node_modules'));
+  // Native helpers built by scripts/setup.sh (src/util/project.ts looks for them beside package.json).
+  await fsp.symlink(path.join(REPO_ROOT, '.cache'), path.join(out, '.cache'));
   const main = path.join(out, 'cli/main.js');
   if (!existsSync(main)) throw new Error(`tsc did not produce ${main}`);
   return main;
