@@ -11,7 +11,7 @@ qemu_major() { qemu-system-x86_64 --version 2>/dev/null | sed -n 's/^QEMU emulat
 missing=()
 [ "$(qemu_major)" = "10" ] || missing+=(qemu)
 for bin in qemu-img:qemu nbdinfo:libnbd-bin nbdcopy:libnbd-bin redis-server:redis-server restic:restic cpio:cpio \
-           gcc:gcc zstd:zstd mkfs.ext4:e2fsprogs; do
+           gcc:gcc zstd:zstd mkfs.ext4:e2fsprogs fio:fio nbdkit:nbdkit; do
   command -v "${bin%%:*}" >/dev/null 2>&1 || missing+=("${bin#*:}")
 done
 [ -x /bin/busybox ] && /bin/busybox --help 2>&1 | grep -q 'static' || dpkg -s busybox-static >/dev/null 2>&1 || missing+=(busybox-static)
