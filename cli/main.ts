@@ -55,7 +55,7 @@ export function buildProgram(): Command {
 const USER_FACING = new Set([
   'VolumeCliError', 'VolumeCreateError', 'VolumeOpenError', 'VolumeRestoreError', 'VolumeRangeError', 'CloneError',
   'SnapshotError', 'SnapshotCaptureError', 'SnapshotRestoreError', 'QemuLaunchError', 'UnsupportedQemuError',
-  'QemuDetectError', 'MigrationStreamError', 'RamCaptureError', 'PathEscapeError', 'DiskStreamError',
+  'QemuDetectError', 'MigrationStreamError', 'SizeError', 'RamCaptureError', 'PathEscapeError', 'DiskStreamError',
 ]);
 
 /** Errors whose message is meant for the user as is. */

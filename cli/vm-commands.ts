@@ -2,6 +2,8 @@
 import { createReadStream, promises as fsp } from 'node:fs';
 import type { Command } from 'commander';
 import { Volume } from '../src/cow/volume.js';
+import { processAlive } from '../src/util/process.js';
+import { parseSize } from '../src/util/size.js';
 import { cloneVolume } from '../src/cow/snapshot.js';
 import { NotFoundError, UsageError } from '../src/store/errors.js';
 import { checkTags } from '../src/store/manifest.js';
@@ -15,7 +17,6 @@ import {
   loadState,
   newDefinition,
   parseDefinition,
-  parseSize,
   saveDefinition,
   saveState,
   vmPaths,
@@ -99,15 +100,6 @@ async function createDisks(def: VmDefinition, sources: { def: DiskDef; from?: st
     }
   } finally {
     await repo?.close();
-  }
-}
-
-function processAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (err) {
-    return (err as NodeJS.ErrnoException).code === 'EPERM';
   }
 }
 

@@ -7,6 +7,7 @@ import { promises as fsp } from 'node:fs';
 import * as path from 'node:path';
 import type { Command } from 'commander';
 import { containedPath } from '../util/fs.js';
+import { parseSize } from '../util/size.js';
 import type { ChunkStore, DiskStream } from './chunk-store.js';
 import { NbdServer } from './nbd-server.js';
 import { cloneVolume } from './snapshot.js';
@@ -29,12 +30,7 @@ export class VolumeCliError extends Error {
 
 const NAME_RE = /^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$/;
 
-export function parseSize(text: string): number {
-  const m = /^(\d+)\s*([kmgt]?)(i?b)?$/i.exec(text.trim());
-  if (!m) throw new VolumeCliError(`cannot parse size ${JSON.stringify(text)} (examples: 4G, 512M, 1048576)`);
-  const mult = { '': 1, k: 2 ** 10, m: 2 ** 20, g: 2 ** 30, t: 2 ** 40 }[m[2]!.toLowerCase() as '' | 'k' | 'm' | 'g' | 't'];
-  return Number(m[1]) * mult;
-}
+export { parseSize };
 
 export function volumeDir(dataDir: string, name: string): string {
   if (!NAME_RE.test(name)) throw new VolumeCliError(`invalid volume name ${JSON.stringify(name)}: use letters, digits, '.', '_' and '-'`);

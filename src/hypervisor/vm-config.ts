@@ -85,16 +85,6 @@ export function diskDir(p: VmPaths, disk: string): string {
   return containedPath(p.disksDir, checkName('disk name', disk));
 }
 
-const SIZE_RE = /^(\d+)([KMGT]?)(i?B)?$/i;
-export function parseSize(s: string, what: string): number {
-  const m = SIZE_RE.exec(s.trim());
-  if (!m) throw new VmConfigError(`invalid ${what} ${JSON.stringify(s)}: use a number with an optional K, M, G or T suffix`);
-  const mult = { '': 1, K: 1024, M: 1024 ** 2, G: 1024 ** 3, T: 1024 ** 4 }[m[2]!.toUpperCase() as '' | 'K' | 'M' | 'G' | 'T'];
-  const n = Number(m[1]) * mult;
-  if (!Number.isSafeInteger(n) || n <= 0) throw new VmConfigError(`invalid ${what} ${JSON.stringify(s)}`);
-  return n;
-}
-
 export function validateDefinition(d: VmDefinition): VmDefinition {
   checkName('VM name', d.name);
   if (!Number.isInteger(d.memoryMiB) || d.memoryMiB < 16 || d.memoryMiB > 1 << 20) throw new VmConfigError(`memory must be between 16 MiB and 1 TiB, got ${d.memoryMiB} MiB`);

@@ -49,6 +49,18 @@ export class VmOperationError extends Error {
   }
 }
 
+/** Runs one named step of an operation; a failure becomes a VmOperationError naming that step. */
+function stepper(operation: VmOperationError['operation']) {
+  return async <T>(name: string, fn: () => Promise<T>): Promise<T> => {
+    try {
+      return await fn();
+    } catch (err) {
+      if (err instanceof VmOperationError) throw err;
+      throw new VmOperationError(operation, name, (err as Error).message, { cause: err });
+    }
+  };
+}
+
 export interface TakeOptions {
   message?: string;
   tags?: string[];
@@ -262,14 +274,7 @@ export class VmRuntime {
   private async takeLocked(opts: TakeOptions): Promise<TakeResult> {
     const t0 = performance.now();
     const q = this.liveQemu('check');
-    const step = async <T>(name: string, fn: () => Promise<T>): Promise<T> => {
-      try {
-        return await fn();
-      } catch (err) {
-        if (err instanceof VmOperationError) throw err;
-        throw new VmOperationError('take', name, (err as Error).message, { cause: err });
-      }
-    };
+    const step = stepper('take');
     const repo = await step('opening the repository', () => this.repo());
     await step('refreshing the index', () => repo.refreshIndex());
     const state = await loadState(this.opts.dataDir, this.def.name);
@@ -414,14 +419,7 @@ export class VmRuntime {
   }
 
   private async restoreLocked(ref: string): Promise<{ snapshot: string; runState: string; loadMs: number }> {
-    const step = async <T>(name: string, fn: () => Promise<T>): Promise<T> => {
-      try {
-        return await fn();
-      } catch (err) {
-        if (err instanceof VmOperationError) throw err;
-        throw new VmOperationError('restore', name, (err as Error).message, { cause: err });
-      }
-    };
+    const step = stepper('restore');
     const repo = await step('opening the repository', () => this.repo());
     await repo.refreshIndex();
     const snap = await step('finding the snapshot', () => repo.resolveSnapshot(ref));

@@ -26,6 +26,7 @@ import { hostname } from 'node:os';
 import type { Backend } from './backend/contract.js';
 import { ObjectNotFoundError } from './backend/contract.js';
 import { LockedError } from './errors.js';
+import { processAlive } from '../util/process.js';
 
 export const STALE_AFTER_MS = 30 * 60_000;
 export const REFRESH_MS = 5 * 60_000;
@@ -50,15 +51,6 @@ export interface HeldLock {
    */
   assertHeld(): void;
   release(): Promise<void>;
-}
-
-function processAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (err) {
-    return (err as NodeJS.ErrnoException).code === 'EPERM';
-  }
 }
 
 export function isStale(info: LockInfo, now = Date.now()): boolean {

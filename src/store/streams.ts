@@ -27,7 +27,7 @@ const MAX_IN_FLIGHT = 4;
 export interface IngestOptions {
   name: string;
   kind: StreamKind;
-  /** Chunk ids of the same stream in the parent snapshot: not needed for dedup, used for stats. */
+  /** Called with the bytes read so far (for progress bars). */
   onProgress?: (bytesRead: number) => void;
 }
 
