@@ -1,9 +1,11 @@
 /**
  * Worker thread for the CPU-heavy per-chunk work (BLAKE3, zstd/lz4, AES-GCM), so ingest and export
  * use both cores while the main thread does I/O. Messages and replies are plain objects with
- * transferred ArrayBuffers (no copies across threads). See workers.ts for the protocol.
+ * transferred ArrayBuffers or ids of buffers shared once (no copies across threads). See workers.ts
+ * for the protocol.
  */
 import { parentPort, workerData } from 'node:worker_threads';
+import { writeSync } from 'node:fs';
 import { chunkHasher, isAllZero, ID_SIZE } from './hash.js';
 import { decodeInto, encodeBound, encodeInto, type CodecId } from './codec.js';
 import { open, seal } from './crypto.js';
@@ -14,17 +16,35 @@ const init = workerData as WorkerInit;
 const aeadKey = init.aeadKey ? Buffer.from(init.aeadKey) : null;
 const hash = chunkHasher(init.idKey ? Buffer.from(init.idKey) : null);
 let scratch = Buffer.allocUnsafeSlow(0);
+/** Decoded bytes bound for a file collect here: small enough to stay in cache until written. */
+const WRITE_SLICE = 1 << 20;
+let writeSlice = Buffer.allocUnsafeSlow(0);
+
+/** Shared buffers by id (see WorkerPool.acquireShared): registered once, used by many jobs. */
+const shared = new Map<number, Buffer>();
 
 parentPort!.on('message', (req: WorkerRequest) => {
+  if (req.type === 'share') {
+    shared.set(req.id, Buffer.from(req.sab));
+    return;
+  }
   try {
     parentPort!.postMessage(...handle(req));
   } catch (err) {
-    const reply: WorkerReply = { type: 'error', seq: req.seq, message: (err as Error).message, name: (err as Error).name };
+    const code = (err as NodeJS.ErrnoException).code;
+    const reply: WorkerReply = { type: 'error', seq: req.seq, message: (err as Error).message, name: (err as Error).name, ...(code ? { code } : {}) };
     parentPort!.postMessage(reply);
   }
 });
 
-function handle(req: WorkerRequest): [WorkerReply, ArrayBuffer[]] {
+function sharedBuffer(id: number): Buffer {
+  const b = shared.get(id);
+  if (!b) throw new Error(`internal: shared buffer ${id} was never registered`);
+  return b;
+}
+
+function handle(req: Exclude<WorkerRequest, { type: 'share' }>): [WorkerReply, ArrayBuffer[]] {
+  if (req.type === 'decode') return [decode(req), []];
   const data = Buffer.from(req.buffer);
   if (req.type === 'hash') {
     const n = req.lengths.length;
@@ -67,12 +87,40 @@ function handle(req: WorkerRequest): [WorkerReply, ArrayBuffer[]] {
     const outAb = toTransferable(out);
     return [{ type: 'encode', seq: req.seq, buffer: req.buffer, out: outAb, codecs, sizes }, [req.buffer, outAb]];
   }
-  // decode: each item is a stored blob; output the plaintexts back to back, verified against ids.
-  const total = req.items.reduce((s, it) => s + it[3], 0);
-  const out = Buffer.allocUnsafeSlow(total);
+  const _exhaustive: never = req;
+  throw new Error(`unknown job ${JSON.stringify(_exhaustive)}`);
+}
+
+/**
+ * Each item is a stored blob in the shared input buffer; its plaintext is verified against its id
+ * before it goes anywhere. To a file, plaintexts are written from here a slice at a time, while
+ * they are still in this core's cache; to a shared output buffer, back to back.
+ */
+function decode(req: Extract<WorkerRequest, { type: 'decode' }>): WorkerReply {
+  const data = sharedBuffer(req.input);
+  const ids = Buffer.from(req.ids.buffer, req.ids.byteOffset, req.ids.byteLength);
+  const output = req.output;
+  let out: Buffer;
+  if ('fd' in output) {
+    const biggest = req.items.reduce((m, it) => Math.max(m, it[3]), 0);
+    if (writeSlice.length < Math.max(WRITE_SLICE, biggest)) writeSlice = Buffer.allocUnsafeSlow(Math.max(WRITE_SLICE, biggest));
+    out = writeSlice;
+  } else {
+    out = sharedBuffer(output.slot);
+    const total = req.items.reduce((s, it) => s + it[3], 0);
+    if (total > out.length) throw new Error(`internal: ${total} decoded bytes do not fit shared buffer ${output.slot}`);
+  }
   let w = 0;
-  const ids = Buffer.from(req.ids);
+  let flushedTo = 'fd' in output ? output.position : 0;
+  const flush = (): void => {
+    if (!('fd' in output)) return;
+    let done = 0;
+    while (done < w) done += writeSync(output.fd, out, done, w - done, flushedTo + done);
+    flushedTo += w;
+    w = 0;
+  };
   for (const [offset, length, codec, rawLength, idStart] of req.items) {
+    if (w + rawLength > out.length) flush();
     const id = ids.subarray(idStart, idStart + ID_SIZE);
     let stored: Buffer = data.subarray(offset, offset + length);
     if (aeadKey) stored = open(aeadKey, stored, chunkAad(id), `chunk ${id.toString('hex')}`);
@@ -85,8 +133,8 @@ function handle(req: WorkerRequest): [WorkerReply, ArrayBuffer[]] {
     }
     w += rawLength;
   }
-  const outAb = toTransferable(out);
-  return [{ type: 'decode', seq: req.seq, buffer: req.buffer, out: outAb }, [req.buffer, outAb]];
+  flush();
+  return { type: 'decode', seq: req.seq };
 }
 
 /** A Buffer's own ArrayBuffer when it owns all of it (no pool slab), else a copy. */

@@ -19,6 +19,7 @@ import type { FileHandle } from 'node:fs/promises';
 import { ID_SIZE, isZeroId } from './hash.js';
 import { chunkCount, type StreamKind, type StreamRecord } from './manifest.js';
 import type { Repository } from './repository.js';
+import type { SharedSlot } from './workers.js';
 import { IntegrityError } from './errors.js';
 
 const BATCH_BYTES = 4 << 20;
@@ -213,29 +214,44 @@ function planGroups(repo: Repository, stream: StreamRecord): (Group | { zero: nu
 export async function exportStream(repo: Repository, stream: StreamRecord, target: ExportTarget, onProgress?: (bytes: number) => void): Promise<void> {
   const plan = planGroups(repo, stream);
   const pool = repo.workers();
+  // Buffers are shared with the workers and reused: READ_AHEAD groups in flight, each holding one
+  // input buffer (and one output buffer unless the worker writes the file itself).
+  const fd = target.file && !target.writable ? target.file.fd : undefined;
   let written = 0;
-  const fetch = (g: Group) =>
+  const fetch = (g: Group): Promise<Decoded> =>
     (async () => {
-      const data = await repo.backend.get('packs', g.pack, { offset: g.start, length: g.end - g.start });
-      const ids = Buffer.allocUnsafe(g.items.length * ID_SIZE);
-      g.items.forEach(([i], k) => stream.chunks.copy(ids, k * ID_SIZE, i * ID_SIZE, (i + 1) * ID_SIZE));
-      const ab = data.byteOffset === 0 && data.byteLength === data.buffer.byteLength ? data.buffer : data.buffer.slice(data.byteOffset, data.byteOffset + data.length);
+      const input = pool.acquireShared(MAX_GROUP_BYTES);
+      const length = g.end - g.start;
+      let output: SharedSlot | undefined;
       try {
-        const r = await pool.run({
-          type: 'decode',
-          buffer: ab as ArrayBuffer,
-          items: g.items.map(([, off, len, codec, raw], k) => [off, len, codec, raw, k * ID_SIZE]),
-          ids: ids.buffer.slice(ids.byteOffset, ids.byteOffset + ids.length) as ArrayBuffer,
-        });
-        return Buffer.from(r.out);
+        const data = await repo.backend.get('packs', g.pack, { offset: g.start, length }, input.bytes);
+        // A backend may ignore `into` (the contract allows it): then its bytes are copied in.
+        if (data.buffer !== input.bytes.buffer || data.byteOffset !== 0) data.copy(input.bytes);
+        const ids = new Uint8Array(g.items.length * ID_SIZE);
+        g.items.forEach(([i], k) => ids.set(stream.chunks.subarray(i * ID_SIZE, (i + 1) * ID_SIZE), k * ID_SIZE));
+        const items = g.items.map(([, off, len, codec, raw], k): [number, number, number, number, number] => [off, len, codec, raw, k * ID_SIZE]);
+        const rawBytes = g.items.reduce((n, it) => n + it[4], 0);
+        if (fd !== undefined) {
+          // The worker writes what it decoded: the bytes are still in its cache (see chunk-worker.ts).
+          await pool.run({ type: 'decode', input: input.id, items, ids, output: { fd, position: g.items[0]![0] * stream.chunkSize } });
+          return { written: rawBytes };
+        }
+        const out = pool.acquireShared(MAX_GROUP_BYTES);
+        output = out;
+        await pool.run({ type: 'decode', input: input.id, items, ids, output: { slot: out.id } });
+        output = undefined;
+        return { written: 0, data: out.bytes.subarray(0, rawBytes), release: () => pool.releaseShared(out) };
       } catch (err) {
         if (err instanceof IntegrityError) {
           throw new IntegrityError(`stream ${stream.name}: chunks ${g.items[0]![0]}-${g.items[g.items.length - 1]![0]} (pack ${g.pack.slice(0, 12)}): ${err.message}`);
         }
         throw err;
+      } finally {
+        pool.releaseShared(input);
+        if (output) pool.releaseShared(output);
       }
     })();
-  const queue: { entry: (typeof plan)[number]; data: Promise<Buffer> | null }[] = [];
+  const queue: { entry: (typeof plan)[number]; data: Promise<Decoded> | null }[] = [];
   let next = 0;
   const refill = () => {
     while (queue.length < READ_AHEAD && next < plan.length) {
@@ -258,16 +274,33 @@ export async function exportStream(repo: Repository, stream: StreamRecord, targe
       }
       written += end - start;
     } else {
-      const buf = await data!;
-      const pos = entry.items[0]![0] * stream.chunkSize;
-      if (target.file) await target.file.write(buf, 0, buf.length, pos);
-      if (target.writable) await write(target.writable, buf);
-      written += buf.length;
+      const decoded = await data!;
+      if (decoded.data) {
+        const buf = decoded.data;
+        const pos = entry.items[0]![0] * stream.chunkSize;
+        if (target.file) await target.file.write(buf, 0, buf.length, pos);
+        // A Writable may hand what it was given on (a PassThrough's reader keeps it): give it its own
+        // copy, never a view of a buffer that is about to be reused.
+        const copy = target.writable ? Buffer.from(buf) : undefined;
+        decoded.release();
+        if (copy) await write(target.writable!, copy);
+        written += buf.length;
+      } else written += decoded.written;
     }
     onProgress?.(written);
   }
   if (target.file) await target.file.truncate(stream.size);
 }
+
+type Decoded =
+  /** Already written to the file target by the worker. */
+  | { written: number; data?: undefined; release?: undefined }
+  | {
+      written: 0;
+      data: Buffer;
+      /** Gives the buffer behind `data` back to the pool once it has been written. */
+      release: () => void;
+    };
 
 async function write(w: Writable, buf: Buffer): Promise<void> {
   if (!w.write(buf)) await once(w, 'drain');

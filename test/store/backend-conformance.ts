@@ -242,6 +242,25 @@ export function runBackendConformance(
       expect(await rejection(b.get('packs', 'empty', { offset: 0, length: 1 }))).toBeInstanceOf(BackendError);
     });
 
+    it('reads into a caller buffer when asked, and refuses one that is too small', async () => {
+      const data = randomBytes(10_000);
+      await b.put('packs', 'into', data);
+      const into = Buffer.alloc(8192, 0xee);
+      const got = await b.get('packs', 'into', { offset: 1000, length: 5000 }, into.subarray(100));
+      expect(Buffer.compare(got, data.subarray(1000, 6000))).toBe(0);
+      // Reused buffers are the point: a well-behaved backend fills the one it was given.
+      expect(got.buffer).toBe(into.buffer);
+      expect(got.byteOffset).toBe(into.byteOffset + 100);
+      expect(into[99]).toBe(0xee);
+      expect(into[6100]).toBe(0xee);
+      const whole = await b.get('packs', 'into', undefined, Buffer.alloc(data.length + 5));
+      expect(Buffer.compare(whole, data)).toBe(0);
+      const err = await rejection(b.get('packs', 'into', { offset: 0, length: 5000 }, Buffer.alloc(4999)));
+      expect(err).toBeInstanceOf(BackendError);
+      expect((err as BackendError).retryable).toBe(false);
+      expect((err as Error).message).toMatch(/cannot hold 5000 bytes of packs\/into/);
+    });
+
     it(`stores and reads a large object (${largeBytes} bytes)`, async () => {
       const data = randomBytes(largeBytes);
       await b.put('packs', 'large', data);

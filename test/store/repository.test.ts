@@ -6,6 +6,10 @@ import { Repository } from '../../src/store/repository.js';
 import { ingestStream, exportStream } from '../../src/store/streams.js';
 import { WrongPasswordError, IntegrityError } from '../../src/store/errors.js';
 import { ID_SIZE } from '../../src/store/hash.js';
+import type { ByteRange, ObjectKind } from '../../src/store/backend/contract.js';
+import { mkdtemp, open, readFile, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import * as path from 'node:path';
 
 function mixedImage(size: number, seed = 1): Buffer {
   const buf = Buffer.alloc(size);
@@ -92,5 +96,46 @@ describe('repository', () => {
     sink.resume();
     await expect(exportStream(repo, res.stream, { writable: sink })).rejects.toBeInstanceOf(IntegrityError);
     await repo.close();
+  });
+
+  it('exports to a file through the workers, also from a backend that ignores destination buffers', async () => {
+    // The contract lets a backend ignore `into`; export must then copy, not assume.
+    class OwnBuffers extends MemoryBackend {
+      override get(kind: ObjectKind, name: string, range?: ByteRange): Promise<Buffer> {
+        return super.get(kind, name, range);
+      }
+    }
+    for (const backend of [new MemoryBackend(), new OwnBuffers()]) {
+      const repo = await Repository.init(backend, {});
+      const data = mixedImage(20 * 65536 + 999, 3);
+      const res = await ingestStream(repo, Readable.from([data]), { name: 'disk0', kind: 'disk' });
+      await repo.flush();
+      const dir = await mkdtemp(path.join(tmpdir(), 'vmsnap-export-'));
+      try {
+        const fh = await open(path.join(dir, 'out.img'), 'w');
+        await exportStream(repo, res.stream, { file: fh });
+        await fh.close();
+        expect((await readFile(path.join(dir, 'out.img'))).equals(data), backend.constructor.name).toBe(true);
+      } finally {
+        await rm(dir, { recursive: true, force: true });
+        await repo.close();
+      }
+    }
+  });
+
+  it('reports a failed write of the output (ENOSPC) with its errno code', async () => {
+    const repo = await Repository.init(new MemoryBackend(), {});
+    const res = await ingestStream(repo, Readable.from([randomBytes(300_000)]), { name: 'f', kind: 'file' });
+    await repo.flush();
+    // /dev/full answers every write with ENOSPC, as a full disk does.
+    const fh = await open('/dev/full', 'w');
+    try {
+      const err = await exportStream(repo, res.stream, { file: fh }).then(() => null, (e: unknown) => e as NodeJS.ErrnoException);
+      expect(err?.code).toBe('ENOSPC');
+      expect(err?.message).toMatch(/no space left on device/);
+    } finally {
+      await fh.close();
+      await repo.close();
+    }
   });
 });

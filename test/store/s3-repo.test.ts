@@ -37,8 +37,8 @@ class KindCounter implements Backend {
   create(k: ObjectKind, n: string, d: Uint8Array) {
     return this.inner.create(k, n, d);
   }
-  async get(k: ObjectKind, n: string, r?: ByteRange): Promise<Buffer> {
-    const b = await this.inner.get(k, n, r);
+  async get(k: ObjectKind, n: string, r?: ByteRange, into?: Uint8Array): Promise<Buffer> {
+    const b = await this.inner.get(k, n, r, into);
     const c = this.gets.get(k) ?? { requests: 0, bytes: 0 };
     c.requests++;
     c.bytes += b.length;

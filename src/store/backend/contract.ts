@@ -22,9 +22,15 @@
  *    {@link ObjectNotFoundError}; `delete` of one resolves (deletes are idempotent).
  * 7. Ranges. `get(kind, name, {offset, length})` returns exactly that byte range; a range that extends
  *    past the end of the object rejects with a BackendError (it is never silently short).
- * 8. Listing. `list(kind)` yields every object of that kind exactly once, in no particular order,
+ * 8. Destination buffers. `get(kind, name, range, into)` may read the bytes straight into `into`
+ *    (which must hold at least the range's length, or the object's size without a range) and then
+ *    resolves with a view of `into`; callers reuse such buffers on hot paths, because first-touching
+ *    fresh memory costs more than the copy (measured in docs/benchmarks.md). Callers must use the
+ *    returned Buffer, never assume `into` holds the bytes: an implementation may ignore `into`. After
+ *    a rejection, `into`'s contents are unspecified.
+ * 9. Listing. `list(kind)` yields every object of that kind exactly once, in no particular order,
  *    with its size.
- * 9. Errors. Failures are BackendError with `retryable` true for conditions that may pass
+ * 10. Errors. Failures are BackendError with `retryable` true for conditions that may pass
  *    (timeouts, 5xx, throttling, ECONNRESET) and false for those that will not (ENOSPC, EACCES,
  *    auth). Wrappers may retry only retryable errors.
  */
@@ -64,7 +70,7 @@ export interface Backend {
    * it already existed. Atomic where `capabilities.atomicCreate`; otherwise best effort.
    */
   create(kind: ObjectKind, name: string, data: Uint8Array): Promise<boolean>;
-  get(kind: ObjectKind, name: string, range?: ByteRange): Promise<Buffer>;
+  get(kind: ObjectKind, name: string, range?: ByteRange, into?: Uint8Array): Promise<Buffer>;
   stat(kind: ObjectKind, name: string): Promise<ObjectInfo>;
   list(kind: ObjectKind): AsyncIterable<ObjectInfo>;
   delete(kind: ObjectKind, name: string): Promise<void>;
@@ -100,6 +106,18 @@ export function checkObjectName(kind: ObjectKind, name: string): void {
   if (!OBJECT_NAME.test(name)) {
     throw new BackendError(`invalid object name ${JSON.stringify(name)} for ${kind}`, false);
   }
+}
+
+/**
+ * The buffer a `get` fills: a view of `into` when one is given (rejected when too small: a caller
+ * bug, never retryable), else a fresh allocation.
+ */
+export function destination(kind: ObjectKind, name: string, length: number, into?: Uint8Array): Buffer {
+  if (!into) return Buffer.allocUnsafe(length);
+  if (into.byteLength < length) {
+    throw new BackendError(`destination buffer of ${into.byteLength} bytes cannot hold ${length} bytes of ${kind}/${name}`, false);
+  }
+  return Buffer.from(into.buffer, into.byteOffset, length);
 }
 
 export function checkRange(kind: ObjectKind, name: string, range: ByteRange, size: number): void {

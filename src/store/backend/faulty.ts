@@ -6,6 +6,7 @@
  */
 import {
   BackendError,
+  destination,
   type Backend,
   type BackendCapabilities,
   type ByteRange,
@@ -229,11 +230,17 @@ export class FaultyBackend implements Backend {
     return created;
   }
 
-  async get(kind: ObjectKind, name: string, range?: ByteRange): Promise<Buffer> {
+  async get(kind: ObjectKind, name: string, range?: ByteRange, into?: Uint8Array): Promise<Buffer> {
     const f = await this.before('get', kind, name);
-    const data = await this.inner.get(kind, name, range);
+    const data = await this.inner.get(kind, name, range, into);
     FaultyBackend.afterError(f, 'get', kind, name);
-    return Buffer.from(FaultyBackend.mangle(f, data));
+    const mangled = FaultyBackend.mangle(f, data);
+    if (mangled === data) return data;
+    // Hand the damage back where the caller asked for it, as a real backend reading bad bytes would.
+    if (!into) return Buffer.from(mangled);
+    const out = destination(kind, name, mangled.length, into);
+    out.set(mangled);
+    return out;
   }
 
   async stat(kind: ObjectKind, name: string): Promise<ObjectInfo> {

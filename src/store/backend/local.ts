@@ -12,6 +12,7 @@ import * as path from 'node:path';
 import { atomicWriteFile, containedPath, fsyncDir, PathEscapeError } from '../../util/fs.js';
 import {
   BackendError,
+  destination,
   OBJECT_NAME,
   ObjectNotFoundError,
   checkObjectName,
@@ -140,7 +141,7 @@ export class LocalBackend implements Backend {
     }
   }
 
-  async get(kind: ObjectKind, name: string, range?: ByteRange): Promise<Buffer> {
+  async get(kind: ObjectKind, name: string, range?: ByteRange, into?: Uint8Array): Promise<Buffer> {
     const file = this.fileOf(kind, name);
     let fh: fsp.FileHandle;
     try {
@@ -153,7 +154,7 @@ export class LocalBackend implements Backend {
       const { size } = await fh.stat();
       const r = range ?? { offset: 0, length: size };
       checkRange(kind, name, r, size);
-      const buf = Buffer.allocUnsafe(r.length);
+      const buf = destination(kind, name, r.length, into);
       let done = 0;
       while (done < r.length) {
         const { bytesRead } = await fh.read(buf, done, r.length - done, r.offset + done);

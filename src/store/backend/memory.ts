@@ -4,6 +4,7 @@
  */
 import {
   BackendError,
+  destination,
   ObjectNotFoundError,
   checkObjectName,
   checkRange,
@@ -48,13 +49,15 @@ export class MemoryBackend implements Backend {
     return true;
   }
 
-  async get(kind: ObjectKind, name: string, range?: ByteRange): Promise<Buffer> {
+  async get(kind: ObjectKind, name: string, range?: ByteRange, into?: Uint8Array): Promise<Buffer> {
     this.check(kind, name);
     const data = this.bucket(kind).get(name);
     if (!data) throw new ObjectNotFoundError(kind, name);
-    if (!range) return Buffer.from(data);
-    checkRange(kind, name, range, data.length);
-    return Buffer.from(data.subarray(range.offset, range.offset + range.length));
+    const r = range ?? { offset: 0, length: data.length };
+    checkRange(kind, name, r, data.length);
+    const out = destination(kind, name, r.length, into);
+    out.set(data.subarray(r.offset, r.offset + r.length));
+    return out;
   }
 
   async stat(kind: ObjectKind, name: string): Promise<ObjectInfo> {

@@ -131,8 +131,8 @@ export class RetryBackend implements Backend {
     });
   }
 
-  get(kind: ObjectKind, name: string, range?: ByteRange): Promise<Buffer> {
-    return this.run('get', `${kind}/${name}`, () => this.inner.get(kind, name, range));
+  get(kind: ObjectKind, name: string, range?: ByteRange, into?: Uint8Array): Promise<Buffer> {
+    return this.run('get', `${kind}/${name}`, () => this.inner.get(kind, name, range, into));
   }
 
   stat(kind: ObjectKind, name: string): Promise<ObjectInfo> {

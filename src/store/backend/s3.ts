@@ -36,6 +36,7 @@ import {
 import {
   BackendError,
   OBJECT_NAME,
+  destination,
   ObjectNotFoundError,
   checkObjectName,
   checkRange,
@@ -262,12 +263,12 @@ export function s3Error(step: string, what: string, err: unknown): BackendError 
 }
 
 /** Reads a response body fully, failing retryably when it stalls or ends short. */
-async function readBody(body: unknown, expected: number | undefined, idleMs: number, what: string): Promise<Buffer> {
+async function readBody(body: unknown, expected: number | undefined, idleMs: number, what: string, dest?: () => Buffer): Promise<Buffer> {
   const stream = body as Readable;
   if (typeof stream?.[Symbol.asyncIterator] !== 'function') {
     throw new BackendError(`s3 backend: get ${what}: response has no readable body`, true);
   }
-  const out = expected !== undefined ? Buffer.allocUnsafe(expected) : undefined;
+  const out = expected !== undefined ? (dest?.() ?? Buffer.allocUnsafe(expected)) : undefined;
   const chunks: Buffer[] = [];
   let got = 0;
   let timer: NodeJS.Timeout | undefined;
@@ -463,7 +464,7 @@ export class S3Backend implements Backend {
     });
   }
 
-  async get(kind: ObjectKind, name: string, range?: ByteRange): Promise<Buffer> {
+  async get(kind: ObjectKind, name: string, range?: ByteRange, into?: Uint8Array): Promise<Buffer> {
     const key = this.key(kind, name);
     const what = `${kind}/${name}`;
     if (range) {
@@ -514,11 +515,14 @@ export class S3Backend implements Backend {
             true,
           );
         }
-        const body = await readBody(res.Body, bodyLength, this.idleMs, what);
-        if (first === range.offset && bodyLength === range.length) return body;
+        const exact = first === range.offset && bodyLength === range.length;
+        const dest = exact && into ? () => destination(kind, name, range.length, into) : undefined;
+        const body = await readBody(res.Body, bodyLength, this.idleMs, what, dest);
+        if (exact) return body;
         return Buffer.from(body.subarray(range.offset - first, range.offset - first + range.length));
       }
-      const data = await readBody(res.Body, res.ContentLength, this.idleMs, what);
+      const size = res.ContentLength;
+      const data = await readBody(res.Body, size, this.idleMs, what, into && size !== undefined ? () => destination(kind, name, size, into) : undefined);
       const etag = md5Etag(res.ETag);
       if (etag !== undefined && createHash('md5').update(data).digest('hex') !== etag) {
         throw new BackendError(`s3 backend: get ${what}: downloaded bytes do not match the object's MD5`, true);

@@ -74,8 +74,8 @@ export class StatsBackend implements Backend {
     return this.count('create', () => this.inner.create(kind, name, data), (c) => (c ? data.length : 0));
   }
 
-  get(kind: ObjectKind, name: string, range?: ByteRange): Promise<Buffer> {
-    return this.count('get', () => this.inner.get(kind, name, range), (b) => b.length);
+  get(kind: ObjectKind, name: string, range?: ByteRange, into?: Uint8Array): Promise<Buffer> {
+    return this.count('get', () => this.inner.get(kind, name, range, into), (b) => b.length);
   }
 
   stat(kind: ObjectKind, name: string): Promise<ObjectInfo> {
