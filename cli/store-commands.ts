@@ -4,6 +4,7 @@ import { open as openFile, stat } from 'node:fs/promises';
 import type { Command } from 'commander';
 import { Repository } from '../src/store/repository.js';
 import { ingestStream, exportStream } from '../src/store/streams.js';
+import { dataExtents } from '../src/store/sparse.js';
 import { check, diffSnapshots, prune, rebuildIndex, referencedChunks } from '../src/store/maintenance.js';
 import { applyRetention, type RetentionPolicy } from '../src/store/retention.js';
 import { acquireLock, removeStaleLocks, withLock } from '../src/store/lock.js';
@@ -98,9 +99,12 @@ export function registerStoreCommands(program: Command, globals: Globals): void 
       checkTags(o.tag);
       if (!['disk', 'file', 'ram', 'device', 'config'].includes(o.kind)) throw new UsageError(`unknown stream kind ${JSON.stringify(o.kind)}`);
       let total = 0;
+      let regular = false;
       if (file !== '-') {
         try {
-          total = (await stat(file)).size;
+          const st = await stat(file);
+          total = st.size;
+          regular = st.isFile();
         } catch (err) {
           throw new UsageError(`cannot read ${file}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`);
         }
@@ -112,8 +116,19 @@ export function registerStoreCommands(program: Command, globals: Globals): void 
           // The parent is informational: an unrelated unreadable manifest (reported by `check`) must not block a backup.
           const parent = (await repo.listSnapshots(() => undefined)).filter((s) => s.vm === o.vm).pop();
           const bar = progress('import', total, !g.quiet && !g.json);
-          const input = file === '-' ? process.stdin : createReadStream(file, { highWaterMark: 1 << 20 });
-          const res = await ingestStream(repo, input, { name: o.stream, kind: o.kind as 'disk', onProgress: (n) => bar.update(n) });
+          // A regular file is read in place, its holes skipped; anything else (stdin, a pipe, a device) as a stream.
+          const fh = regular ? await openFile(file, 'r') : undefined;
+          let res;
+          try {
+            const input = fh
+              ? { file: fh, size: total, extents: await dataExtents(file, total) }
+              : file === '-'
+                ? process.stdin
+                : createReadStream(file, { highWaterMark: 1 << 20 });
+            res = await ingestStream(repo, input, { name: o.stream, kind: o.kind as 'disk', onProgress: (n) => bar.update(n) });
+          } finally {
+            await fh?.close();
+          }
           bar.stop();
           const s = await repo.saveSnapshot({
             vm: o.vm,
@@ -153,7 +168,9 @@ export function registerStoreCommands(program: Command, globals: Globals): void 
         const bar = progress('export', stream.size, !g.quiet && !g.json);
         // Write to a temporary name and rename: a failed export never leaves a plausible-looking file.
         const tmp = `${target}.vmsnap-partial`;
-        const fh = await openFile(tmp, 'w');
+        const fh = await openFile(tmp, 'w').catch((err: NodeJS.ErrnoException) => {
+          throw new UsageError(`cannot write ${target}: ${err.code === 'ENOENT' ? 'its directory does not exist' : (err.code ?? err.message)}`);
+        });
         try {
           await exportStream(repo, stream, { file: fh }, (n) => bar.update(n));
           await fh.sync();

@@ -15,9 +15,9 @@ fi
 node -e "require('zstd-napi'); require('@napi-rs/blake-hash'); require('lz4')" \
   || { echo "setup: native modules missing; run npm rebuild" >&2; exit 1; }
 npm run build --silent
-# Native helpers (C, built here so no binary is committed): see src/hypervisor/native/.
+# Native helpers (C, built here so no binary is committed): see src/*/native/.
 mkdir -p .cache/native
-for src in src/hypervisor/native/*.c; do
+for src in src/*/native/*.c; do
   out=".cache/native/$(basename "$src" .c)"
   if [ ! -x "$out" ] || [ "$src" -nt "$out" ]; then gcc -O2 -Wall -Wextra -o "$out" "$src"; fi
 done

@@ -34,6 +34,10 @@ parentPort!.on('message', (req: WorkerRequest) => {
     shared.set(req.id, Buffer.from(req.sab));
     return;
   }
+  if (req.type === 'unshare') {
+    shared.delete(req.id);
+    return;
+  }
   try {
     parentPort!.postMessage(...handle(req));
   } catch (err) {
@@ -49,49 +53,55 @@ function sharedBuffer(id: number): Buffer {
   return b;
 }
 
-function handle(req: Exclude<WorkerRequest, { type: 'share' }>): [WorkerReply, ArrayBuffer[]] {
+function handle(req: Exclude<WorkerRequest, { type: 'share' | 'unshare' }>): [WorkerReply, ArrayBuffer[]] {
   if (req.type === 'decode') return [decode(req), []];
-  const data = Buffer.from(req.buffer);
   if (req.type === 'hash') {
+    const data = sharedBuffer(req.input);
     const n = req.lengths.length;
-    const ids = Buffer.allocUnsafe(n * ID_SIZE);
+    const ids = new ArrayBuffer(n * ID_SIZE);
+    const idBytes = Buffer.from(ids);
+    const holes = new Set(req.holes);
     let off = 0;
     for (let i = 0; i < n; i++) {
       const len = req.lengths[i]!;
       const chunk = data.subarray(off, off + len);
-      if (isAllZero(chunk)) ids.fill(0, i * ID_SIZE, (i + 1) * ID_SIZE);
-      else hash(chunk).copy(ids, i * ID_SIZE);
+      // A hole was never read into the buffer: it is zeros by definition, not by inspection.
+      if (holes.has(i) || isAllZero(chunk)) idBytes.fill(0, i * ID_SIZE, (i + 1) * ID_SIZE);
+      else hash(chunk).copy(idBytes, i * ID_SIZE);
       off += len;
     }
-    const idsAb = toTransferable(ids);
-    return [{ type: 'hash', seq: req.seq, buffer: req.buffer, ids: idsAb }, [req.buffer, idsAb]];
+    return [{ type: 'hash', seq: req.seq, ids }, [ids]];
   }
   if (req.type === 'encode') {
-    // Compress into one reused scratch buffer, then copy the results into one exact-size output:
-    // no per-chunk garbage in this thread (see codec.ts).
+    // Compressed (and sealed) chunks go back to back into the shared output buffer; only the
+    // sealing path needs the scratch buffer in between. No per-chunk garbage in this thread.
+    const data = sharedBuffer(req.input);
+    const out = sharedBuffer(req.output);
+    const ids = Buffer.from(req.ids.buffer, req.ids.byteOffset, req.ids.byteLength);
     const codecs: number[] = [];
     const sizes: number[] = [];
-    const sealed: Buffer[] = [];
-    let need = 0;
-    for (const [, length] of req.items) need += encodeBound(length);
-    if (scratch.length < need) scratch = Buffer.allocUnsafeSlow(need);
     let pos = 0;
     for (const [offset, length, idStart] of req.items) {
       const raw = data.subarray(offset, offset + length);
-      const enc = encodeInto(req.codec as CodecId, raw, scratch.subarray(pos), req.level);
-      codecs.push(enc.codec);
+      const bound = encodeBound(length);
       if (aeadKey) {
-        const box = seal(aeadKey, scratch.subarray(pos, pos + enc.length), chunkAad(Buffer.from(req.ids, idStart, ID_SIZE)));
-        sealed.push(box);
+        if (scratch.length < bound) scratch = Buffer.allocUnsafeSlow(bound);
+        const enc = encodeInto(req.codec as CodecId, raw, scratch, req.level);
+        const box = seal(aeadKey, scratch.subarray(0, enc.length), chunkAad(ids.subarray(idStart, idStart + ID_SIZE)));
+        if (pos + box.length > out.length) throw new Error('internal: encoded chunks overflow the shared output buffer');
+        box.copy(out, pos);
+        codecs.push(enc.codec);
         sizes.push(box.length);
+        pos += box.length;
       } else {
+        if (pos + bound > out.length) throw new Error('internal: encoded chunks overflow the shared output buffer');
+        const enc = encodeInto(req.codec as CodecId, raw, out.subarray(pos), req.level);
+        codecs.push(enc.codec);
         sizes.push(enc.length);
         pos += enc.length;
       }
     }
-    const out = aeadKey ? Buffer.concat(sealed) : Buffer.from(scratch.subarray(0, pos));
-    const outAb = toTransferable(out);
-    return [{ type: 'encode', seq: req.seq, buffer: req.buffer, out: outAb, codecs, sizes }, [req.buffer, outAb]];
+    return [{ type: 'encode', seq: req.seq, codecs, sizes }, []];
   }
   const _exhaustive: never = req;
   throw new Error(`unknown job ${JSON.stringify(_exhaustive)}`);
@@ -141,12 +151,4 @@ function decode(req: Extract<WorkerRequest, { type: 'decode' }>): WorkerReply {
   }
   flush();
   return { type: 'decode', seq: req.seq };
-}
-
-/** A Buffer's own ArrayBuffer when it owns all of it (no pool slab), else a copy. */
-function toTransferable(b: Buffer): ArrayBuffer {
-  if (b.byteOffset === 0 && b.byteLength === b.buffer.byteLength && b.buffer instanceof ArrayBuffer) return b.buffer;
-  const ab = new ArrayBuffer(b.length);
-  new Uint8Array(ab).set(b);
-  return ab;
 }

@@ -39,6 +39,11 @@ export class LockedError extends RepositoryError {
   }
 }
 
+/** The input of an import is not what it claimed to be (a file that shrank while it was read). */
+export class IngestError extends RepositoryError {
+  override readonly name = 'IngestError';
+}
+
 export class UsageError extends RepositoryError {
   override readonly name = 'UsageError';
 }

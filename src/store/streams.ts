@@ -20,7 +20,9 @@ import { ID_SIZE, isZeroId } from './hash.js';
 import { chunkCount, type StreamKind, type StreamRecord } from './manifest.js';
 import type { Repository } from './repository.js';
 import type { SharedSlot } from './workers.js';
-import { IntegrityError } from './errors.js';
+import { IngestError, IntegrityError } from './errors.js';
+import { encodeBound } from './codec.js';
+import { SEAL_OVERHEAD } from './crypto.js';
 
 const BATCH_BYTES = 4 << 20;
 const MAX_IN_FLIGHT = 4;
@@ -41,108 +43,180 @@ export interface IngestResult {
   zeroChunks: number;
 }
 
-export async function ingestStream(repo: Repository, input: AsyncIterable<Uint8Array> | Readable, opts: IngestOptions): Promise<IngestResult> {
+/** A byte range of a file that holds data (everything outside such ranges reads as zeros). */
+export interface Extent {
+  offset: number;
+  length: number;
+}
+
+/**
+ * A regular file read with positional reads straight into the pipeline's buffers. With `extents`
+ * (the file's data ranges, from SEEK_DATA/SEEK_HOLE), chunks that lie wholly in a hole are never
+ * read: they are zero chunks by definition. Reading a hole is not free: the kernel zero-fills page
+ * cache for it, which measured as the largest single cost of importing a sparse image.
+ */
+export interface FileSource {
+  file: FileHandle;
+  size: number;
+  extents?: Extent[];
+}
+
+export type IngestInput = AsyncIterable<Uint8Array> | Readable | FileSource;
+
+function isFileSource(input: IngestInput): input is FileSource {
+  return typeof (input as FileSource).size === 'number' && typeof (input as FileSource).file === 'object';
+}
+
+export async function ingestStream(repo: Repository, input: IngestInput, opts: IngestOptions): Promise<IngestResult> {
   const chunkSize = repo.chunkSize;
   const perBatch = Math.max(1, Math.floor(BATCH_BYTES / chunkSize));
+  const batchBytes = perBatch * chunkSize;
+  const outBytes = perBatch * (encodeBound(chunkSize) + SEAL_OVERHEAD);
   const pool = repo.workers();
   const idParts: Buffer[] = [];
   const claimed = new Set<string>();
   const inFlight: Promise<void>[] = [];
+  const held = new Set<SharedSlot>();
   const result = { newChunks: 0, newBytes: 0, storedBytes: 0, dedupChunks: 0, zeroChunks: 0 };
   let total = 0;
-  // Batch buffers go to a worker and come back; reusing them keeps V8 from holding a trail of
-  // discarded 4 MiB buffers until the next full GC (peak RSS).
-  const spare: ArrayBuffer[] = [];
-  const newBatch = () => new Uint8Array(spare.pop() ?? new ArrayBuffer(perBatch * chunkSize));
-  let batch = newBatch();
-  let fill = 0;
+  const acquire = (size: number): SharedSlot => {
+    const slot = pool.acquireShared(size);
+    held.add(slot);
+    return slot;
+  };
+  const release = (slot: SharedSlot): void => {
+    held.delete(slot);
+    pool.releaseShared(slot);
+  };
 
-  const dispatch = (buf: Uint8Array, used: number, slot: number) => {
+  const dispatch = (batch: SharedSlot, used: number, seq: number, holes?: number[]) => {
     const lengths: number[] = [];
     for (let off = 0; off < used; off += chunkSize) lengths.push(Math.min(chunkSize, used - off));
     const job = (async () => {
-      const hashed = await pool.run({ type: 'hash', buffer: buf.buffer as ArrayBuffer, lengths });
-      const ids = Buffer.from(hashed.ids);
-      idParts[slot] = ids;
-      // Claiming is synchronous, so two batches in flight never both store the same new chunk.
-      const items: [number, number, number][] = [];
-      for (let i = 0; i < lengths.length; i++) {
-        const id = ids.subarray(i * ID_SIZE, (i + 1) * ID_SIZE);
-        if (isZeroId(id)) {
-          result.zeroChunks++;
-          continue;
+      // Slot objects are reused: what this job still holds is tracked here, never by looking the
+      // slot up (once released, the same slot may already belong to the next batch).
+      let input: SharedSlot | undefined = batch;
+      let output: SharedSlot | undefined;
+      try {
+        const hashed = await pool.run({ type: 'hash', input: batch.id, lengths, ...(holes?.length ? { holes } : {}) });
+        const ids = Buffer.from(hashed.ids);
+        idParts[seq] = ids;
+        // Claiming is synchronous, so two batches in flight never both store the same new chunk.
+        const items: [number, number, number][] = [];
+        for (let i = 0; i < lengths.length; i++) {
+          const id = ids.subarray(i * ID_SIZE, (i + 1) * ID_SIZE);
+          if (isZeroId(id)) {
+            result.zeroChunks++;
+            continue;
+          }
+          const hex = id.toString('hex');
+          if (claimed.has(hex) || repo.hasChunk(id)) {
+            result.dedupChunks++;
+            continue;
+          }
+          claimed.add(hex);
+          items.push([i * chunkSize, lengths[i]!, i * ID_SIZE]);
         }
-        const hex = id.toString('hex');
-        if (claimed.has(hex) || repo.hasChunk(id)) {
-          result.dedupChunks++;
-          continue;
+        if (items.length === 0) return;
+        output = acquire(outBytes);
+        const enc = await pool.run({ type: 'encode', input: batch.id, items, ids, codec: repo.codec, level: 3, output: output.id });
+        release(batch);
+        input = undefined;
+        let p = 0;
+        for (let k = 0; k < items.length; k++) {
+          const [, length, idStart] = items[k]!;
+          const size = enc.sizes[k]!;
+          const id = Buffer.from(ids.subarray(idStart, idStart + ID_SIZE));
+          // addEncoded copies the bytes into the pack, so the output buffer can be reused after.
+          await repo.addEncoded(id, enc.codecs[k]!, output.bytes.subarray(p, p + size), length);
+          claimed.delete(id.toString('hex'));
+          p += size;
+          result.newChunks++;
+          result.newBytes += length;
+          result.storedBytes += size;
         }
-        claimed.add(hex);
-        items.push([i * chunkSize, lengths[i]!, i * ID_SIZE]);
-      }
-      if (items.length === 0) {
-        spare.push(hashed.buffer);
-        return;
-      }
-      const idsCopy = Buffer.from(ids);
-      const enc = await pool.run({
-        type: 'encode',
-        buffer: hashed.buffer,
-        items,
-        ids: idsCopy.buffer.slice(idsCopy.byteOffset, idsCopy.byteOffset + idsCopy.length) as ArrayBuffer,
-        codec: repo.codec,
-        level: 3,
-      });
-      spare.push(enc.buffer);
-      const out = Buffer.from(enc.out);
-      let p = 0;
-      for (let k = 0; k < items.length; k++) {
-        const [, length, idStart] = items[k]!;
-        const size = enc.sizes[k]!;
-        const id = Buffer.from(ids.subarray(idStart, idStart + ID_SIZE));
-        await repo.addEncoded(id, enc.codecs[k]!, out.subarray(p, p + size), length);
-        claimed.delete(id.toString('hex'));
-        p += size;
-        result.newChunks++;
-        result.newBytes += length;
-        result.storedBytes += size;
+      } finally {
+        if (input) release(input);
+        if (output) release(output);
       }
     })();
     inFlight.push(job);
   };
 
-  let slot = 0;
+  let seq = 0;
   const drain = async (limit: number) => {
     while (inFlight.length > limit) await inFlight.shift();
   };
   try {
-    for await (const piece of input as AsyncIterable<Uint8Array>) {
-      let off = 0;
-      while (off < piece.length) {
-        const n = Math.min(piece.length - off, batch.length - fill);
-        batch.set(piece.subarray(off, off + n), fill);
-        fill += n;
-        off += n;
-        total += n;
-        if (fill === batch.length) {
-          dispatch(batch, fill, slot++);
-          batch = newBatch();
-          fill = 0;
-          await drain(MAX_IN_FLIGHT);
-          opts.onProgress?.(total);
+    if (isFileSource(input)) {
+      const { file, size } = input;
+      const extents = input.extents ?? [{ offset: 0, length: size }];
+      let e = 0;
+      for (let start = 0; start < size; start += batchBytes) {
+        const used = Math.min(batchBytes, size - start);
+        const batch = acquire(batchBytes);
+        const holes: number[] = [];
+        // Read runs of chunks that touch data; chunks wholly inside a hole are not read at all.
+        let runStart = -1;
+        const readRun = async (from: number, to: number) => {
+          let done = 0;
+          while (done < to - from) {
+            const { bytesRead } = await file.read(batch.bytes, from + done, to - from - done, start + from + done);
+            if (bytesRead === 0) throw new IngestError(`input ended at ${start + from + done} bytes, expected ${size} (did the file shrink while it was read?)`);
+            done += bytesRead;
+          }
+        };
+        for (let off = 0, i = 0; off < used; off += chunkSize, i++) {
+          const cs = start + off;
+          const ce = Math.min(start + used, cs + chunkSize);
+          while (e < extents.length && extents[e]!.offset + extents[e]!.length <= cs) e++;
+          const hasData = e < extents.length && extents[e]!.offset < ce;
+          if (hasData && runStart < 0) runStart = off;
+          if (!hasData) {
+            holes.push(i);
+            if (runStart >= 0) await readRun(runStart, off);
+            runStart = -1;
+          }
+        }
+        if (runStart >= 0) await readRun(runStart, used);
+        total += used;
+        dispatch(batch, used, seq++, holes);
+        await drain(MAX_IN_FLIGHT);
+        opts.onProgress?.(total);
+      }
+    } else {
+      let batch = acquire(batchBytes);
+      let fill = 0;
+      for await (const piece of input as AsyncIterable<Uint8Array>) {
+        let off = 0;
+        while (off < piece.length) {
+          const n = Math.min(piece.length - off, batchBytes - fill);
+          batch.bytes.set(piece.subarray(off, off + n), fill);
+          fill += n;
+          off += n;
+          total += n;
+          if (fill === batchBytes) {
+            dispatch(batch, fill, seq++);
+            batch = acquire(batchBytes);
+            fill = 0;
+            await drain(MAX_IN_FLIGHT);
+            opts.onProgress?.(total);
+          }
         }
       }
+      if (fill > 0) dispatch(batch, fill, seq++);
+      else release(batch);
     }
-    if (fill > 0) dispatch(batch, fill, slot++);
     await drain(0);
   } catch (err) {
     // Let the other batches settle before reporting, so no worker reply lands after we return.
     await Promise.allSettled(inFlight);
+    for (const slot of held) pool.releaseShared(slot);
     throw err;
   }
   opts.onProgress?.(total);
   repo.noteDedup(result.dedupChunks, result.zeroChunks);
-  const chunks = Buffer.concat(idParts.slice(0, slot));
+  const chunks = Buffer.concat(idParts.slice(0, seq));
   if (chunks.length !== chunkCount(total, chunkSize) * ID_SIZE) throw new Error('internal: chunk list length mismatch');
   return { stream: { name: opts.name, kind: opts.kind, size: total, chunkSize, chunks }, ...result };
 }

@@ -1,20 +1,25 @@
 /**
- * A small pool of chunk workers (chunk-worker.ts). Jobs are dispatched round-robin to the least
- * busy worker; each returns a promise. Buffers are transferred, not copied: the caller gives up
- * the ArrayBuffer it sends and gets it back in the reply.
+ * A small pool of chunk workers (chunk-worker.ts). Jobs are dispatched to the least busy worker;
+ * each returns a promise. Bulk data never crosses threads in messages: it lives in shared buffers
+ * (SharedArrayBuffer) that the pool hands out, announces to every worker once, and reuses, so a
+ * job names its buffers by id. (Transferring ArrayBuffers instead created a new one in the
+ * receiving isolate per message, each counted as fresh external memory: at ingest and export
+ * rates that triggered a major GC every ~60 MB in every thread.)
  *
- * Protocol (structured-clone messages):
- *   hash   { buffer, lengths[] }                         -> { buffer, ids }   ids = n × 32 bytes,
- *                                                          all-zero chunks get the zero id
- *   encode { buffer, items[[offset, length, idStart]], ids, codec, level }
- *                                                       -> { buffer, out, codecs[], sizes[] }
+ * Protocol (structured-clone messages; `input`, `output`, `slot` are shared buffer ids):
  *   share  { id, sab }                                   (no reply) registers a shared buffer
+ *   unshare { id }                                       (no reply) forgets it
+ *   hash   { input, lengths[], holes? }                  -> { ids }   ids = n × 32 bytes; all-zero
+ *                                                          chunks and `holes` (indexes of chunks
+ *                                                          never read: zeros) get the zero id
+ *   encode { input, items[[offset, length, idStart]], ids, codec, level, output }
+ *                                                       -> { codecs[], sizes[] } stored chunks back
+ *                                                          to back in `output`
  *   decode { input, items[[offset, length, codec, rawLength, idStart]], ids, output }
- *                                                       -> {}               plaintexts back to back,
- *                                                          each verified against its id, written
- *                                                          to file descriptor `fd` at `position` by
- *                                                          the worker itself, or into shared buffer
- *                                                          `slot`; `input` is a shared buffer id
+ *                                                       -> {}        plaintexts back to back, each
+ *                                                          verified against its id, written to
+ *                                                          file descriptor `fd` at `position` by
+ *                                                          the worker itself, or into `slot`
  *   error  { message, name, code? }                      any job that threw; `code` is the errno
  *                                                          code of a failed write (ENOSPC, EIO)
  */
@@ -32,13 +37,14 @@ export type DecodeOutput = { fd: number; position: number } | { slot: number };
 
 export type WorkerRequest =
   | { type: 'share'; seq: number; id: number; sab: SharedArrayBuffer }
-  | { type: 'hash'; seq: number; buffer: ArrayBuffer; lengths: number[] }
-  | { type: 'encode'; seq: number; buffer: ArrayBuffer; items: [number, number, number][]; ids: ArrayBuffer; codec: number; level: number }
+  | { type: 'unshare'; seq: number; id: number }
+  | { type: 'hash'; seq: number; input: number; lengths: number[]; holes?: number[] }
+  | { type: 'encode'; seq: number; input: number; items: [number, number, number][]; ids: Uint8Array; codec: number; level: number; output: number }
   | { type: 'decode'; seq: number; input: number; items: [number, number, number, number, number][]; ids: Uint8Array; output: DecodeOutput };
 
 export type WorkerReply =
-  | { type: 'hash'; seq: number; buffer: ArrayBuffer; ids: ArrayBuffer }
-  | { type: 'encode'; seq: number; buffer: ArrayBuffer; out: ArrayBuffer; codecs: number[]; sizes: number[] }
+  | { type: 'hash'; seq: number; ids: ArrayBuffer }
+  | { type: 'encode'; seq: number; codecs: number[]; sizes: number[] }
   | { type: 'decode'; seq: number }
   | { type: 'error'; seq: number; message: string; name: string; code?: string };
 
@@ -56,6 +62,9 @@ export interface SharedSlot {
   readonly bytes: Buffer;
 }
 
+/** How many free shared buffers of one size the pool keeps; beyond that they are dropped. */
+const KEEP_FREE = 8;
+
 interface Slot {
   worker: Worker;
   busy: number;
@@ -66,7 +75,9 @@ export class WorkerPool {
   private pending = new Map<number, { resolve: (r: WorkerReply) => void; reject: (e: Error) => void }>();
   private seq = 0;
   private closed = false;
-  private sharedFree = new Map<number, SharedSlot[]>();
+  private sharedFree = new Map<number, { id: number; bytes: Buffer }[]>();
+  /** Each acquisition is a new lease object, so a lease released twice is caught, never mistaken for a newer one. */
+  private leases = new Map<SharedSlot, { id: number; bytes: Buffer }>();
   private sharedCount = 0;
 
   constructor(init: WorkerInit, size = Math.max(1, Math.min(4, availableParallelism()))) {
@@ -102,19 +113,33 @@ export class WorkerPool {
    * worker; messages on one port arrive in order, so any job sent after this sees it).
    */
   acquireShared(size: number): SharedSlot {
-    const free = this.sharedFree.get(size)?.pop();
-    if (free) return free;
-    const sab = new SharedArrayBuffer(size);
-    const slot: SharedSlot = { id: ++this.sharedCount, bytes: Buffer.from(sab) };
-    for (const s of this.slots) s.worker.postMessage({ type: 'share', seq: 0, id: slot.id, sab } satisfies WorkerRequest);
-    return slot;
+    let buf = this.sharedFree.get(size)?.pop();
+    if (!buf) {
+      const sab = new SharedArrayBuffer(size);
+      buf = { id: ++this.sharedCount, bytes: Buffer.from(sab) };
+      for (const s of this.slots) s.worker.postMessage({ type: 'share', seq: 0, id: buf.id, sab } satisfies WorkerRequest);
+    }
+    const lease: SharedSlot = { id: buf.id, bytes: buf.bytes };
+    this.leases.set(lease, buf);
+    return lease;
   }
 
-  /** Gives a shared buffer back for reuse. Shared buffers live as long as the pool. */
-  releaseShared(slot: SharedSlot): void {
-    const list = this.sharedFree.get(slot.bytes.length) ?? [];
-    if (!list.includes(slot)) list.push(slot);
-    this.sharedFree.set(slot.bytes.length, list);
+  /**
+   * Gives a leased buffer back for reuse. Releasing a lease twice is a bug (the buffer may already
+   * belong to someone else) and throws. A few free buffers per size are kept for reuse; the rest
+   * are dropped, here and in the workers.
+   */
+  releaseShared(lease: SharedSlot): void {
+    const buf = this.leases.get(lease);
+    if (!buf) throw new Error(`internal: shared buffer ${lease.id} released twice`);
+    this.leases.delete(lease);
+    const list = this.sharedFree.get(buf.bytes.length) ?? [];
+    this.sharedFree.set(buf.bytes.length, list);
+    if (list.length < KEEP_FREE) {
+      list.push(buf);
+      return;
+    }
+    for (const s of this.slots) s.worker.postMessage({ type: 'unshare', seq: 0, id: buf.id } satisfies WorkerRequest);
   }
 
   run<T extends 'hash' | 'encode' | 'decode'>(job: Job & { type: T }): Promise<Extract<WorkerReply, { type: T }>> {
@@ -124,12 +149,8 @@ export class WorkerPool {
     slot.busy++;
     return new Promise((resolve, reject) => {
       this.pending.set(seq, { resolve: resolve as (r: WorkerReply) => void, reject });
-      // Shared buffers (decode) cross without a transfer; hash and encode hand their buffers over.
-      const j: Job = job;
-      const transfer: ArrayBuffer[] = [];
-      if (j.type === 'hash' || j.type === 'encode') transfer.push(j.buffer);
-      if (j.type === 'encode' && j.ids !== j.buffer) transfer.push(j.ids);
-      slot.worker.postMessage({ ...job, seq }, transfer);
+      // Bulk data stays in shared buffers; what crosses is ids and small lists.
+      slot.worker.postMessage({ ...job, seq });
     });
   }
 
