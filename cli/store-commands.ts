@@ -9,7 +9,7 @@ import { check, diffSnapshots, prune, rebuildIndex, referencedChunks } from '../
 import { applyRetention, type RetentionPolicy } from '../src/store/retention.js';
 import { acquireLock, removeStaleLocks, withLock } from '../src/store/lock.js';
 import { checkName, checkTags, type Snapshot } from '../src/store/manifest.js';
-import { NotFoundError, UsageError } from '../src/store/errors.js';
+import { NotFoundError, OperationError, UsageError } from '../src/store/errors.js';
 import { codecId, type CodecName } from '../src/store/codec.js';
 import { loadFileConfig, openBackendAt, openRepository, password, repoLocation, type GlobalOptions } from './context.js';
 import { humanBytes, printJson, progress, shortId } from './output.js';
@@ -156,7 +156,8 @@ export function registerStoreCommands(program: Command, globals: Globals): void 
   program
     .command('export <snapshot> <target>')
     .description('write a snapshot stream (SNAP[:stream]) to a file or stdout (-)')
-    .action(async (ref: string, target: string) => {
+    .option('--no-fsync', 'do not flush the file to disk before renaming it into place (faster; after a power loss it may be incomplete)')
+    .action(async (ref: string, target: string, o: { fsync: boolean }) => {
       const g = globals();
       const repo = await openRepository(g);
       try {
@@ -173,11 +174,13 @@ export function registerStoreCommands(program: Command, globals: Globals): void 
         });
         try {
           await exportStream(repo, stream, { file: fh }, (n) => bar.update(n));
-          await fh.sync();
+          if (o.fsync) await fh.sync();
         } catch (err) {
           await fh.close();
           const { rm } = await import('node:fs/promises');
           await rm(tmp, { force: true });
+          // A failed write of the output (ENOSPC, EIO) is the user's disk, not a bug: one line, naming it.
+          if (typeof (err as NodeJS.ErrnoException).code === 'string') throw new OperationError('export', `writing ${target}`, err);
           throw err;
         } finally {
           bar.stop();

@@ -8,7 +8,7 @@ import { parentPort, workerData } from 'node:worker_threads';
 import { writeSync } from 'node:fs';
 import { chunkHasher, isAllZero, ID_SIZE } from './hash.js';
 import { decodeInto, encodeBound, encodeInto, type CodecId } from './codec.js';
-import { open, seal } from './crypto.js';
+import { open, SEAL_OVERHEAD, sealInto } from './crypto.js';
 import { chunkAad } from './pack.js';
 import type { WorkerRequest, WorkerReply, WorkerInit } from './workers.js';
 
@@ -87,12 +87,11 @@ function handle(req: Exclude<WorkerRequest, { type: 'share' | 'unshare' }>): [Wo
       if (aeadKey) {
         if (scratch.length < bound) scratch = Buffer.allocUnsafeSlow(bound);
         const enc = encodeInto(req.codec as CodecId, raw, scratch, req.level);
-        const box = seal(aeadKey, scratch.subarray(0, enc.length), chunkAad(ids.subarray(idStart, idStart + ID_SIZE)));
-        if (pos + box.length > out.length) throw new Error('internal: encoded chunks overflow the shared output buffer');
-        box.copy(out, pos);
+        if (pos + enc.length + SEAL_OVERHEAD > out.length) throw new Error('internal: encoded chunks overflow the shared output buffer');
+        const n = sealInto(aeadKey, scratch.subarray(0, enc.length), chunkAad(ids.subarray(idStart, idStart + ID_SIZE)), out.subarray(pos));
         codecs.push(enc.codec);
-        sizes.push(box.length);
-        pos += box.length;
+        sizes.push(n);
+        pos += n;
       } else {
         if (pos + bound > out.length) throw new Error('internal: encoded chunks overflow the shared output buffer');
         const enc = encodeInto(req.codec as CodecId, raw, out.subarray(pos), req.level);

@@ -62,6 +62,24 @@ export function seal(key: Buffer, plaintext: Uint8Array, aad: Uint8Array): Buffe
   return out;
 }
 
+/**
+ * Like `seal`, into `dst` (at least `plaintext.length + SEAL_OVERHEAD` bytes); returns the box's
+ * length. One allocation fewer per chunk on the ingest hot path (node:crypto has no in-place
+ * update, so the ciphertext itself still comes back in a new buffer).
+ */
+export function sealInto(key: Buffer, plaintext: Uint8Array, aad: Uint8Array, dst: Buffer): number {
+  const length = NONCE + plaintext.length + TAG;
+  if (dst.length < length) throw new Error(`internal: sealInto needs ${length} bytes, has ${dst.length}`);
+  const nonce = randomBytes(NONCE);
+  nonce.copy(dst, 0);
+  const cipher = createCipheriv('aes-256-gcm', key, nonce);
+  cipher.setAAD(aad);
+  const n = cipher.update(plaintext).copy(dst, NONCE);
+  cipher.final();
+  cipher.getAuthTag().copy(dst, NONCE + n);
+  return length;
+}
+
 export function open(key: Buffer, box: Uint8Array, aad: Uint8Array, what: string): Buffer {
   if (box.length < SEAL_OVERHEAD) throw new IntegrityError(`${what}: encrypted object is too short (${box.length} bytes)`);
   const b = Buffer.from(box.buffer, box.byteOffset, box.byteLength);

@@ -6,7 +6,7 @@
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { spawnSync } from 'node:child_process';
-import { existsSync, readFileSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { hostname } from 'node:os';
 import * as path from 'node:path';
 import { contentHash } from '../../src/store/hash.js';
@@ -77,6 +77,8 @@ for (const encrypted of [false, true]) {
       expect(readFileSync(out).equals(img1)).toBe(true);
       await vmsnapOk(repo, ['export', `${ids[1]!.slice(0, 6)}:disk0`, out], { env });
       expect(readFileSync(out).equals(img2)).toBe(true);
+      await vmsnapOk(repo, ['export', '--no-fsync', ids[0]!, out], { env });
+      expect(readFileSync(out).equals(img1)).toBe(true);
       const r = await vmsnapOk(repo, ['export', 'latest', '-'], { env });
       expect(sha256(r.stdoutBytes)).toBe(sha256(img2));
       const bad = await vmsnap(repo, ['export', `${ids[0]}:nope`, out], { env });
@@ -160,6 +162,32 @@ describe('references', () => {
     const twice = await vmsnap(again, ['init']);
     expect(twice.code).toBe(2);
     expect(twice.stderr).toMatch(/a repository already exists/);
+  });
+
+  it('export to a missing directory or a full disk: one line naming the target, nothing left behind', async () => {
+    const repo = path.join(dir, 'export-errors');
+    await vmsnapOk(repo, ['init']);
+    await vmsnapOk(repo, ['import', f1, '--vm', 'vm1']);
+    const missing = await vmsnap(repo, ['export', 'latest', path.join(dir, 'no-such-dir', 'out.img')]);
+    expect(missing.code).toBe(2);
+    expect(missing.stderr).toMatch(/^vmsnap: cannot write .*no-such-dir\/out\.img: its directory does not exist\n$/);
+    // A 256 KiB tmpfs cannot hold the 1 MiB image (needs root to mount; CI runs as root).
+    const small = path.join(dir, 'small-fs');
+    mkdirSync(small);
+    const mount = spawnSync('mount', ['-t', 'tmpfs', '-o', 'size=256k', 'tmpfs', small]);
+    if (mount.status !== 0) {
+      console.warn(`skipped the full-disk case: cannot mount a tmpfs (${mount.stderr.toString().trim()})`);
+      return;
+    }
+    try {
+      const full = await vmsnap(repo, ['export', 'latest', path.join(small, 'out.img')]);
+      expect(full.code).toBe(1);
+      expect(full.stderr).toMatch(/^vmsnap: export: writing .*small-fs\/out\.img: ENOSPC: no space left on device/);
+      expect(full.stderr).not.toMatch(/internal error|\n\s+at /);
+      expect(readdirSync(small)).toEqual([]); // the partial file is removed
+    } finally {
+      spawnSync('umount', [small]);
+    }
   });
 });
 
