@@ -5,6 +5,7 @@ import type { Command } from 'commander';
 import { Repository } from '../src/store/repository.js';
 import { ingestStream, exportStream } from '../src/store/streams.js';
 import { dataExtents } from '../src/store/sparse.js';
+import { WritebackAhead } from '../src/store/writeback.js';
 import { check, diffSnapshots, prune, rebuildIndex, referencedChunks } from '../src/store/maintenance.js';
 import { applyRetention, type RetentionPolicy } from '../src/store/retention.js';
 import { acquireLock, removeStaleLocks, withLock } from '../src/store/lock.js';
@@ -173,7 +174,12 @@ export function registerStoreCommands(program: Command, globals: Globals): void 
           throw new UsageError(`cannot write ${target}: ${err.code === 'ENOENT' ? 'its directory does not exist' : (err.code ?? err.message)}`);
         });
         try {
-          await exportStream(repo, stream, { file: fh }, (n) => bar.update(n));
+          const writeback = o.fsync ? new WritebackAhead(tmp) : null;
+          await exportStream(repo, stream, { file: fh }, (n) => {
+            bar.update(n);
+            writeback?.progress(n);
+          });
+          await writeback?.settle();
           if (o.fsync) await fh.sync();
         } catch (err) {
           await fh.close();

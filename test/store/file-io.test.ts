@@ -1,6 +1,7 @@
 /**
- * Import of a regular file with positional reads into the pipeline's shared buffers, holes skipped
- * by SEEK_DATA/SEEK_HOLE (src/store/native/data-extents.c, src/store/sparse.ts).
+ * The store's file I/O paths: import of a regular file with positional reads into the pipeline's
+ * shared buffers, holes skipped by SEEK_DATA/SEEK_HOLE (src/store/native/data-extents.c,
+ * src/store/sparse.ts); and export's writeback ahead of its final fsync (src/store/writeback.ts).
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { randomBytes } from 'node:crypto';
@@ -15,6 +16,7 @@ import { dataExtents, parseExtents } from '../../src/store/sparse.js';
 import { check } from '../../src/store/maintenance.js';
 import { IngestError } from '../../src/store/errors.js';
 import { nativeHelper } from '../../src/util/project.js';
+import { WritebackAhead } from '../../src/store/writeback.js';
 
 const CHUNK = 65536;
 let dir: string;
@@ -178,4 +180,28 @@ describe('import of a regular file', () => {
       await repo.close();
     }
   }, 120_000);
+});
+
+describe('writeback ahead of the final fsync', () => {
+  it('starts writeback once per threshold, one helper at a time, and never changes the bytes', async () => {
+    expect(nativeHelper('sync-range'), 'scripts/setup.sh builds src/store/native/sync-range.c').not.toBeNull();
+    const file = path.join(dir, 'writeback.img');
+    const data = randomBytes(8 << 20);
+    const fh = await open(file, 'w');
+    const wb = new WritebackAhead(file, 1 << 20);
+    for (let off = 0; off < data.length; off += 1 << 20) {
+      await fh.write(data, off, 1 << 20, off);
+      wb.progress(off + (1 << 20));
+      await wb.settle(); // let each helper finish, so every threshold crossing starts one
+    }
+    await fh.sync();
+    await fh.close();
+    expect(wb.starts).toBe(8);
+    expect((await readFile(file)).equals(data)).toBe(true);
+    // A helper that fails (the file is gone) is harmless: the final fsync is what makes it durable.
+    const gone = new WritebackAhead(path.join(dir, 'gone.img'), 1);
+    gone.progress(10);
+    await gone.settle();
+    expect(gone.starts).toBe(1);
+  });
 });
