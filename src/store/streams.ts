@@ -53,7 +53,9 @@ export interface Extent {
  * A regular file read with positional reads straight into the pipeline's buffers. With `extents`
  * (the file's data ranges, from SEEK_DATA/SEEK_HOLE), chunks that lie wholly in a hole are never
  * read: they are zero chunks by definition. Reading a hole is not free: the kernel zero-fills page
- * cache for it, which measured as the largest single cost of importing a sparse image.
+ * cache for it, which measured as the largest single cost of importing a sparse image. As with any
+ * backup of a file that changes while it is read, data written into a hole after the extents were
+ * taken may be missed: import a stopped VM's disk, or a snapshot of it (vmsnap take does).
  */
 export interface FileSource {
   file: FileHandle;
@@ -93,8 +95,8 @@ export async function ingestStream(repo: Repository, input: IngestInput, opts: I
     const lengths: number[] = [];
     for (let off = 0; off < used; off += chunkSize) lengths.push(Math.min(chunkSize, used - off));
     const job = (async () => {
-      // Slot objects are reused: what this job still holds is tracked here, never by looking the
-      // slot up (once released, the same slot may already belong to the next batch).
+      // A lease is released exactly once (the pool throws on a second release): the input goes
+      // back as soon as encoding is done, so the read loop can refill it while chunks are packed.
       let input: SharedSlot | undefined = batch;
       let output: SharedSlot | undefined;
       try {
