@@ -1,6 +1,8 @@
 /** Repository verbs: init, import, export, ls, show, diff, forget, prune, check, rebuild-index, unlock. */
 import { createReadStream } from 'node:fs';
 import { open as openFile, stat } from 'node:fs/promises';
+import * as path from 'node:path';
+import { fsyncDir } from '../src/util/fs.js';
 import type { Command } from 'commander';
 import { Repository } from '../src/store/repository.js';
 import { ingestStream, exportStream } from '../src/store/streams.js';
@@ -106,7 +108,9 @@ export function registerStoreCommands(program: Command, globals: Globals): void 
           const st = await stat(file);
           total = st.size;
           regular = st.isFile();
+          if (st.isDirectory()) throw new UsageError(`cannot import ${file}: it is a directory (import takes a file, a disk image or - for stdin)`);
         } catch (err) {
+          if (err instanceof UsageError) throw err;
           throw new UsageError(`cannot read ${file}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`);
         }
       }
@@ -127,6 +131,10 @@ export function registerStoreCommands(program: Command, globals: Globals): void 
                 ? process.stdin
                 : createReadStream(file, { highWaterMark: 1 << 20 });
             res = await ingestStream(repo, input, { name: o.stream, kind: o.kind as 'disk', onProgress: (n) => bar.update(n) });
+          } catch (err) {
+            // The repository's own failures are BackendErrors; a bare errno here is the input (EIO, EISDIR).
+            if (typeof (err as NodeJS.ErrnoException).code === 'string') throw new OperationError('import', `reading ${file === '-' ? 'stdin' : file}`, err);
+            throw err;
           } finally {
             await fh?.close();
           }
@@ -167,6 +175,9 @@ export function registerStoreCommands(program: Command, globals: Globals): void 
           await exportStream(repo, stream, { writable: process.stdout });
           return;
         }
+        if ((await stat(target).catch(() => null))?.isDirectory()) {
+          throw new UsageError(`cannot write ${target}: it is a directory (give the path of the file to write)`);
+        }
         const bar = progress('export', stream.size, !g.quiet && !g.json);
         // Write to a temporary name and rename: a failed export never leaves a plausible-looking file.
         const tmp = `${target}.vmsnap-partial`;
@@ -192,8 +203,15 @@ export function registerStoreCommands(program: Command, globals: Globals): void 
           bar.stop();
         }
         await fh.close();
-        const { rename } = await import('node:fs/promises');
-        await rename(tmp, target);
+        const { rename, rm } = await import('node:fs/promises');
+        try {
+          await rename(tmp, target);
+          // The rename itself is durable only once the directory is flushed.
+          if (o.fsync) await fsyncDir(path.dirname(path.resolve(target)));
+        } catch (err) {
+          await rm(tmp, { force: true });
+          throw new OperationError('export', `renaming the finished file into ${target}`, err);
+        }
         if (!g.json && !g.quiet) console.log(`wrote ${humanBytes(stream.size)} to ${target}`);
       } finally {
         await repo.close();

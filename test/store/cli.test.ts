@@ -164,13 +164,22 @@ describe('references', () => {
     expect(twice.stderr).toMatch(/a repository already exists/);
   });
 
-  it('export to a missing directory or a full disk: one line naming the target, nothing left behind', async () => {
+  it('import or export of a directory, export to a missing directory or a full disk: one line naming it, nothing left behind', async () => {
     const repo = path.join(dir, 'export-errors');
     await vmsnapOk(repo, ['init']);
     await vmsnapOk(repo, ['import', f1, '--vm', 'vm1']);
     const missing = await vmsnap(repo, ['export', 'latest', path.join(dir, 'no-such-dir', 'out.img')]);
     expect(missing.code).toBe(2);
     expect(missing.stderr).toMatch(/^vmsnap: cannot write .*no-such-dir\/out\.img: its directory does not exist\n$/);
+    // A directory as the target: refused before anything is written next to it.
+    const intoDir = await vmsnap(repo, ['export', 'latest', dir]);
+    expect(intoDir.code).toBe(2);
+    expect(intoDir.stderr).toMatch(/^vmsnap: cannot write .*: it is a directory \(give the path of the file to write\)\n$/);
+    expect(existsSync(`${dir}.vmsnap-partial`)).toBe(false);
+    // A directory as the input of an import.
+    const importDir = await vmsnap(repo, ['import', dir, '--vm', 'vm1']);
+    expect(importDir.code).toBe(2);
+    expect(importDir.stderr).toMatch(/^vmsnap: cannot import .*: it is a directory/);
     // A 256 KiB tmpfs cannot hold the 1 MiB image (needs root to mount; CI runs as root).
     const small = path.join(dir, 'small-fs');
     mkdirSync(small);
