@@ -147,7 +147,8 @@ export class LocalBackend implements Backend {
     try {
       fh = await fsp.open(file, 'r');
     } catch (err) {
-      if (errnoCode(err) === 'ENOENT') throw new ObjectNotFoundError(kind, name);
+      // ENOTDIR: a path component is a file (a repository path that points at a file): no such object.
+      if (errnoCode(err) === 'ENOENT' || errnoCode(err) === 'ENOTDIR') throw new ObjectNotFoundError(kind, name);
       throw localError('get (open)', `${kind}/${name}`, err);
     }
     try {
@@ -179,7 +180,7 @@ export class LocalBackend implements Backend {
       if (!st.isFile()) throw new ObjectNotFoundError(kind, name);
       return { name, size: st.size };
     } catch (err) {
-      if (errnoCode(err) === 'ENOENT') throw new ObjectNotFoundError(kind, name);
+      if (errnoCode(err) === 'ENOENT' || errnoCode(err) === 'ENOTDIR') throw new ObjectNotFoundError(kind, name);
       throw localError('stat', `${kind}/${name}`, err);
     }
   }
