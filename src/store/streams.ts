@@ -215,6 +215,8 @@ export async function ingestStream(repo: Repository, input: IngestInput, opts: I
     await Promise.allSettled(inFlight);
     for (const slot of held) pool.releaseShared(slot);
     throw err;
+  } finally {
+    pool.trimShared();
   }
   opts.onProgress?.(total);
   repo.noteDedup(result.dedupChunks, result.zeroChunks);
@@ -338,34 +340,52 @@ export async function exportStream(repo: Repository, stream: StreamRecord, targe
     }
   };
   const zeros = Buffer.alloc(Math.min(stream.chunkSize * 16, 1 << 20));
-  refill();
-  while (queue.length) {
-    const { entry, data } = queue.shift()!;
-    refill();
-    if ('zero' in entry) {
-      const start = entry.zero * stream.chunkSize;
-      const end = Math.min(stream.size, (entry.zero + entry.count) * stream.chunkSize);
-      if (target.writable) {
-        for (let p = start; p < end; p += zeros.length) await write(target.writable, zeros.subarray(0, Math.min(zeros.length, end - p)));
-      }
-      written += end - start;
-    } else {
-      const decoded = await data!;
-      if (decoded.data) {
-        const buf = decoded.data;
-        const pos = entry.items[0]![0] * stream.chunkSize;
-        if (target.file) await target.file.write(buf, 0, buf.length, pos);
-        // A Writable may hand what it was given on (a PassThrough's reader keeps it): give it its own
-        // copy, never a view of a buffer that is about to be reused.
-        const copy = target.writable ? Buffer.from(buf) : undefined;
-        decoded.release();
-        if (copy) await write(target.writable!, copy);
-        written += buf.length;
-      } else written += decoded.written;
+  try {
+    await writeInOrder();
+  } catch (err) {
+    // Let the groups still in flight finish and give their buffers back before reporting.
+    for (const { data } of queue.splice(0)) {
+      const decoded = await data?.catch(() => null);
+      decoded?.release?.();
     }
-    onProgress?.(written);
+    throw err;
+  } finally {
+    pool.trimShared();
   }
-  if (target.file) await target.file.truncate(stream.size);
+
+  async function writeInOrder(): Promise<void> {
+    refill();
+    while (queue.length) {
+      const { entry, data } = queue.shift()!;
+      refill();
+      if ('zero' in entry) {
+        const start = entry.zero * stream.chunkSize;
+        const end = Math.min(stream.size, (entry.zero + entry.count) * stream.chunkSize);
+        if (target.writable) {
+          for (let p = start; p < end; p += zeros.length) await write(target.writable, zeros.subarray(0, Math.min(zeros.length, end - p)));
+        }
+        written += end - start;
+      } else {
+        const decoded = await data!;
+        if (decoded.data) {
+          const buf = decoded.data;
+          let copy: Buffer | undefined;
+          try {
+            if (target.file) await target.file.write(buf, 0, buf.length, entry.items[0]![0] * stream.chunkSize);
+            // A Writable may hand what it was given on (a PassThrough's reader keeps it): give it its
+            // own copy, never a view of a buffer that is about to be reused.
+            if (target.writable) copy = Buffer.from(buf);
+          } finally {
+            decoded.release();
+          }
+          if (copy) await write(target.writable!, copy);
+          written += buf.length;
+        } else written += decoded.written;
+      }
+      onProgress?.(written);
+    }
+    if (target.file) await target.file.truncate(stream.size);
+  }
 }
 
 type Decoded =

@@ -142,6 +142,27 @@ export class WorkerPool {
     for (const s of this.slots) s.worker.postMessage({ type: 'unshare', seq: 0, id: buf.id } satisfies WorkerRequest);
   }
 
+  /**
+   * Drops every free shared buffer, here and in the workers, so a long-lived process (a VM's
+   * supervisor) does not keep an operation's buffers resident between operations. Leased buffers
+   * are untouched. Ingest and export call this when they finish.
+   */
+  trimShared(): void {
+    for (const list of this.sharedFree.values()) {
+      for (const buf of list) {
+        for (const s of this.slots) s.worker.postMessage({ type: 'unshare', seq: 0, id: buf.id } satisfies WorkerRequest);
+      }
+    }
+    this.sharedFree.clear();
+  }
+
+  /** Shared buffers currently leased and kept free (tests check nothing leaks). */
+  sharedStats(): { leased: number; free: number } {
+    let free = 0;
+    for (const list of this.sharedFree.values()) free += list.length;
+    return { leased: this.leases.size, free };
+  }
+
   run<T extends 'hash' | 'encode' | 'decode'>(job: Job & { type: T }): Promise<Extract<WorkerReply, { type: T }>> {
     if (this.closed) return Promise.reject(new Error('worker pool is closed'));
     const seq = ++this.seq;

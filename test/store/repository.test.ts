@@ -95,6 +95,8 @@ describe('repository', () => {
     const sink = new PassThrough();
     sink.resume();
     await expect(exportStream(repo, res.stream, { writable: sink })).rejects.toBeInstanceOf(IntegrityError);
+    // A failed export still gives every shared buffer back, and keeps none.
+    expect(repo.workers().sharedStats()).toEqual({ leased: 0, free: 0 });
     await repo.close();
   });
 
@@ -112,9 +114,11 @@ describe('repository', () => {
       await repo.flush();
       const dir = await mkdtemp(path.join(tmpdir(), 'vmsnap-export-'));
       try {
+        expect(repo.workers().sharedStats(), 'after ingest').toEqual({ leased: 0, free: 0 });
         const fh = await open(path.join(dir, 'out.img'), 'w');
         await exportStream(repo, res.stream, { file: fh });
         await fh.close();
+        expect(repo.workers().sharedStats(), 'after export').toEqual({ leased: 0, free: 0 });
         expect((await readFile(path.join(dir, 'out.img'))).equals(data), backend.constructor.name).toBe(true);
       } finally {
         await rm(dir, { recursive: true, force: true });
