@@ -172,7 +172,11 @@ export function registerStoreCommands(program: Command, globals: Globals): void 
       try {
         const { stream } = await resolveStreamRef(repo, ref);
         if (target === '-') {
-          await exportStream(repo, stream, { writable: process.stdout });
+          // Straight to fd 1, not through process.stdout: no copy per group, and nothing buffered in
+          // the stream when the reader is slower than the export.
+          await exportStream(repo, stream, { fd: 1 }).catch((err: NodeJS.ErrnoException) => {
+            throw typeof err.code === 'string' ? new OperationError('export', 'writing to stdout', err) : err;
+          });
           return;
         }
         if ((await stat(target).catch(() => null))?.isDirectory()) {

@@ -14,6 +14,8 @@
  * file target.
  */
 import { once } from 'node:events';
+import { write as writeCb } from 'node:fs';
+import { promisify } from 'node:util';
 import type { Readable, Writable } from 'node:stream';
 import type { FileHandle } from 'node:fs/promises';
 import { ID_SIZE, isZeroId } from './hash.js';
@@ -226,8 +228,13 @@ export async function ingestStream(repo: Repository, input: IngestInput, opts: I
 }
 
 export interface ExportTarget {
-  /** Sequential writes (stdout, a pipe, a socket). */
+  /** Sequential writes to a stream (a socket, a PassThrough): each gets its own copy of the bytes. */
   writable?: Writable;
+  /**
+   * Sequential writes to a file descriptor the caller owns (stdout as fd 1, a pipe): write(2) in
+   * order, straight from the shared buffers, no copies. A non-blocking descriptor is retried.
+   */
+  fd?: number;
   /** Positional writes to a file: zero chunks are left as holes. */
   file?: FileHandle;
 }
@@ -294,7 +301,8 @@ export async function exportStream(repo: Repository, stream: StreamRecord, targe
   const pool = repo.workers();
   // Buffers are shared with the workers and reused: READ_AHEAD groups in flight, each holding one
   // input buffer (and one output buffer unless the worker writes the file itself).
-  const fd = target.file && !target.writable ? target.file.fd : undefined;
+  // A file alone is written by the workers themselves; any sequential target needs the bytes back.
+  const workerFd = target.file && !target.writable && target.fd === undefined ? target.file.fd : undefined;
   let written = 0;
   const fetch = (g: Group): Promise<Decoded> =>
     (async () => {
@@ -309,9 +317,9 @@ export async function exportStream(repo: Repository, stream: StreamRecord, targe
         g.items.forEach(([i], k) => ids.set(stream.chunks.subarray(i * ID_SIZE, (i + 1) * ID_SIZE), k * ID_SIZE));
         const items = g.items.map(([, off, len, codec, raw], k): [number, number, number, number, number] => [off, len, codec, raw, k * ID_SIZE]);
         const rawBytes = g.items.reduce((n, it) => n + it[4], 0);
-        if (fd !== undefined) {
+        if (workerFd !== undefined) {
           // The worker writes what it decoded: the bytes are still in its cache (see chunk-worker.ts).
-          await pool.run({ type: 'decode', input: input.id, items, ids, output: { fd, position: g.items[0]![0] * stream.chunkSize } });
+          await pool.run({ type: 'decode', input: input.id, items, ids, output: { fd: workerFd, position: g.items[0]![0] * stream.chunkSize } });
           return { written: rawBytes };
         }
         const out = pool.acquireShared(MAX_GROUP_BYTES);
@@ -361,8 +369,10 @@ export async function exportStream(repo: Repository, stream: StreamRecord, targe
       if ('zero' in entry) {
         const start = entry.zero * stream.chunkSize;
         const end = Math.min(stream.size, (entry.zero + entry.count) * stream.chunkSize);
-        if (target.writable) {
-          for (let p = start; p < end; p += zeros.length) await write(target.writable, zeros.subarray(0, Math.min(zeros.length, end - p)));
+        for (let p = start; p < end; p += zeros.length) {
+          const z = zeros.subarray(0, Math.min(zeros.length, end - p));
+          if (target.writable) await write(target.writable, z);
+          if (target.fd !== undefined) await writeAll(target.fd, z);
         }
         written += end - start;
       } else {
@@ -372,6 +382,7 @@ export async function exportStream(repo: Repository, stream: StreamRecord, targe
           let copy: Buffer | undefined;
           try {
             if (target.file) await target.file.write(buf, 0, buf.length, entry.items[0]![0] * stream.chunkSize);
+            if (target.fd !== undefined) await writeAll(target.fd, buf);
             // A Writable may hand what it was given on (a PassThrough's reader keeps it): give it its
             // own copy, never a view of a buffer that is about to be reused.
             if (target.writable) copy = Buffer.from(buf);
@@ -397,6 +408,21 @@ type Decoded =
       /** Gives the buffer behind `data` back to the pool once it has been written. */
       release: () => void;
     };
+
+const fsWrite = promisify(writeCb);
+
+/** All of `buf` to `fd` at its current offset; EAGAIN (a non-blocking pipe that is full) waits and retries. */
+async function writeAll(fd: number, buf: Buffer): Promise<void> {
+  let done = 0;
+  while (done < buf.length) {
+    try {
+      done += (await fsWrite(fd, buf, done, buf.length - done, null)).bytesWritten;
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'EAGAIN') throw err;
+      await new Promise((resolve) => setTimeout(resolve, 1));
+    }
+  }
+}
 
 async function write(w: Writable, buf: Buffer): Promise<void> {
   if (!w.write(buf)) await once(w, 'drain');

@@ -5,12 +5,13 @@
  * one does not).
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { spawnSync } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
+import { once } from 'node:events';
 import { existsSync, mkdirSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { hostname } from 'node:os';
 import * as path from 'node:path';
 import { contentHash } from '../../src/store/hash.js';
-import { ensureBuiltAsync, mixedImage, packBytes, randomData, removeDir, repoFiles, sha256, tempDir, vmsnap, vmsnapOk } from '../helpers/cli.js';
+import { cliEntry, ensureBuiltAsync, mixedImage, packBytes, randomData, removeDir, repoFiles, sha256, tempDir, vmsnap, vmsnapOk } from '../helpers/cli.js';
 
 let dir: string;
 const img1 = mixedImage(1 << 20, 41);
@@ -164,7 +165,7 @@ describe('references', () => {
     expect(twice.stderr).toMatch(/a repository already exists/);
   });
 
-  it('import or export of a directory, export to a missing directory or a full disk: one line naming it, nothing left behind', async () => {
+  it('import or export of a directory, export to a missing directory, a reader that goes away or a full disk: one line naming it, nothing left behind', async () => {
     const repo = path.join(dir, 'export-errors');
     await vmsnapOk(repo, ['init']);
     await vmsnapOk(repo, ['import', f1, '--vm', 'vm1']);
@@ -180,6 +181,18 @@ describe('references', () => {
     const importDir = await vmsnap(repo, ['import', dir, '--vm', 'vm1']);
     expect(importDir.code).toBe(2);
     expect(importDir.stderr).toMatch(/^vmsnap: cannot import .*: it is a directory/);
+    // A reader that goes away (`vmsnap export latest - | head -c 100`): one line, exit 1.
+    const child = spawn(process.execPath, [cliEntry(), '--repo', repo, 'export', 'latest', '-'], {
+      env: { ...process.env, VMSNAP_PASSWORD: undefined, XDG_CONFIG_HOME: path.join(dir, 'no-config') },
+      stdio: ['ignore', 'pipe', 'pipe'],
+    });
+    let stderr = '';
+    child.stderr.on('data', (b: Buffer) => (stderr += b.toString()));
+    child.stdout.once('data', () => child.stdout.destroy());
+    const [code] = (await once(child, 'close')) as [number | null];
+    expect(code).toBe(1);
+    expect(stderr).toMatch(/^vmsnap: export: writing to stdout: EPIPE: broken pipe/);
+    expect(stderr).not.toMatch(/internal error|\n\s+at /);
     // A 256 KiB tmpfs cannot hold the 1 MiB image (needs root to mount; CI runs as root).
     const small = path.join(dir, 'small-fs');
     mkdirSync(small);
