@@ -10,8 +10,11 @@ qemu_major() { qemu-system-x86_64 --version 2>/dev/null | sed -n 's/^QEMU emulat
 
 missing=()
 [ "$(qemu_major)" = "10" ] || missing+=(qemu)
+# g++, make and python3: node-gyp builds the lz4 addon (and zstd-napi when no prebuilt binary fits)
+# during npm install. pgrep (procps): the VM tests' leak check. /usr/bin/time (time): the benchmarks.
 for bin in qemu-img:qemu nbdinfo:libnbd-bin nbdcopy:libnbd-bin redis-server:redis-server restic:restic cpio:cpio \
-           gcc:gcc zstd:zstd mkfs.ext4:e2fsprogs fio:fio nbdkit:nbdkit; do
+           gcc:gcc g++:g++ make:make python3:python3 pgrep:procps /usr/bin/time:time \
+           zstd:zstd mkfs.ext4:e2fsprogs fio:fio nbdkit:nbdkit; do
   command -v "${bin%%:*}" >/dev/null 2>&1 || missing+=("${bin#*:}")
 done
 [ -x /bin/busybox ] && /bin/busybox --help 2>&1 | grep -q 'static' || dpkg -s busybox-static >/dev/null 2>&1 || missing+=(busybox-static)
@@ -34,6 +37,7 @@ fi
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 apt-get install -y -qq -t bookworm-backports qemu-system-x86 qemu-utils >/dev/null
-apt-get install -y -qq libnbd-bin nbdkit redis-server restic cpio gcc gcc-multilib busybox-static zstd e2fsprogs fio >/dev/null
+apt-get install -y -qq libnbd-bin nbdkit redis-server restic cpio gcc g++ make python3 procps time gcc-multilib busybox-static \
+  zstd e2fsprogs fio >/dev/null
 [ "$(qemu_major)" = "10" ] || { echo "setup-system: QEMU 10 did not install (got: $(qemu-system-x86_64 --version | head -1))" >&2; exit 1; }
 echo "setup-system: done ($(qemu-system-x86_64 --version | head -1))" >&2
