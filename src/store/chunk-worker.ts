@@ -10,6 +10,7 @@ import { chunkHasher, isAllZero, ID_SIZE } from './hash.js';
 import { decodeInto, encodeBound, encodeInto, type CodecId } from './codec.js';
 import { open, SEAL_OVERHEAD, sealInto } from './crypto.js';
 import { chunkAad } from './pack.js';
+import { IntegrityError } from './errors.js';
 import type { WorkerRequest, WorkerReply, WorkerInit } from './workers.js';
 
 const init = workerData as WorkerInit;
@@ -141,11 +142,7 @@ function decode(req: Extract<WorkerRequest, { type: 'decode' }>): WorkerReply {
     if (aeadKey) stored = open(aeadKey, stored, chunkAad(id), `chunk ${id.toString('hex')}`);
     const plain = out.subarray(w, w + rawLength);
     decodeInto(codec, stored, plain);
-    if (!hash(plain).equals(id)) {
-      const e = new Error(`chunk ${id.toString('hex')}: content does not match its id (corrupted data)`);
-      e.name = 'IntegrityError';
-      throw e;
-    }
+    if (!hash(plain).equals(id)) throw new IntegrityError(`chunk ${id.toString('hex')}: content does not match its id (corrupted data)`);
     w += rawLength;
   }
   flush();

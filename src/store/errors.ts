@@ -63,12 +63,3 @@ export class OperationError extends RepositoryError {
     return c?.retryable === true;
   }
 }
-
-export async function step<T>(operation: string, what: string, fn: () => Promise<T>): Promise<T> {
-  try {
-    return await fn();
-  } catch (err) {
-    if (err instanceof OperationError) throw err;
-    throw new OperationError(operation, what, err);
-  }
-}

@@ -163,12 +163,7 @@ export class Repository {
     for await (const o of this.backend.list('index')) names.push(o.name);
     await mapLimit(names, 8, async (name) => {
       try {
-        const bytes = await this.backend.get('index', name);
-        if (!this.master && contentHash(bytes).toString('hex') !== name) {
-          throw new IntegrityError(`index ${name}: content does not match its name`);
-        }
-        decodeIndexFile(bytes, this.aeadKey, name, this.index);
-        this.indexFiles.add(name);
+        await this.loadIndexFile(name);
       } catch (err) {
         if (onDamage) onDamage(name, err as Error);
         else if (!(err instanceof IntegrityError || err instanceof FormatError)) throw err;
@@ -185,13 +180,22 @@ export class Repository {
     for await (const o of this.backend.list('index')) if (!this.indexFiles.has(o.name)) fresh.push(o.name);
     await mapLimit(fresh, 8, async (name) => {
       try {
-        decodeIndexFile(await this.backend.get('index', name), this.aeadKey, name, this.index);
-        this.indexFiles.add(name);
+        await this.loadIndexFile(name);
       } catch (err) {
         if (!(err instanceof ObjectNotFoundError || err instanceof IntegrityError || err instanceof FormatError)) throw err;
       }
     });
     return fresh.length;
+  }
+
+  /** One index file, checked against its name (unencrypted: the name is its hash), into the index. */
+  private async loadIndexFile(name: string): Promise<void> {
+    const bytes = await this.backend.get('index', name);
+    if (!this.master && contentHash(bytes).toString('hex') !== name) {
+      throw new IntegrityError(`index ${name}: content does not match its name`);
+    }
+    decodeIndexFile(bytes, this.aeadKey, name, this.index);
+    this.indexFiles.add(name);
   }
 
   workers(): WorkerPool {

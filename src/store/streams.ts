@@ -144,6 +144,7 @@ export async function ingestStream(repo: Repository, input: IngestInput, opts: I
         if (output) release(output);
       }
     })();
+    job.catch(() => undefined); // surfaced by drain(); a job failing while input is awaited must not be unhandled
     inFlight.push(job);
   };
 
@@ -306,8 +307,9 @@ export async function exportStream(repo: Repository, stream: StreamRecord, targe
   let written = 0;
   const fetch = (g: Group): Promise<Decoded> =>
     (async () => {
-      const input = pool.acquireShared(MAX_GROUP_BYTES);
+      // A group starts with one chunk whatever its size: chunks may exceed the usual group size.
       const length = g.end - g.start;
+      const input = pool.acquireShared(Math.max(MAX_GROUP_BYTES, length));
       let output: SharedSlot | undefined;
       try {
         const data = await repo.backend.get('packs', g.pack, { offset: g.start, length }, input.bytes);
@@ -322,7 +324,7 @@ export async function exportStream(repo: Repository, stream: StreamRecord, targe
           await pool.run({ type: 'decode', input: input.id, items, ids, output: { fd: workerFd, position: g.items[0]![0] * stream.chunkSize } });
           return { written: rawBytes };
         }
-        const out = pool.acquireShared(MAX_GROUP_BYTES);
+        const out = pool.acquireShared(Math.max(MAX_GROUP_BYTES, rawBytes));
         output = out;
         await pool.run({ type: 'decode', input: input.id, items, ids, output: { slot: out.id } });
         output = undefined;

@@ -25,7 +25,7 @@
  */
 import { Worker } from 'node:worker_threads';
 import { availableParallelism } from 'node:os';
-import { IntegrityError } from './errors.js';
+import { FormatError, IntegrityError } from './errors.js';
 
 export interface WorkerInit {
   aeadKey: Uint8Array | null;
@@ -100,7 +100,7 @@ export class WorkerPool {
         if (!p) return;
         this.pending.delete(r.seq);
         if (r.type === 'error') {
-          p.reject(r.name === 'IntegrityError' ? new IntegrityError(r.message) : Object.assign(new Error(r.message), r.code ? { code: r.code } : {}));
+          p.reject(workerError(r));
         } else p.resolve(r);
       });
       worker.on('error', (err) => this.failAll(err));
@@ -184,4 +184,11 @@ export class WorkerPool {
     this.closed = true;
     await Promise.all(this.slots.map((s) => s.worker.terminate()));
   }
+}
+
+/** A worker's error as the class it was thrown as: user-facing repository errors stay user-facing. */
+function workerError(r: Extract<WorkerReply, { type: 'error' }>): Error {
+  if (r.name === 'IntegrityError') return new IntegrityError(r.message);
+  if (r.name === 'FormatError') return new FormatError(r.message);
+  return Object.assign(new Error(r.message), r.code ? { code: r.code } : {});
 }

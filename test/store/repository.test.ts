@@ -2,6 +2,7 @@ import { describe, expect, it } from 'vitest';
 import { randomBytes } from 'node:crypto';
 import { Readable, PassThrough } from 'node:stream';
 import { MemoryBackend } from '../../src/store/backend/memory.js';
+import { FaultyBackend } from '../../src/store/backend/faulty.js';
 import { Repository } from '../../src/store/repository.js';
 import { ingestStream, exportStream } from '../../src/store/streams.js';
 import { WrongPasswordError, IntegrityError } from '../../src/store/errors.js';
@@ -142,4 +143,35 @@ describe('repository', () => {
       await repo.close();
     }
   });
+
+  it('exports chunks larger than a read group (16 MiB chunks)', async () => {
+    const repo = await Repository.init(new MemoryBackend(), { chunkSize: 16 << 20 });
+    const data = randomBytes(40 << 20); // incompressible: stored chunks are larger than their 16 MiB
+    const res = await ingestStream(repo, Readable.from([data]), { name: 'disk0', kind: 'disk' });
+    await repo.flush();
+    const dir = await mkdtemp(path.join(tmpdir(), 'vmsnap-bigchunk-'));
+    try {
+      const fh = await open(path.join(dir, 'out.img'), 'w');
+      await exportStream(repo, res.stream, { file: fh });
+      await fh.close();
+      expect((await readFile(path.join(dir, 'out.img'))).equals(data)).toBe(true);
+    } finally {
+      await rm(dir, { recursive: true, force: true });
+      await repo.close();
+    }
+  }, 60_000);
+
+  it('rejects (does not crash the process) when a pack upload fails while it waits for input', async () => {
+    const backend = new FaultyBackend(new MemoryBackend(), [{ method: 'put', kind: 'packs', fault: { type: 'enospc' } }]);
+    const repo = await Repository.init(backend, {});
+    async function* slowInput() {
+      for (let i = 0; i < 16; i++) {
+        yield randomBytes(4 << 20); // the first pack (32 MiB) fills after 8 pieces and its upload fails
+        await new Promise((r) => setTimeout(r, 30));
+      }
+    }
+    await expect(ingestStream(repo, slowInput(), { name: 'disk0', kind: 'disk' })).rejects.toThrow(/no space left on device/);
+    expect(repo.workers().sharedStats()).toEqual({ leased: 0, free: 0 });
+    await repo.close();
+  }, 60_000);
 });

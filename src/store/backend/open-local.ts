@@ -79,7 +79,7 @@ function sharedView(m: MemoryBackend): Backend {
     capabilities: m.capabilities,
     put: (k, n, d) => m.put(k, n, d),
     create: (k, n, d) => m.create(k, n, d),
-    get: (k, n, r) => m.get(k, n, r),
+    get: (k, n, r, into) => m.get(k, n, r, into),
     stat: (k, n) => m.stat(k, n),
     list: (k) => m.list(k),
     delete: (k, n) => m.delete(k, n),
