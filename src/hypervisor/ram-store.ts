@@ -46,6 +46,12 @@ interface BlockState {
   pagesPerChunk: number[];
   /** Chunks with pages still missing: in memory, or (past the memory budget) in the spill file. */
   partial: Map<number, Buffer | 'spilled'>;
+  /**
+   * One bit per page: received. A page sent twice is refused whether or not its chunk is complete
+   * (counting pages alone would let a repeat stand in for a page that never came, stored as zeros).
+   */
+  seen: Uint8Array;
+  /** Chunks complete and stored. */
   done: Uint8Array;
   /** Where this block's bytes start in the spill file. */
   spillBase: number;
@@ -113,7 +119,7 @@ export class RamStreamWriter implements MigStreamSink {
     this.blocks = prefix.blocks.map((b) => {
       const n = chunkCount(b.usedLength, cs);
       const pagesPerChunk = Array.from({ length: n }, (_, i) => Math.ceil(Math.min(cs, b.usedLength - i * cs) / PAGE_SIZE));
-      const state: BlockState = { size: b.usedLength, ids: Buffer.alloc(n * ID_SIZE), filled: new Uint16Array(n), pagesPerChunk, partial: new Map(), done: new Uint8Array(n), spillBase };
+      const state: BlockState = { size: b.usedLength, ids: Buffer.alloc(n * ID_SIZE), filled: new Uint16Array(n), pagesPerChunk, partial: new Map(), seen: new Uint8Array(Math.ceil(b.usedLength / PAGE_SIZE / 8)), done: new Uint8Array(n), spillBase };
       spillBase += n * cs;
       return state;
     });
@@ -133,9 +139,11 @@ export class RamStreamWriter implements MigStreamSink {
       const b = this.blocks[p.block];
       if (!b) throw new RamCaptureError(`page for unknown RAM block #${p.block}`);
       const ci = Math.floor(p.offset / cs);
-      if (b.done[ci]) {
+      const page = p.offset / PAGE_SIZE;
+      if (b.seen[page >> 3]! & (1 << (page & 7))) {
         throw new RamCaptureError(`page ${p.offset} of RAM block ${this.prefix!.blocks[p.block]!.name} was sent twice (not a point-in-time snapshot stream)`);
       }
+      b.seen[page >> 3]! |= 1 << (page & 7);
       this.stats.pages++;
       if (p.kind === 'page' && !isAllZero(p.data!)) {
         let buf = b.partial.get(ci);

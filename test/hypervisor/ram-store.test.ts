@@ -73,4 +73,14 @@ describe('RamStreamWriter', () => {
     await expect(w.onPages([list[0]!])).rejects.toBeInstanceOf(RamCaptureError);
     await repo.close();
   });
+
+  it('refuses a page sent twice before its chunk is complete: a repeat never stands in for a missing page', async () => {
+    const repo = await Repository.init(new MemoryBackend(), {});
+    const w = new RamStreamWriter(repo);
+    w.onPrefix(prefix);
+    const list = pages(2).filter((p) => p.block === 1); // one chunk of 3 pages
+    // Pages 0, 0, 1: counting alone would call the chunk complete with page 2 never sent.
+    await expect(w.onPages([list[0]!, list[0]!, list[1]!])).rejects.toThrow(/was sent twice/);
+    await repo.close();
+  });
 });
