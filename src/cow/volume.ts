@@ -1124,7 +1124,13 @@ export class Volume {
       const s = this.allocSlot(i);
       this.setMap(i, s, this.blockGen[i]!);
       this.dataDirty = true;
-      await this.track(pwritev(this.dataFd, [data], s * this.blockSize));
+      // Under the block lock, as every write to a fresh slot: until the bytes land, a reader (or a
+      // partial write filling the rest of the block from this slot) must wait, not see the empty slot.
+      const lock = this.track(pwritev(this.dataFd, [data], s * this.blockSize)).finally(() => {
+        if (this.locks.get(i) === lock) this.locks.delete(i);
+      });
+      this.locks.set(i, lock);
+      await lock;
       done++;
       if (opts.bytesPerSecond) {
         // Background hydration must not starve the guest's own reads of the same link.
