@@ -110,11 +110,18 @@ export async function acquireLock(backend: Backend, exclusive: boolean, operatio
   const now = new Date().toISOString();
   const info: LockInfo = { version: 1, exclusive, host: hostname(), pid: process.pid, created: now, refreshed: now, operation };
   await backend.put('locks', name, Buffer.from(JSON.stringify(info)));
-  let conflict = await findConflict(backend, name, exclusive);
-  const settle = opts.settleMs ?? settleDefault();
-  if (!conflict && settle > 0) {
-    await new Promise((r) => setTimeout(r, settle));
+  let conflict: LockInfo | null;
+  try {
     conflict = await findConflict(backend, name, exclusive);
+    const settle = opts.settleMs ?? settleDefault();
+    if (!conflict && settle > 0) {
+      await new Promise((r) => setTimeout(r, settle));
+      conflict = await findConflict(backend, name, exclusive);
+    }
+  } catch (err) {
+    // Could not look for other locks: ours must not stay behind, blocking others for 30 minutes.
+    await backend.delete('locks', name).catch(() => undefined);
+    throw err;
   }
   if (conflict) {
     await backend.delete('locks', name);
@@ -127,7 +134,12 @@ export async function acquireLock(backend: Backend, exclusive: boolean, operatio
   let confirmed = Date.now();
   let refreshing: Promise<void> = Promise.resolve();
   let released = false;
+  let inFlight = false;
   const timer = setInterval(() => {
+    // One refresh at a time: a slow one (retries over S3) must not be overtaken by the next and
+    // then land after release() deleted the object, re-creating it.
+    if (inFlight) return;
+    inFlight = true;
     const started = Date.now();
     info.refreshed = new Date(started).toISOString();
     refreshing = backend.put('locks', name, Buffer.from(JSON.stringify(info))).then(
@@ -135,7 +147,9 @@ export async function acquireLock(backend: Backend, exclusive: boolean, operatio
         confirmed = started;
       },
       () => undefined, // retried at the next interval; assertHeld() reports a lock that went stale
-    );
+    ).finally(() => {
+      inFlight = false;
+    });
   }, REFRESH_MS);
   timer.unref();
   return {
@@ -159,10 +173,14 @@ export async function acquireLock(backend: Backend, exclusive: boolean, operatio
   };
 }
 
-export async function withLock<T>(backend: Backend, exclusive: boolean, operation: string, fn: () => Promise<T>): Promise<T> {
+/**
+ * Runs `fn` under a lock. `fn` gets the lock so that it can call assertHeld() before each step
+ * that others must not see done without the lock (prune: before writing the index, before deleting).
+ */
+export async function withLock<T>(backend: Backend, exclusive: boolean, operation: string, fn: (lock: HeldLock) => Promise<T>): Promise<T> {
   const lock = await acquireLock(backend, exclusive, operation);
   try {
-    const r = await fn();
+    const r = await fn(lock);
     lock.assertHeld();
     return r;
   } finally {

@@ -22,7 +22,7 @@ import { contentHash, ID_SIZE, isZeroId } from './hash.js';
 import { chunkCount, type Snapshot } from './manifest.js';
 import { PACK_MAGIC, PACK_TRAILER, PackWriter, parseDescription, parseTrailer, type PackEntry } from './pack.js';
 import { mapLimit, PACK_TARGET, type Repository } from './repository.js';
-import { withLock } from './lock.js';
+import { withLock, type HeldLock } from './lock.js';
 
 export class PruneError extends RepositoryError {
   override readonly name = 'PruneError';
@@ -61,13 +61,16 @@ export function referencedChunks(snapshots: Snapshot[]): Set<string> {
 }
 
 export async function prune(repo: Repository, opts: PruneOptions = {}): Promise<PruneStats> {
-  return withLock(repo.backend, true, 'prune', () => pruneLocked(repo, opts));
+  return withLock(repo.backend, true, 'prune', (lock) => pruneLocked(repo, opts, lock));
 }
 
-async function pruneLocked(repo: Repository, opts: PruneOptions): Promise<PruneStats> {
+async function pruneLocked(repo: Repository, opts: PruneOptions, lock: HeldLock): Promise<PruneStats> {
   const log = opts.onProgress ?? (() => undefined);
   const repackBelow = opts.repackBelow ?? 0.5;
   await repo.flush();
+  // The repository was opened before the lock was taken: a writer may have committed since. Its
+  // index files must be known, or their packs would look unreferenced and be deleted.
+  await repo.refreshIndex();
   const unreadable: string[] = [];
   const snapshots = await repo.listSnapshots((id, err) => unreadable.push(`${id.slice(0, 12)}: ${err.message}`));
   if (unreadable.length) {
@@ -155,11 +158,13 @@ async function pruneLocked(repo: Repository, opts: PruneOptions): Promise<PruneS
   for await (const o of repo.backend.list('index')) if (!repo.indexFiles.has(o.name)) oldIndex.push(o.name);
   const indexBytes = encodeIndexFile({ packs: [...keepPacks, ...written], superseded: oldIndex }, repo.aeadKey);
   const indexName = contentHash(indexBytes).toString('hex');
+  lock.assertHeld();
   await repo.backend.put('index', indexName, indexBytes);
   for (const name of oldIndex) if (name !== indexName) await repo.backend.delete('index', name);
   stats.indexFilesReplaced = oldIndex.length;
 
   // 6. packs nothing references any more.
+  lock.assertHeld();
   await mapLimit([...doomed], 4, async (pack) => {
     await repo.backend.delete('packs', pack);
     stats.packsDeleted++;

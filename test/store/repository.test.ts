@@ -5,6 +5,7 @@ import { MemoryBackend } from '../../src/store/backend/memory.js';
 import { FaultyBackend } from '../../src/store/backend/faulty.js';
 import { Repository } from '../../src/store/repository.js';
 import { ingestStream, exportStream } from '../../src/store/streams.js';
+import { check, prune } from '../../src/store/maintenance.js';
 import { WrongPasswordError, IntegrityError } from '../../src/store/errors.js';
 import { ID_SIZE } from '../../src/store/hash.js';
 import type { ByteRange, ObjectKind } from '../../src/store/backend/contract.js';
@@ -174,4 +175,26 @@ describe('repository', () => {
     expect(repo.workers().sharedStats()).toEqual({ leased: 0, free: 0 });
     await repo.close();
   }, 60_000);
+
+  it('prune keeps what a writer committed after prune opened the repository, before it took the lock', async () => {
+    const backend = new MemoryBackend();
+    await (await Repository.init(backend, {})).close();
+    const pruner = await Repository.open(backend); // opened first: its index predates the import below
+    const writer = await Repository.open(backend);
+    const data = randomBytes(3 << 20);
+    const res = await ingestStream(writer, Readable.from([data]), { name: 'disk0', kind: 'disk' });
+    await writer.saveSnapshot({ vm: 'vm1', tags: [], parent: null, meta: {}, streams: [res.stream] });
+    await writer.close();
+    await prune(pruner);
+    await pruner.close();
+    const after = await Repository.open(backend);
+    const [snap] = await after.listSnapshots();
+    const sink = new PassThrough();
+    const parts: Buffer[] = [];
+    sink.on('data', (b: Buffer) => parts.push(b));
+    await exportStream(after, snap!.streams[0]!, { writable: sink });
+    expect(Buffer.concat(parts).equals(data)).toBe(true);
+    expect((await check(after, { readData: true })).problems).toEqual([]);
+    await after.close();
+  });
 });

@@ -6,7 +6,7 @@
 import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 import { openBackend } from '../../src/store/backend/open.js';
 import { MemoryBackend } from '../../src/store/backend/memory.js';
-import type { Backend, ObjectKind } from '../../src/store/backend/contract.js';
+import type { Backend, ObjectInfo, ObjectKind } from '../../src/store/backend/contract.js';
 import { acquireLock, listLocks, REFRESH_MS, STALE_AFTER_MS } from '../../src/store/lock.js';
 import { LockedError } from '../../src/store/errors.js';
 import { startS3rver, type S3rverHandle } from '../helpers/s3rver.js';
@@ -44,11 +44,18 @@ describe('locks on S3', () => {
 /** Memory backend whose lock puts can be delayed or made to fail. */
 class Flaky extends MemoryBackend {
   failPuts = false;
+  failLists = false;
+  lockPuts = 0;
   delay: Promise<void> | null = null;
   override async put(kind: ObjectKind, name: string, data: Uint8Array): Promise<void> {
+    if (kind === 'locks') this.lockPuts++;
     if (kind === 'locks' && this.failPuts) throw new Error('network down');
     if (kind === 'locks' && this.delay) await this.delay;
     return super.put(kind, name, data);
+  }
+  override list(kind: ObjectKind): AsyncIterable<ObjectInfo> {
+    if (kind === 'locks' && this.failLists) throw new Error('list failed');
+    return super.list(kind);
   }
 }
 
@@ -68,6 +75,33 @@ describe('lock refresh', () => {
     } finally {
       vi.useRealTimers();
     }
+  });
+
+  it('never has two refreshes in flight: a slow one is not overtaken (it could land after release)', async () => {
+    vi.useFakeTimers({ toFake: ['setInterval', 'clearInterval', 'Date'] });
+    try {
+      const b = new Flaky();
+      const l = await acquireLock(b, false, 'import');
+      let let_go = (): void => undefined;
+      b.delay = new Promise<void>((r) => (let_go = r));
+      const before = b.lockPuts;
+      vi.advanceTimersByTime(3 * REFRESH_MS + 1); // three intervals pass while the first refresh hangs
+      expect(b.lockPuts - before).toBe(1);
+      const released = l.release();
+      let_go();
+      await released;
+      expect(await listLocks(b)).toEqual([]);
+    } finally {
+      vi.useRealTimers();
+    }
+  });
+
+  it('a lock whose conflict check fails is removed, not left to block others for 30 minutes', async () => {
+    const b = new Flaky();
+    b.failLists = true;
+    await expect(acquireLock(b, true, 'prune')).rejects.toThrow(/list failed/);
+    b.failLists = false;
+    expect(await listLocks(b)).toEqual([]);
   });
 
   it('a holder that cannot refresh learns it lost the lock before others may call it stale', async () => {
