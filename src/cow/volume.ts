@@ -348,8 +348,20 @@ export class Volume {
       throw new VolumeOpenError(`no volume in ${dir}: ${(err as Error).message}`);
     }
     const st = decodeState(raw, statePath);
-    const h = st.header;
     await acquireLock(dir);
+    try {
+      return await Volume.openLocked(dir, st, opts);
+    } catch (err) {
+      // Nothing of this open may outlive it: a lock left with our own pid would refuse every later
+      // open in this (long-lived) process.
+      await fsp.rm(containedPath(dir, 'lock'), { force: true });
+      if (err instanceof VolumeOpenError) throw err;
+      throw new VolumeOpenError(`cannot open volume ${dir}: ${(err as Error).message}`, { cause: err });
+    }
+  }
+
+  private static async openLocked(dir: string, st: ReturnType<typeof decodeState>, opts: VolumeOpenOptions): Promise<Volume> {
+    const h = st.header;
     let base: DiskStream | null = null;
     if (h.hasBase) {
       const chunks = await fsp.readFile(containedPath(dir, 'base.chunks')).catch((err: Error) => {
@@ -418,8 +430,14 @@ export class Volume {
       if (/^journal-\d+\.log$/.test(f) && f !== `journal-${h.epoch}.log`) fs.rmSync(containedPath(dir, f), { force: true });
     }
     const dataFd = fs.openSync(containedPath(dir, 'overlay.data'), 'r+');
-    const journalFd = fs.openSync(journalPath, fs.existsSync(journalPath) ? 'r+' : 'w');
-    if (pos < jbuf.length) fs.ftruncateSync(journalFd, pos); // drop the torn tail before appending
+    let journalFd: number;
+    try {
+      journalFd = fs.openSync(journalPath, fs.existsSync(journalPath) ? 'r+' : 'w');
+      if (pos < jbuf.length) fs.ftruncateSync(journalFd, pos); // drop the torn tail before appending
+    } catch (err) {
+      fs.closeSync(dataFd);
+      throw err;
+    }
     if (!parent && tracking) parent = base ?? null;
     const vol = new Volume(
       dir,

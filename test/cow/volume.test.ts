@@ -1,10 +1,10 @@
-import { mkdtemp, rm } from 'node:fs/promises';
+import { mkdtemp, rename, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import * as path from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { MemoryChunkStore, checkDiskStream, isZeroId, type DiskStream } from '../../src/cow/chunk-store.js';
-import { Volume } from '../../src/cow/volume.js';
+import { Volume, VolumeOpenError } from '../../src/cow/volume.js';
 import { cloneVolume, snapshotVolume } from '../../src/cow/snapshot.js';
 import { Repository } from '../../src/store/repository.js';
 import { LocalBackend } from '../../src/store/backend/local.js';
@@ -207,6 +207,17 @@ describe('Volume', () => {
     await expect(v.write(4 * BS, Buffer.alloc(1))).rejects.toThrow(/outside/);
     await expect(Volume.open(path.join(dir, 'v'))).rejects.toThrow(/already open/);
     await v.close();
+  });
+
+  it('an open that fails after taking the lock gives the lock back (the next open in this process works)', async () => {
+    const v = await Volume.create(path.join(dir, 'lk'), { size: 4 * BS, blockSize: BS });
+    await v.close();
+    const data = path.join(dir, 'lk', 'overlay.data');
+    await rename(data, `${data}.away`);
+    await expect(Volume.open(path.join(dir, 'lk'))).rejects.toThrow(VolumeOpenError);
+    await rename(`${data}.away`, data);
+    const again = await Volume.open(path.join(dir, 'lk')); // was: "already open by process <our pid>"
+    await again.close();
   });
 });
 
