@@ -531,10 +531,17 @@ class Connection {
     try {
       for (;;) {
         while (this.inflight >= MAX_INFLIGHT || this.sock.writableLength > MAX_BUFFERED) {
+          // Woken by a request finishing, the socket draining, or the socket closing (a client that
+          // disconnects while we wait on 'drain' would otherwise leave this connection hanging).
+          let wake = (): void => undefined;
           await new Promise<void>((resolve) => {
+            wake = resolve;
             this.slotFree = resolve;
-            if (this.inflight < MAX_INFLIGHT) this.sock.once('drain', resolve);
+            this.sock.once('drain', resolve);
+            this.sock.once('close', resolve);
           });
+          this.sock.removeListener('drain', wake);
+          this.sock.removeListener('close', wake);
           this.slotFree = null;
           if (this.sock.destroyed) throw new ConnectionClosed('client disconnected');
         }
