@@ -194,6 +194,9 @@ export async function captureSnapshot(qmp: QmpClient, sink: MigStreamSink, opts:
     const failed = new Promise<never>((_, rej) => (failure = rej));
     failed.catch(() => undefined);
     const deadline = Date.now() + timeoutMs;
+    // Until `migrate` returns, query-migrate still reports the previous migration: a take after a
+    // cancelled one would read that old 'cancelled' and fail itself.
+    let migrateIssued = false;
     const poll = (async (): Promise<void> => {
       while (!stopPoll) {
         await new Promise((r) => setTimeout(r, pollMs));
@@ -205,7 +208,7 @@ export async function captureSnapshot(qmp: QmpClient, sink: MigStreamSink, opts:
           failure?.(new SnapshotCaptureError('stream', `QEMU stopped answering: ${(e as Error).message}`, { cause: e }));
           return;
         }
-        if (st.status === 'failed' || st.status === 'cancelled') {
+        if (migrateIssued && (st.status === 'failed' || st.status === 'cancelled')) {
           failure?.(new SnapshotCaptureError('stream', `QEMU reports migration ${st.status}: ${st['error-desc'] ?? 'no reason given'}`));
           return;
         }
@@ -218,6 +221,7 @@ export async function captureSnapshot(qmp: QmpClient, sink: MigStreamSink, opts:
 
     if (opts.beforeMigrate) await step('migrate', opts.beforeMigrate);
     await step('migrate', () => qmp.execute('migrate', { uri: `unix:${sockPath}` }));
+    migrateIssued = true;
     let parsed: ParsedStream;
     try {
       conn = await Promise.race([accepted, failed]);
