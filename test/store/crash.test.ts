@@ -49,13 +49,22 @@ describe('SIGKILL during import', () => {
     expect(total).toBeGreaterThanOrEqual(12);
     const seed = Number(process.env.VMSNAP_CRASH_SEED ?? 20261125);
 
+    let reportedBeforeKill = 0;
     for (const [i, p] of killPoints(seed, total, 24).entries()) {
       const ctx = `seed ${seed}, kill #${i} ${p.mode} mutation ${p.n}/${total}`;
       const repo = path.join(work, `r${i}`);
       cpSync(base, repo, { recursive: true });
       const run = await drive(repo, commands, p.n, p.mode);
       expect(run.signal, `${ctx}: ${run.stderr}`).toBe('SIGKILL');
-      await verify(repo, [], committed, ctx);
+      const ids = await verify(repo, [], committed, ctx);
+      // An import of the interrupted run that reported its snapshot saved before the kill is
+      // committed too: it must survive (stdout is a pipe, written synchronously, so the line is
+      // out only if the save had finished).
+      const all = [...ids.values()].flat();
+      for (const m of run.stdout.matchAll(/snapshot ([0-9a-f]{12}) saved/g)) {
+        reportedBeforeKill++;
+        expect(all.some((id) => id.startsWith(m[1]!)), `${ctx}: snapshot ${m[1]} was reported saved before the kill and is gone`).toBe(true);
+      }
       if (i % 6 === 0) await cliCheckClean(repo, ctx);
       // Every few points: the imports run again to completion on the crashed repository, prune
       // collects what the crash left (and its stale lock does not block anything), and then the
@@ -66,5 +75,7 @@ describe('SIGKILL during import', () => {
       }
       removeDir(repo);
     }
+    // The kill points fall after some imports finished: the check above did look at some.
+    expect(reportedBeforeKill).toBeGreaterThan(0);
   });
 });
