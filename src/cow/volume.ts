@@ -51,6 +51,7 @@ import {
   type DiskStream,
 } from './chunk-store.js';
 import { closeFd, fdatasync, ftruncate, pread, pwritev } from './fileio.js';
+import { processAlive } from '../util/process.js';
 
 export const BASE = -1;
 export const ZERO = -2;
@@ -1253,16 +1254,7 @@ async function acquireLock(dir: string): Promise<void> {
       if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw new VolumeOpenError(`cannot lock volume ${dir}: ${(err as Error).message}`);
     }
     const pid = Number((await fsp.readFile(lock, 'utf8').catch(() => '')).trim());
-    let alive = false;
-    if (Number.isInteger(pid) && pid > 0) {
-      try {
-        process.kill(pid, 0);
-        alive = true;
-      } catch (err) {
-        alive = (err as NodeJS.ErrnoException).code === 'EPERM';
-      }
-    }
-    if (alive) throw new VolumeOpenError(`volume ${dir} is already open by process ${pid}`);
+    if (Number.isInteger(pid) && pid > 0 && processAlive(pid)) throw new VolumeOpenError(`volume ${dir} is already open by process ${pid}`);
     await fsp.rm(lock, { force: true });
   }
   throw new VolumeOpenError(`cannot lock volume ${dir}`);

@@ -30,7 +30,7 @@ import { snapshotVolume, type SnapshotStats } from '../cow/snapshot.js';
 import type { DiskStream } from '../cow/chunk-store.js';
 import type { Repository } from '../store/repository.js';
 import type { Snapshot, StreamRecord } from '../store/manifest.js';
-import { chooseAccel, detectQemu, launchQemu, type QemuBinary, type QemuProcess } from './qemu.js';
+import { chooseAccel, detectQemu, launchQemu, SUPPORTED_QEMU, type QemuBinary, type QemuProcess } from './qemu.js';
 import { captureSnapshot, restoreFromStream } from './snapshot.js';
 import { buildStream } from './migstream/builder.js';
 import { loadBytes, loadStoredRam, ramPages, RamStreamWriter, storeBytes } from './ram-store.js';
@@ -513,7 +513,10 @@ export async function checkRestorable(repo: Repository, snap: Snapshot, def: VmD
   if (disksT !== disksD) problems.push(`disks [${disksT}] vs [${disksD}]`);
   if (problems.length) throw new Error(`snapshot ${snap.id.slice(0, 12)} was taken of a VM of a different shape (${problems.join('; ')})`);
   const qv = String(snap.meta.qemuVersion ?? '');
-  if (snap.meta.type !== 'disk-only' && !/^10\./.test(qv)) throw new Error(`snapshot ${snap.id.slice(0, 12)} was taken with QEMU ${qv || 'unknown'}; this vmsnap restores snapshots of QEMU 10.x`);
+  const major = Number(/^(\d+)\./.exec(qv)?.[1] ?? NaN);
+  if (snap.meta.type !== 'disk-only' && !(major >= SUPPORTED_QEMU.minMajor && major < SUPPORTED_QEMU.maxMajorExclusive)) {
+    throw new Error(`snapshot ${snap.id.slice(0, 12)} was taken with QEMU ${qv || 'unknown'}; this vmsnap restores snapshots of QEMU ${SUPPORTED_QEMU.minMajor}.x`);
+  }
   for (const d of def.disks) {
     const s = snap.streams.find((x) => x.name === d.name);
     if (!s || s.kind !== 'disk') throw new Error(`snapshot ${snap.id.slice(0, 12)} has no disk ${d.name}`);

@@ -16,7 +16,13 @@ export type ChunkHasher = (data: Uint8Array) => Buffer;
 export function chunkHasher(idKey: Buffer | null): ChunkHasher {
   if (!idKey) return (data) => blake3(data);
   if (idKey.length !== 32) throw new Error('chunk id key must be 32 bytes');
-  return (data) => Blake3Hasher.newKeyed(idKey).update(data).digestBuffer();
+  // One keyed hasher per thread, reset per chunk (reset keeps the key): building one per chunk
+  // cost ~3 µs of each chunk's ~10 µs.
+  const hasher = Blake3Hasher.newKeyed(idKey);
+  return (data) => {
+    hasher.reset();
+    return hasher.update(data).digestBuffer();
+  };
 }
 
 /** Plain BLAKE3, for naming objects by their stored bytes (packs, index files). */

@@ -41,8 +41,9 @@ export interface PackEntry {
 }
 
 export const PACK_DESCRIPTION_AAD = Buffer.from('pack-description');
+const CHUNK_AAD_PREFIX = Buffer.from('chunk');
 export function chunkAad(id: Uint8Array): Buffer {
-  return Buffer.concat([Buffer.from('chunk'), id]);
+  return Buffer.concat([CHUNK_AAD_PREFIX, id]);
 }
 
 /**
