@@ -62,6 +62,22 @@ export async function pmem(qmp: QmpClient, dir: string, name: string, size: numb
   return b;
 }
 
+/**
+ * Resolves once the dirty firmware is running its loop: the byte it increments at 0x10000 changes.
+ * Started QEMUs on a loaded machine may not have run a guest instruction yet, and a live migration
+ * of a guest that has not started dirtying resends nothing.
+ */
+export async function waitDirtying(qmp: QmpClient, dir: string, name: string, timeoutMs = 30_000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  const first = (await pmem(qmp, dir, `${name}-probe`, 0x10001))[0x10000];
+  for (;;) {
+    const now = (await pmem(qmp, dir, `${name}-probe`, 0x10001))[0x10000];
+    if (now !== first) return;
+    if (Date.now() > deadline) throw new Error(`guest ${name} did not start dirtying RAM in ${timeoutMs} ms`);
+    await new Promise((r) => setTimeout(r, 20));
+  }
+}
+
 export async function waitStatus(qmp: QmpClient, want: string, timeoutMs = 30_000): Promise<void> {
   const deadline = Date.now() + timeoutMs;
   for (;;) {

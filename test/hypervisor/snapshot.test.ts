@@ -14,7 +14,7 @@ import {
   type CaptureResult,
 } from '../../src/hypervisor/snapshot.js';
 import type { QmpClient } from '../../src/hypervisor/qmp.js';
-import { pmem, qemuHarness, waitStatus, type QemuHarness } from './helpers.js';
+import { pmem, qemuHarness, waitDirtying, waitStatus, type QemuHarness } from './helpers.js';
 
 const MEM = 64 << 20;
 
@@ -152,7 +152,11 @@ describe('QEMU 10 migration streams through vmsnap', () => {
 
   it('live (precopy) migration of a guest dirtying RAM: pages resent, last wins, destination equals source', async () => {
     const src = await h.start('live-src', { extraArgs: ['-bios', h.firmware] });
-    const c = await capture(src.qmp, 'precopy');
+    // Resends need a guest that dirties RAM while the migration runs: wait until its loop runs, and
+    // cap the bandwidth (64 MiB at 32 MiB/s: ~2 s) so a briefly starved vCPU still dirties pages
+    // after they were sent (a CI run once migrated everything before the guest ran at all).
+    await waitDirtying(src.qmp, h.dir, 'live-src');
+    const c = await capture(src.qmp, 'precopy', { maxBandwidth: 32 << 20 });
     const resent = [...c.sends.values()].filter((x) => x > 1).length;
     expect(resent).toBeGreaterThan(0); // the firmware keeps 144 pages dirty
     expect(c.pages.size).toBe(totalPages(c.res.prefix));
