@@ -68,6 +68,9 @@ const KEEP_FREE = 8;
 interface Slot {
   worker: Worker;
   busy: number;
+  /** Sequence numbers of this worker's unanswered jobs: a crash fails these, and only these. */
+  jobs: Set<number>;
+  dead: boolean;
 }
 
 export class WorkerPool {
@@ -78,34 +81,63 @@ export class WorkerPool {
   private sharedFree = new Map<number, { id: number; bytes: Buffer }[]>();
   /** Each acquisition is a new lease object, so a lease released twice is caught, never mistaken for a newer one. */
   private leases = new Map<SharedSlot, { id: number; bytes: Buffer }>();
+  /** Every buffer the workers currently know (leased or free), so a replacement worker learns them too. */
+  private shared = new Map<number, SharedArrayBuffer>();
   private sharedCount = 0;
+  private readonly init: WorkerInit;
 
   constructor(init: WorkerInit, size = Math.max(1, Math.min(4, availableParallelism()))) {
+    this.init = init;
+    for (let i = 0; i < size; i++) this.slots.push(this.spawn());
+  }
+
+  private spawn(): Slot {
     const self = new URL(import.meta.url);
     const ts = self.pathname.endsWith('.ts');
     const file = new URL(`./chunk-worker.${ts ? 'ts' : 'js'}`, self);
-    for (let i = 0; i < size; i++) {
-      // Under the test runner the sources are TypeScript: the worker registers tsx before loading them.
-      const worker = ts
-        ? new Worker(
-            `import('tsx/esm/api').then((m) => { m.register(); return import(${JSON.stringify(file.href)}); })`,
-            { eval: true, workerData: init },
-          )
-        : new Worker(file, { workerData: init });
-      worker.unref();
-      const slot: Slot = { worker, busy: 0 };
-      worker.on('message', (r: WorkerReply) => {
-        slot.busy--;
-        const p = this.pending.get(r.seq);
-        if (!p) return;
-        this.pending.delete(r.seq);
-        if (r.type === 'error') {
-          p.reject(workerError(r));
-        } else p.resolve(r);
-      });
-      worker.on('error', (err) => this.failAll(err));
-      this.slots.push(slot);
+    // Under the test runner the sources are TypeScript: the worker registers tsx before loading them.
+    const worker = ts
+      ? new Worker(
+          `import('tsx/esm/api').then((m) => { m.register(); return import(${JSON.stringify(file.href)}); })`,
+          { eval: true, workerData: this.init },
+        )
+      : new Worker(file, { workerData: this.init });
+    worker.unref();
+    const slot: Slot = { worker, busy: 0, jobs: new Set(), dead: false };
+    worker.on('message', (r: WorkerReply) => {
+      slot.busy--;
+      slot.jobs.delete(r.seq);
+      const p = this.pending.get(r.seq);
+      if (!p) return;
+      this.pending.delete(r.seq);
+      if (r.type === 'error') {
+        p.reject(workerError(r));
+      } else p.resolve(r);
+    });
+    worker.on('error', (err) => this.lose(slot, err));
+    worker.on('exit', (code) => this.lose(slot, new Error(`chunk worker exited (code ${code})`)));
+    // Messages on one port arrive in order: the shares reach the worker before any job.
+    for (const [id, sab] of this.shared) worker.postMessage({ type: 'share', seq: 0, id, sab } satisfies WorkerRequest);
+    return slot;
+  }
+
+  /**
+   * A worker died (out of memory, an uncaught error, terminated): its unanswered jobs fail, the
+   * other workers' jobs go on, and a fresh worker takes its place, so a long-lived process (a VM
+   * supervisor) keeps its full pool. An 'error' is followed by 'exit': the second call is a no-op.
+   */
+  private lose(slot: Slot, err: Error): void {
+    // Terminating at close() is not a loss (and close()'s callers have no job left to fail).
+    if (slot.dead || this.closed) return;
+    slot.dead = true;
+    for (const seq of slot.jobs) {
+      const p = this.pending.get(seq);
+      this.pending.delete(seq);
+      p?.reject(new Error(`internal: chunk worker failed: ${err.message}`));
     }
+    slot.jobs.clear();
+    const i = this.slots.indexOf(slot);
+    if (i >= 0) this.slots[i] = this.spawn();
   }
 
   /**
@@ -117,6 +149,7 @@ export class WorkerPool {
     if (!buf) {
       const sab = new SharedArrayBuffer(size);
       buf = { id: ++this.sharedCount, bytes: Buffer.from(sab) };
+      this.shared.set(buf.id, sab);
       for (const s of this.slots) s.worker.postMessage({ type: 'share', seq: 0, id: buf.id, sab } satisfies WorkerRequest);
     }
     const lease: SharedSlot = { id: buf.id, bytes: buf.bytes };
@@ -139,6 +172,7 @@ export class WorkerPool {
       list.push(buf);
       return;
     }
+    this.shared.delete(buf.id);
     for (const s of this.slots) s.worker.postMessage({ type: 'unshare', seq: 0, id: buf.id } satisfies WorkerRequest);
   }
 
@@ -150,6 +184,7 @@ export class WorkerPool {
   trimShared(): void {
     for (const list of this.sharedFree.values()) {
       for (const buf of list) {
+        this.shared.delete(buf.id);
         for (const s of this.slots) s.worker.postMessage({ type: 'unshare', seq: 0, id: buf.id } satisfies WorkerRequest);
       }
     }
@@ -168,6 +203,7 @@ export class WorkerPool {
     const seq = ++this.seq;
     const slot = this.slots.reduce((a, b) => (b.busy < a.busy ? b : a));
     slot.busy++;
+    slot.jobs.add(seq);
     return new Promise((resolve, reject) => {
       this.pending.set(seq, { resolve: resolve as (r: WorkerReply) => void, reject });
       // Bulk data stays in shared buffers; what crosses is ids and small lists.
@@ -175,9 +211,11 @@ export class WorkerPool {
     });
   }
 
-  private failAll(err: Error): void {
-    for (const p of this.pending.values()) p.reject(err);
-    this.pending.clear();
+  /** For tests: the worker behind slot `i`, to make it fail. */
+  workerForTest(i: number): Worker {
+    const slot = this.slots[i];
+    if (!slot) throw new Error(`no worker ${i}`);
+    return slot.worker;
   }
 
   async close(): Promise<void> {

@@ -50,3 +50,34 @@ describe('WorkerPool shared buffers', () => {
     expect([...again].filter((id) => leases.some((l) => l.id === id)).length).toBe(8);
   });
 });
+
+describe('WorkerPool when a worker dies', () => {
+  it("fails only the dead worker's jobs, and a replacement that knows the shared buffers serves the next", async () => {
+    pool = new WorkerPool({ aeadKey: null, idKey: null }, 2);
+    const hash = chunkHasher(null);
+    const slot = pool.acquireShared(1 << 20);
+    slot.bytes.fill(9);
+    // Warm up: both workers have loaded and answered a job.
+    await Promise.all([0, 1].map(() => pool!.run({ type: 'hash', input: slot.id, lengths: [1 << 20] })));
+    const victim = pool.workerForTest(0);
+    const jobs = Array.from({ length: 8 }, () =>
+      pool!.run({ type: 'hash', input: slot.id, lengths: Array<number>(256).fill(4096) }).then(
+        () => 'ok',
+        (e: Error) => e.message,
+      ),
+    );
+    await victim.terminate();
+    const outcomes = await Promise.all(jobs);
+    // Jobs go to the least busy worker: half were the victim's.
+    expect(outcomes.filter((o) => o === 'ok').length).toBeGreaterThanOrEqual(1);
+    for (const o of outcomes) if (o !== 'ok') expect(o).toMatch(/chunk worker failed: chunk worker exited/);
+    expect(outcomes.filter((o) => o !== 'ok').length).toBeGreaterThanOrEqual(1);
+    // The pool is whole again, and the new worker knows the buffer leased before it started.
+    expect(pool.workerForTest(0)).not.toBe(victim);
+    const again = await Promise.all(
+      Array.from({ length: 4 }, () => pool!.run({ type: 'hash', input: slot.id, lengths: [4096] })),
+    );
+    for (const r of again) expect(Buffer.from(r.ids).equals(hash(Buffer.alloc(4096, 9)))).toBe(true);
+    pool.releaseShared(slot);
+  });
+});
