@@ -52,6 +52,7 @@ import {
 } from './chunk-store.js';
 import { closeFd, fdatasync, ftruncate, pread, pwritev } from './fileio.js';
 import { processAlive } from '../util/process.js';
+import { randomBytes } from 'node:crypto';
 
 export const BASE = -1;
 export const ZERO = -2;
@@ -1243,21 +1244,72 @@ function decodeState(
   return { header, map, gen, frozen };
 }
 
-/** One process per volume: a lock file holding the owner's pid; a dead owner's lock is taken over. */
+/**
+ * One process per volume: a lock file holding the owner's pid; a dead owner's lock is taken over.
+ *
+ * The lock appears with its pid already in it (written to a private file, then hard-linked into
+ * place: link fails atomically if the lock exists), so nobody ever reads a half-made lock and
+ * mistakes it for a dead one. A stale lock is never removed, only replaced (rename over it), so a
+ * newcomer always finds some lock; replacing happens under `lock.takeover`, a short-lived mutex
+ * made the same way, after re-reading that the lock is still the one judged dead. (Removing a
+ * stale lock and creating a new one let several processes take over at once: 2-4 owners of 5.)
+ * A mutex whose holder died mid-takeover is removed; only a second takeover racing that removal
+ * could then go wrong, which takes a crash inside a window of a few system calls.
+ */
 async function acquireLock(dir: string): Promise<void> {
   const lock = containedPath(dir, 'lock');
-  for (let attempt = 0; attempt < 2; attempt++) {
-    try {
-      await fsp.writeFile(lock, String(process.pid), { flag: 'wx' });
-      return;
-    } catch (err) {
-      if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw new VolumeOpenError(`cannot lock volume ${dir}: ${(err as Error).message}`);
+  const mine = containedPath(dir, `lock.${process.pid}.${randomBytes(6).toString('hex')}`);
+  await fsp.writeFile(mine, String(process.pid)).catch((err: Error) => {
+    throw new VolumeOpenError(`cannot lock volume ${dir}: ${err.message}`);
+  });
+  try {
+    for (let attempt = 0; attempt < 100; attempt++) {
+      if (await linkOnce(mine, lock, dir)) return;
+      const seen = await fsp.readFile(lock, 'utf8').catch(() => null);
+      if (seen === null) continue; // released meanwhile
+      const pid = Number(seen.trim());
+      if (Number.isInteger(pid) && pid > 0 && processAlive(pid)) throw new VolumeOpenError(`volume ${dir} is already open by process ${pid}`);
+      const took = await underTakeoverMutex(dir, mine, async () => {
+        if ((await fsp.readFile(lock, 'utf8').catch(() => null)) !== seen) return false;
+        await fsp.rename(mine, lock);
+        return true;
+      });
+      if (took) return;
     }
-    const pid = Number((await fsp.readFile(lock, 'utf8').catch(() => '')).trim());
-    if (Number.isInteger(pid) && pid > 0 && processAlive(pid)) throw new VolumeOpenError(`volume ${dir} is already open by process ${pid}`);
-    await fsp.rm(lock, { force: true });
+    throw new VolumeOpenError(`cannot lock volume ${dir}: the lock keeps changing hands`);
+  } finally {
+    await fsp.rm(mine, { force: true });
   }
-  throw new VolumeOpenError(`cannot lock volume ${dir}`);
+}
+
+/** link(2) as an exclusive create: true if `to` is now ours, false if it existed. */
+async function linkOnce(from: string, to: string, dir: string): Promise<boolean> {
+  try {
+    await fsp.link(from, to);
+    return true;
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'EEXIST') return false;
+    throw new VolumeOpenError(`cannot lock volume ${dir}: ${(err as Error).message}`);
+  }
+}
+
+async function underTakeoverMutex(dir: string, mine: string, fn: () => Promise<boolean>): Promise<boolean> {
+  const mutex = containedPath(dir, 'lock.takeover');
+  const deadline = Date.now() + 10_000;
+  while (!(await linkOnce(mine, mutex, dir))) {
+    const holder = Number((await fsp.readFile(mutex, 'utf8').catch(() => '')).trim());
+    if (Number.isInteger(holder) && holder > 0 && !processAlive(holder)) {
+      await fsp.rm(mutex, { force: true });
+      continue;
+    }
+    if (Date.now() > deadline) throw new VolumeOpenError(`cannot lock volume ${dir}: process ${holder} holds ${mutex}`);
+    await new Promise((r) => setTimeout(r, 5));
+  }
+  try {
+    return await fn();
+  } finally {
+    await fsp.rm(mutex, { force: true });
+  }
 }
 
 export { CHUNK_ID_BYTES };

@@ -1,4 +1,5 @@
-import { mkdtemp, rename, rm } from 'node:fs/promises';
+import { mkdtemp, readdir, readFile, rename, rm, writeFile } from 'node:fs/promises';
+import { spawn, spawnSync } from 'node:child_process';
 import { tmpdir } from 'node:os';
 import * as path from 'node:path';
 import { randomBytes } from 'node:crypto';
@@ -219,6 +220,53 @@ describe('Volume', () => {
     const again = await Volume.open(path.join(dir, 'lk')); // was: "already open by process <our pid>"
     await again.close();
   });
+});
+
+describe('the volume lock', () => {
+  it('a stale lock taken over by several processes at once ends with exactly one owner', async () => {
+    const v = await Volume.create(path.join(dir, 'race'), { size: 4 * BS, blockSize: BS });
+    await v.close();
+    const dead = spawnSync('true').pid!; // exited: its pid marks the lock stale
+    const child = path.join(import.meta.dirname, 'helpers', 'lock-child.ts');
+    for (let round = 0; round < 3; round++) {
+      await writeFile(path.join(dir, 'race', 'lock'), String(dead));
+      const kids = Array.from({ length: 5 }, () => spawn(process.execPath, ['--import', 'tsx', child, path.join(dir, 'race')], { stdio: ['pipe', 'pipe', 'inherit'] }));
+      try {
+        const lines = kids.map((k) => {
+          const out: string[] = [];
+          let buf = '';
+          k.stdout.on('data', (d: Buffer) => {
+            buf += d.toString();
+            for (let i = buf.indexOf('\n'); i >= 0; i = buf.indexOf('\n')) {
+              out.push(buf.slice(0, i));
+              buf = buf.slice(i + 1);
+            }
+          });
+          return out;
+        });
+        const until = async (ok: () => boolean): Promise<void> => {
+          const deadline = Date.now() + 30_000;
+          while (!ok()) {
+            if (Date.now() > deadline) throw new Error(`children said ${JSON.stringify(lines)}`);
+            await new Promise((r) => setTimeout(r, 10));
+          }
+        };
+        await until(() => lines.every((l) => l.includes('ready')));
+        for (const k of kids) k.stdin.write('go\n');
+        await until(() => lines.every((l) => l.length === 2));
+        const outcomes = lines.map((l) => l[1]!);
+        const winners = kids.filter((_, i) => outcomes[i] === 'opened');
+        expect(winners.length, JSON.stringify(outcomes)).toBe(1);
+        for (const o of outcomes) if (o !== 'opened') expect(o).toBe(`error volume ${path.join(dir, 'race')} is already open by process ${winners[0]!.pid}`);
+        expect((await readFile(path.join(dir, 'race', 'lock'), 'utf8')).trim()).toBe(String(winners[0]!.pid));
+      } finally {
+        for (const k of kids) k.kill('SIGKILL');
+        await Promise.all(kids.map((k) => (k.exitCode !== null || k.signalCode !== null ? undefined : new Promise((r) => k.once('exit', r)))));
+      }
+      // Only the lock is left behind by the killed owner (no private lock files).
+      expect((await readdir(path.join(dir, 'race'))).filter((f) => f.startsWith('lock'))).toEqual(['lock']);
+    }
+  }, 60_000);
 });
 
 describe('clone of a 4 GiB snapshot', () => {
