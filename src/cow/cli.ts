@@ -70,20 +70,17 @@ export function registerVolumeCommands(program: Command, ctx: VolumeCliContext):
     .action(async (o: { json?: boolean }) => {
       const root = path.join(ctx.dataDir, 'volumes');
       const names = (await fsp.readdir(root).catch(() => [] as string[])).filter((n) => NAME_RE.test(n)).sort();
-      const rows: { name: string; size: number; generation: number; dirtyBlocks: number; overlayBlocks: number; base: boolean; busy?: boolean }[] = [];
+      // Read-only: listing never locks, recovers or trims a volume, and shows the ones in use.
+      const rows: { name: string; size: number; generation: number; dirtyBlocks: number; overlayBlocks: number; base: boolean; openBy: number | null }[] = [];
       for (const name of names) {
-        try {
-          const v = await Volume.open(volumeDir(ctx.dataDir, name));
-          const i = v.info();
-          rows.push({ name, size: i.size, generation: i.generation, dirtyBlocks: i.dirtyBlocks, overlayBlocks: i.overlayBlocks, base: i.hasBase });
-          await v.close();
-        } catch {
-          rows.push({ name, size: 0, generation: 0, dirtyBlocks: 0, overlayBlocks: 0, base: false, busy: true });
-        }
+        const i = await Volume.inspect(volumeDir(ctx.dataDir, name)).catch((err: Error) => {
+          throw new VolumeCliError(`volume ${name}: ${err.message}`);
+        });
+        rows.push({ name, size: i.size, generation: i.generation, dirtyBlocks: i.dirtyBlocks, overlayBlocks: i.overlayBlocks, base: i.hasBase, openBy: i.openBy });
       }
       if (o.json) return print(JSON.stringify(rows));
       for (const r of rows) {
-        print(r.busy ? `${r.name}\t(in use)` : `${r.name}\t${r.size}\tgen ${r.generation}\tdirty ${r.dirtyBlocks}\toverlay ${r.overlayBlocks}${r.base ? '\tbased' : ''}`);
+        print(`${r.name}\t${r.size}\tgen ${r.generation}\tdirty ${r.dirtyBlocks}\toverlay ${r.overlayBlocks}${r.base ? '\tbased' : ''}${r.openBy ? `\tin use by process ${r.openBy}` : ''}`);
       }
     });
 

@@ -392,42 +392,9 @@ export class Volume {
     } catch {
       jbuf = Buffer.alloc(0);
     }
-    let generation = h.generation;
-    const frozen = st.frozen;
-    let pos = 0;
-    while (pos + 12 <= jbuf.length) {
-      if (jbuf.readUInt32LE(pos) !== JOURNAL_MAGIC) break;
-      const len = jbuf.readUInt32LE(pos + 4);
-      if (pos + 12 + len > jbuf.length) break;
-      const payload = jbuf.subarray(pos + 12, pos + 12 + len);
-      if (crc32(payload) !== jbuf.readUInt32LE(pos + 8)) {
-        if (pos + 12 + len < jbuf.length) tracking = false; // damage inside the journal, not a torn tail
-        break;
-      }
-      let p = 0;
-      while (p < payload.length) {
-        const t = payload[p];
-        if (t === MAP_ENTRY) {
-          const b = payload.readUInt32LE(p + 1);
-          if (b < st.map.length) {
-            st.map[b] = payload.readInt32LE(p + 5);
-            st.gen[b] = payload.readUInt32LE(p + 9);
-          }
-          p += 13;
-        } else if (t === FREEZE_ENTRY) {
-          const newGen = payload.readUInt32LE(p + 1);
-          const full = payload[p + 5] === 1;
-          frozen.push({ ...frozenFromMap(st.map, st.gen, newGen - 1, full), recovered: true });
-          generation = newGen;
-          if (full) tracking = true;
-          p += 6;
-        } else {
-          tracking = false;
-          break;
-        }
-      }
-      pos += 12 + len;
-    }
+    const replay = replayJournal(st, jbuf);
+    const { generation, frozen, pos } = replay;
+    if (replay.tracking !== null) tracking = replay.tracking;
     for (const f of fs.readdirSync(dir)) {
       if (/^journal-\d+\.log$/.test(f) && f !== `journal-${h.epoch}.log`) fs.rmSync(containedPath(dir, f), { force: true });
     }
@@ -500,26 +467,48 @@ export class Volume {
   }
 
   info(): VolumeInfo {
-    let overlay = 0;
-    let zero = 0;
-    let base = 0;
-    for (let i = 0; i < this.nBlocks; i++) {
-      const s = this.map[i]!;
-      if (s >= 0) overlay++;
-      else if (s === ZERO) zero++;
-      else base++;
-    }
     return {
+      ...countBlocks(this.map),
       size: this.size,
       blockSize: this.blockSize,
       generation: this.generationNo,
       dirtyBlocks: this.dirty.length,
-      overlayBlocks: overlay,
-      zeroBlocks: zero,
-      baseBlocks: base,
       frozenGenerations: this.frozen.map((f) => f.generation),
       tracking: this.trackingValid,
       hasBase: this.baseReader !== null,
+    };
+  }
+
+  /**
+   * What `info()` would say, read without opening: no lock taken, nothing replayed onto disk, no
+   * torn journal tail trimmed, so it works on a volume another process has open (its committed
+   * state; writes not yet committed are not seen). `openBy` is the live owner's pid.
+   */
+  static async inspect(dir: string): Promise<VolumeInfo & { openBy: number | null }> {
+    const statePath = containedPath(dir, 'state.bin');
+    const raw = await fsp.readFile(statePath).catch((err: Error) => {
+      throw new VolumeOpenError(`no volume in ${dir}: ${err.message}`);
+    });
+    const st = decodeState(raw, statePath);
+    const h = st.header;
+    const jbuf = await fsp.readFile(containedPath(dir, `journal-${h.epoch}.log`)).catch(() => Buffer.alloc(0));
+    const replay = replayJournal(st, jbuf);
+    let tracking = h.tracking;
+    if (h.parentFile && !(await fsp.access(containedPath(dir, h.parentFile)).then(() => true, () => false))) tracking = false;
+    if (replay.tracking !== null) tracking = replay.tracking;
+    let dirtyBlocks = 0;
+    for (let i = 0; i < st.gen.length; i++) if (st.gen[i] === replay.generation) dirtyBlocks++;
+    const owner = Number((await fsp.readFile(containedPath(dir, 'lock'), 'utf8').catch(() => '')).trim());
+    return {
+      ...countBlocks(st.map),
+      size: h.size,
+      blockSize: h.blockSize,
+      generation: replay.generation,
+      dirtyBlocks,
+      frozenGenerations: replay.frozen.map((f) => f.generation),
+      tracking,
+      hasBase: h.hasBase,
+      openBy: Number.isInteger(owner) && owner > 0 && processAlive(owner) ? owner : null,
     };
   }
 
@@ -1242,6 +1231,69 @@ function decodeState(
     frozen.push({ generation: f.generation, blocks, slots, full: f.full, drained: Promise.resolve(), recovered: true });
   }
   return { header, map, gen, frozen };
+}
+
+function countBlocks(map: Int32Array): { overlayBlocks: number; zeroBlocks: number; baseBlocks: number } {
+  let overlayBlocks = 0;
+  let zeroBlocks = 0;
+  let baseBlocks = 0;
+  for (let i = 0; i < map.length; i++) {
+    const s = map[i]!;
+    if (s >= 0) overlayBlocks++;
+    else if (s === ZERO) zeroBlocks++;
+    else baseBlocks++;
+  }
+  return { overlayBlocks, zeroBlocks, baseBlocks };
+}
+
+/**
+ * Applies the journal of the state's epoch to its map (in place) and says where the valid records
+ * end: a torn tail (crash mid-append) ends the journal; damage before the end, or an unknown
+ * entry, makes the dirty sets untrustworthy. A freeze with `full` (every block counted dirty)
+ * makes them trustworthy again. `tracking` is the last such verdict, null if the journal has none.
+ */
+function replayJournal(
+  st: ReturnType<typeof decodeState>,
+  jbuf: Buffer,
+): { generation: number; frozen: FrozenSet[]; pos: number; tracking: boolean | null } {
+  let generation = st.header.generation;
+  const frozen = st.frozen;
+  let pos = 0;
+  let tracking: boolean | null = null;
+  while (pos + 12 <= jbuf.length) {
+    if (jbuf.readUInt32LE(pos) !== JOURNAL_MAGIC) break;
+    const len = jbuf.readUInt32LE(pos + 4);
+    if (pos + 12 + len > jbuf.length) break;
+    const payload = jbuf.subarray(pos + 12, pos + 12 + len);
+    if (crc32(payload) !== jbuf.readUInt32LE(pos + 8)) {
+      if (pos + 12 + len < jbuf.length) tracking = false; // damage inside the journal, not a torn tail
+      break;
+    }
+    let p = 0;
+    while (p < payload.length) {
+      const t = payload[p];
+      if (t === MAP_ENTRY) {
+        const b = payload.readUInt32LE(p + 1);
+        if (b < st.map.length) {
+          st.map[b] = payload.readInt32LE(p + 5);
+          st.gen[b] = payload.readUInt32LE(p + 9);
+        }
+        p += 13;
+      } else if (t === FREEZE_ENTRY) {
+        const newGen = payload.readUInt32LE(p + 1);
+        const full = payload[p + 5] === 1;
+        frozen.push({ ...frozenFromMap(st.map, st.gen, newGen - 1, full), recovered: true });
+        generation = newGen;
+        if (full) tracking = true;
+        p += 6;
+      } else {
+        tracking = false;
+        break;
+      }
+    }
+    pos += 12 + len;
+  }
+  return { generation, frozen, pos, tracking };
 }
 
 /**

@@ -1,4 +1,4 @@
-import { mkdtemp, rm } from 'node:fs/promises';
+import { mkdtemp, readdir, readFile, rm, stat } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import * as path from 'node:path';
 import { Command } from 'commander';
@@ -57,3 +57,43 @@ it('creates, lists, freezes, clones and removes volumes', async () => {
   await cli('ls');
   expect(lines[lines.length - 1]).toMatch(/^disk0\t/);
 });
+
+it('ls reads volumes without opening them: one in use shows its committed state and owner, and nothing on disk changes', async () => {
+  const lines: string[] = [];
+  const program = new Command().exitOverride();
+  registerVolumeCommands(program, { dataDir: dir, print: (l) => lines.push(l) });
+  const cli = (...a: string[]): Promise<Command> => program.parseAsync(['volume', ...a], { from: 'user' });
+  await cli('create', 'busy', '--size', '1M', '--block-size', '4096');
+  const vdir = path.join(dir, 'volumes', 'busy');
+  const v = await Volume.open(vdir);
+  try {
+    await v.write(0, Buffer.alloc(3 * 4096, 1));
+    v.freeze();
+    await v.write(8 * 4096, Buffer.alloc(4096, 2));
+    await v.flush();
+    const before = await snapshotFiles(vdir);
+    await cli('ls', '--json');
+    const rows = JSON.parse(lines[lines.length - 1]!) as { name: string; generation: number; dirtyBlocks: number; overlayBlocks: number; openBy: number | null }[];
+    const info = v.info();
+    expect(rows).toEqual([{ name: 'busy', size: 1 << 20, generation: info.generation, dirtyBlocks: 1, overlayBlocks: info.overlayBlocks, base: false, openBy: process.pid }]);
+    expect(info.overlayBlocks).toBe(4);
+    await cli('ls');
+    expect(lines[lines.length - 1]).toBe(`busy\t${1 << 20}\tgen 2\tdirty 1\toverlay 4\tin use by process ${process.pid}`);
+    expect(await snapshotFiles(vdir)).toEqual(before);
+  } finally {
+    await v.close();
+  }
+  const inspected = await Volume.inspect(vdir);
+  const reopened = await Volume.open(vdir);
+  expect(inspected).toEqual({ ...reopened.info(), openBy: null });
+  await reopened.close();
+});
+
+async function snapshotFiles(d: string): Promise<Record<string, string>> {
+  const out: Record<string, string> = {};
+  for (const f of (await readdir(d)).sort()) {
+    const st = await stat(path.join(d, f));
+    out[f] = `${st.size} ${st.mtimeMs} ${(await readFile(path.join(d, f))).toString('base64').length}`;
+  }
+  return out;
+}
