@@ -12,6 +12,7 @@ import { registerCopyCommands } from './copy-commands.js';
 import { registerVolumeCommands } from '../src/cow/cli.js';
 import { dataDir, enableBackendStats, openRepository, printBackendStats } from './context.js';
 import { resolveStreamRef } from './store-commands.js';
+import type { Repository } from '../src/store/repository.js';
 import type { GlobalOptions } from './context.js';
 
 export function buildProgram(): Command {
@@ -34,16 +35,21 @@ export function buildProgram(): Command {
   registerStoreCommands(program, globals);
   registerVmCommands(program, globals);
   registerCopyCommands(program, globals);
+  // A volume command opens the repository at most once (a clone resolves the snapshot and reads
+  // chunks through the same one: one key derivation, one index load) and closes it when done.
+  let volumeRepo: Promise<Repository> | null = null;
+  const volumeStore = (): Promise<Repository> => (volumeRepo ??= openRepository(globals()));
+  program.hook('postAction', async () => {
+    const repo = volumeRepo;
+    volumeRepo = null;
+    if (repo) await (await repo).close();
+  });
   registerVolumeCommands(program, {
     get dataDir() {
       return dataDir();
     },
-    openStore: () => openRepository(globals()),
-    resolveDisk: async (ref: string) => {
-      const repo = await openRepository(globals());
-      const { stream } = await resolveStreamRef(repo, ref);
-      return stream;
-    },
+    openStore: volumeStore,
+    resolveDisk: async (ref: string) => (await resolveStreamRef(await volumeStore(), ref)).stream,
   });
   return program;
 }

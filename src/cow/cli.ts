@@ -67,7 +67,9 @@ export function registerVolumeCommands(program: Command, ctx: VolumeCliContext):
     .command('ls')
     .description('list volumes')
     .option('--json', 'machine-readable output')
-    .action(async (o: { json?: boolean }) => {
+    .action(async (o: { json?: boolean }, cmd: Command) => {
+      // `vmsnap volume ls --json`: the main program's global --json takes the flag first.
+      const json = o.json === true || cmd.optsWithGlobals<{ json?: boolean }>().json === true;
       const root = path.join(ctx.dataDir, 'volumes');
       const names = (await fsp.readdir(root).catch(() => [] as string[])).filter((n) => NAME_RE.test(n)).sort();
       // Read-only: listing never locks, recovers or trims a volume, and shows the ones in use.
@@ -78,7 +80,7 @@ export function registerVolumeCommands(program: Command, ctx: VolumeCliContext):
         });
         rows.push({ name, size: i.size, generation: i.generation, dirtyBlocks: i.dirtyBlocks, overlayBlocks: i.overlayBlocks, base: i.hasBase, openBy: i.openBy });
       }
-      if (o.json) return print(JSON.stringify(rows));
+      if (json) return print(JSON.stringify(rows));
       for (const r of rows) {
         print(`${r.name}\t${r.size}\tgen ${r.generation}\tdirty ${r.dirtyBlocks}\toverlay ${r.overlayBlocks}${r.base ? '\tbased' : ''}${r.openBy ? `\tin use by process ${r.openBy}` : ''}`);
       }

@@ -87,6 +87,23 @@ for (const encrypted of [false, true]) {
       expect(bad.stderr).toMatch(/has no stream "nope" \(it has: disk0\)/);
     });
 
+    it('volume clone opens the repository once, and the clone reads the snapshot', async () => {
+      const data = path.join(dir, encrypted ? 'data-enc' : 'data-plain');
+      const venv = { ...env, VMSNAP_DATA_DIR: data };
+      const stats = async (args: string[]): Promise<{ list: number; get: number }> => {
+        const r = await vmsnapOk(repo, ['--stats', '--json', ...args], { env: venv });
+        const line = r.stderr.split('\n').find((l) => l.startsWith('{"backendStats"'))!;
+        const report = (JSON.parse(line) as { backendStats: { stats: Record<string, { requests: number }> }[] }).backendStats;
+        return { list: report.reduce((a, x) => a + x.stats.list!.requests, 0), get: report.reduce((a, x) => a + x.stats.get!.requests, 0) };
+      };
+      const one = await stats(['show', 'latest']);
+      const clone = await stats(['volume', 'clone', 'latest:disk0', 'copy']);
+      // Resolving the snapshot and opening the clone's chunk store share one open: the same lists.
+      expect(clone.list).toBe(one.list);
+      const ls = JSON.parse((await vmsnapOk(repo, ['volume', 'ls', '--json'], { env: venv })).stdout) as { name: string; base: boolean; size: number }[];
+      expect(ls).toMatchObject([{ name: 'copy', base: true, size: img2.length }]);
+    });
+
     it('diff names exactly the changed extents', async () => {
       const d = JSON.parse((await vmsnapOk(repo, ['--json', 'diff', ids[0]!, ids[1]!], { env })).stdout) as { a: string; b: string; streams: { stream: string; changedBytes: number; extents: { offset: number; length: number }[] }[] };
       expect(d.a).toBe(ids[0]);
