@@ -220,6 +220,7 @@ export class NbdServer {
   private readonly sockets = new Set<net.Socket>();
   private readonly socketPaths: string[] = [];
   private closing = false;
+  private live = 0;
   /** Errors caught per connection (never thrown): for logs and tests. */
   readonly connectionErrors: string[] = [];
 
@@ -258,6 +259,11 @@ export class NbdServer {
   }
 
   /** Stops listening, disconnects clients and waits for the listeners to close. */
+  /** Connections whose handler has not finished (a client gone while we waited must not stay here). */
+  get activeConnections(): number {
+    return this.live;
+  }
+
   async close(): Promise<void> {
     this.closing = true;
     for (const s of this.sockets) s.destroy();
@@ -275,13 +281,17 @@ export class NbdServer {
     sock.on('close', () => this.sockets.delete(sock));
     sock.on('error', () => undefined);
     const conn = new Connection(sock, this.exports);
-    conn.run().then(
-      () => sock.end(),
-      (err: unknown) => {
-        if (!(err instanceof ConnectionClosed)) this.connectionErrors.push((err as Error).message);
-        sock.destroy();
-      },
-    );
+    this.live++;
+    conn
+      .run()
+      .then(
+        () => sock.end(),
+        (err: unknown) => {
+          if (!(err instanceof ConnectionClosed)) this.connectionErrors.push((err as Error).message);
+          sock.destroy();
+        },
+      )
+      .finally(() => this.live--);
   }
 }
 

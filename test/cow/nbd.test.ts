@@ -14,6 +14,7 @@ import { MemoryChunkStore, isZeroId } from '../../src/cow/chunk-store.js';
 import { NbdServer } from '../../src/cow/nbd-server.js';
 import { Volume } from '../../src/cow/volume.js';
 import { cloneVolume, snapshotVolume } from '../../src/cow/snapshot.js';
+import { TestNbdClient } from './helpers/nbd-client.js';
 
 const run = promisify(execFile);
 const MiB = 1 << 20;
@@ -45,6 +46,23 @@ async function qemuIo(...cmds: string[]): Promise<string> {
   expect(stdout).not.toMatch(/Pattern verification failed|error|failed/i);
   return stdout;
 }
+
+describe('NBD server with a client that stops reading', () => {
+  it('a client that disconnects while the server waits for its socket to drain ends the connection', async () => {
+    const c = await TestNbdClient.connect(sock, 'vol');
+    expect(server.activeConnections).toBe(1);
+    c.stopReading();
+    // 96 MiB of replies: more than the 64 MiB the server lets pile up before it waits for 'drain'.
+    for (let i = 0; i < 3; i++) c.sendRead(i * 16 * MiB, 32 * MiB);
+    await new Promise((r) => setTimeout(r, 1500));
+    c.sendRead(0, 4096); // the server reads this request, then waits for the socket to drain
+    await new Promise((r) => setTimeout(r, 300));
+    c.close();
+    const deadline = Date.now() + 10_000;
+    while (server.activeConnections > 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20));
+    expect(server.activeConnections).toBe(0);
+  });
+});
 
 describe('NBD server with real clients', () => {
   it('qemu-io writes patterns and reads them back; qemu-img compare matches a reference file', async () => {

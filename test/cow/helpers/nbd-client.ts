@@ -108,6 +108,14 @@ export class TestNbdClient {
   async flush(): Promise<void> {
     await this.request(3, 0, 0, 0);
   }
+  /** Stops reading replies (the server's socket backs up); requests can still be sent. */
+  stopReading(): void {
+    this.s.pause();
+  }
+  /** Sends a read and does not wait for (or ever collect) its reply. */
+  sendRead(offset: number, length: number): void {
+    this.read(offset, length).catch(() => undefined);
+  }
   close(): void {
     this.s.destroy();
   }
