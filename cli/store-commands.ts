@@ -342,7 +342,11 @@ export function registerStoreCommands(program: Command, globals: Globals): void 
       try {
         const st = await prune(repo, { dryRun: !!o.dryRun, repackBelow: frac, onProgress: (m) => !g.json && !g.quiet && console.error(m) });
         if (g.json) printJson(st);
-        else console.log(`${o.dryRun ? 'would delete' : 'deleted'} ${st.packsDeleted} packs, repacked ${st.packsRepacked}, freed ${humanBytes(st.bytesFreed)}; ${st.snapshots} snapshots, ${st.liveChunks} live chunks`);
+        else
+          console.log(
+            `${o.dryRun ? 'would delete' : 'deleted'} ${st.packsDeleted} packs, repacked ${st.packsRepacked}, freed ${humanBytes(st.bytesFreed)}; ${st.snapshots} snapshots, ${st.liveChunks} live chunks` +
+              (st.leftoversRemoved ? `; removed ${st.leftoversRemoved} leftovers of interrupted writes` : ''),
+          );
       } finally {
         await repo.close();
       }

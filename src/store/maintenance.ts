@@ -33,6 +33,12 @@ export interface PruneOptions {
   repackBelow?: number;
   dryRun?: boolean;
   onProgress?: (msg: string) => void;
+  /**
+   * Leftovers of interrupted writes (a put killed before its rename) older than this are removed
+   * (default one hour: the prune lock keeps out this repository's writers, but not a process that
+   * was still writing when it lost its lock, nor a clock that is off).
+   */
+  leftoversOlderThanMs?: number;
 }
 
 export interface PruneStats {
@@ -43,6 +49,7 @@ export interface PruneStats {
   packsWritten: number;
   bytesFreed: number;
   indexFilesReplaced: number;
+  leftoversRemoved: number;
 }
 
 function idKey(id: Uint8Array): string {
@@ -99,7 +106,7 @@ async function pruneLocked(repo: Repository, opts: PruneOptions, lock: HeldLock)
       p.liveEntries.push({ ...e, id: Buffer.from(e.id) });
     }
   }
-  const stats: PruneStats = { snapshots: snapshots.length, liveChunks: used.size, packsDeleted: 0, packsRepacked: 0, packsWritten: 0, bytesFreed: 0, indexFilesReplaced: 0 };
+  const stats: PruneStats = { snapshots: snapshots.length, liveChunks: used.size, packsDeleted: 0, packsRepacked: 0, packsWritten: 0, bytesFreed: 0, indexFilesReplaced: 0, leftoversRemoved: 0 };
   const doomed = new Set<string>();
   const keepPacks: { pack: string; entries: PackEntry[] }[] = [];
   const toRepack: string[] = [];
@@ -169,6 +176,9 @@ async function pruneLocked(repo: Repository, opts: PruneOptions, lock: HeldLock)
     await repo.backend.delete('packs', pack);
     stats.packsDeleted++;
   });
+
+  // 7. what crashed writes left behind (never visible, never listed, but taking space).
+  stats.leftoversRemoved = await repo.backend.removeLeftovers(opts.leftoversOlderThanMs ?? 60 * 60 * 1000);
   log(`deleted ${stats.packsDeleted} packs, wrote ${stats.packsWritten}, freed ${stats.bytesFreed} bytes`);
   return stats;
 }

@@ -112,7 +112,7 @@ describe('LocalBackend crash safety', () => {
     const before = await tmpCount();
     expect(before).toBeGreaterThanOrEqual(3);
     console.info(`crash test: ${acknowledged.length} puts acknowledged, ${packs.length} packs listed, ${before} torn temp files left`);
-    expect(await b.removeStaleTempFiles(0)).toBe(before);
+    expect(await b.removeLeftovers(0)).toBe(before);
     expect(await tmpCount()).toBe(0);
     expect((await listAll(b, 'packs')).length).toBe(packs.length);
   });

@@ -296,9 +296,9 @@ describe('LocalBackend errors', () => {
       await writeFile(path.join(dir, 'index', 'not.valid'), 'foreign');
       expect(await listAll(b, 'packs')).toEqual([{ name: 'abcdef', size: 1 }]);
       expect(await listAll(b, 'index')).toEqual([{ name: 'abcdef', size: 1 }]);
-      expect(await b.removeStaleTempFiles(60_000)).toBe(0);
+      expect(await b.removeLeftovers(60_000)).toBe(0);
       await utimes(stale, new Date(0), new Date(0));
-      expect(await b.removeStaleTempFiles(60_000)).toBe(1);
+      expect(await b.removeLeftovers(60_000)).toBe(1);
       expect(await readdir(path.join(dir, 'packs', 'ab'))).toEqual(['abcdef']);
     } finally {
       await rm(dir, { recursive: true, force: true });

@@ -9,7 +9,9 @@ import { check, prune } from '../../src/store/maintenance.js';
 import { WrongPasswordError, IntegrityError } from '../../src/store/errors.js';
 import { ID_SIZE } from '../../src/store/hash.js';
 import type { ByteRange, ObjectKind } from '../../src/store/backend/contract.js';
-import { mkdtemp, open, readFile, rm } from 'node:fs/promises';
+import { mkdtemp, open, readdir, readFile, rm, utimes, writeFile } from 'node:fs/promises';
+import { existsSync } from 'node:fs';
+import { LocalBackend } from '../../src/store/backend/local.js';
 import { tmpdir } from 'node:os';
 import * as path from 'node:path';
 
@@ -196,5 +198,30 @@ describe('repository', () => {
     expect(Buffer.concat(parts).equals(data)).toBe(true);
     expect((await check(after, { readData: true })).problems).toEqual([]);
     await after.close();
+  });
+
+  it('prune removes what crashed puts left in a local repository, once old enough, and nothing else', async () => {
+    const dir = await mkdtemp(path.join(tmpdir(), 'vmsnap-leftovers-'));
+    try {
+      const backend = new LocalBackend(dir);
+      const repo = await Repository.init(backend, {});
+      const res = await ingestStream(repo, Readable.from([randomBytes(1 << 20)]), { name: 'disk0', kind: 'disk' });
+      await repo.saveSnapshot({ vm: 'vm1', tags: [], parent: null, meta: {}, streams: [res.stream] });
+      await repo.flush();
+      const [fan] = await readdir(path.join(dir, 'packs'));
+      const old = path.join(dir, 'packs', fan!, '.tmp-dead-put-1');
+      const young = path.join(dir, 'snapshots', '.tmp-live-put-2');
+      await writeFile(old, Buffer.alloc(4096, 1));
+      await writeFile(young, 'being written');
+      await utimes(old, new Date(Date.now() - 7200_000), new Date(Date.now() - 7200_000));
+      const st = await prune(repo);
+      expect(st.leftoversRemoved).toBe(1);
+      expect(existsSync(old)).toBe(false);
+      expect(existsSync(young)).toBe(true); // younger than an hour: maybe another process's put in flight
+      expect((await check(repo, { readData: true })).problems).toEqual([]);
+      await repo.close();
+    } finally {
+      await rm(dir, { recursive: true, force: true });
+    }
   });
 });

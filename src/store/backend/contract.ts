@@ -30,7 +30,11 @@
  *    a rejection, `into`'s contents are unspecified.
  * 9. Listing. `list(kind)` yields every object of that kind exactly once, in no particular order,
  *    with its size.
- * 10. Errors. Failures are BackendError with `retryable` true for conditions that may pass
+ * 10. Leftovers. `removeLeftovers(olderThanMs)` deletes what interrupted writes left behind (local:
+ *    temp files of puts killed before their rename) that is older than `olderThanMs`, and nothing
+ *    else: never a visible object, never a younger leftover (another process may still be writing
+ *    it). Resolves with how many it removed; a backend whose writes leave nothing resolves 0.
+ * 11. Errors. Failures are BackendError with `retryable` true for conditions that may pass
  *    (timeouts, 5xx, throttling, ECONNRESET) and false for those that will not (ENOSPC, EACCES,
  *    auth). Wrappers may retry only retryable errors.
  */
@@ -74,6 +78,8 @@ export interface Backend {
   stat(kind: ObjectKind, name: string): Promise<ObjectInfo>;
   list(kind: ObjectKind): AsyncIterable<ObjectInfo>;
   delete(kind: ObjectKind, name: string): Promise<void>;
+  /** See item 10: removes leftovers of interrupted writes older than `olderThanMs`. */
+  removeLeftovers(olderThanMs: number): Promise<number>;
   /** Release sockets, file handles. The backend is unusable afterwards. */
   close(): Promise<void>;
 }

@@ -262,6 +262,10 @@ export class FaultyBackend implements Backend {
     FaultyBackend.afterError(f, 'delete', kind, name);
   }
 
+  removeLeftovers(olderThanMs: number): Promise<number> {
+    return this.inner.removeLeftovers(olderThanMs);
+  }
+
   async close(): Promise<void> {
     this.releaseHung();
     await this.inner.close();

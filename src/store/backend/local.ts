@@ -5,7 +5,7 @@
  *
  * Atomicity and durability come from `atomicWriteFile` (temp file `.tmp-*`, fsync, rename or link,
  * fsync the directory). Temp files left behind by a crash are never listed or returned; they can be
- * removed with {@link LocalBackend.removeStaleTempFiles}.
+ * removed by `removeLeftovers` (contract item 10), which prune calls.
  */
 import { promises as fsp, type Dirent } from 'node:fs';
 import * as path from 'node:path';
@@ -240,7 +240,7 @@ export class LocalBackend implements Backend {
    * Removes temp files left behind by crashed puts that are older than `olderThanMs` (a live put in
    * another process may still be writing younger ones). Returns how many were removed.
    */
-  async removeStaleTempFiles(olderThanMs = 60 * 60 * 1000): Promise<number> {
+  async removeLeftovers(olderThanMs: number): Promise<number> {
     const cutoff = Date.now() - olderThanMs;
     let removed = 0;
     const visit = async (dir: string, depth: number): Promise<void> => {

@@ -83,6 +83,7 @@ function sharedView(m: MemoryBackend): Backend {
     stat: (k, n) => m.stat(k, n),
     list: (k) => m.list(k),
     delete: (k, n) => m.delete(k, n),
+    removeLeftovers: (age) => m.removeLeftovers(age),
     close: async () => undefined,
   };
 }

@@ -169,6 +169,10 @@ export class RetryBackend implements Backend {
     return this.run('delete', `${kind}/${name}`, () => this.inner.delete(kind, name));
   }
 
+  removeLeftovers(olderThanMs: number): Promise<number> {
+    return this.run('removeLeftovers', this.inner.location, () => this.inner.removeLeftovers(olderThanMs));
+  }
+
   close(): Promise<void> {
     return this.inner.close();
   }

@@ -617,6 +617,11 @@ export class S3Backend implements Backend {
     }
   }
 
+  /** Single PUTs only (see the header): an interrupted upload leaves nothing in the bucket. */
+  async removeLeftovers(_olderThanMs: number): Promise<number> {
+    return 0;
+  }
+
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;

@@ -100,6 +100,10 @@ export class StatsBackend implements Backend {
     return this.count('delete', () => this.inner.delete(kind, name), () => 0);
   }
 
+  removeLeftovers(olderThanMs: number): Promise<number> {
+    return this.inner.removeLeftovers(olderThanMs);
+  }
+
   close(): Promise<void> {
     return this.inner.close();
   }
