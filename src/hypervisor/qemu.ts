@@ -16,6 +16,7 @@
 import { execFile, spawn, type ChildProcess } from 'node:child_process';
 import { promises as fsp, constants as fsc } from 'node:fs';
 import * as path from 'node:path';
+import { readTail } from '../util/fs.js';
 import { promisify } from 'node:util';
 import { QmpClient } from './qmp.js';
 
@@ -264,15 +265,6 @@ export class QemuProcess {
 
   async logTail(bytes = 4000): Promise<string> {
     return readTail(this.paths.qemuLog, bytes);
-  }
-}
-
-async function readTail(file: string, bytes: number): Promise<string> {
-  try {
-    const buf = await fsp.readFile(file);
-    return buf.subarray(Math.max(0, buf.length - bytes)).toString('utf8');
-  } catch {
-    return '';
   }
 }
 

@@ -14,6 +14,7 @@ import { spawn } from 'node:child_process';
 import { existsSync, openSync, closeSync, promises as fsp } from 'node:fs';
 import * as net from 'node:net';
 import * as path from 'node:path';
+import { readTail } from '../util/fs.js';
 import { projectRoot } from '../util/project.js';
 import { VmRuntime, type TakeOptions } from './vm-runtime.js';
 import { vmPaths, type VmPaths } from './vm-config.js';
@@ -195,7 +196,7 @@ export async function spawnSupervisor(
     if (existsSync(paths.supervisorSocket) && (await isRunning(paths))) return;
     await new Promise((r) => setTimeout(r, 50));
   }
-  const logText = await fsp.readFile(paths.supervisorLog, 'utf8').catch(() => '');
+  const logText = await readTail(paths.supervisorLog, 8192);
   const lastErr = logText.trim().split('\n').slice(-5).join(' | ');
   if (exited === undefined) child.kill('SIGKILL');
   throw new SupervisorError(`VM ${name} failed to start: ${lastErr || 'no output'} (log: ${paths.supervisorLog})`);

@@ -82,3 +82,23 @@ export async function exists(p: string): Promise<boolean> {
     return false;
   }
 }
+
+/**
+ * The last `bytes` bytes of a file as UTF-8 ('' if it cannot be read). Reads only the tail: logs of
+ * long-lived processes (a VM supervisor runs for days) must not be read whole to show an error.
+ */
+export async function readTail(file: string, bytes: number): Promise<string> {
+  let fh: fsp.FileHandle | undefined;
+  try {
+    fh = await fsp.open(file, 'r');
+    const { size } = await fh.stat();
+    const length = Math.min(size, bytes);
+    const buf = Buffer.alloc(length);
+    const { bytesRead } = await fh.read(buf, 0, length, size - length);
+    return buf.subarray(0, bytesRead).toString('utf8');
+  } catch {
+    return '';
+  } finally {
+    await fh?.close().catch(() => undefined);
+  }
+}
