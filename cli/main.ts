@@ -4,8 +4,8 @@
  * is a bug and prints its stack.
  */
 import { Command, CommanderError } from 'commander';
-import { RepositoryError, UsageError } from '../src/store/errors.js';
-import { BackendError } from '../src/store/backend/contract.js';
+import { UsageError } from '../src/store/errors.js';
+import { isUserFacing } from './output.js';
 import { registerStoreCommands } from './store-commands.js';
 import { registerVmCommands } from './vm-commands.js';
 import { registerCopyCommands } from './copy-commands.js';
@@ -52,24 +52,6 @@ export function buildProgram(): Command {
     resolveDisk: async (ref: string) => (await resolveStreamRef(await volumeStore(), ref)).stream,
   });
   return program;
-}
-
-/**
- * Errors of other layers that describe a failed operation or bad input in words meant for the
- * user (the step and the reason), as opposed to bugs.
- */
-const USER_FACING = new Set([
-  'VolumeCliError', 'VolumeCreateError', 'VolumeOpenError', 'VolumeRestoreError', 'VolumeRangeError', 'CloneError',
-  'SnapshotError', 'SnapshotCaptureError', 'SnapshotRestoreError', 'QemuLaunchError', 'UnsupportedQemuError',
-  'QemuDetectError', 'MigrationStreamError', 'SizeError', 'RamCaptureError', 'PathEscapeError', 'DiskStreamError',
-]);
-
-/** Errors whose message is meant for the user as is. */
-export function isUserFacing(err: unknown): err is Error {
-  if (err instanceof RepositoryError || err instanceof BackendError) return true;
-  if (err instanceof Error && USER_FACING.has(err.name)) return true;
-  const e = err as { userFacing?: unknown } | null;
-  return typeof e === 'object' && e !== null && e.userFacing === true;
 }
 
 export async function main(argv: string[]): Promise<number> {

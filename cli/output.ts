@@ -1,5 +1,7 @@
 /** Output helpers: progress bars only on a terminal, JSON for machines, human sizes. */
 import cliProgress from 'cli-progress';
+import { RepositoryError } from '../src/store/errors.js';
+import { BackendError } from '../src/store/backend/contract.js';
 
 export function humanBytes(n: number): string {
   const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB'];
@@ -48,4 +50,15 @@ export function printJson(v: unknown): void {
 
 export function shortId(id: string): string {
   return id.slice(0, 12);
+}
+
+/**
+ * Errors whose message is meant for the user as is: the repository's and the backends' error
+ * classes, and any error of another layer that says so (`userFacing = true`: bad input or a failed
+ * step described in the user's words). Anything else is a bug and is reported as one.
+ */
+export function isUserFacing(err: unknown): err is Error {
+  if (err instanceof RepositoryError || err instanceof BackendError) return true;
+  const e = err as { userFacing?: unknown } | null;
+  return typeof e === 'object' && e !== null && e.userFacing === true;
 }

@@ -36,6 +36,8 @@ export interface DiskStream {
 }
 
 export class DiskStreamError extends Error {
+  /** Says what went wrong in words for the user: the CLI prints it as is. */
+  readonly userFacing = true;
   override readonly name = 'DiskStreamError';
 }
 

@@ -25,6 +25,8 @@ export interface VolumeCliContext {
 }
 
 export class VolumeCliError extends Error {
+  /** Says what went wrong in words for the user: the CLI prints it as is. */
+  readonly userFacing = true;
   override readonly name = 'VolumeCliError';
 }
 

@@ -12,9 +12,13 @@ import { blockCount, isZeroBuffer, validateDiskStream, ZERO_CHUNK_ID, CHUNK_ID_B
 import { Volume, BASE, ZERO, type FrozenSet, type VolumeOpenOptions } from './volume.js';
 
 export class SnapshotError extends Error {
+  /** Says what went wrong in words for the user: the CLI prints it as is. */
+  readonly userFacing = true;
   override readonly name = 'SnapshotError';
 }
 export class CloneError extends Error {
+  /** Says what went wrong in words for the user: the CLI prints it as is. */
+  readonly userFacing = true;
   override readonly name = 'CloneError';
 }
 

@@ -65,21 +65,29 @@ const MAP_ENTRY = 1;
 const FREEZE_ENTRY = 2;
 
 export class VolumeCreateError extends Error {
+  /** Says what went wrong in words for the user: the CLI prints it as is. */
+  readonly userFacing = true;
   override readonly name = 'VolumeCreateError';
 }
 export class VolumeOpenError extends Error {
+  /** Says what went wrong in words for the user: the CLI prints it as is. */
+  readonly userFacing = true;
   override readonly name = 'VolumeOpenError';
 }
 export class VolumeIoError extends Error {
   override readonly name = 'VolumeIoError';
 }
 export class VolumeRangeError extends Error {
+  /** Says what went wrong in words for the user: the CLI prints it as is. */
+  readonly userFacing = true;
   override readonly name = 'VolumeRangeError';
 }
 export class VolumeFlushError extends Error {
   override readonly name = 'VolumeFlushError';
 }
 export class VolumeRestoreError extends Error {
+  /** Says what went wrong in words for the user: the CLI prints it as is. */
+  readonly userFacing = true;
   override readonly name = 'VolumeRestoreError';
 }
 

@@ -28,14 +28,20 @@ export const DEFAULT_MACHINE_TYPE = 'pc-i440fx-10.0';
 export const SUPPORTED_QEMU = { minMajor: 10, maxMajorExclusive: 11 } as const;
 
 export class UnsupportedQemuError extends Error {
+  /** Says what went wrong in words for the user: the CLI prints it as is. */
+  readonly userFacing = true;
   override readonly name = 'UnsupportedQemuError';
 }
 
 export class QemuDetectError extends Error {
+  /** Says what went wrong in words for the user: the CLI prints it as is. */
+  readonly userFacing = true;
   override readonly name = 'QemuDetectError';
 }
 
 export class QemuLaunchError extends Error {
+  /** Says what went wrong in words for the user: the CLI prints it as is. */
+  readonly userFacing = true;
   override readonly name = 'QemuLaunchError';
   constructor(
     message: string,

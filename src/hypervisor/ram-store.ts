@@ -35,6 +35,8 @@ import { ID_SIZE, isAllZero, ZERO_CHUNK_ID } from '../store/hash.js';
 import { chunkCount } from '../store/manifest.js';
 
 export class RamCaptureError extends Error {
+  /** Says what went wrong in words for the user: the CLI prints it as is. */
+  readonly userFacing = true;
   override readonly name = 'RamCaptureError';
 }
 

@@ -53,6 +53,8 @@ export type CaptureStep = 'check-capabilities' | 'configure' | 'listen' | 'migra
 export type RestoreStep = 'check-state' | 'migrate-incoming' | 'connect' | 'send' | 'load';
 
 export class SnapshotCaptureError extends Error {
+  /** Says what went wrong in words for the user: the CLI prints it as is. */
+  readonly userFacing = true;
   override readonly name = 'SnapshotCaptureError';
   constructor(
     readonly step: CaptureStep,
@@ -64,6 +66,8 @@ export class SnapshotCaptureError extends Error {
 }
 
 export class SnapshotRestoreError extends Error {
+  /** Says what went wrong in words for the user: the CLI prints it as is. */
+  readonly userFacing = true;
   override readonly name = 'SnapshotRestoreError';
   constructor(
     readonly step: RestoreStep,

@@ -10,6 +10,8 @@ import { promises as fsp, constants as fsc } from 'node:fs';
 import * as path from 'node:path';
 
 export class PathEscapeError extends Error {
+  /** Says what went wrong in words for the user: the CLI prints it as is. */
+  readonly userFacing = true;
   override readonly name = 'PathEscapeError';
 }
 

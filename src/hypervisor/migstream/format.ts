@@ -62,6 +62,8 @@ export const MAX_RAM_BLOCKS = 4096;
 export const DEFAULT_MAX_SUFFIX_BYTES = 256 << 20;
 
 export class MigrationStreamError extends Error {
+  /** Says what went wrong in words for the user: the CLI prints it as is. */
+  readonly userFacing = true;
   override readonly name = 'MigrationStreamError';
   constructor(
     readonly what: string,
