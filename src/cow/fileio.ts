@@ -51,3 +51,8 @@ export function ftruncate(fd: number, len: number): Promise<void> {
 export function closeFd(fd: number): Promise<void> {
   return new Promise((resolve, reject) => fs.close(fd, (err) => (err ? reject(err) : resolve())));
 }
+
+/** open(2) returning the raw descriptor (a FileHandle would close it when garbage-collected). */
+export function openFd(path: string, flags: string): Promise<number> {
+  return new Promise((resolve, reject) => fs.open(path, flags, (err, fd) => (err ? reject(err) : resolve(fd))));
+}

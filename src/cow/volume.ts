@@ -36,7 +36,6 @@
  * generations keep their slots pinned until their snapshot is written, so the guest keeps writing
  * while a snapshot reads the frozen content.
  */
-import * as fs from 'node:fs';
 import { promises as fsp } from 'node:fs';
 import { crc32 } from 'node:zlib';
 import { atomicWriteFile, containedPath, fsyncDir } from '../util/fs.js';
@@ -50,7 +49,7 @@ import {
   type ChunkStore,
   type DiskStream,
 } from './chunk-store.js';
-import { closeFd, fdatasync, ftruncate, pread, pwritev } from './fileio.js';
+import { closeFd, fdatasync, ftruncate, openFd, pread, pwritev } from './fileio.js';
 import { processAlive } from '../util/process.js';
 import { randomBytes } from 'node:crypto';
 
@@ -310,26 +309,27 @@ export class Volume {
     const dataPath = containedPath(dir, 'overlay.data');
     // Not fsynced: a slot past a shorter file reads as zeros, and slot writes are fdatasynced
     // (size included) before any journal entry refers to them.
-    const fd = fs.openSync(dataPath, 'w');
+    // Asynchronous throughout: a supervisor creating a volume may be serving others' guest I/O.
+    const fd = await openFd(dataPath, 'w');
     try {
-      fs.ftruncateSync(fd, n * blockSize);
+      await ftruncate(fd, n * blockSize);
     } finally {
-      fs.closeSync(fd);
+      await closeFd(fd);
     }
     if (base) {
       // Durable content, renamed into place; the directory fsync of the state file below makes
       // both names durable together, so a clone costs two fsyncs of the directory less.
       const tmp = containedPath(dir, '.tmp-base.chunks');
-      const bfd = fs.openSync(tmp, 'w');
+      const bfd = await openFd(tmp, 'w');
       try {
-        for (let off = 0; off < base.chunks.length; ) off += fs.writeSync(bfd, base.chunks, off);
-        fs.fdatasyncSync(bfd);
+        await pwritev(bfd, [base.chunks], 0);
+        await fdatasync(bfd);
       } finally {
-        fs.closeSync(bfd);
+        await closeFd(bfd);
       }
-      fs.renameSync(tmp, containedPath(dir, 'base.chunks'));
+      await fsp.rename(tmp, containedPath(dir, 'base.chunks'));
     }
-    fs.closeSync(fs.openSync(containedPath(dir, 'journal-1.log'), 'w'));
+    await closeFd(await openFd(containedPath(dir, 'journal-1.log'), 'w'));
     const map = new Int32Array(n).fill(BASE);
     const gen = new Uint32Array(n);
     const header: PersistedHeader = {
@@ -403,16 +403,20 @@ export class Volume {
     const replay = replayJournal(st, jbuf);
     const { generation, frozen, pos } = replay;
     if (replay.tracking !== null) tracking = replay.tracking;
-    for (const f of fs.readdirSync(dir)) {
-      if (/^journal-\d+\.log$/.test(f) && f !== `journal-${h.epoch}.log`) fs.rmSync(containedPath(dir, f), { force: true });
+    for (const f of await fsp.readdir(dir)) {
+      if (/^journal-\d+\.log$/.test(f) && f !== `journal-${h.epoch}.log`) await fsp.rm(containedPath(dir, f), { force: true });
     }
-    const dataFd = fs.openSync(containedPath(dir, 'overlay.data'), 'r+');
+    const dataFd = await openFd(containedPath(dir, 'overlay.data'), 'r+');
     let journalFd: number;
     try {
-      journalFd = fs.openSync(journalPath, fs.existsSync(journalPath) ? 'r+' : 'w');
-      if (pos < jbuf.length) fs.ftruncateSync(journalFd, pos); // drop the torn tail before appending
+      // 'a+' would make every write append; the journal is written at explicit positions.
+      journalFd = await openFd(journalPath, 'r+').catch((err: NodeJS.ErrnoException) => {
+        if (err.code === 'ENOENT') return openFd(journalPath, 'w+');
+        throw err;
+      });
+      if (pos < jbuf.length) await ftruncate(journalFd, pos); // drop the torn tail before appending
     } catch (err) {
-      fs.closeSync(dataFd);
+      await closeFd(dataFd).catch(() => undefined);
       throw err;
     }
     if (!parent && tracking) parent = base ?? null;
@@ -685,11 +689,16 @@ export class Volume {
       frozen: this.pFrozen.map((f) => ({ generation: f.generation, count: f.blocks.length, full: f.full })),
     };
     const newJournal = containedPath(this.dir, `journal-${epoch}.log`);
-    fs.closeSync(fs.openSync(newJournal, 'w'));
-    await atomicWriteFile(containedPath(this.dir, 'state.bin'), encodeState(header, this.pMap, this.pGen, this.pFrozen));
+    const journalFd = await openFd(newJournal, 'w+');
+    try {
+      await atomicWriteFile(containedPath(this.dir, 'state.bin'), encodeState(header, this.pMap, this.pGen, this.pFrozen));
+    } catch (err) {
+      await closeFd(journalFd).catch(() => undefined);
+      throw err;
+    }
     const oldFd = this.journalFd;
     const oldPath = containedPath(this.dir, `journal-${this.epoch}.log`);
-    this.journalFd = fs.openSync(newJournal, 'r+');
+    this.journalFd = journalFd;
     this.journalPos = 0;
     this.epoch = epoch;
     await closeFd(oldFd).catch(() => undefined);
