@@ -75,15 +75,23 @@ export function registerVolumeCommands(program: Command, ctx: VolumeCliContext):
       const root = path.join(ctx.dataDir, 'volumes');
       const names = (await fsp.readdir(root).catch(() => [] as string[])).filter((n) => NAME_RE.test(n)).sort();
       // Read-only: listing never locks, recovers or trims a volume, and shows the ones in use.
-      const rows: { name: string; size: number; generation: number; dirtyBlocks: number; overlayBlocks: number; base: boolean; openBy: number | null }[] = [];
+      // A folder that is no volume (yet: `volume create` writes its state last) gets a row saying so.
+      type Row = { name: string; size: number; generation: number; dirtyBlocks: number; overlayBlocks: number; base: boolean; openBy: number | null };
+      const rows: (Row | { name: string; error: string })[] = [];
       for (const name of names) {
-        const i = await Volume.inspect(volumeDir(ctx.dataDir, name)).catch((err: Error) => {
-          throw new VolumeCliError(`volume ${name}: ${err.message}`);
-        });
-        rows.push({ name, size: i.size, generation: i.generation, dirtyBlocks: i.dirtyBlocks, overlayBlocks: i.overlayBlocks, base: i.hasBase, openBy: i.openBy });
+        try {
+          const i = await Volume.inspect(volumeDir(ctx.dataDir, name));
+          rows.push({ name, size: i.size, generation: i.generation, dirtyBlocks: i.dirtyBlocks, overlayBlocks: i.overlayBlocks, base: i.hasBase, openBy: i.openBy });
+        } catch (err) {
+          rows.push({ name, error: (err as Error).message });
+        }
       }
       if (json) return print(JSON.stringify(rows));
       for (const r of rows) {
+        if ('error' in r) {
+          print(`${r.name}\t(unreadable: ${r.error})`);
+          continue;
+        }
         print(`${r.name}\t${r.size}\tgen ${r.generation}\tdirty ${r.dirtyBlocks}\toverlay ${r.overlayBlocks}${r.base ? '\tbased' : ''}${r.openBy ? `\tin use by process ${r.openBy}` : ''}`);
       }
     });

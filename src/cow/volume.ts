@@ -50,7 +50,7 @@ import {
   type DiskStream,
 } from './chunk-store.js';
 import { closeFd, fdatasync, ftruncate, openFd, pread, pwritev } from './fileio.js';
-import { processAlive } from '../util/process.js';
+import { ownerAlive, ownerToken, processAlive } from '../util/process.js';
 import { randomBytes } from 'node:crypto';
 
 export const BASE = -1;
@@ -506,11 +506,18 @@ export class Volume {
     const jbuf = await fsp.readFile(containedPath(dir, `journal-${h.epoch}.log`)).catch(() => Buffer.alloc(0));
     const replay = replayJournal(st, jbuf);
     let tracking = h.tracking;
-    if (h.parentFile && !(await fsp.access(containedPath(dir, h.parentFile)).then(() => true, () => false))) tracking = false;
+    if (h.parentFile) {
+      // As open does: a parent stream that is unreadable or malformed means the dirty sets are lost.
+      try {
+        validateDiskStream({ size: h.size, chunkSize: h.blockSize, chunks: await fsp.readFile(containedPath(dir, h.parentFile)) });
+      } catch {
+        tracking = false;
+      }
+    }
     if (replay.tracking !== null) tracking = replay.tracking;
     let dirtyBlocks = 0;
     for (let i = 0; i < st.gen.length; i++) if (st.gen[i] === replay.generation) dirtyBlocks++;
-    const owner = Number((await fsp.readFile(containedPath(dir, 'lock'), 'utf8').catch(() => '')).trim());
+    const owner = await readOwner(containedPath(dir, 'lock'));
     return {
       ...countBlocks(st.map),
       size: h.size,
@@ -520,7 +527,7 @@ export class Volume {
       frozenGenerations: replay.frozen.map((f) => f.generation),
       tracking,
       hasBase: h.hasBase,
-      openBy: Number.isInteger(owner) && owner > 0 && processAlive(owner) ? owner : null,
+      openBy: owner?.alive && owner.pid !== null ? owner.pid : null,
     };
   }
 
@@ -1314,36 +1321,46 @@ function replayJournal(
 }
 
 /**
- * One process per volume: a lock file holding the owner's pid; a dead owner's lock is taken over.
+ * One process per volume: a lock file naming its owner (ownerToken: pid, start time, boot id, so a
+ * reused pid is not taken for the owner); a dead owner's lock is taken over.
  *
- * The lock appears with its pid already in it (written to a private file, then hard-linked into
+ * The lock appears with its owner already in it (written to a private file, then hard-linked into
  * place: link fails atomically if the lock exists), so nobody ever reads a half-made lock and
  * mistakes it for a dead one. A stale lock is never removed, only replaced (rename over it), so a
  * newcomer always finds some lock; replacing happens under `lock.takeover`, a short-lived mutex
  * made the same way, after re-reading that the lock is still the one judged dead. (Removing a
  * stale lock and creating a new one let several processes take over at once: 2-4 owners of 5.)
- * A mutex whose holder died mid-takeover is removed; only a second takeover racing that removal
- * could then go wrong, which takes a crash inside a window of a few system calls.
+ * The mutex is held for a few system calls: one whose holder is dead, or that is older than
+ * MUTEX_STALE_MS (a holder that died across a reboot may have left it empty), is removed; only a
+ * second takeover racing that removal could then go wrong, which takes a crash inside the window.
+ * On a filesystem without hard links (vfat, some FUSE mounts) the lock is created with O_EXCL and
+ * written after; a lock without a readable owner counts as alive until it is MUTEX_STALE_MS old.
  */
 async function acquireLock(dir: string): Promise<void> {
   const lock = containedPath(dir, 'lock');
+  const token = ownerToken();
   const mine = containedPath(dir, `lock.${process.pid}.${randomBytes(6).toString('hex')}`);
-  await fsp.writeFile(mine, String(process.pid)).catch((err: Error) => {
+  await fsp.writeFile(mine, token).catch((err: Error) => {
     throw new VolumeOpenError(`cannot lock volume ${dir}: ${err.message}`);
   });
   try {
     for (let attempt = 0; attempt < 100; attempt++) {
-      if (await linkOnce(mine, lock, dir)) return;
-      const seen = await fsp.readFile(lock, 'utf8').catch(() => null);
+      if (await createExclusive(mine, lock, token, dir)) {
+        await removeDeadPrivateFiles(dir);
+        return;
+      }
+      const seen = await readOwner(lock);
       if (seen === null) continue; // released meanwhile
-      const pid = Number(seen.trim());
-      if (Number.isInteger(pid) && pid > 0 && processAlive(pid)) throw new VolumeOpenError(`volume ${dir} is already open by process ${pid}`);
-      const took = await underTakeoverMutex(dir, mine, async () => {
-        if ((await fsp.readFile(lock, 'utf8').catch(() => null)) !== seen) return false;
+      if (seen.alive) throw new VolumeOpenError(`volume ${dir} is already open by process ${seen.pid ?? '(unknown: the lock file is being written)'}`);
+      const took = await underTakeoverMutex(dir, mine, token, async () => {
+        if ((await fsp.readFile(lock, 'utf8').catch(() => null)) !== seen.text) return false;
         await fsp.rename(mine, lock);
         return true;
       });
-      if (took) return;
+      if (took) {
+        await removeDeadPrivateFiles(dir);
+        return;
+      }
     }
     throw new VolumeOpenError(`cannot lock volume ${dir}: the lock keeps changing hands`);
   } finally {
@@ -1351,10 +1368,31 @@ async function acquireLock(dir: string): Promise<void> {
   }
 }
 
+const MUTEX_STALE_MS = 30_000;
+
+/** Who holds a lock file, null if there is none. A file with no readable owner is young or stale. */
+async function readOwner(file: string): Promise<{ text: string; pid: number | null; alive: boolean } | null> {
+  const [text, st] = await Promise.all([fsp.readFile(file, 'utf8').catch(() => null), fsp.stat(file).catch(() => null)]);
+  if (text === null || st === null) return null;
+  const owner = ownerAlive(text);
+  if (owner) return { text, pid: owner.pid, alive: owner.alive };
+  return { text, pid: null, alive: Date.now() - st.mtimeMs < MUTEX_STALE_MS };
+}
+
 /** link(2) as an exclusive create: true if `to` is now ours, false if it existed. */
-async function linkOnce(from: string, to: string, dir: string): Promise<boolean> {
+async function createExclusive(from: string, to: string, token: string, dir: string): Promise<boolean> {
   try {
     await fsp.link(from, to);
+    return true;
+  } catch (err) {
+    const code = (err as NodeJS.ErrnoException).code;
+    if (code === 'EEXIST') return false;
+    if (code !== 'EPERM' && code !== 'ENOTSUP' && code !== 'EOPNOTSUPP' && code !== 'ENOSYS') {
+      throw new VolumeOpenError(`cannot lock volume ${dir}: ${(err as Error).message}`);
+    }
+  }
+  try {
+    await fsp.writeFile(to, token, { flag: 'wx' });
     return true;
   } catch (err) {
     if ((err as NodeJS.ErrnoException).code === 'EEXIST') return false;
@@ -1362,22 +1400,30 @@ async function linkOnce(from: string, to: string, dir: string): Promise<boolean>
   }
 }
 
-async function underTakeoverMutex(dir: string, mine: string, fn: () => Promise<boolean>): Promise<boolean> {
+async function underTakeoverMutex(dir: string, mine: string, token: string, fn: () => Promise<boolean>): Promise<boolean> {
   const mutex = containedPath(dir, 'lock.takeover');
-  const deadline = Date.now() + 10_000;
-  while (!(await linkOnce(mine, mutex, dir))) {
-    const holder = Number((await fsp.readFile(mutex, 'utf8').catch(() => '')).trim());
-    if (Number.isInteger(holder) && holder > 0 && !processAlive(holder)) {
+  const deadline = Date.now() + 2 * MUTEX_STALE_MS;
+  while (!(await createExclusive(mine, mutex, token, dir))) {
+    const holder = await readOwner(mutex);
+    if (holder && (!holder.alive || Date.now() - (await fsp.stat(mutex).then((st) => st.mtimeMs, () => Date.now())) > MUTEX_STALE_MS)) {
       await fsp.rm(mutex, { force: true });
       continue;
     }
-    if (Date.now() > deadline) throw new VolumeOpenError(`cannot lock volume ${dir}: process ${holder} holds ${mutex}`);
+    if (Date.now() > deadline) throw new VolumeOpenError(`cannot lock volume ${dir}: process ${holder?.pid ?? '?'} holds ${mutex}`);
     await new Promise((r) => setTimeout(r, 5));
   }
   try {
     return await fn();
   } finally {
     await fsp.rm(mutex, { force: true });
+  }
+}
+
+/** Private lock files (`lock.PID.RANDOM`) of processes killed while locking: nothing else removes them. */
+async function removeDeadPrivateFiles(dir: string): Promise<void> {
+  for (const f of await fsp.readdir(dir).catch(() => [] as string[])) {
+    const m = /^lock\.(\d+)\.[0-9a-f]{12}$/.exec(f);
+    if (m && Number(m[1]) !== process.pid && !processAlive(Number(m[1]))) await fsp.rm(containedPath(dir, f), { force: true });
   }
 }
 

@@ -1,4 +1,4 @@
-import { mkdtemp, readdir, readFile, rm, stat } from 'node:fs/promises';
+import { mkdir, mkdtemp, readdir, readFile, rm, stat } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import * as path from 'node:path';
 import { Command } from 'commander';
@@ -83,6 +83,10 @@ it('ls reads volumes without opening them: one in use shows its committed state 
   } finally {
     await v.close();
   }
+  // A folder that is not (yet) a volume is listed as such; the others still are.
+  await mkdir(path.join(dir, 'volumes', 'half'));
+  await cli('ls');
+  expect(lines.slice(-2)).toEqual([`busy\t${1 << 20}\tgen 2\tdirty 1\toverlay 4`, expect.stringMatching(/^half\t\(unreadable: no volume in .*half/)]);
   const inspected = await Volume.inspect(vdir);
   const reopened = await Volume.open(vdir);
   expect(inspected).toEqual({ ...reopened.info(), openBy: null });

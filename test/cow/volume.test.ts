@@ -1,4 +1,5 @@
-import { mkdtemp, readdir, readFile, rename, rm, writeFile } from 'node:fs/promises';
+import { mkdtemp, readdir, readFile, rename, rm, utimes, writeFile } from 'node:fs/promises';
+import { ownerToken } from '../../src/util/process.js';
 import { spawn, spawnSync } from 'node:child_process';
 import { tmpdir } from 'node:os';
 import * as path from 'node:path';
@@ -258,7 +259,7 @@ describe('the volume lock', () => {
         const winners = kids.filter((_, i) => outcomes[i] === 'opened');
         expect(winners.length, JSON.stringify(outcomes)).toBe(1);
         for (const o of outcomes) if (o !== 'opened') expect(o).toBe(`error volume ${path.join(dir, 'race')} is already open by process ${winners[0]!.pid}`);
-        expect((await readFile(path.join(dir, 'race', 'lock'), 'utf8')).trim()).toBe(String(winners[0]!.pid));
+        expect((await readFile(path.join(dir, 'race', 'lock'), 'utf8')).split(' ')[0]).toBe(String(winners[0]!.pid));
       } finally {
         for (const k of kids) k.kill('SIGKILL');
         await Promise.all(kids.map((k) => (k.exitCode !== null || k.signalCode !== null ? undefined : new Promise((r) => k.once('exit', r)))));
@@ -267,6 +268,37 @@ describe('the volume lock', () => {
       expect((await readdir(path.join(dir, 'race'))).filter((f) => f.startsWith('lock'))).toEqual(['lock']);
     }
   }, 60_000);
+
+  it('a lock naming a reused pid, a dead takeover mutex and dead private lock files do not keep a volume closed', async () => {
+    const vdir = path.join(dir, 'reuse');
+    const v = await Volume.create(vdir, { size: 4 * BS, blockSize: BS });
+    await v.close();
+    const [pid, start, boot] = ownerToken().split(' ');
+    // Our own (live) pid, but another start time: the process that wrote it is gone.
+    await writeFile(path.join(vdir, 'lock'), `${pid} ${Number(start) + 1} ${boot}`);
+    // A takeover mutex left by a process killed inside it, and what killed lockers left behind.
+    const dead = spawnSync('true').pid!;
+    await writeFile(path.join(vdir, 'lock.takeover'), `${dead}`);
+    await writeFile(path.join(vdir, `lock.${dead}.0123456789ab`), `${dead}`);
+    const t0 = Date.now();
+    const again = await Volume.open(vdir);
+    expect(Date.now() - t0).toBeLessThan(5000); // no waiting out the mutex
+    expect((await readdir(vdir)).filter((f) => f.startsWith('lock'))).toEqual(['lock']);
+    expect(await readFile(path.join(vdir, 'lock'), 'utf8')).toBe(ownerToken());
+    await again.close();
+  });
+
+  it('an empty takeover mutex (its holder died before writing, or across a reboot) is waited out only while young', async () => {
+    const vdir = path.join(dir, 'emptymutex');
+    const v = await Volume.create(vdir, { size: 4 * BS, blockSize: BS });
+    await v.close();
+    await writeFile(path.join(vdir, 'lock'), `${spawnSync('true').pid!}`);
+    await writeFile(path.join(vdir, 'lock.takeover'), '');
+    const old = new Date(Date.now() - 60_000);
+    await utimes(path.join(vdir, 'lock.takeover'), old, old);
+    const again = await Volume.open(vdir);
+    await again.close();
+  });
 });
 
 describe('clone of a 4 GiB snapshot', () => {
