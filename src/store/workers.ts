@@ -71,7 +71,12 @@ interface Slot {
   /** Sequence numbers of this worker's unanswered jobs: a crash fails these, and only these. */
   jobs: Set<number>;
   dead: boolean;
+  /** The worker has answered a job: it loaded, so losing it later is not a startup failure. */
+  answered: boolean;
 }
+
+/** Workers that die before answering anything, in a row, before the pool gives up respawning. */
+const MAX_STARTUP_FAILURES = 3;
 
 export class WorkerPool {
   private slots: Slot[] = [];
@@ -85,6 +90,9 @@ export class WorkerPool {
   private shared = new Map<number, SharedArrayBuffer>();
   private sharedCount = 0;
   private readonly init: WorkerInit;
+  private startupFailures = 0;
+  /** Set when workers keep dying before they answer (a broken install, a bad key): run() fails with it. */
+  private broken: Error | null = null;
 
   constructor(init: WorkerInit, size = Math.max(1, Math.min(4, availableParallelism()))) {
     this.init = init;
@@ -103,8 +111,10 @@ export class WorkerPool {
         )
       : new Worker(file, { workerData: this.init });
     worker.unref();
-    const slot: Slot = { worker, busy: 0, jobs: new Set(), dead: false };
+    const slot: Slot = { worker, busy: 0, jobs: new Set(), dead: false, answered: false };
     worker.on('message', (r: WorkerReply) => {
+      slot.answered = true;
+      this.startupFailures = 0;
       slot.busy--;
       slot.jobs.delete(r.seq);
       const p = this.pending.get(r.seq);
@@ -125,6 +135,8 @@ export class WorkerPool {
    * A worker died (out of memory, an uncaught error, terminated): its unanswered jobs fail, the
    * other workers' jobs go on, and a fresh worker takes its place, so a long-lived process (a VM
    * supervisor) keeps its full pool. An 'error' is followed by 'exit': the second call is a no-op.
+   * Workers that die before answering anything are not respawned for ever: after a few in a row the
+   * pool is broken and every job fails with the cause.
    */
   private lose(slot: Slot, err: Error): void {
     // Terminating at close() is not a loss (and close()'s callers have no job left to fail).
@@ -136,6 +148,14 @@ export class WorkerPool {
       p?.reject(new Error(`internal: chunk worker failed: ${err.message}`));
     }
     slot.jobs.clear();
+    if (this.broken) return; // the others, terminated when the pool broke
+    if (!slot.answered && ++this.startupFailures >= MAX_STARTUP_FAILURES) {
+      this.broken ??= new Error(`internal: chunk workers keep failing before their first job: ${err.message}`);
+      for (const other of this.slots) if (other !== slot) void other.worker.terminate();
+      for (const p of this.pending.values()) p.reject(this.broken);
+      this.pending.clear();
+      return;
+    }
     const i = this.slots.indexOf(slot);
     if (i >= 0) this.slots[i] = this.spawn();
   }
@@ -200,6 +220,7 @@ export class WorkerPool {
 
   run<T extends 'hash' | 'encode' | 'decode'>(job: Job & { type: T }): Promise<Extract<WorkerReply, { type: T }>> {
     if (this.closed) return Promise.reject(new Error('worker pool is closed'));
+    if (this.broken) return Promise.reject(this.broken);
     const seq = ++this.seq;
     const slot = this.slots.reduce((a, b) => (b.busy < a.busy ? b : a));
     slot.busy++;

@@ -80,4 +80,24 @@ describe('WorkerPool when a worker dies', () => {
     for (const r of again) expect(Buffer.from(r.ids).equals(hash(Buffer.alloc(4096, 9)))).toBe(true);
     pool.releaseShared(slot);
   });
+
+  it('stops respawning workers that die before their first answer, and every job then fails with the cause', async () => {
+    // A 5-byte id key: each worker throws while loading, before it can answer anything.
+    pool = new WorkerPool({ aeadKey: null, idKey: new Uint8Array(5) }, 2);
+    const slot = pool.acquireShared(4096);
+    const job = () => pool!.run({ type: 'hash', input: slot.id, lengths: [4096] }).then(() => 'ok', (e: Error) => e.message);
+    expect(await job()).toMatch(/chunk worker/);
+    const deadline = Date.now() + 20_000;
+    let last = '';
+    while (!/keep failing/.test(last) && Date.now() < deadline) {
+      last = await job();
+      await new Promise((r) => setTimeout(r, 50));
+    }
+    expect(last).toMatch(/chunk workers keep failing before their first job/);
+    const w = pool.workerForTest(0);
+    await new Promise((r) => setTimeout(r, 500));
+    expect(pool.workerForTest(0)).toBe(w); // no more respawns
+    expect(await job()).toMatch(/keep failing/);
+    pool.releaseShared(slot);
+  });
 });
