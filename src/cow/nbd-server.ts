@@ -221,6 +221,7 @@ export class NbdServer {
   private readonly socketPaths: string[] = [];
   private closing = false;
   private live = 0;
+  private readonly waits = { count: 0 };
   /** Errors caught per connection (never thrown): for logs and tests. */
   readonly connectionErrors: string[] = [];
 
@@ -258,12 +259,17 @@ export class NbdServer {
     return { host: addr.address, port: addr.port };
   }
 
-  /** Stops listening, disconnects clients and waits for the listeners to close. */
   /** Connections whose handler has not finished (a client gone while we waited must not stay here). */
   get activeConnections(): number {
     return this.live;
   }
 
+  /** Connections not reading requests right now because their clients are not reading replies. */
+  get connectionsWaitingForClients(): number {
+    return this.waits.count;
+  }
+
+  /** Stops listening, disconnects clients and waits for the listeners to close. */
   async close(): Promise<void> {
     this.closing = true;
     for (const s of this.sockets) s.destroy();
@@ -280,7 +286,7 @@ export class NbdServer {
     sock.setNoDelay(true);
     sock.on('close', () => this.sockets.delete(sock));
     sock.on('error', () => undefined);
-    const conn = new Connection(sock, this.exports);
+    const conn = new Connection(sock, this.exports, this.waits);
     this.live++;
     conn
       .run()
@@ -312,6 +318,7 @@ class Connection {
   constructor(
     private readonly sock: net.Socket,
     private readonly exports: Map<string, ExportEntry>,
+    private readonly waits: { count: number },
   ) {
     this.reader = new SocketReader(sock);
   }
@@ -544,12 +551,13 @@ class Connection {
           // Woken by a request finishing, the socket draining, or the socket closing (a client that
           // disconnects while we wait on 'drain' would otherwise leave this connection hanging).
           let wake = (): void => undefined;
+          this.waits.count++;
           await new Promise<void>((resolve) => {
             wake = resolve;
             this.slotFree = resolve;
             this.sock.once('drain', resolve);
             this.sock.once('close', resolve);
-          });
+          }).finally(() => this.waits.count--);
           this.sock.removeListener('drain', wake);
           this.sock.removeListener('close', wake);
           this.slotFree = null;

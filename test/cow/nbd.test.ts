@@ -54,9 +54,9 @@ describe('NBD server with a client that stops reading', () => {
     c.stopReading();
     // 96 MiB of replies: more than the 64 MiB the server lets pile up before it waits for 'drain'.
     for (let i = 0; i < 3; i++) c.sendRead(i * 16 * MiB, 32 * MiB);
-    await new Promise((r) => setTimeout(r, 1500));
-    c.sendRead(0, 4096); // the server reads this request, then waits for the socket to drain
-    await new Promise((r) => setTimeout(r, 300));
+    const until = Date.now() + 20_000;
+    while (server.connectionsWaitingForClients === 0 && Date.now() < until) await new Promise((r) => setTimeout(r, 20));
+    expect(server.connectionsWaitingForClients).toBe(1); // so the disconnect below hits the wait
     c.close();
     const deadline = Date.now() + 10_000;
     while (server.activeConnections > 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20));
