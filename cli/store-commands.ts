@@ -347,6 +347,7 @@ export function registerStoreCommands(program: Command, globals: Globals): void 
             `${o.dryRun ? 'would delete' : 'deleted'} ${st.packsDeleted} packs, repacked ${st.packsRepacked}, freed ${humanBytes(st.bytesFreed)}; ${st.snapshots} snapshots, ${st.liveChunks} live chunks` +
               (st.leftoversRemoved ? `; removed ${st.leftoversRemoved} leftovers of interrupted writes` : ''),
           );
+        if (st.leftoversError) console.error(`vmsnap: warning: leftovers of interrupted writes were not removed: ${st.leftoversError}`);
       } finally {
         await repo.close();
       }

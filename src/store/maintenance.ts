@@ -50,6 +50,8 @@ export interface PruneStats {
   bytesFreed: number;
   indexFilesReplaced: number;
   leftoversRemoved: number;
+  /** Why removing leftovers failed (the prune itself had completed; a later prune tries again). */
+  leftoversError?: string;
 }
 
 function idKey(id: Uint8Array): string {
@@ -178,7 +180,12 @@ async function pruneLocked(repo: Repository, opts: PruneOptions, lock: HeldLock)
   });
 
   // 7. what crashed writes left behind (never visible, never listed, but taking space).
-  stats.leftoversRemoved = await repo.backend.removeLeftovers(opts.leftoversOlderThanMs ?? 60 * 60 * 1000);
+  // The prune has completed by now: a failure here is reported, not turned into a failed prune.
+  try {
+    stats.leftoversRemoved = await repo.backend.removeLeftovers(opts.leftoversOlderThanMs ?? 60 * 60 * 1000);
+  } catch (err) {
+    stats.leftoversError = (err as Error).message;
+  }
   log(`deleted ${stats.packsDeleted} packs, wrote ${stats.packsWritten}, freed ${stats.bytesFreed} bytes`);
   return stats;
 }

@@ -224,4 +224,25 @@ describe('repository', () => {
       await rm(dir, { recursive: true, force: true });
     }
   });
+
+  it('a failure removing leftovers is reported, after a prune that did its work', async () => {
+    class NoCleanup extends MemoryBackend {
+      override async removeLeftovers(): Promise<number> {
+        throw new Error('EACCES: permission denied, scandir packs/ab');
+      }
+    }
+    const backend = new NoCleanup();
+    const repo = await Repository.init(backend, {});
+    const res = await ingestStream(repo, Readable.from([randomBytes(1 << 20)]), { name: 'disk0', kind: 'disk' });
+    await repo.flush(); // a pack no snapshot references: garbage
+    const st = await prune(repo);
+    expect(st.packsDeleted).toBeGreaterThan(0);
+    expect(st.leftoversError).toMatch(/EACCES/);
+    const left: string[] = [];
+    for await (const o of backend.list('packs')) left.push(o.name);
+    expect(left).toEqual([]);
+    expect(res.stream.size).toBe(1 << 20);
+    await repo.close();
+  });
 });
+
