@@ -18,7 +18,20 @@ npm run build --silent
 # Native helpers (C, built here so no binary is committed): see src/*/native/.
 mkdir -p .cache/native
 for src in src/*/native/*.c; do
+  case "$src" in *.addon.c) continue ;; esac
   out=".cache/native/$(basename "$src" .c)"
   if [ ! -x "$out" ] || [ "$src" -nt "$out" ]; then gcc -O2 -Wall -Wextra -o "$out" "$src"; fi
+done
+# Node addons (*.addon.c -> NAME.node) against the running node's headers; its OpenSSL symbols
+# resolve inside node itself. Optional: without them vmsnap falls back to node:crypto.
+node_include="$(dirname "$(dirname "$(readlink -f "$(command -v node)")")")/include/node"
+for src in src/*/native/*.addon.c; do
+  out=".cache/native/$(basename "$src" .addon.c).node"
+  if [ -f "$out" ] && [ ! "$src" -nt "$out" ]; then continue; fi
+  if [ -f "$node_include/node_api.h" ] && [ -f "$node_include/openssl/evp.h" ]; then
+    gcc -O2 -Wall -Wextra -shared -fPIC -I"$node_include" -o "$out" "$src"
+  else
+    echo "setup: no Node headers with OpenSSL under $node_include: $src not built (node:crypto is used instead)" >&2
+  fi
 done
 if [ -x fixtures/guest/build.sh ]; then bash fixtures/guest/build.sh; fi

@@ -8,7 +8,7 @@ import { parentPort, workerData } from 'node:worker_threads';
 import { writeSync } from 'node:fs';
 import { chunkHasher, isAllZero, ID_SIZE } from './hash.js';
 import { decodeInto, encodeBound, encodeInto, type CodecId } from './codec.js';
-import { open, SEAL_OVERHEAD, sealInto } from './crypto.js';
+import { openInto, SEAL_OVERHEAD, sealInto } from './crypto.js';
 import { chunkAad } from './pack.js';
 import { IntegrityError } from './errors.js';
 import type { WorkerRequest, WorkerReply, WorkerInit } from './workers.js';
@@ -26,6 +26,8 @@ let scratch = Buffer.allocUnsafeSlow(0);
  */
 const WRITE_SLICE = 64 << 10;
 let writeSlice = Buffer.allocUnsafeSlow(0);
+/** Decrypted (still compressed) chunks land here, one at a time, on their way to decodeInto. */
+let openScratch = Buffer.allocUnsafeSlow(0);
 
 /** Shared buffers by id (see WorkerPool.acquireShared): registered once, used by many jobs. */
 const shared = new Map<number, Buffer>();
@@ -139,7 +141,10 @@ function decode(req: Extract<WorkerRequest, { type: 'decode' }>): WorkerReply {
     if (w + rawLength > out.length) flush();
     const id = ids.subarray(idStart, idStart + ID_SIZE);
     let stored: Buffer = data.subarray(offset, offset + length);
-    if (aeadKey) stored = open(aeadKey, stored, chunkAad(id), `chunk ${id.toString('hex')}`);
+    if (aeadKey) {
+      if (openScratch.length < length) openScratch = Buffer.allocUnsafeSlow(Math.max(length, WRITE_SLICE + SEAL_OVERHEAD));
+      stored = openScratch.subarray(0, openInto(aeadKey, stored, chunkAad(id), openScratch, `chunk ${id.toString('hex')}`));
+    }
     const plain = out.subarray(w, w + rawLength);
     decodeInto(codec, stored, plain);
     if (!hash(plain).equals(id)) throw new IntegrityError(`chunk ${id.toString('hex')}: content does not match its id (corrupted data)`);
