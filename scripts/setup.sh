@@ -24,12 +24,15 @@ for src in src/*/native/*.c; do
 done
 # Node addons (*.addon.c -> NAME.node) against the running node's headers; its OpenSSL symbols
 # resolve inside node itself. Optional: without them vmsnap falls back to node:crypto.
-node_include="$(dirname "$(dirname "$(readlink -f "$(command -v node)")")")/include/node"
+# -z now: a symbol this node does not export fails the load (crypto.ts then falls back) rather than
+# the first call. Rebuilt when the source or the node binary changes.
+node_bin="$(readlink -f "$(command -v node)")"
+node_include="$(dirname "$(dirname "$node_bin")")/include/node"
 for src in src/*/native/*.addon.c; do
   out=".cache/native/$(basename "$src" .addon.c).node"
-  if [ -f "$out" ] && [ ! "$src" -nt "$out" ]; then continue; fi
+  if [ -f "$out" ] && [ ! "$src" -nt "$out" ] && [ ! "$node_bin" -nt "$out" ]; then continue; fi
   if [ -f "$node_include/node_api.h" ] && [ -f "$node_include/openssl/evp.h" ]; then
-    gcc -O2 -Wall -Wextra -shared -fPIC -I"$node_include" -o "$out" "$src"
+    gcc -O2 -Wall -Wextra -shared -fPIC -Wl,-z,now -I"$node_include" -o "$out" "$src"
   else
     echo "setup: no Node headers with OpenSSL under $node_include: $src not built (node:crypto is used instead)" >&2
   fi

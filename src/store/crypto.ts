@@ -79,7 +79,14 @@ function loadNativeAead(): NativeAead | null {
     if (m.sealInto(key, randomBytes(NONCE), plain, aad, box) !== box.length) return null;
     if (!nodeOpen(key, box, aad, 'self-test').equals(plain)) return null;
     const back = Buffer.alloc(plain.length);
-    if (m.openInto(key, nodeSeal(key, plain, aad), aad, back) !== plain.length || !back.equals(plain)) return null;
+    const good = nodeSeal(key, plain, aad);
+    if (m.openInto(key, good, aad, back) !== plain.length || !back.equals(plain)) return null;
+    // It must also refuse what is forged: a build that ignored the tag would pass the rest.
+    const forged = Buffer.from(good);
+    forged[forged.length - 1]! ^= 1;
+    if (m.openInto(key, forged, aad, back) !== -1) return null;
+    if (m.openInto(randomBytes(32), good, aad, back) !== -1) return null;
+    if (m.openInto(key, good, aad, back) !== plain.length || !back.equals(plain)) return null;
     return m;
   } catch {
     return null;
@@ -114,8 +121,8 @@ function nodeSeal(key: Buffer, plaintext: Uint8Array, aad: Uint8Array): Buffer {
 }
 
 /**
- * Like `seal`, into `dst` (at least `plaintext.length + SEAL_OVERHEAD` bytes); returns the box's
- * length. No allocation with the native addon; with node:crypto the ciphertext still comes back in
+ * Like `seal`, into `dst` (at least `plaintext.length + SEAL_OVERHEAD` bytes, not overlapping
+ * `plaintext`); returns the box's length. No allocation with the native addon; with node:crypto the ciphertext still comes back in
  * a new buffer first.
  */
 export function sealInto(key: Buffer, plaintext: Uint8Array, aad: Uint8Array, dst: Buffer): number {
@@ -124,7 +131,9 @@ export function sealInto(key: Buffer, plaintext: Uint8Array, aad: Uint8Array, ds
   const fast = native();
   if (fast) {
     randomFillSync(dst, 0, NONCE);
-    return fast.sealInto(key, dst.subarray(0, NONCE), plaintext, aad, dst);
+    const sealed = fast.sealInto(key, dst.subarray(0, NONCE), plaintext, aad, dst);
+    if (sealed !== length) throw new Error(`internal: native sealInto returned ${String(sealed)}, expected ${length}`);
+    return sealed;
   }
   const nonce = randomBytes(NONCE);
   nonce.copy(dst, 0);
@@ -146,7 +155,8 @@ export function openInto(key: Buffer, box: Uint8Array, aad: Uint8Array, dst: Buf
   const fast = native();
   if (!fast) return nodeOpen(key, box, aad, what).copy(dst);
   const length = fast.openInto(key, box, aad, dst);
-  if (length < 0) throw new IntegrityError(`${what}: authentication failed (the data was modified or belongs elsewhere)`);
+  if (length === -1) throw new IntegrityError(`${what}: authentication failed (the data was modified or belongs elsewhere)`);
+  if (length !== box.length - SEAL_OVERHEAD) throw new Error(`internal: native openInto returned ${String(length)} for a ${box.length}-byte box`);
   return length;
 }
 

@@ -5,6 +5,7 @@
 import { spawnSync } from 'node:child_process';
 import { createCipheriv, randomBytes } from 'node:crypto';
 import { existsSync } from 'node:fs';
+import { createRequire } from 'node:module';
 import * as path from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { aeadImplementation, open, openInto, seal, SEAL_OVERHEAD, sealInto } from '../../src/store/crypto.js';
@@ -76,4 +77,24 @@ describe('AES-256-GCM boxes', () => {
     expect(out).toMatchObject({ impl: 'node:crypto', same: true });
     expect(open(key, Buffer.from(out.box, 'hex'), aad, 'x').equals(plain)).toBe(true);
   });
+
+  const addon = path.join(projectRoot(), '.cache', 'native', 'aead.node');
+  it.skipIf(!existsSync(addon))('the addon refuses overlapping buffers and missing arguments, and wipes what failed to authenticate', () => {
+    const m = createRequire(import.meta.url)(addon) as {
+      openInto(...a: unknown[]): number;
+      sealInto(...a: unknown[]): number;
+    };
+    const big = Buffer.alloc(300);
+    expect(() => m.sealInto(key, randomBytes(12), big.subarray(0, 100), aad, big.subarray(50))).toThrow(/overlaps/);
+    const box = seal(key, randomBytes(100), aad);
+    const shared = Buffer.concat([box, Buffer.alloc(100)]);
+    expect(() => m.openInto(key, shared.subarray(0, box.length), aad, shared.subarray(20))).toThrow(/overlaps/);
+    expect(() => m.openInto(key, box, aad)).toThrow(/needs key, box, aad, dst/);
+    expect(() => m.sealInto(key, randomBytes(12), box)).toThrow(/needs key, nonce/);
+    const dst = Buffer.alloc(100, 0xee);
+    box[20]! ^= 1;
+    expect(m.openInto(key, box, aad, dst)).toBe(-1);
+    expect(dst.every((b) => b === 0)).toBe(true); // no unverified plaintext left behind
+  });
 });
+

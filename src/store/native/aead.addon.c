@@ -8,11 +8,17 @@
  * symbols); when it is missing, crypto.ts falls back to node:crypto. The format is the same.
  *
  *   openInto(key[32], box, aad, dst) -> plaintext length, or -1 when authentication fails
- *       box = nonce(12) | ciphertext | tag(16); dst holds at least box.length - 28 bytes
+ *       box = nonce(12) | ciphertext | tag(16); dst holds at least box.length - 28 bytes; on
+ *       failure the unverified plaintext written to dst is wiped
  *   sealInto(key[32], nonce[12], plaintext, aad, dst) -> box length
  *       writes nonce | ciphertext | tag to dst (at least plaintext.length + 28 bytes)
+ *
+ * dst may not overlap the input (a RangeError): the nonce goes first and would clobber it.
+ * Built with -z now, so missing OpenSSL symbols fail the load (and crypto.ts falls back) instead
+ * of killing the process at the first call.
  */
 #include <node_api.h>
+#include <openssl/crypto.h>
 #include <openssl/evp.h>
 #include <stdlib.h>
 #include <string.h>
@@ -34,6 +40,8 @@ static void free_state(napi_env env, void *data, void *hint) {
   (void)env;
   (void)hint;
   State *s = data;
+  OPENSSL_cleanse(s->dec.key, sizeof s->dec.key);
+  OPENSSL_cleanse(s->enc.key, sizeof s->enc.key);
   if (s->dec.ctx) EVP_CIPHER_CTX_free(s->dec.ctx);
   if (s->enc.ctx) EVP_CIPHER_CTX_free(s->enc.ctx);
   free(s);
@@ -45,7 +53,10 @@ static State *state(napi_env env) {
   if (s) return s;
   s = calloc(1, sizeof *s);
   if (!s) return NULL;
-  napi_set_instance_data(env, s, free_state, NULL);
+  if (napi_set_instance_data(env, s, free_state, NULL) != napi_ok) {
+    free(s);
+    return NULL;
+  }
   return s;
 }
 
@@ -61,9 +72,13 @@ static int bytes(napi_env env, napi_value v, unsigned char **p, size_t *n) {
 }
 
 static napi_value number(napi_env env, double d) {
-  napi_value v;
-  napi_create_double(env, d, &v);
+  napi_value v = NULL;
+  if (napi_create_double(env, d, &v) != napi_ok) return NULL;
   return v;
+}
+
+static int overlap(const unsigned char *a, size_t an, const unsigned char *b, size_t bn) {
+  return an && bn && a < b + bn && b < a + an;
 }
 
 /* Keys the context only when the key changes: the schedule and GHASH tables are the costly part. */
@@ -83,11 +98,19 @@ static napi_value open_into(napi_env env, napi_callback_info info) {
   napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
   unsigned char *key, *box, *aad, *dst;
   size_t keyLen, boxLen, aadLen, dstLen;
-  if (argc < 4 || !bytes(env, argv[0], &key, &keyLen) || !bytes(env, argv[1], &box, &boxLen) || !bytes(env, argv[2], &aad, &aadLen) ||
+  if (argc < 4) {
+    napi_throw_type_error(env, NULL, "aead.openInto: needs key, box, aad, dst");
+    return NULL;
+  }
+  if (!bytes(env, argv[0], &key, &keyLen) || !bytes(env, argv[1], &box, &boxLen) || !bytes(env, argv[2], &aad, &aadLen) ||
       !bytes(env, argv[3], &dst, &dstLen))
     return NULL;
   if (keyLen != 32 || boxLen < NONCE + TAG || dstLen < boxLen - NONCE - TAG || aadLen > 0x7fffffff || boxLen > 0x7fffffff) {
     napi_throw_range_error(env, NULL, "aead.openInto: bad key, box or destination length");
+    return NULL;
+  }
+  if (overlap(dst, dstLen, box, boxLen) || overlap(dst, dstLen, aad, aadLen)) {
+    napi_throw_range_error(env, NULL, "aead.openInto: the destination overlaps the input");
     return NULL;
   }
   State *s = state(env);
@@ -98,10 +121,12 @@ static napi_value open_into(napi_env env, napi_callback_info info) {
   EVP_CIPHER_CTX *c = s->dec.ctx;
   int n = 0, m = 0;
   int ctLen = (int)(boxLen - NONCE - TAG);
-  if (EVP_DecryptInit_ex(c, NULL, NULL, NULL, box) != 1 || EVP_DecryptUpdate(c, NULL, &n, aad, (int)aadLen) != 1 ||
-      EVP_DecryptUpdate(c, dst, &n, box + NONCE, ctLen) != 1 || EVP_CIPHER_CTX_ctrl(c, EVP_CTRL_GCM_SET_TAG, TAG, box + NONCE + ctLen) != 1 ||
-      EVP_DecryptFinal_ex(c, dst + n, &m) != 1)
+  if (EVP_DecryptInit_ex(c, NULL, NULL, NULL, box) != 1 || EVP_CIPHER_CTX_ctrl(c, EVP_CTRL_GCM_SET_TAG, TAG, box + NONCE + ctLen) != 1 ||
+      EVP_DecryptUpdate(c, NULL, &n, aad, (int)aadLen) != 1 || EVP_DecryptUpdate(c, dst, &n, box + NONCE, ctLen) != 1 ||
+      EVP_DecryptFinal_ex(c, dst + n, &m) != 1) {
+    OPENSSL_cleanse(dst, (size_t)ctLen);
     return number(env, -1);
+  }
   return number(env, n + m);
 }
 
@@ -111,11 +136,20 @@ static napi_value seal_into(napi_env env, napi_callback_info info) {
   napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
   unsigned char *key, *nonce, *pt, *aad, *dst;
   size_t keyLen, nonceLen, ptLen, aadLen, dstLen;
-  if (argc < 5 || !bytes(env, argv[0], &key, &keyLen) || !bytes(env, argv[1], &nonce, &nonceLen) || !bytes(env, argv[2], &pt, &ptLen) ||
+  if (argc < 5) {
+    napi_throw_type_error(env, NULL, "aead.sealInto: needs key, nonce, plaintext, aad, dst");
+    return NULL;
+  }
+  if (!bytes(env, argv[0], &key, &keyLen) || !bytes(env, argv[1], &nonce, &nonceLen) || !bytes(env, argv[2], &pt, &ptLen) ||
       !bytes(env, argv[3], &aad, &aadLen) || !bytes(env, argv[4], &dst, &dstLen))
     return NULL;
   if (keyLen != 32 || nonceLen != NONCE || ptLen > 0x7fffffff - NONCE - TAG || dstLen < ptLen + NONCE + TAG || aadLen > 0x7fffffff) {
     napi_throw_range_error(env, NULL, "aead.sealInto: bad key, nonce or destination length");
+    return NULL;
+  }
+  if (overlap(dst + NONCE, dstLen - NONCE, pt, ptLen) || overlap(dst + NONCE, dstLen - NONCE, aad, aadLen) ||
+      overlap(dst + NONCE, dstLen - NONCE, nonce, NONCE) || overlap(dst, NONCE, pt, ptLen)) {
+    napi_throw_range_error(env, NULL, "aead.sealInto: the destination overlaps the input");
     return NULL;
   }
   State *s = state(env);
