@@ -8,7 +8,7 @@ import { Repository } from '../src/store/repository.js';
 import { ingestStream, exportStream } from '../src/store/streams.js';
 import { dataExtents } from '../src/store/sparse.js';
 import { WritebackAhead } from '../src/store/writeback.js';
-import { check, diffSnapshots, prune, rebuildIndex, referencedChunks } from '../src/store/maintenance.js';
+import { check, diffSnapshots, markLiveChunks, prune, rebuildIndex } from '../src/store/maintenance.js';
 import { applyRetention, type RetentionPolicy } from '../src/store/retention.js';
 import { acquireLock, removeStaleLocks, withLock } from '../src/store/lock.js';
 import { checkName, checkTags, type Snapshot } from '../src/store/manifest.js';
@@ -416,7 +416,7 @@ export function registerStoreCommands(program: Command, globals: Globals): void 
       const repo = await openRepository(g);
       try {
         const snaps = await repo.listSnapshots();
-        const used = referencedChunks(snaps);
+        const used = markLiveChunks(repo.index, snaps);
         let packBytes = 0;
         let packs = 0;
         for await (const o of repo.backend.list('packs')) {
@@ -424,7 +424,7 @@ export function registerStoreCommands(program: Command, globals: Globals): void 
           packs++;
         }
         const logical = snaps.reduce((a, s) => a + s.streams.reduce((b, st) => b + st.size, 0), 0);
-        const r = { snapshots: snaps.length, logicalBytes: logical, storedBytes: packBytes, packs, chunks: repo.index.size, liveChunks: used.size, indexMemoryBytes: repo.index.memoryBytes };
+        const r = { snapshots: snaps.length, logicalBytes: logical, storedBytes: packBytes, packs, chunks: repo.index.size, liveChunks: used.count + used.missing.size, indexMemoryBytes: repo.index.memoryBytes };
         if (g.json) printJson(r);
         else console.log(`${r.snapshots} snapshots, ${humanBytes(logical)} logical, ${humanBytes(packBytes)} stored in ${packs} packs (${r.chunks} chunks, index ${humanBytes(r.indexMemoryBytes)} in memory)`);
       } finally {

@@ -79,6 +79,11 @@ export class ChunkIndex {
     return this.find(id) >= 0;
   }
 
+  /** The entry's position (0..size-1, the order of `entries()`), or -1: lets callers keep one bit or byte per chunk. */
+  ordinal(id: Uint8Array): number {
+    return this.find(id);
+  }
+
   get(id: Uint8Array): ChunkLocation | undefined {
     const i = this.find(id);
     if (i < 0) return undefined;

@@ -5,7 +5,7 @@ import { MemoryBackend } from '../../src/store/backend/memory.js';
 import { FaultyBackend } from '../../src/store/backend/faulty.js';
 import { Repository } from '../../src/store/repository.js';
 import { ingestStream, exportStream } from '../../src/store/streams.js';
-import { check, prune } from '../../src/store/maintenance.js';
+import { check, markLiveChunks, prune } from '../../src/store/maintenance.js';
 import { WrongPasswordError, IntegrityError } from '../../src/store/errors.js';
 import { ID_SIZE } from '../../src/store/hash.js';
 import type { ByteRange, ObjectKind } from '../../src/store/backend/contract.js';
@@ -242,6 +242,27 @@ describe('repository', () => {
     for await (const o of backend.list('packs')) left.push(o.name);
     expect(left).toEqual([]);
     expect(res.stream.size).toBe(1 << 20);
+    await repo.close();
+  });
+
+  it('marks live chunks one byte per index entry: shared chunks once, zero chunks never, unindexed ones reported', async () => {
+    const repo = await Repository.init(new MemoryBackend(), {});
+    const a = Buffer.concat([randomBytes(3 * 65536), Buffer.alloc(65536)]);
+    const b = Buffer.concat([a.subarray(0, 2 * 65536), randomBytes(65536)]);
+    const sa = await ingestStream(repo, Readable.from([a]), { name: 'disk0', kind: 'disk' });
+    const sb = await ingestStream(repo, Readable.from([b]), { name: 'disk0', kind: 'disk' });
+    await repo.flush();
+    const snaps = [
+      await repo.saveSnapshot({ vm: 'v', tags: [], parent: null, meta: {}, streams: [sa.stream] }),
+      await repo.saveSnapshot({ vm: 'v', tags: [], parent: null, meta: {}, streams: [sb.stream] }),
+    ];
+    const m = markLiveChunks(repo.index, snaps);
+    expect(m.count).toBe(4); // 3 of a, 1 new in b; the zero chunk is no chunk
+    expect(m.live.length).toBe(repo.index.size);
+    expect(m.missing.size).toBe(0);
+    const ghost = randomBytes(32);
+    const withGhost = { ...snaps[0]!, streams: [{ ...sa.stream, chunks: Buffer.concat([sa.stream.chunks, ghost]) }] };
+    expect([...markLiveChunks(repo.index, [withGhost]).missing]).toEqual([ghost.toString('hex')]);
     await repo.close();
   });
 });

@@ -90,14 +90,19 @@ export class RetryBackend implements Backend {
       try {
         return await op(attempt);
       } catch (err) {
-        if (!(err instanceof BackendError) || !err.retryable) throw err;
-        if (attempt >= this.maxAttempts) throw new RetryExhaustedError(method, what, attempt, err);
-        const delayMs = this.delayFor(attempt);
-        this.retries++;
-        this.opts.onRetry?.({ method, what, attempt, delayMs, error: err });
-        await this.sleep(delayMs);
+        await this.backOff(method, what, attempt, err);
       }
     }
+  }
+
+  /** After failed attempt `attempt`: rethrows what may not be retried, else waits before the next. */
+  private async backOff(method: string, what: string, attempt: number, err: unknown): Promise<void> {
+    if (!(err instanceof BackendError) || !err.retryable) throw err;
+    if (attempt >= this.maxAttempts) throw new RetryExhaustedError(method, what, attempt, err);
+    const delayMs = this.delayFor(attempt);
+    this.retries++;
+    this.opts.onRetry?.({ method, what, attempt, delayMs, error: err });
+    await this.sleep(delayMs);
   }
 
   put(kind: ObjectKind, name: string, data: Uint8Array): Promise<void> {
@@ -155,12 +160,7 @@ export class RetryBackend implements Backend {
         return;
       } catch (err) {
         yield* batch.splice(0);
-        if (!(err instanceof BackendError) || !err.retryable) throw err;
-        if (attempt >= this.maxAttempts) throw new RetryExhaustedError('list', `${kind}/`, attempt, err);
-        const delayMs = this.delayFor(attempt);
-        this.retries++;
-        this.opts.onRetry?.({ method: 'list', what: `${kind}/`, attempt, delayMs, error: err });
-        await this.sleep(delayMs);
+        await this.backOff('list', `${kind}/`, attempt, err);
       }
     }
   }

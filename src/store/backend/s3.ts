@@ -445,23 +445,16 @@ export class S3Backend implements Backend {
         throw err;
       }
     }
-    if (await this.exists(kind, name, key)) return false;
+    const exists = await this.stat(kind, name).then(
+      () => true,
+      (err: unknown) => {
+        if (err instanceof ObjectNotFoundError) return false;
+        throw err;
+      },
+    );
+    if (exists) return false;
     await this.upload('create', kind, name, key, data, false);
     return true;
-  }
-
-  private async exists(kind: ObjectKind, name: string, key: string): Promise<boolean> {
-    return this.sem.run(async () => {
-      try {
-        await this.timed('head', 0, (abortSignal) =>
-          this.client.send(new HeadObjectCommand({ Bucket: this.bucket, Key: key }), { abortSignal }),
-        );
-        return true;
-      } catch (err) {
-        if (isNotFound(err)) return false;
-        throw s3Error('stat', `${kind}/${name}`, err);
-      }
-    });
   }
 
   async get(kind: ObjectKind, name: string, range?: ByteRange, into?: Uint8Array): Promise<Buffer> {
