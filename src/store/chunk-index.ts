@@ -188,30 +188,51 @@ export interface IndexFileContent {
 
 export function encodeIndexFile(content: IndexFileContent, aeadKey: Buffer | null): Buffer {
   const total = content.packs.reduce((s, p) => s + p.entries.length, 0);
-  const buf = Buffer.allocUnsafe(
-    9 + content.packs.length * 32 + 4 + total * ENTRY + 4 + content.superseded.length * 32,
-  );
+  function* rows(): Generator<IndexRow> {
+    for (const p of content.packs) for (const e of p.entries) yield { pack: p.pack, ...e };
+  }
+  return encodeIndexRows(content.packs.map((p) => p.pack), total, rows(), content.superseded, aeadKey);
+}
+
+/** One index entry with its pack's name (what ChunkIndex.entries() yields). */
+export interface IndexRow extends PackEntry {
+  pack: string;
+}
+
+/**
+ * An index file from `count` rows streamed in any order (each row's pack must be in `packs`), so a
+ * caller holding millions of entries (prune) need not build an object per entry first.
+ */
+export function encodeIndexRows(packs: readonly string[], count: number, rows: Iterable<IndexRow>, superseded: readonly string[], aeadKey: Buffer | null): Buffer {
+  const buf = Buffer.allocUnsafe(9 + packs.length * 32 + 4 + count * ENTRY + 4 + superseded.length * 32);
   INDEX_MAGIC.copy(buf, 0);
   buf.writeUInt8(INDEX_VERSION, 4);
-  buf.writeUInt32BE(content.packs.length, 5);
+  buf.writeUInt32BE(packs.length, 5);
   let p = 9;
-  for (const pk of content.packs) p += Buffer.from(pk.pack, 'hex').copy(buf, p);
-  buf.writeUInt32BE(total, p);
-  p += 4;
-  content.packs.forEach((pk, pi) => {
-    for (const e of pk.entries) {
-      e.id.copy(buf, p);
-      buf.writeUInt32BE(pi, p + 32);
-      buf.writeUInt32BE(e.offset, p + 36);
-      buf.writeUInt32BE(e.storedLength, p + 40);
-      buf.writeUInt32BE(e.rawLength, p + 44);
-      buf.writeUInt8(e.codec, p + 48);
-      p += ENTRY;
-    }
+  const ordinal = new Map<string, number>();
+  packs.forEach((name, i) => {
+    ordinal.set(name, i);
+    p += Buffer.from(name, 'hex').copy(buf, p);
   });
-  buf.writeUInt32BE(content.superseded.length, p);
+  buf.writeUInt32BE(count, p);
   p += 4;
-  for (const s of content.superseded) p += Buffer.from(s, 'hex').copy(buf, p);
+  let written = 0;
+  for (const e of rows) {
+    const pi = ordinal.get(e.pack);
+    if (pi === undefined) throw new Error(`internal: index row names pack ${e.pack}, which is not in the pack list`);
+    if (++written > count) throw new Error(`internal: more than the ${count} index rows announced`);
+    buf.set(e.id.subarray(0, ID_SIZE), p);
+    buf.writeUInt32BE(pi, p + 32);
+    buf.writeUInt32BE(e.offset, p + 36);
+    buf.writeUInt32BE(e.storedLength, p + 40);
+    buf.writeUInt32BE(e.rawLength, p + 44);
+    buf.writeUInt8(e.codec, p + 48);
+    p += ENTRY;
+  }
+  if (written !== count) throw new Error(`internal: ${written} index rows, ${count} announced`);
+  buf.writeUInt32BE(superseded.length, p);
+  p += 4;
+  for (const s of superseded) p += Buffer.from(s, 'hex').copy(buf, p);
   return aeadKey ? seal(aeadKey, buf, INDEX_AAD) : buf;
 }
 
