@@ -24,7 +24,7 @@ import { IntegrityError, UsageError } from './errors.js';
 import { contentHash, ID_SIZE, isZeroId } from './hash.js';
 import type { ChunkLocation } from './chunk-index.js';
 import type { Snapshot, StreamRecord } from './manifest.js';
-import { PACK_TRAILER, parseDescription, parseTrailer, type PackEntry } from './pack.js';
+import { readPackEntries, type PackEntry } from './pack.js';
 import { mapLimit, type Repository } from './repository.js';
 import { acquireLock, type HeldLock } from './lock.js';
 
@@ -35,8 +35,6 @@ const MAX_RANGE = 16 << 20;
 const READ_CONCURRENCY = 3;
 /** Write an index file after this many new packs (bounds what an interrupted copy must adopt). */
 export const FLUSH_EVERY_PACKS = 8;
-/** Adopting an orphan pack reads this much of its end (usually the whole description in one GET). */
-const TAIL_READ = 64 << 10;
 
 export interface CopyProgress {
   snapshot: string;
@@ -158,14 +156,8 @@ export async function adoptOrphanPacks(repo: Repository): Promise<number> {
   const adopted: { pack: string; entries: PackEntry[] }[] = [];
   await mapLimit(orphans, 4, async ({ name, size }) => {
     try {
-      const tailLen = Math.min(size, TAIL_READ);
-      let tail = await repo.backend.get('packs', name, { offset: size - tailLen, length: tailLen });
-      const d = parseTrailer(tail.subarray(tail.length - PACK_TRAILER), size, name);
-      if (d + PACK_TRAILER > tail.length) {
-        tail = await repo.backend.get('packs', name, { offset: size - PACK_TRAILER - d, length: d + PACK_TRAILER });
-      }
-      const desc = tail.subarray(tail.length - PACK_TRAILER - d, tail.length - PACK_TRAILER);
-      adopted.push({ pack: name, entries: parseDescription(desc, size, repo.aeadKey, name) });
+      const entries = await readPackEntries((offset, length) => repo.backend.get('packs', name, { offset, length }), size, repo.aeadKey, name);
+      adopted.push({ pack: name, entries });
     } catch {
       // Unreadable or foreign: leave it to check/prune.
     }

@@ -20,7 +20,7 @@ import { ChunkIndex, encodeIndexFile, encodeIndexRows, decodeIndexFile, type Ind
 import { IntegrityError, RepositoryError } from './errors.js';
 import { contentHash, ID_SIZE, isZeroId } from './hash.js';
 import { chunkCount, type Snapshot } from './manifest.js';
-import { PACK_MAGIC, PACK_TRAILER, PackWriter, parseDescription, parseTrailer, type PackEntry } from './pack.js';
+import { PACK_MAGIC, PACK_TRAILER, PackWriter, parseDescription, parseTrailer, readPackEntries, type PackEntry } from './pack.js';
 import { mapLimit, PACK_TARGET, type Repository } from './repository.js';
 import { withLock, type HeldLock } from './lock.js';
 
@@ -385,10 +385,8 @@ export async function rebuildIndex(repo: Repository): Promise<{ packs: number; c
     for await (const o of repo.backend.list('packs')) names.push(o);
     await mapLimit(names, 4, async ({ name, size }) => {
       try {
-        const trailer = await repo.backend.get('packs', name, { offset: size - PACK_TRAILER, length: PACK_TRAILER });
-        const d = parseTrailer(trailer, size, name);
-        const desc = await repo.backend.get('packs', name, { offset: size - PACK_TRAILER - d, length: d });
-        packs.push({ pack: name, entries: parseDescription(desc, size, repo.aeadKey, name) });
+        const entries = await readPackEntries((offset, length) => repo.backend.get('packs', name, { offset, length }), size, repo.aeadKey, name);
+        packs.push({ pack: name, entries });
       } catch (err) {
         unreadable.push(`${name.slice(0, 12)}: ${(err as Error).message}`);
       }

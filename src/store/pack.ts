@@ -155,3 +155,24 @@ export function parseDescription(stored: Buffer, packSize: number, aeadKey: Buff
   }
   return entries;
 }
+
+/** How much of a pack's end is read first: the description of a full pack fits, usually in one read. */
+const TAIL_READ = 64 << 10;
+
+/**
+ * A pack's entries from its end alone: one ranged read of the last 64 KiB (a second one only for a
+ * longer description), never the blobs. `read` fetches a byte range of the pack.
+ */
+export async function readPackEntries(
+  read: (offset: number, length: number) => Promise<Buffer>,
+  size: number,
+  aeadKey: Buffer | null,
+  pack: string,
+): Promise<PackEntry[]> {
+  if (size < PACK_TRAILER) throw new IntegrityError(`pack ${pack} is too short (${size} bytes)`);
+  const tailLen = Math.min(size, TAIL_READ);
+  let tail = await read(size - tailLen, tailLen);
+  const d = parseTrailer(tail.subarray(tail.length - PACK_TRAILER), size, pack);
+  if (d + PACK_TRAILER > tail.length) tail = await read(size - PACK_TRAILER - d, d + PACK_TRAILER);
+  return parseDescription(tail.subarray(tail.length - PACK_TRAILER - d, tail.length - PACK_TRAILER), size, aeadKey, pack);
+}
