@@ -29,7 +29,7 @@ import { NbdServer } from '../cow/nbd-server.js';
 import { snapshotVolume, type SnapshotStats } from '../cow/snapshot.js';
 import type { DiskStream } from '../cow/chunk-store.js';
 import type { Repository } from '../store/repository.js';
-import type { Snapshot, StreamRecord } from '../store/manifest.js';
+import type { MetaValue, Snapshot, StreamRecord } from '../store/manifest.js';
 import { chooseAccel, detectQemu, launchQemu, SUPPORTED_QEMU, type QemuBinary, type QemuProcess } from './qemu.js';
 import { captureSnapshot, restoreFromStream } from './snapshot.js';
 import { buildStream } from './migstream/builder.js';
@@ -337,34 +337,19 @@ export class VmRuntime {
       throw await explainQemuExit(q, err);
     }
     await ramWriter?.close();
-    const disks: Record<string, SnapshotStats> = {};
     try {
-      for (const [name, v] of this.volumes) {
-        const parentDisk = parent?.streams.find((s) => s.name === name && s.kind === 'disk');
-        const r = await step(`writing disk ${name}`, () => snapshotVolume(v, repo, parentDisk ? { parent: parentDisk } : {}));
-        disks[name] = r.stats;
-        streams.push({ name, kind: 'disk', size: r.stream.size, chunkSize: r.stream.chunkSize, chunks: r.stream.chunks });
-      }
-      streams.push(await storeBytes(repo, 'vm-config', 'config', Buffer.from(JSON.stringify(this.def))));
-      const snap = await step('committing the snapshot', () =>
-        repo.saveSnapshot({
-          vm: this.def.name,
-          tags: opts.tags ?? [],
-          parent: parent?.id ?? null,
-          ...(opts.message !== undefined ? { message: opts.message } : {}),
-          meta: {
-            type: diskOnly ? 'disk-only' : 'live',
-            runState,
-            qemuVersion: `${q.version.major}.${q.version.minor}.${q.version.micro}`,
-            machine: q.machine,
-            accel: q.accel,
-            memoryMiB: this.def.memoryMiB,
-            cpus: this.def.cpus,
-          },
-          streams,
-        }),
-      );
-      await saveState(this.opts.dataDir, this.def.name, { lastSnapshot: snap.id });
+      const { snap, disks } = await commitSnapshot(repo, this.opts.dataDir, this.def, parent, streams, opts, step, {
+        meta: {
+          type: diskOnly ? 'disk-only' : 'live',
+          runState,
+          qemuVersion: `${q.version.major}.${q.version.minor}.${q.version.micro}`,
+          machine: q.machine,
+          accel: q.accel,
+          memoryMiB: this.def.memoryMiB,
+          cpus: this.def.cpus,
+        },
+        withVolume: (name, fn) => fn(this.volumes.get(name)!),
+      });
       if (!diskOnly) this.recollapseHugePages(q);
       const diskNew = Object.values(disks).reduce((a, d) => a + d.newBytes, 0);
       const ram = ramWriter?.stats;
@@ -523,6 +508,43 @@ export async function checkRestorable(repo: Repository, snap: Snapshot, def: VmD
   }
 }
 
+/**
+ * The end of every take: each disk's volume written against the parent's disk stream, the VM's
+ * definition, the manifest committed after `streams` (RAM and device state, if any), and the
+ * snapshot recorded as the VM's last (the next one's parent).
+ */
+async function commitSnapshot(
+  repo: Repository,
+  dataDir: string,
+  def: VmDefinition,
+  parent: Snapshot | null,
+  streams: StreamRecord[],
+  opts: TakeOptions,
+  step: ReturnType<typeof stepper>,
+  how: { meta: Record<string, MetaValue>; withVolume: <T>(disk: string, fn: (v: Volume) => Promise<T>) => Promise<T> },
+): Promise<{ snap: Snapshot; disks: Record<string, SnapshotStats> }> {
+  const disks: Record<string, SnapshotStats> = {};
+  for (const d of def.disks) {
+    const parentDisk = parent?.streams.find((s) => s.name === d.name && s.kind === 'disk');
+    const r = await step(`writing disk ${d.name}`, () => how.withVolume(d.name, (v) => snapshotVolume(v, repo, parentDisk ? { parent: parentDisk } : {})));
+    disks[d.name] = r.stats;
+    streams.push({ name: d.name, kind: 'disk', size: r.stream.size, chunkSize: r.stream.chunkSize, chunks: r.stream.chunks });
+  }
+  streams.push(await storeBytes(repo, 'vm-config', 'config', Buffer.from(JSON.stringify(def))));
+  const snap = await step('committing the snapshot', () =>
+    repo.saveSnapshot({
+      vm: def.name,
+      tags: opts.tags ?? [],
+      parent: parent?.id ?? null,
+      ...(opts.message !== undefined ? { message: opts.message } : {}),
+      meta: how.meta,
+      streams,
+    }),
+  );
+  await saveState(dataDir, def.name, { lastSnapshot: snap.id });
+  return { snap, disks };
+}
+
 /** A snapshot of a VM that is not running: its disks only (there is no RAM to save). */
 export async function takeStopped(dataDir: string, name: string, repo: Repository, opts: TakeOptions = {}): Promise<TakeResult> {
   const t0 = performance.now();
@@ -531,29 +553,17 @@ export async function takeStopped(dataDir: string, name: string, repo: Repositor
   const state = await loadState(dataDir, name);
   await repo.refreshIndex();
   const parent = state.lastSnapshot ? await repo.readSnapshot(state.lastSnapshot).catch(() => null) : null;
-  const streams: StreamRecord[] = [];
-  const disks: Record<string, SnapshotStats> = {};
-  for (const d of def.disks) {
-    const v = await Volume.open(diskDir(paths, d.name), { store: repo });
-    try {
-      const parentDisk = parent?.streams.find((s) => s.name === d.name && s.kind === 'disk');
-      const r = await snapshotVolume(v, repo, parentDisk ? { parent: parentDisk } : {});
-      disks[d.name] = r.stats;
-      streams.push({ name: d.name, kind: 'disk', size: r.stream.size, chunkSize: r.stream.chunkSize, chunks: r.stream.chunks });
-    } finally {
-      await v.close();
-    }
-  }
-  streams.push(await storeBytes(repo, 'vm-config', 'config', Buffer.from(JSON.stringify(def))));
-  const snap = await repo.saveSnapshot({
-    vm: name,
-    tags: opts.tags ?? [],
-    parent: parent?.id ?? null,
-    ...(opts.message !== undefined ? { message: opts.message } : {}),
+  const { snap, disks } = await commitSnapshot(repo, dataDir, def, parent, [], opts, stepper('take'), {
     meta: { type: 'disk-only', runState: 'shutoff', machine: def.machine, memoryMiB: def.memoryMiB, cpus: def.cpus },
-    streams,
+    withVolume: async (disk, fn) => {
+      const v = await Volume.open(diskDir(paths, disk), { store: repo });
+      try {
+        return await fn(v);
+      } finally {
+        await v.close();
+      }
+    },
   });
-  await saveState(dataDir, name, { lastSnapshot: snap.id });
   return {
     snapshot: snap.id,
     parent: parent?.id ?? null,
