@@ -89,24 +89,12 @@ export function registerCopyCommands(program: Command, globals: Globals): void {
     .option('--init', 'create the target repository if it does not exist')
     .action(async (refs: string[], o: TargetOptions) => {
       const g = globals();
-      const src = await openSource(g, undefined);
-      try {
-        const dst = await openTarget(o, src);
-        try {
-          const snaps: Snapshot[] = [];
-          for (const ref of refs) snaps.push(await src.resolveSnapshot(ref));
-          const unique = [...new Map(snaps.map((s) => [s.id, s])).values()];
-          const t0 = performance.now();
-          const onProgress = progressLine(g);
-          const r = await copySnapshots(src, dst, unique, onProgress ? { onProgress } : {});
-          if (onProgress) process.stderr.write('\n');
-          printReport(g, r, (performance.now() - t0) / 1000);
-        } finally {
-          await dst.close();
-        }
-      } finally {
-        await src.close();
-      }
+      await transfer(g, undefined, o, async (src, dst, onProgress) => {
+        const snaps: Snapshot[] = [];
+        for (const ref of refs) snaps.push(await src.resolveSnapshot(ref));
+        const unique = [...new Map(snaps.map((s) => [s.id, s])).values()];
+        return copySnapshots(src, dst, unique, onProgress ? { onProgress } : {});
+      });
     });
 
   program
@@ -119,20 +107,32 @@ export function registerCopyCommands(program: Command, globals: Globals): void {
     .option('--init', 'create the target repository if it does not exist')
     .action(async (o: TargetOptions & { from?: string; vm?: string }) => {
       const g = globals();
-      const src = await openSource(g, o.from ?? repoLocation(g));
-      try {
-        const dst = await openTarget(o, src);
-        try {
-          const t0 = performance.now();
-          const onProgress = progressLine(g);
-          const r = await syncRepositories(src, dst, { ...(o.vm !== undefined ? { vm: o.vm } : {}), ...(onProgress ? { onProgress } : {}) });
-          if (onProgress) process.stderr.write('\n');
-          printReport(g, r, (performance.now() - t0) / 1000);
-        } finally {
-          await dst.close();
-        }
-      } finally {
-        await src.close();
-      }
+      await transfer(g, o.from ?? repoLocation(g), o, (src, dst, onProgress) =>
+        syncRepositories(src, dst, { ...(o.vm !== undefined ? { vm: o.vm } : {}), ...(onProgress ? { onProgress } : {}) }),
+      );
     });
+}
+
+/** Opens both repositories, runs one copy, reports it, and closes both whatever happened. */
+async function transfer(
+  g: GlobalOptions,
+  from: string | undefined,
+  o: TargetOptions,
+  run: (src: Repository, dst: Repository, onProgress: ReturnType<typeof progressLine>) => Promise<CopyReport>,
+): Promise<void> {
+  const src = await openSource(g, from);
+  try {
+    const dst = await openTarget(o, src);
+    try {
+      const t0 = performance.now();
+      const onProgress = progressLine(g);
+      const r = await run(src, dst, onProgress);
+      if (onProgress) process.stderr.write('\n');
+      printReport(g, r, (performance.now() - t0) / 1000);
+    } finally {
+      await dst.close();
+    }
+  } finally {
+    await src.close();
+  }
 }
