@@ -118,16 +118,20 @@ export class ChunkIndex {
   }
 
   *entries(): IterableIterator<{ id: Buffer } & ChunkLocation> {
-    for (let i = 0; i < this.n; i++) {
-      yield {
-        id: this.ids.subarray(i * ID_SIZE, (i + 1) * ID_SIZE),
-        pack: this.packNames[this.packOf[i]!]!,
-        offset: this.offsets[i]!,
-        storedLength: this.stored[i]!,
-        rawLength: this.raw[i]!,
-        codec: this.codecs[i]!,
-      };
-    }
+    for (let i = 0; i < this.n; i++) yield this.entryAt(i);
+  }
+
+  /** Entry `i` (0..size-1); its id is a view into the index. */
+  entryAt(i: number): { id: Buffer } & ChunkLocation {
+    if (!(i >= 0 && i < this.n)) throw new RangeError(`index entry ${i} out of range (size ${this.n})`);
+    return {
+      id: this.ids.subarray(i * ID_SIZE, (i + 1) * ID_SIZE),
+      pack: this.packNames[this.packOf[i]!]!,
+      offset: this.offsets[i]!,
+      storedLength: this.stored[i]!,
+      rawLength: this.raw[i]!,
+      codec: this.codecs[i]!,
+    };
   }
 
   private slotOf(id: Uint8Array): number {

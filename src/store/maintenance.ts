@@ -284,48 +284,56 @@ export async function check(repo: Repository, opts: CheckOptions = {}): Promise<
       problems.push({ severity: 'error', message: `snapshot ${id.slice(0, 12)}: manifest unreadable: ${(err as Error).message}`, affected: [{ snapshot: id, vm: '?', stream: '*' }] });
     }
   }
-  const users = new Map<string, AffectedStream[]>();
+  // Problems name the chunks they concern; the streams using those chunks are looked up once, at
+  // the end, for the (few) chunks named. A map from every referenced chunk to its streams cost
+  // hundreds of bytes per chunk and per snapshot sharing it: gigabytes for a long daily chain.
+  const pending: { problem: CheckProblem; chunks: string[] }[] = [];
+  const report = (problem: CheckProblem, chunks: string[]): void => {
+    problems.push(problem);
+    if (chunks.length) pending.push({ problem, chunks });
+  };
+
+  const missing: string[] = [];
+  const missingSeen = new Set<string>();
   for (const s of snapshots)
     for (const st of s.streams)
       for (let o = 0; o < st.chunks.length; o += ID_SIZE) {
         const id = st.chunks.subarray(o, o + ID_SIZE);
-        if (isZeroId(id)) continue;
+        if (isZeroId(id) || index.has(id)) continue;
         const k = idKey(id);
-        let u = users.get(k);
-        if (!u) users.set(k, (u = []));
-        const last = u[u.length - 1];
-        if (!last || last.snapshot !== s.id || last.stream !== st.name) u.push({ snapshot: s.id, vm: s.vm, stream: st.name });
+        if (!missingSeen.has(k)) {
+          missingSeen.add(k);
+          missing.push(k);
+        }
       }
-  const affectedBy = (chunkIds: Iterable<string>): AffectedStream[] => {
-    const out = new Map<string, AffectedStream>();
-    for (const k of chunkIds) for (const a of users.get(k) ?? []) out.set(`${a.snapshot}/${a.stream}`, a);
-    return [...out.values()];
-  };
-
-  const missing: string[] = [];
-  for (const k of users.keys()) if (!index.has(Buffer.from(k, 'hex'))) missing.push(k);
   if (missing.length) {
-    problems.push({ severity: 'error', message: `${missing.length} referenced chunk(s) are not in the index (data missing or index damaged)`, affected: affectedBy(missing) });
+    report({ severity: 'error', message: `${missing.length} referenced chunk(s) are not in the index (data missing or index damaged)`, affected: [] }, missing);
   }
 
   const packSizes = new Map<string, number>();
   for await (const o of backend.list('packs')) packSizes.set(o.name, o.size);
-  const byPack = new Map<string, ({ id: Buffer } & PackEntry)[]>();
+  // Entries by pack as ordinals into the index (an object per entry cost ~240 bytes each).
+  const byPack = new Map<string, number[]>();
+  let ordinal = 0;
   for (const e of index.entries()) {
     let l = byPack.get(e.pack);
     if (!l) byPack.set(e.pack, (l = []));
-    l.push({ ...e, id: Buffer.from(e.id) });
+    l.push(ordinal++);
   }
-  for (const [pack, entries] of byPack) {
+  const entriesOf = (pack: string): ({ id: Buffer } & PackEntry)[] => (byPack.get(pack) ?? []).map((i) => index.entryAt(i));
+  for (const pack of byPack.keys()) {
     const size = packSizes.get(pack);
-    const ids = entries.map((e) => idKey(e.id));
+    const entries = entriesOf(pack);
     if (size === undefined) {
-      problems.push({ severity: 'error', message: `pack ${pack.slice(0, 12)} is missing (${entries.length} chunks)`, affected: affectedBy(ids) });
+      report({ severity: 'error', message: `pack ${pack.slice(0, 12)} is missing (${entries.length} chunks)`, affected: [] }, entries.map((e) => idKey(e.id)));
       continue;
     }
     const beyond = entries.filter((e) => e.offset + e.storedLength > size - PACK_TRAILER);
     if (beyond.length) {
-      problems.push({ severity: 'error', message: `pack ${pack.slice(0, 12)} is truncated: ${beyond.length} chunk(s) lie past its end (${size} bytes)`, affected: affectedBy(beyond.map((e) => idKey(e.id))) });
+      report(
+        { severity: 'error', message: `pack ${pack.slice(0, 12)} is truncated: ${beyond.length} chunk(s) lie past its end (${size} bytes)`, affected: [] },
+        beyond.map((e) => idKey(e.id)),
+      );
     }
   }
   for (const pack of packSizes.keys()) {
@@ -336,13 +344,43 @@ export async function check(repo: Repository, opts: CheckOptions = {}): Promise<
     let done = 0;
     const packs = [...packSizes.keys()];
     await mapLimit(packs, 2, async (pack) => {
-      const entries = byPack.get(pack) ?? [];
-      const bad = await readPack(repo, pack, entries);
-      if (bad) problems.push({ ...bad, affected: affectedBy(bad.chunks) });
+      const bad = await readPack(repo, pack, entriesOf(pack));
+      if (bad) report({ severity: bad.severity, message: bad.message, affected: [] }, bad.chunks);
       opts.onProgress?.(++done, packs.length);
     });
   }
+
+  nameAffectedStreams(snapshots, pending);
   return { problems, snapshots: snapshots.length, packs: packSizes.size, chunks: index.size, readData: !!opts.readData };
+}
+
+/**
+ * Fills each problem's `affected` with the snapshot streams that use any of its chunks, in one pass
+ * over the manifests. A chunk's first four bytes screen out nearly every id before any string is made.
+ */
+function nameAffectedStreams(snapshots: readonly Snapshot[], pending: readonly { problem: CheckProblem; chunks: string[] }[]): void {
+  if (!pending.length) return;
+  const problemsOf = new Map<string, number[]>();
+  const prefixes = new Set<number>();
+  pending.forEach(({ chunks }, p) => {
+    for (const k of chunks) {
+      const list = problemsOf.get(k);
+      if (list) {
+        if (list[list.length - 1] !== p) list.push(p);
+      } else problemsOf.set(k, [p]);
+      prefixes.add(Buffer.from(k.slice(0, 8), 'hex').readUInt32BE(0));
+    }
+  });
+  const found = pending.map(() => new Map<string, AffectedStream>());
+  for (const s of snapshots)
+    for (const st of s.streams)
+      for (let o = 0; o < st.chunks.length; o += ID_SIZE) {
+        if (!prefixes.has(st.chunks.readUInt32BE(o))) continue;
+        const ps = problemsOf.get(idKey(st.chunks.subarray(o, o + ID_SIZE)));
+        if (!ps) continue;
+        for (const p of ps) found[p]!.set(`${s.id}/${st.name}`, { snapshot: s.id, vm: s.vm, stream: st.name });
+      }
+  pending.forEach(({ problem }, p) => problem.affected.push(...found[p]!.values()));
 }
 
 async function readPack(repo: Repository, pack: string, entries: ({ id: Buffer } & PackEntry)[]): Promise<{ severity: 'error'; message: string; chunks: string[] } | null> {
