@@ -6,6 +6,7 @@ import { FaultyBackend } from '../../src/store/backend/faulty.js';
 import { Repository } from '../../src/store/repository.js';
 import { ingestStream, exportStream } from '../../src/store/streams.js';
 import { check, markLiveChunks, prune } from '../../src/store/maintenance.js';
+import type { StreamRecord } from '../../src/store/manifest.js';
 import { WrongPasswordError, IntegrityError } from '../../src/store/errors.js';
 import { ID_SIZE } from '../../src/store/hash.js';
 import type { ByteRange, ObjectKind } from '../../src/store/backend/contract.js';
@@ -263,6 +264,37 @@ describe('repository', () => {
     const ghost = randomBytes(32);
     const withGhost = { ...snaps[0]!, streams: [{ ...sa.stream, chunks: Buffer.concat([sa.stream.chunks, ghost]) }] };
     expect([...markLiveChunks(repo.index, [withGhost]).missing]).toEqual([ghost.toString('hex')]);
+    await repo.close();
+  });
+
+  it('check names, per problem, exactly the snapshot streams using its chunks, shared or not', async () => {
+    const backend = new MemoryBackend();
+    const repo = await Repository.init(backend, {});
+    const shared = randomBytes(65536);
+    const own = [randomBytes(65536), randomBytes(65536)];
+    // Pack 1: the shared chunk; pack 2: the first snapshot's own chunk; pack 3: the second's.
+    const packOf = async (data: Buffer): Promise<StreamRecord> => {
+      const r = await ingestStream(repo, Readable.from([data]), { name: 'disk0', kind: 'disk' });
+      await repo.flush();
+      return r.stream;
+    };
+    const sShared = await packOf(shared);
+    const s0 = await packOf(own[0]!);
+    const s1 = await packOf(own[1]!);
+    const join = (a: StreamRecord, b: StreamRecord, name: string): StreamRecord => ({ ...a, name, size: a.size + b.size, chunks: Buffer.concat([a.chunks, b.chunks]) });
+    const snapA = await repo.saveSnapshot({ vm: 'a', tags: [], parent: null, meta: {}, streams: [join(sShared, s0, 'disk0')] });
+    const snapB = await repo.saveSnapshot({ vm: 'b', tags: [], parent: null, meta: {}, streams: [join(sShared, s1, 'disk1'), { ...s1, name: 'disk2' }] });
+    const packWith = (id: Buffer): string => repo.locate(id).pack;
+    expect(new Set([packWith(sShared.chunks), packWith(s0.chunks), packWith(s1.chunks)]).size).toBe(3);
+    await backend.delete('packs', packWith(sShared.chunks));
+    await backend.delete('packs', packWith(s1.chunks));
+    const report = await check(repo);
+    const missing = report.problems.filter((p) => /is missing/.test(p.message));
+    const names = (p: { affected: { snapshot: string; stream: string }[] }): string[] => p.affected.map((a) => `${a.snapshot === snapA.id ? 'A' : a.snapshot === snapB.id ? 'B' : '?'}:${a.stream}`).sort();
+    const byPack = new Map(missing.map((p) => [p.message.slice(5, 17), names(p)]));
+    expect(byPack.get(packWith(sShared.chunks).slice(0, 12))).toEqual(['A:disk0', 'B:disk1']);
+    expect(byPack.get(packWith(s1.chunks).slice(0, 12))).toEqual(['B:disk1', 'B:disk2']);
+    expect(missing).toHaveLength(2);
     await repo.close();
   });
 });
