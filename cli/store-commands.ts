@@ -415,16 +415,15 @@ export function registerStoreCommands(program: Command, globals: Globals): void 
       const g = globals();
       const repo = await openRepository(g);
       try {
-        const snaps = await repo.listSnapshots();
-        const used = markLiveChunks(repo.index, snaps);
+        let logical = 0;
+        const used = await markLiveChunks(repo.index, repo.eachSnapshot(), (s) => (logical += s.streams.reduce((b, st) => b + st.size, 0)));
         let packBytes = 0;
         let packs = 0;
         for await (const o of repo.backend.list('packs')) {
           packBytes += o.size;
           packs++;
         }
-        const logical = snaps.reduce((a, s) => a + s.streams.reduce((b, st) => b + st.size, 0), 0);
-        const r = { snapshots: snaps.length, logicalBytes: logical, storedBytes: packBytes, packs, chunks: repo.index.size, liveChunks: used.count + used.missing.size, indexMemoryBytes: repo.index.memoryBytes };
+        const r = { snapshots: used.snapshots, logicalBytes: logical, storedBytes: packBytes, packs, chunks: repo.index.size, liveChunks: used.count + used.missing.size, indexMemoryBytes: repo.index.memoryBytes };
         if (g.json) printJson(r);
         else console.log(`${r.snapshots} snapshots, ${humanBytes(logical)} logical, ${humanBytes(packBytes)} stored in ${packs} packs (${r.chunks} chunks, index ${humanBytes(r.indexMemoryBytes)} in memory)`);
       } finally {

@@ -59,6 +59,8 @@ function idKey(id: Uint8Array): string {
 }
 
 export interface LiveChunks {
+  /** Snapshots read. */
+  snapshots: number;
   /** live[i] = 1 when index entry i (ChunkIndex.ordinal) is referenced by some snapshot. */
   live: Uint8Array;
   /** Distinct referenced chunks that are indexed. */
@@ -72,11 +74,18 @@ export interface LiveChunks {
  * of hex ids (101 bytes per id each, measured) and an object per live entry (243 bytes): ~450
  * bytes per live chunk, 1.4 GiB for the 3.2 million chunks of a 200 GiB repository.
  */
-export function markLiveChunks(index: ChunkIndex, snapshots: Snapshot[]): LiveChunks {
+export async function markLiveChunks(
+  index: ChunkIndex,
+  snapshots: Iterable<Snapshot> | AsyncIterable<Snapshot>,
+  onSnapshot?: (s: Snapshot) => void,
+): Promise<LiveChunks> {
   const live = new Uint8Array(index.size);
   const missing = new Set<string>();
   let count = 0;
-  for (const s of snapshots)
+  let read = 0;
+  for await (const s of snapshots) {
+    read++;
+    onSnapshot?.(s);
     for (const st of s.streams)
       for (let o = 0; o < st.chunks.length; o += ID_SIZE) {
         const id = st.chunks.subarray(o, o + ID_SIZE);
@@ -88,7 +97,8 @@ export function markLiveChunks(index: ChunkIndex, snapshots: Snapshot[]): LiveCh
           count++;
         }
       }
-  return { live, count, missing };
+  }
+  return { snapshots: read, live, count, missing };
 }
 
 export async function prune(repo: Repository, opts: PruneOptions = {}): Promise<PruneStats> {
@@ -103,11 +113,11 @@ async function pruneLocked(repo: Repository, opts: PruneOptions, lock: HeldLock)
   // index files must be known, or their packs would look unreferenced and be deleted.
   await repo.refreshIndex();
   const unreadable: string[] = [];
-  const snapshots = await repo.listSnapshots((id, err) => unreadable.push(`${id.slice(0, 12)}: ${err.message}`));
+  // One manifest at a time: marking needs only the chunk ids, once.
+  const used = await markLiveChunks(repo.index, repo.eachSnapshot((id, err) => unreadable.push(`${id.slice(0, 12)}: ${err.message}`)));
   if (unreadable.length) {
     throw new PruneError(`prune: reading snapshots: ${unreadable.length} manifest(s) unreadable, nothing deleted (${unreadable.join('; ')})`);
   }
-  const used = markLiveChunks(repo.index, snapshots);
   for (const k of used.missing) {
     throw new PruneError(`prune: chunk ${k} is referenced but not indexed; run \`vmsnap check\` and \`vmsnap rebuild-index\` first, nothing deleted`);
   }
@@ -133,7 +143,7 @@ async function pruneLocked(repo: Repository, opts: PruneOptions, lock: HeldLock)
     let i = 0;
     for (const e of repo.index.entries()) if (used.live[i++] === 1 && packs.has(e.pack)) yield e;
   }
-  const stats: PruneStats = { snapshots: snapshots.length, liveChunks: used.count, packsDeleted: 0, packsRepacked: 0, packsWritten: 0, bytesFreed: 0, indexFilesReplaced: 0, leftoversRemoved: 0 };
+  const stats: PruneStats = { snapshots: used.snapshots, liveChunks: used.count, packsDeleted: 0, packsRepacked: 0, packsWritten: 0, bytesFreed: 0, indexFilesReplaced: 0, leftoversRemoved: 0 };
   const doomed = new Set<string>();
   const keepPacks: string[] = [];
   const toRepack: string[] = [];
@@ -150,7 +160,7 @@ async function pruneLocked(repo: Repository, opts: PruneOptions, lock: HeldLock)
       throw new PruneError(`prune: pack ${pack} holds live chunks but is missing; run \`vmsnap check\`, nothing deleted`);
     }
   }
-  log(`${snapshots.length} snapshots, ${used.count} live chunks; ${doomed.size} packs to delete, ${toRepack.length} to repack`);
+  log(`${used.snapshots} snapshots, ${used.count} live chunks; ${doomed.size} packs to delete, ${toRepack.length} to repack`);
   if (opts.dryRun) {
     stats.packsDeleted = doomed.size;
     stats.packsRepacked = toRepack.length;
@@ -275,15 +285,6 @@ export async function check(repo: Repository, opts: CheckOptions = {}): Promise<
     }
   });
 
-  // Which snapshot streams reference which chunk (for naming the affected ones).
-  const snapshots: Snapshot[] = [];
-  for (const id of await repo.snapshotIds()) {
-    try {
-      snapshots.push(await repo.readSnapshot(id));
-    } catch (err) {
-      problems.push({ severity: 'error', message: `snapshot ${id.slice(0, 12)}: manifest unreadable: ${(err as Error).message}`, affected: [{ snapshot: id, vm: '?', stream: '*' }] });
-    }
-  }
   // Problems name the chunks they concern; the streams using those chunks are looked up once, at
   // the end, for the (few) chunks named. A map from every referenced chunk to its streams cost
   // hundreds of bytes per chunk and per snapshot sharing it: gigabytes for a long daily chain.
@@ -293,9 +294,15 @@ export async function check(repo: Repository, opts: CheckOptions = {}): Promise<
     if (chunks.length) pending.push({ problem, chunks });
   };
 
+  // One manifest at a time (all of them at once can be gigabytes of chunk lists).
   const missing: string[] = [];
   const missingSeen = new Set<string>();
-  for (const s of snapshots)
+  let snapshotCount = 0;
+  const unreadable = (id: string, err: Error): void => {
+    problems.push({ severity: 'error', message: `snapshot ${id.slice(0, 12)}: manifest unreadable: ${err.message}`, affected: [{ snapshot: id, vm: '?', stream: '*' }] });
+  };
+  for await (const s of repo.eachSnapshot(unreadable)) {
+    snapshotCount++;
     for (const st of s.streams)
       for (let o = 0; o < st.chunks.length; o += ID_SIZE) {
         const id = st.chunks.subarray(o, o + ID_SIZE);
@@ -306,6 +313,7 @@ export async function check(repo: Repository, opts: CheckOptions = {}): Promise<
           missing.push(k);
         }
       }
+  }
   if (missing.length) {
     report({ severity: 'error', message: `${missing.length} referenced chunk(s) are not in the index (data missing or index damaged)`, affected: [] }, missing);
   }
@@ -350,15 +358,16 @@ export async function check(repo: Repository, opts: CheckOptions = {}): Promise<
     });
   }
 
-  nameAffectedStreams(snapshots, pending);
-  return { problems, snapshots: snapshots.length, packs: packSizes.size, chunks: index.size, readData: !!opts.readData };
+  await nameAffectedStreams(repo, pending);
+  return { problems, snapshots: snapshotCount, packs: packSizes.size, chunks: index.size, readData: !!opts.readData };
 }
 
 /**
- * Fills each problem's `affected` with the snapshot streams that use any of its chunks, in one pass
- * over the manifests. A chunk's first four bytes screen out nearly every id before any string is made.
+ * Fills each problem's `affected` with the snapshot streams that use any of its chunks, in one more
+ * pass over the manifests (only when there are problems). A chunk's first four bytes screen out
+ * nearly every id before any string is made. Manifests unreadable now were reported in the first pass.
  */
-function nameAffectedStreams(snapshots: readonly Snapshot[], pending: readonly { problem: CheckProblem; chunks: string[] }[]): void {
+async function nameAffectedStreams(repo: Repository, pending: readonly { problem: CheckProblem; chunks: string[] }[]): Promise<void> {
   if (!pending.length) return;
   const problemsOf = new Map<string, number[]>();
   const prefixes = new Set<number>();
@@ -372,7 +381,7 @@ function nameAffectedStreams(snapshots: readonly Snapshot[], pending: readonly {
     }
   });
   const found = pending.map(() => new Map<string, AffectedStream>());
-  for (const s of snapshots)
+  for await (const s of repo.eachSnapshot(() => undefined))
     for (const st of s.streams)
       for (let o = 0; o < st.chunks.length; o += ID_SIZE) {
         if (!prefixes.has(st.chunks.readUInt32BE(o))) continue;

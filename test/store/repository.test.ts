@@ -3,10 +3,10 @@ import { randomBytes } from 'node:crypto';
 import { Readable, PassThrough } from 'node:stream';
 import { MemoryBackend } from '../../src/store/backend/memory.js';
 import { FaultyBackend } from '../../src/store/backend/faulty.js';
-import { Repository } from '../../src/store/repository.js';
+import { Repository, SnapshotCache } from '../../src/store/repository.js';
 import { ingestStream, exportStream } from '../../src/store/streams.js';
 import { check, markLiveChunks, prune } from '../../src/store/maintenance.js';
-import type { StreamRecord } from '../../src/store/manifest.js';
+import type { Snapshot, StreamRecord } from '../../src/store/manifest.js';
 import { WrongPasswordError, IntegrityError } from '../../src/store/errors.js';
 import { ID_SIZE } from '../../src/store/hash.js';
 import type { ByteRange, ObjectKind } from '../../src/store/backend/contract.js';
@@ -257,13 +257,16 @@ describe('repository', () => {
       await repo.saveSnapshot({ vm: 'v', tags: [], parent: null, meta: {}, streams: [sa.stream] }),
       await repo.saveSnapshot({ vm: 'v', tags: [], parent: null, meta: {}, streams: [sb.stream] }),
     ];
-    const m = markLiveChunks(repo.index, snaps);
+    const m = await markLiveChunks(repo.index, snaps);
+    expect(m.snapshots).toBe(2);
     expect(m.count).toBe(4); // 3 of a, 1 new in b; the zero chunk is no chunk
     expect(m.live.length).toBe(repo.index.size);
     expect(m.missing.size).toBe(0);
     const ghost = randomBytes(32);
     const withGhost = { ...snaps[0]!, streams: [{ ...sa.stream, chunks: Buffer.concat([sa.stream.chunks, ghost]) }] };
-    expect([...markLiveChunks(repo.index, [withGhost]).missing]).toEqual([ghost.toString('hex')]);
+    expect([...(await markLiveChunks(repo.index, [withGhost])).missing]).toEqual([ghost.toString('hex')]);
+    // The same over the repository's own snapshots, read one at a time.
+    expect((await markLiveChunks(repo.index, repo.eachSnapshot())).count).toBe(4);
     await repo.close();
   });
 
@@ -296,6 +299,22 @@ describe('repository', () => {
     expect(byPack.get(packWith(s1.chunks).slice(0, 12))).toEqual(['B:disk1', 'B:disk2']);
     expect(missing).toHaveLength(2);
     await repo.close();
+  });
+
+  it('keeps recently read manifests within a byte budget: least recently used out first, oversized never in', () => {
+    const snap = (id: string, kib: number): Snapshot =>
+      ({ id, vm: 'v', tags: [], parent: null, meta: {}, time: '', host: '', streams: [{ name: 'd', kind: 'disk', size: 0, chunkSize: 65536, chunks: Buffer.alloc(kib * 1024) }] }) as Snapshot;
+    const cache = new SnapshotCache(10 * 1024 + 3 * 1024); // room for three 3 KiB lists (+1 KiB overhead each)
+    for (const id of ['a', 'b', 'c']) cache.set(id, snap(id, 3));
+    expect(cache.get('a')?.id).toBe('a'); // a is now the most recent
+    cache.set('d', snap('d', 3)); // evicts b, the least recently used
+    expect(cache.get('b')).toBeUndefined();
+    expect(['a', 'c', 'd'].map((id) => cache.get(id)?.id)).toEqual(['a', 'c', 'd']);
+    cache.set('huge', snap('huge', 64));
+    expect(cache.get('huge')).toBeUndefined();
+    expect(cache.bytes).toBe(3 * 4 * 1024);
+    cache.delete('a');
+    expect(cache.bytes).toBe(2 * 4 * 1024);
   });
 });
 

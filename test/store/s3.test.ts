@@ -29,7 +29,7 @@ runBackendConformance(
       reopen: async () => backendAt(prefix, { atomicCreate: true }),
     };
   },
-  { listCount: 300 },
+  { listCount: 300, transientListErrors: true },
 );
 
 runBackendConformance(
@@ -38,7 +38,7 @@ runBackendConformance(
     const prefix = `repo-${randomBytes(6).toString('hex')}`;
     return { backend: backendAt(prefix), reopen: async () => backendAt(prefix) };
   },
-  { listCount: 120, largeObjectBytes: 8 * 1024 * 1024 },
+  { listCount: 120, largeObjectBytes: 8 * 1024 * 1024, transientListErrors: true },
 );
 
 describe('parseS3Url', () => {
