@@ -11,7 +11,7 @@ import { WritebackAhead } from '../src/store/writeback.js';
 import { check, diffSnapshots, markLiveChunks, prune, rebuildIndex } from '../src/store/maintenance.js';
 import { applyRetention, type RetentionPolicy } from '../src/store/retention.js';
 import { acquireLock, removeStaleLocks, withLock } from '../src/store/lock.js';
-import { checkName, checkTags, type Snapshot } from '../src/store/manifest.js';
+import { checkName, checkTags, summarize, type SnapshotSummary } from '../src/store/manifest.js';
 import { NotFoundError, OperationError, UsageError } from '../src/store/errors.js';
 import { codecId, type CodecName } from '../src/store/codec.js';
 import { loadFileConfig, openBackendAt, openRepository, password, repoLocation, type GlobalOptions } from './context.js';
@@ -26,7 +26,7 @@ const int = (flag: string) => (v: string) => {
   return n;
 };
 
-export function snapshotSummary(s: Snapshot) {
+export function snapshotSummary(s: SnapshotSummary) {
   return {
     id: s.id,
     short: shortId(s.id),
@@ -37,7 +37,7 @@ export function snapshotSummary(s: Snapshot) {
     parent: s.parent,
     message: s.message ?? null,
     meta: s.meta,
-    streams: s.streams.map((st) => ({ name: st.name, kind: st.kind, size: st.size, chunkSize: st.chunkSize, chunks: st.chunks.length / 32 })),
+    streams: s.streams.map((st) => ({ name: st.name, kind: st.kind, size: st.size, chunkSize: st.chunkSize, chunks: st.chunkCount })),
   };
 }
 
@@ -119,7 +119,7 @@ export function registerStoreCommands(program: Command, globals: Globals): void 
       try {
         const snap = await withLock(repo.backend, false, 'import', async () => {
           // The parent is informational: an unrelated unreadable manifest (reported by `check`) must not block a backup.
-          const parent = (await repo.listSnapshots(() => undefined)).filter((s) => s.vm === o.vm).pop();
+          const parent = (await repo.listSnapshotSummaries(() => undefined)).filter((s) => s.vm === o.vm).pop();
           const bar = progress('import', total, !g.quiet && !g.json);
           // A regular file is read in place, its holes skipped; anything else (stdin, a pipe, a device) as a stream.
           const fh = regular ? await openFile(file, 'r') : undefined;
@@ -231,7 +231,7 @@ export function registerStoreCommands(program: Command, globals: Globals): void 
       const g = globals();
       const repo = await openRepository(g);
       try {
-        const snaps = (await repo.listSnapshots()).filter((s) => (!o.vm || s.vm === o.vm) && (!o.tag || s.tags.includes(o.tag)));
+        const snaps = (await repo.listSnapshotSummaries()).filter((s) => (!o.vm || s.vm === o.vm) && (!o.tag || s.tags.includes(o.tag)));
         if (g.json) return printJson(snaps.map(snapshotSummary));
         if (!snaps.length) return console.log('no snapshots');
         console.log('ID            TIME                  VM              SIZE        TAGS');
@@ -252,7 +252,7 @@ export function registerStoreCommands(program: Command, globals: Globals): void 
       const repo = await openRepository(g);
       try {
         const s = await repo.resolveSnapshot(ref);
-        if (g.json) return printJson(snapshotSummary(s));
+        if (g.json) return printJson(snapshotSummary(summarize(s)));
         console.log(`snapshot ${s.id}\n  vm:      ${s.vm}\n  time:    ${s.time}\n  host:    ${s.host}\n  parent:  ${s.parent ?? '-'}\n  tags:    ${s.tags.join(', ') || '-'}`);
         if (s.message) console.log(`  message: ${s.message}`);
         for (const [k, v] of Object.entries(s.meta)) console.log(`  ${k}: ${String(v)}`);
@@ -307,7 +307,7 @@ export function registerStoreCommands(program: Command, globals: Globals): void 
         const lock = await acquireLock(repo.backend, false, 'forget');
         let decisions;
         try {
-          const snaps = (await repo.listSnapshots()).filter((s) => (!o.vm || s.vm === o.vm) && (!o.tag || s.tags.includes(o.tag)));
+          const snaps = (await repo.listSnapshotSummaries()).filter((s) => (!o.vm || s.vm === o.vm) && (!o.tag || s.tags.includes(o.tag)));
           decisions = applyRetention(snaps, policy, o.groupBy as 'vm');
           if (!o.dryRun) for (const d of decisions) for (const s of d.remove) await repo.deleteSnapshot(s.id);
         } finally {

@@ -61,6 +61,24 @@ export interface Snapshot extends SnapshotData {
   id: string;
 }
 
+/** A stream without its chunk list: what listings show. */
+export interface StreamSummary extends Omit<StreamRecord, 'chunks'> {
+  chunkCount: number;
+}
+
+/**
+ * A snapshot without its chunk lists: a few hundred bytes, where the lists of a 128 GiB disk are 64
+ * MiB. Listings (ls, forget, `latest`) hold one per snapshot in the repository.
+ */
+export interface SnapshotSummary extends Omit<Snapshot, 'streams'> {
+  streams: StreamSummary[];
+}
+
+export function summarize(s: Snapshot): SnapshotSummary {
+  const { streams, ...rest } = s;
+  return { ...rest, streams: streams.map(({ chunks, ...st }) => ({ ...st, chunkCount: chunks.length / ID_SIZE })) };
+}
+
 export function chunkCount(size: number, chunkSize: number): number {
   return Math.ceil(size / chunkSize);
 }

@@ -24,7 +24,9 @@ import {
   encodeManifest,
   MANIFEST_AAD,
   MAX_MANIFEST_BYTES,
+  summarize,
   type Snapshot,
+  type SnapshotSummary,
   type SnapshotData,
 } from './manifest.js';
 import { chunkAad, PackWriter, type PackEntry } from './pack.js';
@@ -421,6 +423,23 @@ export class Repository {
     }
   }
 
+  /**
+   * Every snapshot without its chunk lists, oldest first: for listings, which would otherwise hold
+   * every manifest's chunk lists at once. Unreadable manifests go to `onError` (or throw without it).
+   */
+  async listSnapshotSummaries(onError?: (id: string, err: Error) => void): Promise<SnapshotSummary[]> {
+    const out: SnapshotSummary[] = [];
+    await mapLimit(await this.snapshotIds(), 8, async (id) => {
+      try {
+        out.push(summarize(await this.readSnapshot(id, { keep: false })));
+      } catch (err) {
+        if (!onError) throw err;
+        onError(id, err as Error);
+      }
+    });
+    return out.sort((a, b) => Date.parse(a.time) - Date.parse(b.time) || a.id.localeCompare(b.id));
+  }
+
   /** All snapshots, oldest first. Unreadable manifests go to `onError` (or throw without it). */
   async listSnapshots(onError?: (id: string, err: Error) => void): Promise<Snapshot[]> {
     const out: Snapshot[] = [];
@@ -441,10 +460,10 @@ export class Repository {
     const latest = /^(?:(.+):)?latest$/.exec(ref);
     if (latest) {
       const vm = latest[1];
-      const all = (await this.listSnapshots()).filter((s) => vm === undefined || s.vm === vm);
+      const all = (await this.listSnapshotSummaries()).filter((s) => vm === undefined || s.vm === vm);
       const last = all[all.length - 1];
       if (!last) throw new NotFoundError(vm ? `VM ${vm} has no snapshots` : 'the repository has no snapshots');
-      return last;
+      return this.readSnapshot(last.id);
     }
     if (!/^[0-9a-f]{4,64}$/.test(ref)) {
       throw new UsageError(`invalid snapshot id ${JSON.stringify(ref)}: give at least 4 hex digits of an id, or "latest"`);

@@ -6,6 +6,9 @@
  * keeps nothing is refused unless it is explicitly empty (guards against `forget` with no flags).
  */
 import type { Snapshot } from './manifest.js';
+
+/** What retention looks at: a snapshot, or a summary of one. */
+export type RetentionSubject = Pick<Snapshot, 'id' | 'vm' | 'time' | 'tags'>;
 import { UsageError } from './errors.js';
 
 export interface RetentionPolicy {
@@ -18,10 +21,10 @@ export interface RetentionPolicy {
   tags?: string[];
 }
 
-export interface RetentionDecision {
+export interface RetentionDecision<T extends RetentionSubject = Snapshot> {
   group: string;
-  keep: { snapshot: Snapshot; reasons: string[] }[];
-  remove: Snapshot[];
+  keep: { snapshot: T; reasons: string[] }[];
+  remove: T[];
 }
 
 const PERIODS: [keyof RetentionPolicy, (d: Date) => string][] = [
@@ -45,23 +48,23 @@ export function policyIsEmpty(p: RetentionPolicy): boolean {
   return !p.last && !p.hourly && !p.daily && !p.weekly && !p.monthly && !p.yearly && !(p.tags && p.tags.length);
 }
 
-export function applyRetention(snapshots: Snapshot[], policy: RetentionPolicy, groupBy: 'vm' | 'vm,tags' = 'vm'): RetentionDecision[] {
+export function applyRetention<T extends RetentionSubject>(snapshots: T[], policy: RetentionPolicy, groupBy: 'vm' | 'vm,tags' = 'vm'): RetentionDecision<T>[] {
   if (policyIsEmpty(policy)) throw new UsageError('no retention rule given (use --keep-last, --keep-daily, ...): refusing to forget everything');
   for (const [k, v] of Object.entries(policy)) {
     if (k !== 'tags' && v !== undefined && (!Number.isInteger(v) || (v as number) < 0)) throw new UsageError(`--keep-${k} must be a non-negative whole number`);
   }
-  const groups = new Map<string, Snapshot[]>();
+  const groups = new Map<string, T[]>();
   for (const s of snapshots) {
     const key = groupBy === 'vm' ? s.vm : `${s.vm} [${[...s.tags].sort().join(',')}]`;
     let g = groups.get(key);
     if (!g) groups.set(key, (g = []));
     g.push(s);
   }
-  const out: RetentionDecision[] = [];
+  const out: RetentionDecision<T>[] = [];
   for (const [group, list] of groups) {
     list.sort((a, b) => Date.parse(b.time) - Date.parse(a.time) || b.id.localeCompare(a.id));
     const reasons = new Map<string, string[]>();
-    const keep = (s: Snapshot, why: string) => {
+    const keep = (s: T, why: string) => {
       let r = reasons.get(s.id);
       if (!r) reasons.set(s.id, (r = []));
       r.push(why);

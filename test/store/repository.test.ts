@@ -316,5 +316,25 @@ describe('repository', () => {
     cache.delete('a');
     expect(cache.bytes).toBe(2 * 4 * 1024);
   });
+
+  it('lists summaries without chunk lists, and `latest` still resolves to the full snapshot', async () => {
+    const repo = await Repository.init(new MemoryBackend(), {});
+    for (const vm of ['a', 'b', 'a']) {
+      const r = await ingestStream(repo, Readable.from([randomBytes(200_000)]), { name: 'disk0', kind: 'disk' });
+      await repo.saveSnapshot({ vm, tags: [], parent: null, meta: {}, streams: [r.stream] });
+      await new Promise((res) => setTimeout(res, 5)); // distinct times
+    }
+    const full = await repo.listSnapshots();
+    const sums = await repo.listSnapshotSummaries();
+    expect(sums.map((s) => s.id)).toEqual(full.map((s) => s.id));
+    for (const s of sums) {
+      expect(s.streams[0]).toEqual({ name: 'disk0', kind: 'disk', size: 200_000, chunkSize: 65536, chunkCount: 4 });
+      expect('chunks' in s.streams[0]!).toBe(false);
+    }
+    const latestA = await repo.resolveSnapshot('a:latest');
+    expect(latestA.id).toBe(full[2]!.id);
+    expect(latestA.streams[0]!.chunks.length).toBe(4 * 32);
+    await repo.close();
+  });
 });
 
