@@ -23,7 +23,7 @@ import { encodeIndexFile } from './chunk-index.js';
 import { IntegrityError, UsageError } from './errors.js';
 import { contentHash, ID_SIZE, isZeroId } from './hash.js';
 import type { ChunkLocation } from './chunk-index.js';
-import type { Snapshot, StreamRecord } from './manifest.js';
+import type { Snapshot, SnapshotSummary, StreamRecord } from './manifest.js';
 import { readPackEntries, type PackEntry } from './pack.js';
 import { mapLimit, type Repository } from './repository.js';
 import { acquireLock, type HeldLock } from './lock.js';
@@ -175,7 +175,11 @@ export async function adoptOrphanPacks(repo: Repository): Promise<number> {
  * Copies `snapshots` (of `src`) into `dst`, oldest first. Snapshots the target already has are
  * skipped. See the module comment for what travels and how an interrupted copy resumes.
  */
-export async function copySnapshots(src: Repository, dst: Repository, snapshots: Snapshot[], opts: CopyOptions = {}): Promise<CopyReport> {
+/**
+ * Copies snapshots (given as snapshots or summaries: each one's manifest is read from `src` when it
+ * is copied, so a sync of a whole repository never holds every chunk list at once).
+ */
+export async function copySnapshots(src: Repository, dst: Repository, snapshots: readonly SnapshotSummary[] | readonly Snapshot[], opts: CopyOptions = {}): Promise<CopyReport> {
   if (src.config.id === dst.config.id) throw new UsageError('source and target are the same repository');
   const locks: HeldLock[] = [];
   try {
@@ -189,31 +193,33 @@ export async function copySnapshots(src: Repository, dst: Repository, snapshots:
   }
 }
 
-async function copyLocked(src: Repository, dst: Repository, snapshots: Snapshot[], opts: CopyOptions, assertLocked: () => void): Promise<CopyReport> {
+async function copyLocked(src: Repository, dst: Repository, snapshots: readonly (SnapshotSummary | Snapshot)[], opts: CopyOptions, assertLocked: () => void): Promise<CopyReport> {
   const same = sameKeys(src, dst);
   const report: CopyReport = { mode: same ? 'same-keys' : 're-encrypt', snapshots: [], adoptedPacks: 0, packsWritten: 0 };
   const packsBefore = dst.stats.packs;
   report.adoptedPacks = await adoptOrphanPacks(dst);
 
   // What the target already holds: by id (same keys) or by meta.copyOf (re-encrypted copies).
-  const existing = await dst.listSnapshots(() => undefined);
+  const existing = await dst.listSnapshotSummaries(() => undefined);
   const byId = new Set(existing.map((s) => s.id));
-  const byCopyOf = new Map<string, Snapshot>();
-  for (const s of existing) if (typeof s.meta.copyOf === 'string') byCopyOf.set(s.meta.copyOf, s);
+  /** source snapshot id -> id of its re-encrypted copy in the target. */
+  const byCopyOf = new Map<string, string>();
+  for (const s of existing) if (typeof s.meta.copyOf === 'string') byCopyOf.set(s.meta.copyOf, s.id);
   /** source id -> target id of chunks (re-encrypt mode). */
   const idMap = new Map<string, Buffer>();
 
   const ordered = [...snapshots].sort((a, b) => a.time.localeCompare(b.time) || a.id.localeCompare(b.id));
-  for (const snap of ordered) {
-    const prior = same ? (byId.has(snap.id) ? snap : undefined) : byCopyOf.get(snap.id);
+  for (const listed of ordered) {
+    const prior = same ? (byId.has(listed.id) ? listed.id : undefined) : byCopyOf.get(listed.id);
     if (prior) {
-      report.snapshots.push({ source: snap.id, target: prior.id, vm: snap.vm, alreadyPresent: true, chunks: 0, present: 0, sent: 0, bytesSent: 0, bytesRead: 0 });
+      report.snapshots.push({ source: listed.id, target: prior, vm: listed.vm, alreadyPresent: true, chunks: 0, present: 0, sent: 0, bytesSent: 0, bytesRead: 0 });
       continue;
     }
+    const snap = await src.readSnapshot(listed.id, { keep: false });
     const entry: CopiedSnapshot = { source: snap.id, target: '', vm: snap.vm, alreadyPresent: false, chunks: 0, present: 0, sent: 0, bytesSent: 0, bytesRead: 0 };
     const chunks = distinctChunks(snap);
     entry.chunks = chunks.size;
-    if (!same && snap.parent) await learnFromParent(src, snap.parent, byCopyOf, idMap);
+    if (!same && snap.parent) await learnFromParent(src, dst, snap.parent, byCopyOf, idMap);
 
     // Which source chunks must be read.
     const toRead: Buffer[] = [];
@@ -264,7 +270,7 @@ async function copyLocked(src: Repository, dst: Repository, snapshots: Snapshot[
 
     const streams: StreamRecord[] = same ? snap.streams : snap.streams.map((st) => ({ ...st, chunks: mapChunkList(st.chunks, idMap) }));
     let parent = snap.parent;
-    if (!same && parent !== null) parent = byCopyOf.get(parent)?.id ?? null;
+    if (!same && parent !== null) parent = byCopyOf.get(parent) ?? null;
     const meta = same ? snap.meta : { ...snap.meta, copyOf: snap.id };
     await dst.flush();
     assertLocked(); // commit point: only while prune cannot have touched our unindexed packs
@@ -281,7 +287,7 @@ async function copyLocked(src: Repository, dst: Repository, snapshots: Snapshot[
     if (same && saved.id !== snap.id) throw new IntegrityError(`internal: copied manifest of ${snap.id} got id ${saved.id}`);
     entry.target = saved.id;
     byId.add(saved.id);
-    if (!same) byCopyOf.set(snap.id, saved);
+    if (!same) byCopyOf.set(snap.id, saved.id);
     report.snapshots.push(entry);
   }
   await dst.flush();
@@ -305,12 +311,14 @@ function mapChunkList(chunks: Buffer, idMap: Map<string, Buffer>): Buffer {
  * Re-encrypt mode: if the parent snapshot was copied before, its source and target manifests list
  * the same chunks in the same positions, which gives source id -> target id without reading data.
  */
-async function learnFromParent(src: Repository, parentId: string, byCopyOf: Map<string, Snapshot>, idMap: Map<string, Buffer>): Promise<void> {
-  const copied = byCopyOf.get(parentId);
-  if (!copied) return;
+async function learnFromParent(src: Repository, dst: Repository, parentId: string, byCopyOf: Map<string, string>, idMap: Map<string, Buffer>): Promise<void> {
+  const copiedId = byCopyOf.get(parentId);
+  if (!copiedId) return;
   let parent: Snapshot;
+  let copied: Snapshot;
   try {
-    parent = await src.readSnapshot(parentId);
+    parent = await src.readSnapshot(parentId, { keep: false });
+    copied = await dst.readSnapshot(copiedId, { keep: false });
   } catch {
     return;
   }
@@ -328,6 +336,6 @@ async function learnFromParent(src: Repository, parentId: string, byCopyOf: Map<
 
 /** Snapshots of `src` (optionally of one VM) that `copySnapshots` would copy to `dst`. */
 export async function syncRepositories(src: Repository, dst: Repository, opts: CopyOptions & { vm?: string } = {}): Promise<CopyReport> {
-  const all = (await src.listSnapshots()).filter((s) => opts.vm === undefined || s.vm === opts.vm);
+  const all = (await src.listSnapshotSummaries()).filter((s) => opts.vm === undefined || s.vm === opts.vm);
   return copySnapshots(src, dst, all, opts);
 }
