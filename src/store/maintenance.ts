@@ -91,6 +91,9 @@ export async function markLiveChunks(
         const id = st.chunks.subarray(o, o + ID_SIZE);
         if (isZeroId(id)) continue;
         const i = index.ordinal(id);
+        // The index only grows (ordinals are stable), but an entry added after `live` was sized
+        // would be neither marked nor reported: refuse rather than let prune doom its pack.
+        if (i >= live.length) throw new Error('internal: the index grew while live chunks were being marked');
         if (i < 0) missing.add(idKey(id));
         else if (live[i] === 0) {
           live[i] = 1;
@@ -198,7 +201,9 @@ async function pruneLocked(repo: Repository, opts: PruneOptions, lock: HeldLock)
   // rewritten, which the new index references — it must not be deleted with the garbage.
   for (const w of written) if (doomed.delete(w.pack)) stats.bytesFreed -= packFiles.get(w.pack) ?? 0;
 
-  // 4-5. one index for everything live, superseding every existing index file.
+  // 4-5. one index for everything live, superseding every existing index file. The marks are by
+  // index position: the index must not have grown since (nothing in prune adds to it).
+  if (repo.index.size !== used.live.length) throw new PruneError('prune: the index changed while pruning, nothing deleted; run prune again');
   const oldIndex = [...repo.indexFiles];
   for await (const o of repo.backend.list('index')) if (!repo.indexFiles.has(o.name)) oldIndex.push(o.name);
   const kept = new Set(keepPacks);
@@ -365,7 +370,8 @@ export async function check(repo: Repository, opts: CheckOptions = {}): Promise<
 /**
  * Fills each problem's `affected` with the snapshot streams that use any of its chunks, in one more
  * pass over the manifests (only when there are problems). A chunk's first four bytes screen out
- * nearly every id before any string is made. Manifests unreadable now were reported in the first pass.
+ * nearly every id before any string is made. A manifest that cannot be read in this pass (it may
+ * have been readable in the first) may use any of the chunks: it is named in every problem.
  */
 async function nameAffectedStreams(repo: Repository, pending: readonly { problem: CheckProblem; chunks: string[] }[]): Promise<void> {
   if (!pending.length) return;
@@ -381,7 +387,10 @@ async function nameAffectedStreams(repo: Repository, pending: readonly { problem
     }
   });
   const found = pending.map(() => new Map<string, AffectedStream>());
-  for await (const s of repo.eachSnapshot(() => undefined))
+  const unknown = (id: string): void => {
+    for (const f of found) f.set(`${id}/*`, { snapshot: id, vm: '?', stream: '*' });
+  };
+  for await (const s of repo.eachSnapshot(unknown))
     for (const st of s.streams)
       for (let o = 0; o < st.chunks.length; o += ID_SIZE) {
         if (!prefixes.has(st.chunks.readUInt32BE(o))) continue;

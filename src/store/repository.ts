@@ -532,14 +532,18 @@ export class SnapshotCache {
     return e.snap;
   }
 
+  /**
+   * Adds a manifest, evicting the least recently used ones. The newest stays even when it alone is
+   * over the limit (a 128 GiB disk's chunk list is the whole 64 MiB): a supervisor's next take
+   * needs exactly that one, its parent.
+   */
   set(id: string, snap: Snapshot): void {
     this.delete(id);
     const bytes = snap.streams.reduce((n, s) => n + s.chunks.length, 0) + 1024;
-    if (bytes > this.limit) return;
     this.entries.set(id, { snap, bytes });
     this.total += bytes;
     for (const [oldest, e] of this.entries) {
-      if (this.total <= this.limit) break;
+      if (this.total <= this.limit || oldest === id) break;
       this.entries.delete(oldest);
       this.total -= e.bytes;
     }
