@@ -71,7 +71,8 @@ function printReport(g: GlobalOptions, r: CopyReport, secs: number): void {
   const sent = r.snapshots.reduce((a, s) => a + s.bytesSent, 0);
   console.log(
     `copied ${r.snapshots.filter((s) => !s.alreadyPresent).length} snapshot(s) in ${secs.toFixed(2)} s (${r.mode}), ${humanBytes(sent)} sent in ${r.packsWritten} pack(s)` +
-      (r.adoptedPacks ? `; adopted ${r.adoptedPacks} pack(s) left by an interrupted run` : ''),
+      (r.adoptedPacks ? `; adopted ${r.adoptedPacks} pack(s) left by an interrupted run` : '') +
+      (r.vanished.length ? `; skipped ${r.vanished.length} snapshot(s) forgotten in the source meanwhile` : ''),
   );
 }
 

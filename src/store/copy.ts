@@ -20,7 +20,7 @@
  * that reached the target before. Holds a shared lock on both repositories (prune cannot run).
  */
 import { encodeIndexFile } from './chunk-index.js';
-import { IntegrityError, UsageError } from './errors.js';
+import { IntegrityError, NotFoundError, UsageError } from './errors.js';
 import { contentHash, ID_SIZE, isZeroId } from './hash.js';
 import type { ChunkLocation } from './chunk-index.js';
 import type { Snapshot, SnapshotSummary, StreamRecord } from './manifest.js';
@@ -73,6 +73,8 @@ export interface CopyReport {
   /** Packs found unindexed in the target and adopted (left by an interrupted run). */
   adoptedPacks: number;
   packsWritten: number;
+  /** Listed snapshots that were gone from the source when their turn came (forgotten meanwhile). */
+  vanished: string[];
 }
 
 /** Whether chunk ids and sealed blobs mean the same in both repositories. */
@@ -195,7 +197,7 @@ export async function copySnapshots(src: Repository, dst: Repository, snapshots:
 
 async function copyLocked(src: Repository, dst: Repository, snapshots: readonly (SnapshotSummary | Snapshot)[], opts: CopyOptions, assertLocked: () => void): Promise<CopyReport> {
   const same = sameKeys(src, dst);
-  const report: CopyReport = { mode: same ? 'same-keys' : 're-encrypt', snapshots: [], adoptedPacks: 0, packsWritten: 0 };
+  const report: CopyReport = { mode: same ? 'same-keys' : 're-encrypt', snapshots: [], adoptedPacks: 0, packsWritten: 0, vanished: [] };
   const packsBefore = dst.stats.packs;
   report.adoptedPacks = await adoptOrphanPacks(dst);
 
@@ -215,7 +217,15 @@ async function copyLocked(src: Repository, dst: Repository, snapshots: readonly 
       report.snapshots.push({ source: listed.id, target: prior, vm: listed.vm, alreadyPresent: true, chunks: 0, present: 0, sent: 0, bytesSent: 0, bytesRead: 0 });
       continue;
     }
-    const snap = await src.readSnapshot(listed.id, { keep: false });
+    let snap: Snapshot;
+    try {
+      snap = await src.readSnapshot(listed.id, { keep: false });
+    } catch (err) {
+      // A sync lists first; `forget` holds only a shared lock, so it may remove one before its turn.
+      if (!(err instanceof NotFoundError)) throw err;
+      report.vanished.push(listed.id);
+      continue;
+    }
     const entry: CopiedSnapshot = { source: snap.id, target: '', vm: snap.vm, alreadyPresent: false, chunks: 0, present: 0, sent: 0, bytesSent: 0, bytesRead: 0 };
     const chunks = distinctChunks(snap);
     entry.chunks = chunks.size;

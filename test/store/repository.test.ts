@@ -4,6 +4,7 @@ import { Readable, PassThrough } from 'node:stream';
 import { MemoryBackend } from '../../src/store/backend/memory.js';
 import { FaultyBackend } from '../../src/store/backend/faulty.js';
 import { Repository, SnapshotCache } from '../../src/store/repository.js';
+import { copySnapshots } from '../../src/store/copy.js';
 import { ingestStream, exportStream } from '../../src/store/streams.js';
 import { check, markLiveChunks, prune } from '../../src/store/maintenance.js';
 import type { Snapshot, StreamRecord } from '../../src/store/manifest.js';
@@ -353,6 +354,25 @@ describe('repository', () => {
     expect(missing?.affected).toEqual([{ snapshot: snap.id, vm: '?', stream: '*' }]);
     await reader.close();
     await repo.close();
+  });
+
+  it('a sync skips, and reports, a listed snapshot that was forgotten before its turn', async () => {
+    const src = await Repository.init(new MemoryBackend(), {});
+    const dst = await Repository.init(new MemoryBackend(), {});
+    const ids: string[] = [];
+    for (let i = 0; i < 3; i++) {
+      const r = await ingestStream(src, Readable.from([randomBytes(70_000)]), { name: 'disk0', kind: 'disk' });
+      ids.push((await src.saveSnapshot({ vm: 'v', tags: [], parent: null, meta: {}, streams: [r.stream] })).id);
+      await new Promise((res) => setTimeout(res, 5));
+    }
+    const listed = await src.listSnapshotSummaries();
+    await src.deleteSnapshot(ids[1]!); // `forget` in another process, after the listing
+    const report = await copySnapshots(src, dst, listed);
+    expect(report.vanished).toEqual([ids[1]]);
+    expect(report.snapshots.map((s) => s.source).sort()).toEqual([ids[0], ids[2]].sort());
+    expect((await dst.listSnapshotSummaries()).map((s) => s.id).sort()).toEqual([ids[0], ids[2]].sort());
+    await src.close();
+    await dst.close();
   });
 });
 
