@@ -60,40 +60,37 @@ class Flaky extends MemoryBackend {
 }
 
 describe('lock refresh', () => {
-  it('release waits for a refresh in flight, so the lock object is not re-created', async () => {
+  /**
+   * A shared lock whose refresh PUTs hang until let go; `during` advances the fake clock. Then the
+   * lock is released while a refresh is in flight, and no lock object may remain.
+   */
+  async function releaseDuringHungRefresh(during: (b: Flaky) => void): Promise<void> {
     vi.useFakeTimers({ toFake: ['setInterval', 'clearInterval', 'Date'] });
     try {
       const b = new Flaky();
       const l = await acquireLock(b, false, 'import');
-      let let_go = (): void => undefined;
-      b.delay = new Promise<void>((r) => (let_go = r));
-      vi.advanceTimersByTime(REFRESH_MS + 1); // refresh PUT starts and hangs
+      let letGo = (): void => undefined;
+      b.delay = new Promise<void>((r) => (letGo = r));
+      during(b);
       const released = l.release();
-      let_go();
+      letGo();
       await released;
       expect(await listLocks(b)).toEqual([]);
     } finally {
       vi.useRealTimers();
     }
+  }
+
+  it('release waits for a refresh in flight, so the lock object is not re-created', async () => {
+    await releaseDuringHungRefresh(() => vi.advanceTimersByTime(REFRESH_MS + 1)); // refresh PUT starts and hangs
   });
 
   it('never has two refreshes in flight: a slow one is not overtaken (it could land after release)', async () => {
-    vi.useFakeTimers({ toFake: ['setInterval', 'clearInterval', 'Date'] });
-    try {
-      const b = new Flaky();
-      const l = await acquireLock(b, false, 'import');
-      let let_go = (): void => undefined;
-      b.delay = new Promise<void>((r) => (let_go = r));
+    await releaseDuringHungRefresh((b) => {
       const before = b.lockPuts;
       vi.advanceTimersByTime(3 * REFRESH_MS + 1); // three intervals pass while the first refresh hangs
       expect(b.lockPuts - before).toBe(1);
-      const released = l.release();
-      let_go();
-      await released;
-      expect(await listLocks(b)).toEqual([]);
-    } finally {
-      vi.useRealTimers();
-    }
+    });
   });
 
   it('a lock whose conflict check fails is removed, not left to block others for 30 minutes', async () => {
