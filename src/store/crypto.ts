@@ -77,9 +77,9 @@ function loadNativeAead(): NativeAead | null {
     const plain = randomBytes(100);
     const box = Buffer.alloc(plain.length + SEAL_OVERHEAD);
     if (m.sealInto(key, randomBytes(NONCE), plain, aad, box) !== box.length) return null;
-    if (!nodeOpen(key, box, aad, 'self-test').equals(plain)) return null;
+    if (!open(key, box, aad, 'self-test').equals(plain)) return null;
     const back = Buffer.alloc(plain.length);
-    const good = nodeSeal(key, plain, aad);
+    const good = seal(key, plain, aad);
     if (m.openInto(key, good, aad, back) !== plain.length || !back.equals(plain)) return null;
     // It must also refuse what is forged: a build that ignored the tag would pass the rest.
     const forged = Buffer.from(good);
@@ -104,11 +104,8 @@ export function aeadImplementation(): 'native' | 'node:crypto' {
   return native() ? 'native' : 'node:crypto';
 }
 
+/** Seals a box through node:crypto (small objects: index files, manifests, keys; and the self-test). */
 export function seal(key: Buffer, plaintext: Uint8Array, aad: Uint8Array): Buffer {
-  return nodeSeal(key, plaintext, aad);
-}
-
-function nodeSeal(key: Buffer, plaintext: Uint8Array, aad: Uint8Array): Buffer {
   const nonce = randomBytes(NONCE);
   const cipher = createCipheriv('aes-256-gcm', key, nonce);
   cipher.setAAD(aad);
@@ -153,18 +150,15 @@ export function openInto(key: Buffer, box: Uint8Array, aad: Uint8Array, dst: Buf
   if (box.length < SEAL_OVERHEAD) throw new IntegrityError(`${what}: encrypted object is too short (${box.length} bytes)`);
   if (dst.length < box.length - SEAL_OVERHEAD) throw new Error(`internal: openInto needs ${box.length - SEAL_OVERHEAD} bytes, has ${dst.length}`);
   const fast = native();
-  if (!fast) return nodeOpen(key, box, aad, what).copy(dst);
+  if (!fast) return open(key, box, aad, what).copy(dst);
   const length = fast.openInto(key, box, aad, dst);
   if (length === -1) throw new IntegrityError(`${what}: authentication failed (the data was modified or belongs elsewhere)`);
   if (length !== box.length - SEAL_OVERHEAD) throw new Error(`internal: native openInto returned ${String(length)} for a ${box.length}-byte box`);
   return length;
 }
 
+/** Opens a box through node:crypto; see openInto for the chunk path. */
 export function open(key: Buffer, box: Uint8Array, aad: Uint8Array, what: string): Buffer {
-  return nodeOpen(key, box, aad, what);
-}
-
-function nodeOpen(key: Buffer, box: Uint8Array, aad: Uint8Array, what: string): Buffer {
   if (box.length < SEAL_OVERHEAD) throw new IntegrityError(`${what}: encrypted object is too short (${box.length} bytes)`);
   const b = Buffer.from(box.buffer, box.byteOffset, box.byteLength);
   const decipher = createDecipheriv('aes-256-gcm', key, b.subarray(0, NONCE));
