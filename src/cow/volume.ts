@@ -350,14 +350,7 @@ export class Volume {
   }
 
   static async open(dir: string, opts: VolumeOpenOptions = {}): Promise<Volume> {
-    const statePath = containedPath(dir, 'state.bin');
-    let raw: Buffer;
-    try {
-      raw = await fsp.readFile(statePath);
-    } catch (err) {
-      throw new VolumeOpenError(`no volume in ${dir}: ${(err as Error).message}`);
-    }
-    const st = decodeState(raw, statePath);
+    const st = await readState(dir);
     await acquireLock(dir);
     try {
       return await Volume.openLocked(dir, st, opts);
@@ -380,18 +373,10 @@ export class Volume {
       base = { size: h.size, chunkSize: h.blockSize, chunks };
       validateDiskStream(base);
     }
-    let tracking = h.tracking;
-    let parent: DiskStream | null = null;
-    if (h.parentFile) {
-      try {
-        parent = { size: h.size, chunkSize: h.blockSize, chunks: await fsp.readFile(containedPath(dir, h.parentFile)) };
-        validateDiskStream(parent);
-      } catch {
-        // Without the stream the dirty sets were computed against, tracked snapshots would be wrong.
-        parent = null;
-        tracking = false;
-      }
-    }
+    let parent = await readParent(dir, h);
+    // Without the stream the dirty sets were computed against, tracked snapshots would be wrong.
+    let tracking = h.tracking && parent !== 'lost';
+    if (parent === 'lost') parent = null;
     // Replay the journal of this epoch; a torn tail (crash mid-append) ends it.
     const journalPath = containedPath(dir, `journal-${h.epoch}.log`);
     let jbuf: Buffer;
@@ -497,23 +482,12 @@ export class Volume {
    * state; writes not yet committed are not seen). `openBy` is the live owner's pid.
    */
   static async inspect(dir: string): Promise<VolumeInfo & { openBy: number | null }> {
-    const statePath = containedPath(dir, 'state.bin');
-    const raw = await fsp.readFile(statePath).catch((err: Error) => {
-      throw new VolumeOpenError(`no volume in ${dir}: ${err.message}`);
-    });
-    const st = decodeState(raw, statePath);
+    const st = await readState(dir);
     const h = st.header;
     const jbuf = await fsp.readFile(containedPath(dir, `journal-${h.epoch}.log`)).catch(() => Buffer.alloc(0));
     const replay = replayJournal(st, jbuf);
-    let tracking = h.tracking;
-    if (h.parentFile) {
-      // As open does: a parent stream that is unreadable or malformed means the dirty sets are lost.
-      try {
-        validateDiskStream({ size: h.size, chunkSize: h.blockSize, chunks: await fsp.readFile(containedPath(dir, h.parentFile)) });
-      } catch {
-        tracking = false;
-      }
-    }
+    // As open does: a parent stream that is unreadable or malformed means the dirty sets are lost.
+    let tracking = h.tracking && (await readParent(dir, h)) !== 'lost';
     if (replay.tracking !== null) tracking = replay.tracking;
     let dirtyBlocks = 0;
     for (let i = 0; i < st.gen.length; i++) if (st.gen[i] === replay.generation) dirtyBlocks++;
@@ -1255,6 +1229,26 @@ function decodeState(
     frozen.push({ generation: f.generation, blocks, slots, full: f.full, drained: Promise.resolve(), recovered: true });
   }
   return { header, map, gen, frozen };
+}
+
+async function readState(dir: string): Promise<ReturnType<typeof decodeState>> {
+  const statePath = containedPath(dir, 'state.bin');
+  const raw = await fsp.readFile(statePath).catch((err: Error) => {
+    throw new VolumeOpenError(`no volume in ${dir}: ${err.message}`);
+  });
+  return decodeState(raw, statePath);
+}
+
+/** The stream the next snapshot diffs against, if the state names one: null if none, 'lost' if unreadable or malformed. */
+async function readParent(dir: string, h: PersistedHeader): Promise<DiskStream | null | 'lost'> {
+  if (!h.parentFile) return null;
+  try {
+    const parent = { size: h.size, chunkSize: h.blockSize, chunks: await fsp.readFile(containedPath(dir, h.parentFile)) };
+    validateDiskStream(parent);
+    return parent;
+  } catch {
+    return 'lost';
+  }
 }
 
 function countBlocks(map: Int32Array): { overlayBlocks: number; zeroBlocks: number; baseBlocks: number } {
