@@ -21,7 +21,7 @@
  */
 import { encodeIndexFile } from './chunk-index.js';
 import { IntegrityError, NotFoundError, UsageError } from './errors.js';
-import { contentHash, ID_SIZE, isZeroId } from './hash.js';
+import { contentHash, ID_SIZE, idHex, isZeroId } from './hash.js';
 import type { ChunkLocation } from './chunk-index.js';
 import type { Snapshot, SnapshotSummary, StreamRecord } from './manifest.js';
 import { readPackEntries, type PackEntry } from './pack.js';
@@ -87,9 +87,6 @@ export function sameKeys(a: Repository, b: Repository): boolean {
   return a.chunkId(probe).equals(b.chunkId(probe));
 }
 
-function hex(id: Uint8Array): string {
-  return Buffer.from(id.buffer, id.byteOffset, ID_SIZE).toString('hex');
-}
 
 /** Distinct non-zero chunk ids of a snapshot. */
 function distinctChunks(snap: Snapshot): Map<string, Buffer> {
@@ -338,7 +335,7 @@ async function learnFromParent(src: Repository, dst: Repository, parentId: strin
     for (let o = 0; o < st.chunks.length; o += ID_SIZE) {
       const s = st.chunks.subarray(o, o + ID_SIZE);
       if (isZeroId(s)) continue;
-      const k = hex(s);
+      const k = idHex(s);
       if (!idMap.has(k)) idMap.set(k, Buffer.from(tt.chunks.subarray(o, o + ID_SIZE)));
     }
   }

@@ -43,3 +43,8 @@ export function isAllZero(data: Uint8Array): boolean {
   }
   return true;
 }
+
+/** A chunk id (the first ID_SIZE bytes of `id`) as hex: the key of maps and sets of chunks. */
+export function idHex(id: Uint8Array): string {
+  return Buffer.from(id.buffer, id.byteOffset, ID_SIZE).toString('hex');
+}

@@ -18,7 +18,7 @@ import type { Backend } from './backend/contract.js';
 import { ObjectNotFoundError } from './backend/contract.js';
 import { ChunkIndex, encodeIndexFile, encodeIndexRows, decodeIndexFile, type IndexRow } from './chunk-index.js';
 import { IntegrityError, RepositoryError } from './errors.js';
-import { contentHash, ID_SIZE, isZeroId } from './hash.js';
+import { contentHash, ID_SIZE, idHex, isZeroId } from './hash.js';
 import { chunkCount, type Snapshot } from './manifest.js';
 import { PACK_MAGIC, PACK_TRAILER, PackWriter, parseDescription, parseTrailer, readPackEntries, type PackEntry } from './pack.js';
 import { mapLimit, PACK_TARGET, type Repository } from './repository.js';
@@ -54,9 +54,6 @@ export interface PruneStats {
   leftoversError?: string;
 }
 
-function idKey(id: Uint8Array): string {
-  return Buffer.from(id.buffer, id.byteOffset, ID_SIZE).toString('hex');
-}
 
 export interface LiveChunks {
   /** Snapshots read. */
@@ -94,7 +91,7 @@ export async function markLiveChunks(
         // The index only grows (ordinals are stable), but an entry added after `live` was sized
         // would be neither marked nor reported: refuse rather than let prune doom its pack.
         if (i >= live.length) throw new Error('internal: the index grew while live chunks were being marked');
-        if (i < 0) missing.add(idKey(id));
+        if (i < 0) missing.add(idHex(id));
         else if (live[i] === 0) {
           live[i] = 1;
           count++;
@@ -312,7 +309,7 @@ export async function check(repo: Repository, opts: CheckOptions = {}): Promise<
       for (let o = 0; o < st.chunks.length; o += ID_SIZE) {
         const id = st.chunks.subarray(o, o + ID_SIZE);
         if (isZeroId(id) || index.has(id)) continue;
-        const k = idKey(id);
+        const k = idHex(id);
         if (!missingSeen.has(k)) {
           missingSeen.add(k);
           missing.push(k);
@@ -338,14 +335,14 @@ export async function check(repo: Repository, opts: CheckOptions = {}): Promise<
     const size = packSizes.get(pack);
     const entries = entriesOf(pack);
     if (size === undefined) {
-      report({ severity: 'error', message: `pack ${pack.slice(0, 12)} is missing (${entries.length} chunks)`, affected: [] }, entries.map((e) => idKey(e.id)));
+      report({ severity: 'error', message: `pack ${pack.slice(0, 12)} is missing (${entries.length} chunks)`, affected: [] }, entries.map((e) => idHex(e.id)));
       continue;
     }
     const beyond = entries.filter((e) => e.offset + e.storedLength > size - PACK_TRAILER);
     if (beyond.length) {
       report(
         { severity: 'error', message: `pack ${pack.slice(0, 12)} is truncated: ${beyond.length} chunk(s) lie past its end (${size} bytes)`, affected: [] },
-        beyond.map((e) => idKey(e.id)),
+        beyond.map((e) => idHex(e.id)),
       );
     }
   }
@@ -394,7 +391,7 @@ async function nameAffectedStreams(repo: Repository, pending: readonly { problem
     for (const st of s.streams)
       for (let o = 0; o < st.chunks.length; o += ID_SIZE) {
         if (!prefixes.has(st.chunks.readUInt32BE(o))) continue;
-        const ps = problemsOf.get(idKey(st.chunks.subarray(o, o + ID_SIZE)));
+        const ps = problemsOf.get(idHex(st.chunks.subarray(o, o + ID_SIZE)));
         if (!ps) continue;
         for (const p of ps) found[p]!.set(`${s.id}/${st.name}`, { snapshot: s.id, vm: s.vm, stream: st.name });
       }
@@ -417,7 +414,7 @@ async function readPack(repo: Repository, pack: string, entries: ({ id: Buffer }
       if (e.offset + e.storedLength > bytes.length) throw new IntegrityError('past the end of the pack');
       repo.openChunk(e.id, e, bytes.subarray(e.offset, e.offset + e.storedLength));
     } catch {
-      badChunks.push(idKey(e.id));
+      badChunks.push(idHex(e.id));
     }
   }
   if (badChunks.length) reasons.push(`${badChunks.length} chunk(s) fail verification`);
