@@ -54,8 +54,9 @@ export function shortId(id: string): string {
 
 /**
  * Errors whose message is meant for the user as is: the repository's and the backends' error
- * classes, and any error of another layer that says so (`userFacing = true`: bad input or a failed
- * step described in the user's words). Anything else is a bug and is reported as one.
+ * classes, and every other layer's subclasses of UserFacingError (src/util/errors.ts; checked by
+ * its `userFacing` mark, which also survives an error rebuilt from a supervisor's reply). Anything
+ * else is a bug and is reported as one.
  */
 export function isUserFacing(err: unknown): err is Error {
   if (err instanceof RepositoryError || err instanceof BackendError) return true;

@@ -11,6 +11,7 @@
  *   id == ZERO_CHUNK_ID (32 zero bytes)  →  block reads as zeros and nothing is stored
  */
 import { blake3 } from '@napi-rs/blake-hash';
+import { UserFacingError } from '../util/errors.js';
 
 export const CHUNK_ID_BYTES = 32;
 export const ZERO_CHUNK_ID: Buffer = Buffer.alloc(CHUNK_ID_BYTES);
@@ -35,9 +36,7 @@ export interface DiskStream {
   chunks: Buffer;
 }
 
-export class DiskStreamError extends Error {
-  /** Says what went wrong in words for the user: the CLI prints it as is. */
-  readonly userFacing = true;
+export class DiskStreamError extends UserFacingError {
   override readonly name = 'DiskStreamError';
 }
 

@@ -12,6 +12,7 @@ import type { ChunkStore, DiskStream } from './chunk-store.js';
 import { NbdServer } from './nbd-server.js';
 import { cloneVolume } from './snapshot.js';
 import { Volume } from './volume.js';
+import { UserFacingError } from '../util/errors.js';
 
 export interface VolumeCliContext {
   /** vmsnap's data directory. */
@@ -24,9 +25,7 @@ export interface VolumeCliContext {
   print?: (line: string) => void;
 }
 
-export class VolumeCliError extends Error {
-  /** Says what went wrong in words for the user: the CLI prints it as is. */
-  readonly userFacing = true;
+export class VolumeCliError extends UserFacingError {
   override readonly name = 'VolumeCliError';
 }
 

@@ -10,15 +10,12 @@
  */
 import { blockCount, isZeroBuffer, validateDiskStream, ZERO_CHUNK_ID, CHUNK_ID_BYTES, type ChunkStore, type DiskStream } from './chunk-store.js';
 import { Volume, BASE, ZERO, type FrozenSet, type VolumeOpenOptions } from './volume.js';
+import { UserFacingError } from '../util/errors.js';
 
-export class SnapshotError extends Error {
-  /** Says what went wrong in words for the user: the CLI prints it as is. */
-  readonly userFacing = true;
+export class SnapshotError extends UserFacingError {
   override readonly name = 'SnapshotError';
 }
-export class CloneError extends Error {
-  /** Says what went wrong in words for the user: the CLI prints it as is. */
-  readonly userFacing = true;
+export class CloneError extends UserFacingError {
   override readonly name = 'CloneError';
 }
 

@@ -52,6 +52,7 @@ import {
 import { closeFd, fdatasync, ftruncate, openFd, pread, pwritev } from './fileio.js';
 import { ownerAlive, ownerToken, processAlive } from '../util/process.js';
 import { randomBytes } from 'node:crypto';
+import { UserFacingError } from '../util/errors.js';
 
 export const BASE = -1;
 export const ZERO = -2;
@@ -63,30 +64,22 @@ const CHECKPOINT_JOURNAL_BYTES = 32 * 1024 * 1024;
 const MAP_ENTRY = 1;
 const FREEZE_ENTRY = 2;
 
-export class VolumeCreateError extends Error {
-  /** Says what went wrong in words for the user: the CLI prints it as is. */
-  readonly userFacing = true;
+export class VolumeCreateError extends UserFacingError {
   override readonly name = 'VolumeCreateError';
 }
-export class VolumeOpenError extends Error {
-  /** Says what went wrong in words for the user: the CLI prints it as is. */
-  readonly userFacing = true;
+export class VolumeOpenError extends UserFacingError {
   override readonly name = 'VolumeOpenError';
 }
 export class VolumeIoError extends Error {
   override readonly name = 'VolumeIoError';
 }
-export class VolumeRangeError extends Error {
-  /** Says what went wrong in words for the user: the CLI prints it as is. */
-  readonly userFacing = true;
+export class VolumeRangeError extends UserFacingError {
   override readonly name = 'VolumeRangeError';
 }
 export class VolumeFlushError extends Error {
   override readonly name = 'VolumeFlushError';
 }
-export class VolumeRestoreError extends Error {
-  /** Says what went wrong in words for the user: the CLI prints it as is. */
-  readonly userFacing = true;
+export class VolumeRestoreError extends UserFacingError {
   override readonly name = 'VolumeRestoreError';
 }
 

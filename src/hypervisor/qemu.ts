@@ -19,6 +19,7 @@ import * as path from 'node:path';
 import { readTail } from '../util/fs.js';
 import { promisify } from 'node:util';
 import { QmpClient } from './qmp.js';
+import { UserFacingError } from '../util/errors.js';
 
 const execFileP = promisify(execFile);
 
@@ -27,21 +28,15 @@ export const DEFAULT_MACHINE_TYPE = 'pc-i440fx-10.0';
 /** Versions whose migration stream format vmsnap understands: major 10. */
 export const SUPPORTED_QEMU = { minMajor: 10, maxMajorExclusive: 11 } as const;
 
-export class UnsupportedQemuError extends Error {
-  /** Says what went wrong in words for the user: the CLI prints it as is. */
-  readonly userFacing = true;
+export class UnsupportedQemuError extends UserFacingError {
   override readonly name = 'UnsupportedQemuError';
 }
 
-export class QemuDetectError extends Error {
-  /** Says what went wrong in words for the user: the CLI prints it as is. */
-  readonly userFacing = true;
+export class QemuDetectError extends UserFacingError {
   override readonly name = 'QemuDetectError';
 }
 
-export class QemuLaunchError extends Error {
-  /** Says what went wrong in words for the user: the CLI prints it as is. */
-  readonly userFacing = true;
+export class QemuLaunchError extends UserFacingError {
   override readonly name = 'QemuLaunchError';
   constructor(
     message: string,

@@ -33,10 +33,9 @@ import type { Repository } from '../store/repository.js';
 import type { StreamRecord } from '../store/manifest.js';
 import { ID_SIZE, isAllZero, ZERO_CHUNK_ID } from '../store/hash.js';
 import { chunkCount } from '../store/manifest.js';
+import { UserFacingError } from '../util/errors.js';
 
-export class RamCaptureError extends Error {
-  /** Says what went wrong in words for the user: the CLI prints it as is. */
-  readonly userFacing = true;
+export class RamCaptureError extends UserFacingError {
   override readonly name = 'RamCaptureError';
 }
 

@@ -29,6 +29,7 @@ import { Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { parseMigrationStream, type MigStreamSink, type ParsedStream } from './migstream/parser.js';
 import type { QmpClient } from './qmp.js';
+import { UserFacingError } from '../util/errors.js';
 
 /** The capabilities vmsnap turns on for a snapshot; none of them changes the stream format. */
 export const VMSNAP_CAPABILITIES: readonly string[] = ['background-snapshot'];
@@ -52,9 +53,7 @@ export const SNAPSHOT_MAX_BANDWIDTH = 64 * 1024 * 1024 * 1024;
 export type CaptureStep = 'check-capabilities' | 'configure' | 'listen' | 'migrate' | 'stream' | 'complete';
 export type RestoreStep = 'check-state' | 'migrate-incoming' | 'connect' | 'send' | 'load';
 
-export class SnapshotCaptureError extends Error {
-  /** Says what went wrong in words for the user: the CLI prints it as is. */
-  readonly userFacing = true;
+export class SnapshotCaptureError extends UserFacingError {
   override readonly name = 'SnapshotCaptureError';
   constructor(
     readonly step: CaptureStep,
@@ -65,9 +64,7 @@ export class SnapshotCaptureError extends Error {
   }
 }
 
-export class SnapshotRestoreError extends Error {
-  /** Says what went wrong in words for the user: the CLI prints it as is. */
-  readonly userFacing = true;
+export class SnapshotRestoreError extends UserFacingError {
   override readonly name = 'SnapshotRestoreError';
   constructor(
     readonly step: RestoreStep,

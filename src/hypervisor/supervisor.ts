@@ -19,10 +19,10 @@ import { projectRoot } from '../util/project.js';
 import { VmRuntime, type TakeOptions } from './vm-runtime.js';
 import { vmPaths, type VmPaths } from './vm-config.js';
 import type { Repository } from '../store/repository.js';
+import { UserFacingError } from '../util/errors.js';
 
-export class SupervisorError extends Error {
+export class SupervisorError extends UserFacingError {
   override readonly name = 'SupervisorError';
-  readonly userFacing = true;
 }
 
 export type SupervisorRequest =

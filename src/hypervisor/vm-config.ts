@@ -17,10 +17,10 @@ import * as path from 'node:path';
 import { atomicWriteFile, containedPath, exists } from '../util/fs.js';
 import { checkName } from '../store/manifest.js';
 import { DEFAULT_MACHINE_TYPE } from './qemu.js';
+import { UserFacingError } from '../util/errors.js';
 
-export class VmConfigError extends Error {
+export class VmConfigError extends UserFacingError {
   override readonly name = 'VmConfigError';
-  readonly userFacing = true;
 }
 
 export interface DiskDef {

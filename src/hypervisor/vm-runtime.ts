@@ -35,10 +35,10 @@ import { captureSnapshot, restoreFromStream } from './snapshot.js';
 import { buildStream } from './migstream/builder.js';
 import { loadBytes, loadStoredRam, ramPages, RamStreamWriter, storeBytes } from './ram-store.js';
 import { diskDir, loadDefinition, loadState, parseDefinition, saveState, vmPaths, type VmDefinition, type VmPaths } from './vm-config.js';
+import { UserFacingError } from '../util/errors.js';
 
-export class VmOperationError extends Error {
+export class VmOperationError extends UserFacingError {
   override readonly name = 'VmOperationError';
-  readonly userFacing = true;
   constructor(
     readonly operation: 'start' | 'take' | 'restore' | 'stop',
     readonly step: string,

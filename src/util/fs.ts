@@ -8,10 +8,9 @@
 import { randomBytes } from 'node:crypto';
 import { promises as fsp, constants as fsc } from 'node:fs';
 import * as path from 'node:path';
+import { UserFacingError } from './errors.js';
 
-export class PathEscapeError extends Error {
-  /** Says what went wrong in words for the user: the CLI prints it as is. */
-  readonly userFacing = true;
+export class PathEscapeError extends UserFacingError {
   override readonly name = 'PathEscapeError';
 }
 

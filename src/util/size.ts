@@ -1,7 +1,8 @@
 /** Sizes typed by users: "4G", "512M", "1048576", "64KiB" (binary multiples). */
-export class SizeError extends Error {
+import { UserFacingError } from './errors.js';
+
+export class SizeError extends UserFacingError {
   override readonly name = 'SizeError';
-  readonly userFacing = true;
 }
 
 const SIZE_RE = /^(\d+)\s*([KMGT]?)(i?B)?$/i;

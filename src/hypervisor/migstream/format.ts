@@ -2,6 +2,7 @@
  * Constants and types of the QEMU 10 migration stream as vmsnap reads and writes it. The layout is
  * drawn in parser.ts; this module only names its numbers.
  */
+import { UserFacingError } from '../../util/errors.js';
 
 export const QEVM_MAGIC = 0x5145564d; // "QEVM"
 export const QEVM_VERSION = 3;
@@ -61,9 +62,7 @@ export const MAX_MACHINE_NAME = 256;
 export const MAX_RAM_BLOCKS = 4096;
 export const DEFAULT_MAX_SUFFIX_BYTES = 256 << 20;
 
-export class MigrationStreamError extends Error {
-  /** Says what went wrong in words for the user: the CLI prints it as is. */
-  readonly userFacing = true;
+export class MigrationStreamError extends UserFacingError {
   override readonly name = 'MigrationStreamError';
   constructor(
     readonly what: string,
