@@ -23,7 +23,8 @@ import {
   type DiskDef,
   type VmDefinition,
 } from '../src/hypervisor/vm-config.js';
-import { callSupervisor, isRunning, runSupervisor, spawnSupervisor, SupervisorError } from '../src/hypervisor/supervisor.js';
+import { callSupervisor, forceStop, isRunning, runSupervisor, spawnSupervisor, SupervisorError, vmStatus } from '../src/hypervisor/supervisor.js';
+import { vmProcesses } from '../src/hypervisor/vm-processes.js';
 import { checkRestorable, takeStopped, VmOperationError, type TakeResult } from '../src/hypervisor/vm-runtime.js';
 import { dataDir, openBackendAt, openRepository, password, repoLocation, type GlobalOptions } from './context.js';
 import { humanBytes, printJson, shortId } from './output.js';
@@ -187,6 +188,14 @@ export function registerVmCommands(program: Command, globals: Globals): void {
       .action(async (name: string) => {
         const paths = vmPaths(dataDir(), name);
         await loadDefinition(dataDir(), name);
+        if (op === 'stop' && !(await isRunning(paths))) {
+          // No supervisor answers: end whatever of this VM still lives (a hung supervisor, a QEMU
+          // a killed supervisor left behind) rather than report a VM stopped that is not.
+          const ended = await forceStop(paths, name);
+          if (!ended.length) throw new SupervisorError(`VM ${name} is not running`);
+          if (!globals().json) console.log(`VM ${name}: stop done (killed process(es) ${ended.join(', ')} left without a working supervisor)`);
+          return;
+        }
         await callSupervisor(paths, { op });
         if (op === 'stop') {
           for (let i = 0; i < 200 && (await isRunning(paths)); i++) await new Promise((r) => setTimeout(r, 50));
@@ -205,14 +214,20 @@ export function registerVmCommands(program: Command, globals: Globals): void {
       const g = globals();
       const rows = [];
       for (const name of await listVms(dataDir())) {
-        const def = await loadDefinition(dataDir(), name);
         const paths = vmPaths(dataDir(), name);
-        const st = await callSupervisor<{ state: string }>(paths, { op: 'status' }, 5000).catch(() => ({ state: 'shutoff' }));
-        rows.push({ name, state: st.state, memoryMiB: def.memoryMiB, cpus: def.cpus, disks: def.disks, lastSnapshot: (await loadState(dataDir(), name)).lastSnapshot });
+        const st = await vmStatus(paths, name);
+        // One VM's unreadable definition must not hide the others: it is listed as broken.
+        const def = await loadDefinition(dataDir(), name).catch((err: Error) => err);
+        const lastSnapshot = (await loadState(dataDir(), name)).lastSnapshot;
+        if (def instanceof Error) rows.push({ name, state: st.state === 'shutoff' ? 'broken' : st.state, problem: def.message, memoryMiB: null, cpus: null, disks: [], lastSnapshot });
+        else rows.push({ name, state: st.state, ...(st.problem ? { problem: st.problem } : {}), memoryMiB: def.memoryMiB, cpus: def.cpus, disks: def.disks, lastSnapshot });
       }
       if (g.json) return printJson(rows);
       if (!rows.length) return console.log('no VMs');
-      for (const r of rows) console.log(`${r.name.padEnd(16)} ${r.state.padEnd(10)} ${String(r.memoryMiB).padStart(6)} MiB  ${r.disks.length} disk(s)  last snapshot ${r.lastSnapshot ? shortId(r.lastSnapshot) : '-'}`);
+      for (const r of rows) {
+        console.log(`${r.name.padEnd(16)} ${r.state.padEnd(12)} ${String(r.memoryMiB ?? '-').padStart(6)} MiB  ${r.disks.length} disk(s)  last snapshot ${r.lastSnapshot ? shortId(r.lastSnapshot) : '-'}`);
+        if (r.problem) console.log(`  ${r.problem}`);
+      }
     });
 
   vm.command('show <name>')
@@ -221,7 +236,7 @@ export function registerVmCommands(program: Command, globals: Globals): void {
       const g = globals();
       const def = await loadDefinition(dataDir(), name);
       const paths = vmPaths(dataDir(), name);
-      const st = await callSupervisor<Record<string, unknown>>(paths, { op: 'status' }, 5000).catch(() => ({ state: 'shutoff' }));
+      const st = await vmStatus(paths, name);
       const state = await loadState(dataDir(), name);
       if (g.json) return printJson({ ...def, status: st, lastSnapshot: state.lastSnapshot, serialLog: paths.serialLog });
       console.log(JSON.stringify({ ...def, status: st, lastSnapshot: state.lastSnapshot, serialLog: paths.serialLog }, null, 2));
@@ -255,9 +270,11 @@ export function registerVmCommands(program: Command, globals: Globals): void {
   vm.command('rm <name>')
     .description('delete a VM and its disks (its snapshots stay in the repository)')
     .action(async (name: string) => {
-      await loadDefinition(dataDir(), name);
       const paths = vmPaths(dataDir(), name);
-      if (await isRunning(paths)) throw new UsageError(`VM ${name} is running: stop it first`);
+      // A VM whose vm.json is damaged can still be removed: only its folder must exist.
+      if (!(await fsp.stat(paths.dir).catch(() => null))) await loadDefinition(dataDir(), name);
+      const procs = await vmProcesses(paths, name);
+      if ((await isRunning(paths)) || procs.supervisor || procs.qemus.length) throw new UsageError(`VM ${name} is running: stop it first (\`vmsnap vm stop ${name}\`)`);
       await fsp.rm(paths.dir, { recursive: true, force: true });
       if (!globals().json) console.log(`removed VM ${name}`);
     });

@@ -17,6 +17,7 @@ import { execFile, spawn, type ChildProcess } from 'node:child_process';
 import { promises as fsp, constants as fsc } from 'node:fs';
 import * as path from 'node:path';
 import { readTail } from '../util/fs.js';
+import { nativeHelper } from '../util/project.js';
 import { promisify } from 'node:util';
 import { QmpClient } from './qmp.js';
 import { UserFacingError } from '../util/errors.js';
@@ -167,6 +168,9 @@ function optVal(s: string): string {
   return s.replaceAll(',', ',,');
 }
 
+/** The QMP socket path as it appears in QEMU's argv (vm-processes.ts finds a VM's QEMUs by it). */
+export const qmpChardevPath = optVal;
+
 /** Builds the full argv (without the binary). Pure: easy to test and to record in a snapshot. */
 export function buildQemuArgv(o: QemuLaunchOptions): string[] {
   if (!Number.isInteger(o.memoryMiB) || o.memoryMiB < 16) {
@@ -269,6 +273,25 @@ export class QemuProcess {
   }
 }
 
+let warnedNoWrapper = false;
+
+/**
+ * The command that runs `bin argv` so that the kernel kills it when this process dies
+ * (native/die-with-parent.c): a QEMU must never outlive the process that owns its disks. The
+ * spawned pid stays the program's pid (the wrapper execs). Without the helper (scripts/setup.sh
+ * not run) the program runs unwrapped, with a warning: vm-processes.ts still keeps `vm start`
+ * from starting a second QEMU beside an orphan.
+ */
+export function dieWithParent(bin: string, argv: readonly string[]): [string, string[]] {
+  const helper = nativeHelper('die-with-parent');
+  if (helper) return [helper, [String(process.pid), bin, ...argv]];
+  if (!warnedNoWrapper) {
+    warnedNoWrapper = true;
+    process.emitWarning(`native helper die-with-parent is not built (run scripts/setup.sh): ${bin} may outlive this process if it is killed`);
+  }
+  return [bin, [...argv]];
+}
+
 /**
  * Starts QEMU and connects QMP. Fails with QemuLaunchError (including QEMU's log tail) if QEMU
  * exits before its QMP socket answers.
@@ -282,7 +305,8 @@ export async function launchQemu(o: QemuLaunchOptions & { qemu?: QemuBinary; qmp
   const log = await fsp.open(paths.qemuLog, 'a');
   let child: ChildProcess;
   try {
-    child = spawn(qemu.path, argv, { stdio: ['ignore', log.fd, log.fd], detached: false });
+    const [cmd, args] = dieWithParent(qemu.path, argv);
+    child = spawn(cmd, args, { stdio: ['ignore', log.fd, log.fd], detached: false });
   } finally {
     // The child holds its own copy of the descriptor.
     await log.close();

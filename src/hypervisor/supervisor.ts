@@ -9,6 +9,11 @@
  *
  * The supervisor exits when QEMU exits (guest shutdown, crash or kill) after closing the NBD
  * server and checkpointing the volumes, or on `stop`. Its stdout/stderr go to run/supervisor.log.
+ *
+ * One VM, one supervisor, one QEMU: the supervisor claims run/supervisor.pid with O_EXCL (a stale
+ * file, naming no live supervisor of this VM, is replaced), refuses to start while any QEMU of the
+ * VM is alive (vm-processes.ts), and its QEMU dies with it (die-with-parent), so a supervisor
+ * killed with SIGKILL cannot leave a guest behind that would write the disks a new one serves.
  */
 import { spawn } from 'node:child_process';
 import { existsSync, openSync, closeSync, promises as fsp } from 'node:fs';
@@ -18,6 +23,7 @@ import { readTail } from '../util/fs.js';
 import { projectRoot } from '../util/project.js';
 import { VmRuntime, type TakeOptions } from './vm-runtime.js';
 import { vmPaths, type VmPaths } from './vm-config.js';
+import { isSupervisorOf, vmProcesses, waitExited } from './vm-processes.js';
 import type { Repository } from '../store/repository.js';
 import { UserFacingError } from '../util/errors.js';
 
@@ -38,8 +44,15 @@ type Reply = { ok: true; result: unknown } | { ok: false; error: string; name: s
 export async function runSupervisor(opts: { dataDir: string; name: string; restore?: string; hydrate?: number; openRepo: () => Promise<Repository> }): Promise<void> {
   const paths = vmPaths(opts.dataDir, opts.name);
   const log = (m: string) => process.stderr.write(`${new Date().toISOString()} ${m}\n`);
-  await fsp.writeFile(paths.supervisorPid, String(process.pid));
-  const rt = await VmRuntime.start({ ...opts, log });
+  await claimPidFile(paths, opts.name);
+  let rt: VmRuntime;
+  try {
+    await refuseLeftovers(paths, opts.name);
+    rt = await VmRuntime.start({ ...opts, log });
+  } catch (err) {
+    await fsp.rm(paths.supervisorPid, { force: true });
+    throw err;
+  }
   // Requests being answered: when QEMU dies under a `take`, its error reply must still reach the
   // CLI before this process exits (otherwise it only sees the connection close).
   const inflight = new Set<Promise<void>>();
@@ -64,6 +77,35 @@ export async function runSupervisor(opts: { dataDir: string; name: string; resto
   process.on('SIGINT', () => void shutdown());
   await rt.ended;
   await shutdown();
+}
+
+/**
+ * Makes this process the VM's one supervisor: creates run/supervisor.pid exclusively. A file left
+ * by a supervisor that died (its pid is no supervisor of this VM now) is replaced once.
+ */
+async function claimPidFile(paths: VmPaths, name: string): Promise<void> {
+  for (let attempt = 0; ; attempt++) {
+    try {
+      await fsp.writeFile(paths.supervisorPid, String(process.pid), { flag: 'wx', mode: 0o600 });
+      return;
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'EEXIST' || attempt > 0) throw err;
+      const other = Number((await fsp.readFile(paths.supervisorPid, 'utf8').catch(() => '')).trim());
+      if (other > 0 && other !== process.pid && isSupervisorOf(other, name)) throw new SupervisorError(`VM ${name} is already running (supervisor pid ${other})`);
+      await fsp.rm(paths.supervisorPid, { force: true });
+    }
+  }
+}
+
+/** Refuses to start a VM while a QEMU of it is alive: two guests would write one disk. */
+async function refuseLeftovers(paths: VmPaths, name: string): Promise<void> {
+  const { qemus } = await vmProcesses(paths, name);
+  if (qemus.length) {
+    throw new SupervisorError(
+      `VM ${name}: QEMU (pid ${qemus.join(', ')}) of this VM is still running without its supervisor; ` +
+        `starting another would let two guests write one disk. Run \`vmsnap vm stop ${name}\` to end it (the guest's unsaved state is lost).`,
+    );
+  }
 }
 
 function handle(rt: VmRuntime, sock: net.Socket, log: (m: string) => void, stop: () => void, inflight: Set<Promise<void>>): void {
@@ -163,6 +205,59 @@ export async function isRunning(paths: VmPaths): Promise<boolean> {
   }
 }
 
+/** What `vm ls` / `vm show` report: the supervisor's own status, or what the processes say. */
+export interface VmStatus {
+  /** QEMU's run state (running, paused, inmigrate, …) or shutoff | orphaned | unresponsive. */
+  state: string;
+  pid?: number | null;
+  accel?: string | null;
+  /** Set when something is wrong beyond the state: orphaned QEMUs, stale run files. */
+  problem?: string;
+  [k: string]: unknown;
+}
+
+export async function vmStatus(paths: VmPaths, name: string): Promise<VmStatus> {
+  const fromSupervisor = await callSupervisor<VmStatus>(paths, { op: 'status' }, 5000).catch(() => null);
+  const procs = await vmProcesses(paths, name);
+  if (fromSupervisor) {
+    const strays = procs.qemus.filter((p) => p !== fromSupervisor.pid);
+    return strays.length ? { ...fromSupervisor, problem: `other QEMU process(es) of this VM are alive: ${strays.join(', ')}` } : fromSupervisor;
+  }
+  if (procs.supervisor) return { state: 'unresponsive', pid: procs.qemus[0] ?? null, problem: `supervisor pid ${procs.supervisor} does not answer (log: ${paths.supervisorLog})` };
+  if (procs.qemus.length) return { state: 'orphaned', pid: procs.qemus[0]!, problem: `QEMU pid ${procs.qemus.join(', ')} runs without its supervisor (its disks are not served); \`vmsnap vm stop ${name}\` ends it` };
+  if (procs.stalePidFile || existsSync(paths.supervisorSocket)) return { state: 'shutoff', pid: null, problem: 'stale run files: its supervisor died without cleaning up (the next start replaces them)' };
+  return { state: 'shutoff', pid: null };
+}
+
+/**
+ * Ends a VM whose supervisor cannot be asked to stop: an unresponsive supervisor gets SIGTERM then
+ * SIGKILL (its QEMU dies with it), an orphaned QEMU SIGKILL. Returns the pids ended.
+ */
+export async function forceStop(paths: VmPaths, name: string): Promise<number[]> {
+  const procs = await vmProcesses(paths, name);
+  const ended: number[] = [];
+  const kill = (pid: number, sig: NodeJS.Signals) => {
+    try {
+      process.kill(pid, sig);
+    } catch {
+      // gone already
+    }
+  };
+  if (procs.supervisor) {
+    kill(procs.supervisor, 'SIGTERM');
+    if ((await waitExited([procs.supervisor], 15_000)).length) kill(procs.supervisor, 'SIGKILL');
+    ended.push(procs.supervisor);
+  }
+  const qemus = procs.supervisor ? await waitExited(procs.qemus, 5000) : procs.qemus;
+  for (const q of qemus) kill(q, 'SIGKILL');
+  ended.push(...qemus);
+  const left = await waitExited(ended, 10_000);
+  if (left.length) throw new SupervisorError(`VM ${name}: process(es) ${left.join(', ')} did not exit after SIGKILL`);
+  await fsp.rm(paths.supervisorSocket, { force: true });
+  await fsp.rm(paths.supervisorPid, { force: true });
+  return ended;
+}
+
 /**
  * Starts a VM's supervisor detached and waits until it answers (or dies: then its log tail is in
  * the error). `env` carries the repository location and password to the child.
@@ -175,6 +270,9 @@ export async function spawnSupervisor(
   const paths = vmPaths(dataDir, name);
   await fsp.mkdir(paths.runDir, { recursive: true, mode: 0o700 });
   if (await isRunning(paths)) throw new SupervisorError(`VM ${name} is already running`);
+  const procs = await vmProcesses(paths, name);
+  if (procs.supervisor) throw new SupervisorError(`VM ${name}: its supervisor (pid ${procs.supervisor}) is alive but does not answer; \`vmsnap vm stop ${name}\` ends it (log: ${paths.supervisorLog})`);
+  await refuseLeftovers(paths, name);
   await fsp.rm(paths.supervisorSocket, { force: true });
   const logFd = openSync(paths.supervisorLog, 'a');
   const bin = path.join(projectRoot(), 'bin', 'vmsnap.js');

@@ -30,7 +30,7 @@ import { snapshotVolume, type SnapshotStats } from '../cow/snapshot.js';
 import type { DiskStream } from '../cow/chunk-store.js';
 import type { Repository } from '../store/repository.js';
 import type { MetaValue, Snapshot, StreamRecord } from '../store/manifest.js';
-import { chooseAccel, detectQemu, launchQemu, SUPPORTED_QEMU, type QemuBinary, type QemuProcess } from './qemu.js';
+import { chooseAccel, detectQemu, dieWithParent, launchQemu, SUPPORTED_QEMU, type QemuBinary, type QemuProcess } from './qemu.js';
 import { captureSnapshot, restoreFromStream } from './snapshot.js';
 import { buildStream } from './migstream/builder.js';
 import { loadBytes, loadStoredRam, ramPages, RamStreamWriter, storeBytes } from './ram-store.js';
@@ -40,7 +40,7 @@ import { UserFacingError } from '../util/errors.js';
 export class VmOperationError extends UserFacingError {
   override readonly name = 'VmOperationError';
   constructor(
-    readonly operation: 'start' | 'take' | 'restore' | 'stop',
+    readonly operation: 'start' | 'take' | 'restore' | 'stop' | 'resume',
     readonly step: string,
     message: string,
     options?: { cause?: unknown },
@@ -258,8 +258,19 @@ export class VmRuntime {
   pause(): Promise<void> {
     return this.exclusive(async () => void (await this.liveQemu('pause').qmp.execute('stop')));
   }
+  /**
+   * Runs the guest again, and says so only when QEMU reports it running: `cont` also "succeeds"
+   * on a QEMU still waiting for its incoming state (it merely arms autostart), where nothing runs.
+   */
   resume(): Promise<void> {
-    return this.exclusive(async () => void (await this.liveQemu('resume').qmp.execute('cont')));
+    return this.exclusive(async () => {
+      const q = this.liveQemu('resume');
+      const before = (await q.qmp.execute<{ status: string }>('query-status')).status;
+      if (before === 'inmigrate') throw new VmOperationError('resume', 'checking the guest', `VM ${this.def.name} has no guest state loaded (QEMU is waiting for one: a restore did not finish); restore a snapshot or stop the VM`);
+      await q.qmp.execute('cont');
+      const after = (await q.qmp.execute<{ status: string }>('query-status')).status;
+      if (after !== 'running') throw new VmOperationError('resume', 'resuming the guest', `QEMU reports the guest ${after}, not running`);
+    });
   }
 
   private liveQemu(op: string): QemuProcess {
@@ -382,7 +393,8 @@ export class VmRuntime {
     const helper = nativeHelper('thp-collapse');
     if (!helper || q.hasExited) return;
     const t0 = performance.now();
-    execFile('nice', ['-n', '10', helper, String(q.pid)], { timeout: 60_000 }, (err, stdout) => {
+    const [cmd, args] = dieWithParent('nice', ['-n', '10', helper, String(q.pid)]);
+    execFile(cmd, args, { timeout: 60_000 }, (err, stdout) => {
       const out = stdout.trim() || (err ? err.message : '');
       this.log(`huge pages re-collapsed in ${(performance.now() - t0).toFixed(0)} ms: ${out}`);
     });
