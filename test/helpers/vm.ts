@@ -223,20 +223,25 @@ export class VmLab {
     return r.map((x) => x.id);
   }
 
-  /** Stops every VM of this lab, kills whatever of its supervisors and QEMUs still lives, removes the temp dir. */
+  /**
+   * Stops every VM of this lab, kills whatever of its supervisors and QEMUs still lives, removes the
+   * temp dir — and then FAILS (throws) if anything had to be killed: `vm stop` must end every
+   * process of a VM, and a QEMU left behind (e.g. by a supervisor that died) is a defect, not noise.
+   */
   async cleanup(): Promise<void> {
     for (const name of this.vms) {
       await this.rememberPids(name).catch(() => undefined);
       if (this.supervisorPid(name)) await this.run(['vm', 'stop', name]).catch(() => undefined);
     }
-    const left = this.ourPids().filter((p) => this.owns(p));
-    const sups = [...this.pids].filter((p) => this.owns(p) && !left.includes(p));
-    // `vm stop` should have ended everything: say so when it did not (a leak to look into).
-    if (left.length || sups.length) console.log(`cleanup of ${this.root}: killing leftover processes ${[...left, ...sups].map((p) => `${p} (${cmdline(p)})`).join(", ")}`);
-    for (const pid of left) this.pids.add(pid);
-    for (const pid of this.pids) {
-      // A remembered pid may have exited and been reused: kill only processes of this lab.
-      if (!this.owns(pid)) continue;
+    // Processes end a moment after `vm stop` returns (QEMU is reaped after the supervisor exits).
+    const deadline = Date.now() + 5000;
+    let left = this.leftovers();
+    while (left.length && Date.now() < deadline) {
+      await sleep(100);
+      left = this.leftovers();
+    }
+    const described = left.map((p) => `${p} (${cmdline(p)})`);
+    for (const pid of left) {
       try {
         process.kill(pid, 'SIGKILL');
       } catch {
@@ -244,6 +249,20 @@ export class VmLab {
       }
     }
     removeDir(this.root);
+    if (left.length) throw new Error(`cleanup of ${this.root}: processes were left running after \`vm stop\` and had to be killed: ${described.join(', ')}`);
+  }
+
+  /** Live supervisors and QEMUs of this lab (remembered pids, and anything naming its root). */
+  leftovers(): number[] {
+    return [...new Set([...this.pids, ...this.ourPids()])].filter((p) => this.owns(p));
+  }
+
+  /** Live QEMU processes of this lab's VM `name` (their command line names its run dir). */
+  qemuPids(name: string): number[] {
+    return this.ourPids().filter((p) => {
+      const argv = fullArgv(p);
+      return /qemu-system/.test(argv[0] ?? '') && argv.some((a) => a.includes(`${this.runDir(name)}/qmp.sock`));
+    });
   }
 
   /** True when `pid` is a QEMU of this lab (its files are on the command line) or one of its supervisors. */
@@ -316,6 +335,14 @@ export function checkResumed(what: string, w: TakeWindow, post: GuestStatus[], m
     expect(post[i]!.diskSeq, `${what}: disk_seq monotonic`).toBeGreaterThanOrEqual(post[i - 1]!.diskSeq);
   }
   expect(last(post).gen, `${what}: the guest runs on`).toBeGreaterThan(r0.gen);
+}
+
+function fullArgv(pid: number): string[] {
+  try {
+    return readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0');
+  } catch {
+    return [];
+  }
 }
 
 function cmdline(pid: number): string {
