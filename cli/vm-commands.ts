@@ -25,6 +25,7 @@ import {
 } from '../src/hypervisor/vm-config.js';
 import { callSupervisor, forceStop, isRunning, runSupervisor, spawnSupervisor, SupervisorError, vmStatus } from '../src/hypervisor/supervisor.js';
 import { vmProcesses } from '../src/hypervisor/vm-processes.js';
+import { FROM_OTHER_VM_FLAG, resolveForVm, resolveUnscoped } from '../src/hypervisor/selectors.js';
 import { checkRestorable, takeStopped, VmOperationError, type TakeResult } from '../src/hypervisor/vm-runtime.js';
 import { dataDir, openBackendAt, openRepository, password, repoLocation, type GlobalOptions } from './context.js';
 import { humanBytes, printJson, shortId } from './output.js';
@@ -55,6 +56,25 @@ async function supervisorEnv(g: GlobalOptions): Promise<NodeJS.ProcessEnv> {
   return env;
 }
 
+/**
+ * Resolves a restore target of a VM that is not running (selectors.ts: `latest` is its own; another
+ * VM's snapshot needs its id and --from-other-vm) and checks its shape, before anything starts.
+ * Returns the full snapshot id.
+ */
+async function checkedRestoreTarget(g: GlobalOptions, name: string, ref: string, fromOtherVm: boolean): Promise<string> {
+  const repo = await openRepository(g);
+  try {
+    const snap = await resolveForVm(repo, ref, name, { fromOtherVm });
+    if (!snap.streams.some((s) => s.name === 'vm-config')) throw new NotFoundError(`snapshot ${shortId(snap.id)} is not a VM snapshot`);
+    await checkRestorable(repo, snap, await loadDefinition(dataDir(), name)).catch((err: Error) => {
+      throw new VmOperationError('restore', 'checking the snapshot', err.message, { cause: err });
+    });
+    return snap.id;
+  } finally {
+    await repo.close();
+  }
+}
+
 function printTake(r: TakeResult, json: boolean): void {
   if (json) return printJson(r);
   if (r.note) console.log(`note: ${r.note}`);
@@ -76,6 +96,8 @@ async function createDisks(def: VmDefinition, sources: { def: DiskDef; from?: st
       if (s.from && !(await fsp.stat(s.from).catch(() => null))) {
         // Not a file: a snapshot reference (SNAP or SNAP:disk) cloned without copying.
         repo ??= await openRepository(g);
+        // `latest:disk0` names no VM: refused while it could mean several VMs' latest.
+        if (s.from === 'latest' || s.from.startsWith('latest:')) await resolveUnscoped(repo, 'latest');
         const { stream } = await resolveStreamRef(repo, s.from);
         if (stream.kind !== 'disk') throw new UsageError(`${s.from} is a ${stream.kind} stream, not a disk`);
         s.def.size = stream.size;
@@ -162,15 +184,17 @@ export function registerVmCommands(program: Command, globals: Globals): void {
 
   vm.command('start <name>')
     .description('start a VM (its supervisor keeps disks served while it runs)')
-    .option('--restore <snapshot>', 'start from this snapshot')
+    .option('--restore <snapshot>', "start from this snapshot (latest: this VM's latest)")
+    .option(FROM_OTHER_VM_FLAG, "allow --restore to name a snapshot of another VM (its RAM, devices and disks replace this VM's)")
     .option('--hydrate [mibps]', HYDRATE_HELP)
-    .action(async (name: string, o: { restore?: string; hydrate?: boolean | string }) => {
+    .action(async (name: string, o: { restore?: string; fromOtherVm?: boolean; hydrate?: boolean | string }) => {
       const g = globals();
       await loadDefinition(dataDir(), name);
       const hydrate = hydrateRate(o.hydrate);
+      const restore = o.restore !== undefined ? await checkedRestoreTarget(g, name, o.restore, !!o.fromOtherVm) : undefined;
       await spawnSupervisor(dataDir(), name, {
         env: await supervisorEnv(g),
-        ...(o.restore ? { restore: o.restore } : {}),
+        ...(restore ? { restore, restoreFromOtherVm: !!o.fromOtherVm } : {}),
         ...(hydrate !== undefined ? { hydrate } : {}),
       });
       const st = await callSupervisor<{ state: string; pid: number; accel: string }>(vmPaths(dataDir(), name), { op: 'status' });
@@ -308,27 +332,19 @@ export function registerVmCommands(program: Command, globals: Globals): void {
 
   program
     .command('restore <vm> <snapshot>')
-    .description('put a VM back to a snapshot: RAM, devices and disks; it resumes at that moment')
-    .action(async (name: string, ref: string) => {
+    .description("put a VM back to a snapshot: RAM, devices and disks; it resumes at that moment (latest: this VM's latest)")
+    .option(FROM_OTHER_VM_FLAG, "allow <snapshot> to be another VM's (by id): its RAM, devices and disks replace this VM's")
+    .action(async (name: string, ref: string, o: { fromOtherVm?: boolean }) => {
       const g = globals();
       await loadDefinition(dataDir(), name);
       const paths = vmPaths(dataDir(), name);
+      const fromOtherVm = !!o.fromOtherVm;
       let r: { snapshot: string; runState: string; loadMs?: number };
-      if (await isRunning(paths)) r = await callSupervisor(paths, { op: 'restore', snapshot: ref });
+      if (await isRunning(paths)) r = await callSupervisor(paths, { op: 'restore', snapshot: ref, fromOtherVm });
       else {
         // Resolve and check first, so a bad reference fails before anything starts.
-        const repo = await openRepository(g);
-        try {
-          const snap = await repo.resolveSnapshot(ref);
-          if (snap.vm !== name && !snap.streams.some((s) => s.name === 'vm-config')) throw new NotFoundError(`snapshot ${shortId(snap.id)} is not a VM snapshot`);
-          await checkRestorable(repo, snap, await loadDefinition(dataDir(), name)).catch((err: Error) => {
-            throw new VmOperationError('restore', 'checking the snapshot', err.message, { cause: err });
-          });
-          ref = snap.id;
-        } finally {
-          await repo.close();
-        }
-        await spawnSupervisor(dataDir(), name, { restore: ref, env: await supervisorEnv(g) });
+        ref = await checkedRestoreTarget(g, name, ref, fromOtherVm);
+        await spawnSupervisor(dataDir(), name, { restore: ref, restoreFromOtherVm: fromOtherVm, env: await supervisorEnv(g) });
         const st = await callSupervisor<{ state: string }>(paths, { op: 'status' });
         r = { snapshot: ref, runState: st.state };
       }
@@ -349,7 +365,7 @@ export function registerVmCommands(program: Command, globals: Globals): void {
       const repo = await openRepository(g);
       let snapId: string;
       try {
-        const snap = await repo.resolveSnapshot(ref);
+        const snap = await resolveUnscoped(repo, ref);
         snapId = snap.id;
         const cfg = snap.streams.find((s) => s.name === 'vm-config');
         if (!cfg) throw new UsageError(`snapshot ${shortId(snap.id)} is not a VM snapshot (no vm-config stream)`);
@@ -376,7 +392,8 @@ export function registerVmCommands(program: Command, globals: Globals): void {
       } finally {
         await repo.close();
       }
-      if (o.start) await spawnSupervisor(dataDir(), newName, { restore: snapId, env: await supervisorEnv(g), ...(hydrate !== undefined ? { hydrate } : {}) });
+      // A clone is a new VM made from another's snapshot by definition: naming it was the confirmation.
+      if (o.start) await spawnSupervisor(dataDir(), newName, { restore: snapId, restoreFromOtherVm: true, env: await supervisorEnv(g), ...(hydrate !== undefined ? { hydrate } : {}) });
       if (g.json) printJson({ vm: newName, snapshot: snapId, started: o.start });
       else console.log(`VM ${newName} cloned from ${shortId(snapId)}${o.start ? ' and running' : ''}`);
     });
@@ -384,13 +401,14 @@ export function registerVmCommands(program: Command, globals: Globals): void {
   program
     .command('__supervise <vm>', { hidden: true })
     .option('--restore <snapshot>')
+    .option(FROM_OTHER_VM_FLAG)
     .option('--hydrate <bytesPerSecond>')
-    .action(async (name: string, o: { restore?: string; hydrate?: string }) => {
+    .action(async (name: string, o: { restore?: string; fromOtherVm?: boolean; hydrate?: string }) => {
       const g = globals();
       await runSupervisor({
         dataDir: dataDir(),
         name,
-        ...(o.restore ? { restore: o.restore } : {}),
+        ...(o.restore ? { restore: o.restore, restoreFromOtherVm: !!o.fromOtherVm } : {}),
         ...(o.hydrate !== undefined ? { hydrate: Number(o.hydrate) } : {}),
         openRepo: () => openRepository(g),
       });

@@ -34,14 +34,14 @@ export class SupervisorError extends UserFacingError {
 export type SupervisorRequest =
   | { op: 'status' }
   | { op: 'take'; options: TakeOptions }
-  | { op: 'restore'; snapshot: string }
+  | { op: 'restore'; snapshot: string; fromOtherVm?: boolean }
   | { op: 'pause' }
   | { op: 'resume' }
   | { op: 'stop' };
 
 type Reply = { ok: true; result: unknown } | { ok: false; error: string; name: string };
 
-export async function runSupervisor(opts: { dataDir: string; name: string; restore?: string; hydrate?: number; openRepo: () => Promise<Repository> }): Promise<void> {
+export async function runSupervisor(opts: { dataDir: string; name: string; restore?: string; restoreFromOtherVm?: boolean; hydrate?: number; openRepo: () => Promise<Repository> }): Promise<void> {
   const paths = vmPaths(opts.dataDir, opts.name);
   const log = (m: string) => process.stderr.write(`${new Date().toISOString()} ${m}\n`);
   await claimPidFile(paths, opts.name);
@@ -150,7 +150,7 @@ async function dispatch(rt: VmRuntime, req: SupervisorRequest, stop: () => void)
     case 'take':
       return rt.take(req.options ?? {});
     case 'restore':
-      return rt.restore(req.snapshot);
+      return rt.restore(req.snapshot, { fromOtherVm: !!req.fromOtherVm });
     case 'pause':
       return rt.pause();
     case 'resume':
@@ -265,7 +265,7 @@ export async function forceStop(paths: VmPaths, name: string): Promise<number[]>
 export async function spawnSupervisor(
   dataDir: string,
   name: string,
-  opts: { restore?: string; hydrate?: number; env: NodeJS.ProcessEnv; timeoutMs?: number },
+  opts: { restore?: string; restoreFromOtherVm?: boolean; hydrate?: number; env: NodeJS.ProcessEnv; timeoutMs?: number },
 ): Promise<void> {
   const paths = vmPaths(dataDir, name);
   await fsp.mkdir(paths.runDir, { recursive: true, mode: 0o700 });
@@ -276,7 +276,7 @@ export async function spawnSupervisor(
   await fsp.rm(paths.supervisorSocket, { force: true });
   const logFd = openSync(paths.supervisorLog, 'a');
   const bin = path.join(projectRoot(), 'bin', 'vmsnap.js');
-  const args = [bin, '__supervise', name, ...(opts.restore ? ['--restore', opts.restore] : []), ...(opts.hydrate !== undefined ? ['--hydrate', String(opts.hydrate)] : [])];
+  const args = [bin, '__supervise', name, ...(opts.restore ? ['--restore', opts.restore] : []), ...(opts.restoreFromOtherVm ? ['--from-other-vm'] : []), ...(opts.hydrate !== undefined ? ['--hydrate', String(opts.hydrate)] : [])];
   const child = spawn(process.execPath, args, {
     detached: true,
     stdio: ['ignore', logFd, logFd],

@@ -36,6 +36,7 @@ import { buildStream } from './migstream/builder.js';
 import { loadBytes, loadStoredRam, ramPages, RamStreamWriter, storeBytes } from './ram-store.js';
 import { diskDir, loadDefinition, loadState, parseDefinition, saveState, vmPaths, type VmDefinition, type VmPaths } from './vm-config.js';
 import { UserFacingError } from '../util/errors.js';
+import { resolveForVm } from './selectors.js';
 
 export class VmOperationError extends UserFacingError {
   override readonly name = 'VmOperationError';
@@ -91,6 +92,8 @@ export interface RuntimeOptions {
   openRepo: () => Promise<Repository>;
   /** Start from this snapshot (its disks must already be the volumes' bases, or restore does it). */
   restore?: string;
+  /** `restore` may be a snapshot of another VM (the caller confirmed it: selectors.ts). */
+  restoreFromOtherVm?: boolean;
   /**
    * Copy every base block into the volumes' overlays in the background while the guest runs, so a
    * clone or restore stops depending on the repository (e.g. S3). Bytes per second, 0 = unlimited.
@@ -150,7 +153,7 @@ export class VmRuntime {
       await nbd.listen({ socketPath: paths.nbdSocket });
       rt = new VmRuntime(def, paths, volumes, nbd, opts);
       if (repo) rt.repoPromise = Promise.resolve(repo);
-      if (opts.restore !== undefined) await rt.restoreLocked(opts.restore);
+      if (opts.restore !== undefined) await rt.restoreLocked(opts.restore, { fromOtherVm: !!opts.restoreFromOtherVm });
       else await rt.launch(false);
       rt.startHydration();
       return rt;
@@ -411,15 +414,16 @@ export class VmRuntime {
     void repo.close().catch(() => undefined);
   }
 
-  restore(ref: string): Promise<{ snapshot: string; runState: string; loadMs: number }> {
-    return this.exclusive(() => this.restoreLocked(ref));
+  /** Puts the VM on snapshot `ref`, resolved for this VM (selectors.ts: `latest` is its own). */
+  restore(ref: string, o: { fromOtherVm: boolean }): Promise<{ snapshot: string; runState: string; loadMs: number }> {
+    return this.exclusive(() => this.restoreLocked(ref, o));
   }
 
-  private async restoreLocked(ref: string): Promise<{ snapshot: string; runState: string; loadMs: number }> {
+  private async restoreLocked(ref: string, o: { fromOtherVm: boolean }): Promise<{ snapshot: string; runState: string; loadMs: number }> {
     const step = stepper('restore');
     const repo = await step('opening the repository', () => this.repo());
     await repo.refreshIndex();
-    const snap = await step('finding the snapshot', () => repo.resolveSnapshot(ref));
+    const snap = await step('finding the snapshot', () => resolveForVm(repo, ref, this.def.name, o));
     // Everything is checked before anything changes: a refused restore leaves the VM as it was.
     await step('checking the snapshot', () => checkRestorable(repo, snap, this.def));
     const ram = snap.meta.type === 'disk-only' ? null : await step('loading device state', () => loadStoredRam(repo, snap.streams));
