@@ -37,6 +37,7 @@ import { loadBytes, loadStoredRam, ramPages, RamStreamWriter, storeBytes } from 
 import { diskDir, loadDefinition, loadState, parseDefinition, saveState, vmPaths, type VmDefinition, type VmPaths } from './vm-config.js';
 import { UserFacingError } from '../util/errors.js';
 import { resolveForVm } from './selectors.js';
+import { RestoreDataError, verifyRestoreData } from './restore-check.js';
 
 export class VmOperationError extends UserFacingError {
   override readonly name = 'VmOperationError';
@@ -167,7 +168,7 @@ export class VmRuntime {
     }
   }
 
-  private async launch(incoming: boolean): Promise<QemuProcess> {
+  private async launch(incoming: boolean, paused = false): Promise<QemuProcess> {
     this.qemuBin ??= await detectQemu();
     const accel = await chooseAccel({ force: this.def.accel, guestRunsUnderKvm: isBareMetal(this.def) });
     const display = this.def.display === 'none' ? [] : this.def.display === 'vnc' ? ['-display', 'vnc=unix:' + this.paths.runDir + '/vnc.sock'] : ['-display', 'gtk'];
@@ -183,6 +184,7 @@ export class VmRuntime {
       ...(this.def.append !== undefined ? { append: this.def.append } : {}),
       disks: this.def.disks.map((d) => ({ socketPath: this.paths.nbdSocket, exportName: d.name })),
       incomingDefer: incoming,
+      paused,
       extraArgs: [...display, ...this.def.qemuArgs],
     });
     this.qemu = q;
@@ -424,9 +426,20 @@ export class VmRuntime {
     const repo = await step('opening the repository', () => this.repo());
     await repo.refreshIndex();
     const snap = await step('finding the snapshot', () => resolveForVm(repo, ref, this.def.name, o));
-    // Everything is checked before anything changes: a refused restore leaves the VM as it was.
+    // Everything is checked and read before anything changes: a refused restore leaves the VM as it
+    // was (restore-check.ts says what is read and why disks are only checked for presence).
     await step('checking the snapshot', () => checkRestorable(repo, snap, this.def));
-    const ram = snap.meta.type === 'disk-only' ? null : await step('loading device state', () => loadStoredRam(repo, snap.streams));
+    const disks = this.def.disks.map((d) => snap.streams.find((x) => x.name === d.name)!);
+    const ram = await step('verifying the snapshot data', async () => {
+      const r =
+        snap.meta.type === 'disk-only'
+          ? null
+          : await loadStoredRam(repo, snap.streams).catch((err: Error) => {
+              throw new RestoreDataError(`snapshot ${snap.id.slice(0, 12)} (VM ${snap.vm}): device state cannot be read: ${err.message}`, { cause: err });
+            });
+      await verifyRestoreData(repo, snap, r?.ram ?? [], disks);
+      return r;
+    });
     const t0 = performance.now();
     await this.stopHydration();
     if (this.qemu && !this.qemu.hasExited) {
@@ -434,22 +447,36 @@ export class VmRuntime {
       await this.qemu.kill('SIGKILL');
       this.stopping = false;
     }
-    for (const [name, v] of this.volumes) {
-      const s = snap.streams.find((x) => x.name === name)!;
-      // The volume may have been opened without a store (it had no base): it reads the base from now on.
-      v.setStore(repo);
-      await step(`resetting disk ${name}`, () => v.restoreBase(s as DiskStream));
-    }
-    const q = await step('starting QEMU', () => this.launch(ram !== null));
-    let runState = 'running';
-    if (ram) {
-      const stream = buildStream(ram.prefix, ramPages(repo, ram.ram), ram.suffix, { commands: ram.commands });
-      const r = await step('loading RAM and device state', () => restoreFromStream(q.qmp, stream, { qemuLog: q.paths.qemuLog }));
-      runState = r.runState;
-      if (snap.meta.runState === 'running' && runState !== 'running') {
-        await q.qmp.execute('cont');
-        runState = 'running';
+    // The new QEMU starts paused (-S) and loads RAM and device state while the disks still hold
+    // what they held: if loading fails, the VM stops with its disks as they were. The disks are
+    // reset only once the guest state is in, and the guest runs only after that.
+    const q = await step('starting QEMU', () => this.launch(ram !== null, true));
+    let runState = 'paused';
+    let disksReset = false;
+    let current = 'loading RAM and device state';
+    try {
+      if (ram) {
+        const stream = buildStream(ram.prefix, ramPages(repo, ram.ram), ram.suffix, { commands: ram.commands });
+        runState = (await restoreFromStream(q.qmp, stream, { qemuLog: q.paths.qemuLog })).runState;
       }
+      for (const [name, v] of this.volumes) {
+        current = `resetting disk ${name}`;
+        // The volume may have been opened without a store (it had no base): it reads the base from now on.
+        v.setStore(repo);
+        disksReset = true;
+        await v.restoreBase(disks.find((d) => d.name === name)! as DiskStream);
+      }
+      current = 'resuming the guest';
+      if ((snap.meta.type === 'disk-only' || snap.meta.runState === 'running') && runState !== 'running') {
+        await q.qmp.execute('cont');
+        runState = (await q.qmp.execute<{ status: string }>('query-status')).status;
+      }
+    } catch (err) {
+      // Never leave a QEMU waiting in `inmigrate` (or half-loaded) as if it were the VM: it is
+      // killed, and with it the supervisor ends — the VM is stopped.
+      await q.kill('SIGKILL').catch(() => undefined);
+      const where = disksReset ? 'its disks may be partly reset to the snapshot' : 'its disks are as they were before the restore';
+      throw new VmOperationError('restore', current, `${(err as Error).message}; the previous guest was already stopped, so the VM is now stopped (${where})`, { cause: err });
     }
     await saveState(this.opts.dataDir, this.def.name, { lastSnapshot: snap.id });
     if (this.qemu === q && this.hydration === null && this.volumes.size && !this.stopping) this.startHydration();
