@@ -19,6 +19,8 @@ import {
   parseDefinition,
   saveDefinition,
   saveState,
+  checkVmPathsFit,
+  VmConfigError,
   vmPaths,
   type DiskDef,
   type VmDefinition,
@@ -107,7 +109,13 @@ async function createDisks(def: VmDefinition, sources: { def: DiskDef; from?: st
       const blockSize = repo?.chunkSize ?? DEFAULT_CHUNK_SIZE;
       const size = Math.ceil(s.def.size / blockSize) * blockSize;
       s.def.size = size;
-      const v = await Volume.create(dir, { size, blockSize });
+      const v = await Volume.create(dir, { size, blockSize }).catch((err: NodeJS.ErrnoException) => {
+        // A disk is a sparse file of its full size: a size past the file system's file size limit
+        // (ext4: 16 TiB) fails here, and must say so rather than surface as an internal error.
+        if (err.code === 'EFBIG' || err.code === 'EINVAL') throw new VmConfigError(`disk ${s.def.name}: ${humanBytes(size)} is larger than the file system under ${paths.disksDir} can hold in one file (${err.code})`, { cause: err });
+        if (err.code === 'ENOSPC') throw new VmConfigError(`disk ${s.def.name}: no space left under ${paths.disksDir} to create it`, { cause: err });
+        throw err;
+      });
       try {
         if (s.from) {
           let off = 0;
@@ -145,6 +153,7 @@ export function registerVmCommands(program: Command, globals: Globals): void {
       const g = globals();
       const paths = vmPaths(dataDir(), name);
       if (await fsp.stat(paths.config).catch(() => null)) throw new UsageError(`VM ${name} already exists`);
+      checkVmPathsFit(dataDir(), name);
       const memory = parseSize(o.memory.match(/^\d+$/) ? `${o.memory}M` : o.memory, '--memory');
       const abs = async (f: string | undefined, what: string) => {
         if (f === undefined) return undefined;
@@ -357,11 +366,14 @@ export function registerVmCommands(program: Command, globals: Globals): void {
     .description('a new VM from a snapshot: disks cloned copy-on-write, RAM restored; runs beside the original')
     .option('--no-start', 'define the clone but do not start it')
     .option('--hydrate [mibps]', HYDRATE_HELP)
-    .action(async (ref: string, newName: string, o: { start: boolean; hydrate?: boolean | string }) => {
+    .option('--qemu-arg <arg>', "the clone's own extra QEMU argument (repeatable), instead of the source VM's", collect, [] as string[])
+    .option('--keep-qemu-args', "copy the source VM's --qemu-arg flags as they are (they may name sockets, files or ports the source VM uses)")
+    .action(async (ref: string, newName: string, o: { start: boolean; hydrate?: boolean | string; qemuArg: string[]; keepQemuArgs?: boolean }) => {
       const g = globals();
       const hydrate = hydrateRate(o.hydrate);
       const paths = vmPaths(dataDir(), newName);
       if (await fsp.stat(paths.config).catch(() => null)) throw new UsageError(`VM ${newName} already exists`);
+      checkVmPathsFit(dataDir(), newName);
       const repo = await openRepository(g);
       let snapId: string;
       try {
@@ -370,6 +382,15 @@ export function registerVmCommands(program: Command, globals: Globals): void {
         const cfg = snap.streams.find((s) => s.name === 'vm-config');
         if (!cfg) throw new UsageError(`snapshot ${shortId(snap.id)} is not a VM snapshot (no vm-config stream)`);
         const def = { ...parseDefinition(await loadBytes(repo, cfg), `snapshot ${shortId(snap.id)}`), name: newName, created: new Date().toISOString() };
+        // Extra QEMU arguments may name host resources (a socket, a file, a port) that belong to
+        // the source VM: copied silently, the clone would take them over.
+        if (o.qemuArg.length) def.qemuArgs = o.qemuArg;
+        else if (def.qemuArgs.length && !o.keepQemuArgs) {
+          throw new UsageError(
+            `VM ${snap.vm} was defined with extra QEMU arguments (${def.qemuArgs.join(' ')}), which may name sockets, files or ports it uses; ` +
+              `give the clone its own with --qemu-arg (repeatable), or copy them as they are with --keep-qemu-args`,
+          );
+        }
         // Refuse before creating anything: a clone that cannot be restored must not leave a VM behind.
         if (o.start) {
           await checkRestorable(repo, snap, def).catch((err: Error) => {

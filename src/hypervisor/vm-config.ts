@@ -81,6 +81,30 @@ export function vmPaths(dataDir: string, name: string): VmPaths {
   };
 }
 
+/**
+ * The longest unix socket path under a VM's run dir: a take's migration socket (snapshot.ts:
+ * mkdtemp 'vmsnap-mig-' adds 6 characters, then mig.sock).
+ */
+const LONGEST_SOCKET = path.join('vmsnap-mig-XXXXXX', 'mig.sock');
+/** sun_path holds 108 bytes with its terminating NUL. */
+const SOCKET_PATH_MAX = 107;
+
+/**
+ * Refuses a VM name (for this data directory) whose sockets would not fit a unix socket address:
+ * such a VM could be defined but never started (its supervisor would time out binding).
+ */
+export function checkVmPathsFit(dataDir: string, name: string): void {
+  const longest = path.join(vmPaths(dataDir, name).runDir, LONGEST_SOCKET);
+  const over = Buffer.byteLength(longest) - SOCKET_PATH_MAX;
+  if (over <= 0) return;
+  const fits = Buffer.byteLength(name) - over;
+  throw new VmConfigError(
+    fits > 0
+      ? `VM name ${JSON.stringify(name)} is too long for data directory ${dataDir}: its sockets (e.g. ${longest}) would be ${over} bytes over the ${SOCKET_PATH_MAX} a unix socket path may have; use a name of at most ${fits} bytes`
+      : `data directory ${dataDir} is too long: a VM's sockets under it would not fit a unix socket path (${SOCKET_PATH_MAX} bytes); set VMSNAP_DATA_DIR to a shorter path`,
+  );
+}
+
 export function diskDir(p: VmPaths, disk: string): string {
   return containedPath(p.disksDir, checkName('disk name', disk));
 }
