@@ -150,3 +150,11 @@ export function table(headers: readonly string[], rows: readonly (readonly strin
   const sep = `|${widths.map((w, i) => (numeric[i] ? `${'-'.repeat(w + 1)}:` : `${'-'.repeat(w + 2)}`)).join('|')}|`;
   return [line(headers), sep, ...rows.map(line)].join('\n');
 }
+
+/** Median of the finite values of `xs` (a failed measurement is NaN); NaN when there are none. */
+export function median(xs: readonly number[]): number {
+  const s = xs.filter((x) => Number.isFinite(x)).sort((a, b) => a - b);
+  if (!s.length) return NaN;
+  const m = s.length >> 1;
+  return s.length % 2 ? s[m]! : (s[m - 1]! + s[m]!) / 2;
+}
