@@ -13,6 +13,9 @@
  * the fastest round of each cell is printed (on a shared machine other processes only ever slow a
  * cell down; peers sit in adjacent cells, so they see nearly the same machine state). MB/s counts input (plaintext) bytes, 1 MB = 10^6 bytes.
  *
+ * Also timed once per round: unwrapMasterKey of a key file made with the default KDF (scrypt
+ * N=2^15, r=8, p=1), what opening an encrypted repository costs before any chunk.
+ *
  * The lz4-napi peer is not a dependency of the project: install it anywhere and point
  * LZ4_NAPI_DIR at that prefix (`npm install --prefix /var/tmp/vmsnap-bench-peers lz4-napi`,
  * the default); without it its rows say "not installed".
@@ -23,9 +26,9 @@ import { createRequire } from 'node:module';
 import { loadavg } from 'node:os';
 import * as path from 'node:path';
 import { blake3 } from '@napi-rs/blake-hash';
-import { fmt, table } from '../common/measure.js';
+import { fmt, median, table } from '../common/measure.js';
 import { CODECS, type CodecId, decodeInto, encodeBound, encodeInto } from '../../src/store/codec.js';
-import { SEAL_OVERHEAD, aeadImplementation, open, openInto, seal, sealInto } from '../../src/store/crypto.js';
+import { MasterKey, SEAL_OVERHEAD, aeadImplementation, open, openInto, seal, sealInto, unwrapMasterKey, wrapMasterKey } from '../../src/store/crypto.js';
 import { chunkHasher } from '../../src/store/hash.js';
 
 function arg(name: string, dflt: string): string {
@@ -101,7 +104,12 @@ async function main(): Promise<void> {
   const results = new Map<string, number[]>(); // `${kind}|${size}|${op}` → µs per call, per round
   const stored = new Map<string, number>(); // `${kind}|${size}|${codec}` → stored / raw bytes
   const loads: number[] = [];
+  const keyFile = await wrapMasterKey(MasterKey.generate(), 'bench', 'bench');
+  const unwrapMs: number[] = [];
   for (let round = 0; round < rounds; round++) {
+    const u0 = performance.now();
+    await unwrapMasterKey(keyFile, 'bench');
+    unwrapMs.push(performance.now() - u0);
     for (const [kind, corpus] of Object.entries(data)) {
       for (const size of sizes) {
         const slices: Buffer[] = [];
@@ -157,6 +165,10 @@ async function main(): Promise<void> {
   console.log(
     `node ${process.version}, fastest of ${rounds} rounds of ${ms} ms per cell; load ${fmt(Math.min(...loads), 1)}–${fmt(Math.max(...loads), 1)}; ` +
       `AES-GCM chunk path: ${aeadImplementation()}; lz4-napi ${lz4napi ? 'installed' : 'not installed'}`,
+  );
+  console.log(
+    `unwrapMasterKey (scrypt N=${keyFile.N}, r=${keyFile.r}, p=${keyFile.p}): median ${fmt(median(unwrapMs), 0)} ms, ` +
+      `rounds ${unwrapMs.map((x) => fmt(x, 0)).join(' ')} ms`,
   );
   for (const kind of Object.keys(data)) {
     const storedRow = (codec: string): string[] => [
