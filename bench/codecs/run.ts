@@ -26,15 +26,10 @@ import { createRequire } from 'node:module';
 import { loadavg } from 'node:os';
 import * as path from 'node:path';
 import { blake3 } from '@napi-rs/blake-hash';
-import { fmt, median, table } from '../common/measure.js';
+import { arg, fmt, median, table } from '../common/measure.js';
 import { CODECS, type CodecId, decodeInto, encodeBound, encodeInto } from '../../src/store/codec.js';
 import { MasterKey, SEAL_OVERHEAD, aeadImplementation, open, openInto, seal, sealInto, unwrapMasterKey, wrapMasterKey } from '../../src/store/crypto.js';
 import { chunkHasher } from '../../src/store/hash.js';
-
-function arg(name: string, dflt: string): string {
-  const i = process.argv.indexOf(name);
-  return i >= 0 ? (process.argv[i + 1] ?? dflt) : dflt;
-}
 
 const CORPUS = 16 << 20;
 

@@ -158,3 +158,14 @@ export function median(xs: readonly number[]): number {
   const m = s.length >> 1;
   return s.length % 2 ? s[m]! : (s[m - 1]! + s[m]!) / 2;
 }
+
+/** The value after `--name` on the command line, as a string, or `dflt`. */
+export function arg(name: string, dflt: string): string {
+  const i = process.argv.indexOf(name);
+  return i >= 0 ? (process.argv[i + 1] ?? dflt) : dflt;
+}
+
+/** The number after `--name` on the command line, or `dflt`. */
+export function argNum(name: string, dflt: number): number {
+  return Number(arg(name, String(dflt)));
+}

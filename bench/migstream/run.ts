@@ -21,14 +21,9 @@
 import * as net from 'node:net';
 import { loadavg } from 'node:os';
 import * as path from 'node:path';
-import { benchRoot, fmt, freshDir, median, table } from '../common/measure.js';
+import { argNum, benchRoot, fmt, freshDir, median, table } from '../common/measure.js';
 import { MigStreamParser, parseMigrationStream } from '../../src/hypervisor/migstream/parser.js';
 import { PS, chunked, guestStream } from '../../test/helpers/migstream-synth.js';
-
-function argNum(name: string, dflt: number): number {
-  const i = process.argv.indexOf(name);
-  return i >= 0 ? Number(process.argv[i + 1]) : dflt;
-}
 
 /** MB/s of `fn` over `bytes`, failing if `fn` did not see every page. */
 async function rate(bytes: number, fn: () => Promise<number> | number, wantPages: number): Promise<number> {

@@ -14,9 +14,9 @@
  */
 import { loadavg } from 'node:os';
 import * as path from 'node:path';
-import { benchRoot, check, freshDir, fmt, median, table } from '../common/measure.js';
+import { argNum, benchRoot, check, freshDir, fmt, median, table } from '../common/measure.js';
 import type { QmpEvent } from '../../src/hypervisor/qmp.js';
-import { anonHugeMiB, argNum, backgroundSnapshot, bootPlainGuest, sleep } from './plain-guest.js';
+import { anonHugeMiB, backgroundSnapshot, bootPlainGuest, sleep } from './plain-guest.js';
 
 async function main(): Promise<void> {
   const memoryMiB = argNum('--memory-mib', 1024);

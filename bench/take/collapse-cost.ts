@@ -16,9 +16,9 @@
  */
 import { loadavg } from 'node:os';
 import * as path from 'node:path';
-import { benchRoot, fmt, freshDir, measure, median, table } from '../common/measure.js';
+import { argNum, benchRoot, fmt, freshDir, measure, median, table } from '../common/measure.js';
 import { nativeHelper } from '../../src/util/project.js';
-import { anonHugeMiB, argNum, backgroundSnapshot, bootPlainGuest, sleep } from './plain-guest.js';
+import { anonHugeMiB, backgroundSnapshot, bootPlainGuest, sleep } from './plain-guest.js';
 
 /** GNU time reports CPU seconds to 10 ms: 0.00 means under 10 ms, not none. */
 const cpuMs = (s: number): string => (s > 0 ? fmt(s * 1000, 0) : '< 10');

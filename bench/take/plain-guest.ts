@@ -20,11 +20,6 @@ export interface MigInfo {
 
 export const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 
-export function argNum(name: string, dflt: number): number {
-  const i = process.argv.indexOf(name);
-  return i >= 0 ? Number(process.argv[i + 1]) : dflt;
-}
-
 /** AnonHugePages of `pid` in MiB: how much of QEMU's guest RAM is in transparent huge pages. */
 export function anonHugeMiB(pid: number): number {
   const m = /AnonHugePages:\s+(\d+) kB/.exec(readFileSync(`/proc/${pid}/smaps_rollup`, 'utf8'));
