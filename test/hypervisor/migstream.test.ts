@@ -258,8 +258,9 @@ describe('migration stream parser + rebuilder (synthetic streams)', () => {
     const stream = await guestStream(pagesN);
     const expectPage = (r: PageRecord, i: number): void => {
       const want = guestPage(i);
-      if (r.block !== 0 || r.offset !== want.offset || r.kind !== want.kind || (want.data && !r.data?.equals(want.data))) {
-        expect.fail(`record ${i}: got ${r.kind} at block ${r.block} offset ${r.offset}, want ${want.kind} at ${want.offset}`);
+      const badBytes = want.data !== undefined && !r.data?.equals(want.data);
+      if (r.block !== 0 || r.offset !== want.offset || r.kind !== want.kind || badBytes) {
+        expect.fail(`record ${i}: got ${r.kind} at block ${r.block} offset ${r.offset}, want ${want.kind} at ${want.offset}${badBytes ? ' (its bytes differ)' : ''}`);
       }
     };
 
