@@ -150,3 +150,22 @@ export function table(headers: readonly string[], rows: readonly (readonly strin
   const sep = `|${widths.map((w, i) => (numeric[i] ? `${'-'.repeat(w + 1)}:` : `${'-'.repeat(w + 2)}`)).join('|')}|`;
   return [line(headers), sep, ...rows.map(line)].join('\n');
 }
+
+/** Median of the finite values of `xs` (a failed measurement is NaN); NaN when there are none. */
+export function median(xs: readonly number[]): number {
+  const s = xs.filter((x) => Number.isFinite(x)).sort((a, b) => a - b);
+  if (!s.length) return NaN;
+  const m = s.length >> 1;
+  return s.length % 2 ? s[m]! : (s[m - 1]! + s[m]!) / 2;
+}
+
+/** The value after `--name` on the command line, as a string, or `dflt`. */
+export function arg(name: string, dflt: string): string {
+  const i = process.argv.indexOf(name);
+  return i >= 0 ? (process.argv[i + 1] ?? dflt) : dflt;
+}
+
+/** The number after `--name` on the command line, or `dflt`. */
+export function argNum(name: string, dflt: number): number {
+  return Number(arg(name, String(dflt)));
+}

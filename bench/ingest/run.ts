@@ -21,7 +21,7 @@ import { promises as fsp } from 'node:fs';
 import * as path from 'node:path';
 import { loadavg } from 'node:os';
 import { fileURLToPath } from 'node:url';
-import { benchRoot, check, dirBytes, dropCaches, fmt, freshDir, MB, measure, mib, sha256File, table, type Measured } from '../common/measure.js';
+import { benchRoot, check, dirBytes, dropCaches, fmt, freshDir, MB, measure, median, mib, sha256File, table, type Measured } from '../common/measure.js';
 import { buildCli } from '../common/vmsnap-cli.js';
 import { mutateImage, type Mutation } from './mutate.js';
 
@@ -147,11 +147,6 @@ function log(s: string): void {
   process.stderr.write(`${s}\n`);
 }
 
-function median(xs: number[]): number {
-  const s = [...xs].sort((a, b) => a - b);
-  const m = s.length >> 1;
-  return s.length % 2 ? s[m]! : (s[m - 1]! + s[m]!) / 2;
-}
 
 async function main(): Promise<void> {
   const { values } = parseArgs({

@@ -22,6 +22,7 @@ import { mkdtemp, rm } from 'node:fs/promises';
 import * as path from 'node:path';
 import { promisify } from 'node:util';
 import { fileURLToPath } from 'node:url';
+import { median } from '../common/measure.js';
 
 const run = promisify(execFile);
 const here = path.dirname(fileURLToPath(import.meta.url));
@@ -108,11 +109,6 @@ async function measure(server: Server): Promise<Figures> {
   }
 }
 
-const median = (l: number[]): number => {
-  const s = [...l].sort((a, b) => a - b);
-  const m = s.length >> 1;
-  return s.length % 2 ? s[m]! : (s[m - 1]! + s[m]!) / 2;
-};
 const results: Record<Server, Figures[]> = { 'qemu-nbd': [], vmsnap: [] };
 for (let k = 0; k < ROUNDS; k++) {
   const order: Server[] = k % 2 === 0 ? ['qemu-nbd', 'vmsnap'] : ['vmsnap', 'qemu-nbd'];

@@ -29,7 +29,7 @@ import type { TakeResult } from '../../src/hypervisor/vm-runtime.js';
 import { closeSync, existsSync, openSync, readSync, fstatSync, promises as fsp } from 'node:fs';
 import { loadavg } from 'node:os';
 import * as path from 'node:path';
-import { benchRoot, check, freshDir, fmt, table, MiB } from '../common/measure.js';
+import { benchRoot, check, freshDir, fmt, median, table, MiB } from '../common/measure.js';
 import { buildCli, REPO_ROOT } from '../common/vmsnap-cli.js';
 import { guestArtifacts, parseErrorLines, parseStatusLines } from '../../fixtures/guest/index.js';
 import { launchQemu, type QemuProcess } from '../../src/hypervisor/qemu.js';
@@ -242,12 +242,6 @@ class EventLog {
 
 // ------------------------------------------------------------------ statistics
 
-function median(xs: readonly number[]): number {
-  const s = xs.filter((x) => Number.isFinite(x)).sort((a, b) => a - b);
-  if (!s.length) return NaN;
-  const m = s.length >> 1;
-  return s.length % 2 ? s[m]! : (s[m - 1]! + s[m]!) / 2;
-}
 const min = (xs: readonly number[]): number => Math.min(...xs.filter((x) => Number.isFinite(x)));
 const max = (xs: readonly number[]): number => Math.max(...xs.filter((x) => Number.isFinite(x)));
 

@@ -12,61 +12,12 @@ import {
   parseMigrationStream,
   parsePrefix,
 } from '../../src/hypervisor/migstream/parser.js';
-
-const PS = 4096;
-
-function be32(n: number): Buffer {
-  const b = Buffer.alloc(4);
-  b.writeUInt32BE(n >>> 0);
-  return b;
-}
-function be64(n: number | bigint): Buffer {
-  const b = Buffer.alloc(8);
-  b.writeBigUInt64BE(BigInt(n));
-  return b;
-}
-function str8(s: string): Buffer {
-  return Buffer.concat([Buffer.from([s.length]), Buffer.from(s, 'latin1')]);
-}
-
-/** A prefix laid out exactly like QEMU 10 writes it (see parser.ts). */
-function makePrefix(blocks: Array<[string, number | bigint]>, machine = 'pc-i440fx-10.0', sid = 1): Buffer {
-  const total = blocks.reduce((a, [, l]) => a + BigInt(l), 0n);
-  return Buffer.concat([
-    Buffer.from('QEVM'),
-    be32(3),
-    Buffer.from([7]),
-    be32(machine.length),
-    Buffer.from(machine),
-    Buffer.from([1]),
-    be32(sid),
-    str8('ram'),
-    be32(0),
-    be32(4),
-    be64(total + 0x04n),
-    ...blocks.flatMap(([n, l]) => [str8(n), be64(l)]),
-    be64(0x10),
-    Buffer.from([0x7e]),
-    be32(sid),
-  ]);
-}
-
-function makeSuffix(): Buffer {
-  const dev = Buffer.concat([Buffer.from([4]), be32(2), str8('timer'), be32(0), be32(2), Buffer.from('devstate'), Buffer.from([0x7e]), be32(2)]);
-  const json = Buffer.from(JSON.stringify({ 'page_size': 4096, devices: [{ name: 'timer' }] }));
-  return Buffer.concat([dev, Buffer.from([0]), Buffer.from([6]), be32(json.length), json]);
-}
+import { PS, be32, be64, chunked, guestPage, guestStream, makePrefix, makeSuffix, pageData, str8 } from '../helpers/migstream-synth.js';
 
 const BLOCKS: Array<[string, number]> = [
   ['pc.ram', 64 * PS],
   ['pc.bios', 4 * PS],
 ];
-
-function pageData(seed: number): Buffer {
-  const b = Buffer.alloc(PS);
-  for (let i = 0; i < PS; i += 4) b.writeUInt32LE((seed * 2654435761 + i) >>> 0, i);
-  return b;
-}
 
 function samplePages(): RebuildPage[] {
   const pages: RebuildPage[] = [];
@@ -81,16 +32,6 @@ async function collect(r: Readable): Promise<Buffer> {
   const parts: Buffer[] = [];
   for await (const c of r) parts.push(c as Buffer);
   return Buffer.concat(parts);
-}
-
-function* chunked(buf: Buffer, sizes: number[]): Generator<Buffer> {
-  let o = 0;
-  let k = 0;
-  while (o < buf.length) {
-    const n = sizes[k++ % sizes.length] as number;
-    yield buf.subarray(o, o + n);
-    o += n;
-  }
 }
 
 interface Parsed {
@@ -310,40 +251,30 @@ describe('migration stream parser + rebuilder (synthetic streams)', () => {
     });
   });
 
-  it('parses at a useful rate (figure printed; target >= 500 MB/s)', async () => {
-    // 256 MiB guest image: one page in four is zero, like a lightly used guest.
+  // Throughput is measured by bench/migstream/run.ts (figures in bench/migstream/RESULTS.md); this
+  // test only checks that a guest-sized stream comes through whole, both in memory and from a socket.
+  it('parses a 256 MiB guest stream whole: every page once, in order, with its own bytes', async () => {
     const pagesN = 65536;
-    const big = makePrefix([['pc.ram', pagesN * PS]]);
-    const data = pageData(7);
-    function* pages(): Generator<RebuildPage> {
-      for (let i = 0; i < pagesN; i++) {
-        yield i % 4 === 0 ? { block: 0, offset: i * PS, kind: 'zero' } : { block: 0, offset: i * PS, kind: 'page', data };
+    const stream = await guestStream(pagesN);
+    const expectPage = (r: PageRecord, i: number): void => {
+      const want = guestPage(i);
+      const badBytes = want.data !== undefined && !r.data?.equals(want.data);
+      if (r.block !== 0 || r.offset !== want.offset || r.kind !== want.kind || badBytes) {
+        expect.fail(`record ${i}: got ${r.kind} at block ${r.block} offset ${r.offset}, want ${want.kind} at ${want.offset}${badBytes ? ' (its bytes differ)' : ''}`);
       }
-    }
-    const chunks: Buffer[] = [];
-    for await (const c of buildStream(big, pages(), suffix, { chunkBytes: 1 << 20 })) chunks.push(c as Buffer);
-    const stream = Buffer.concat(chunks);
-    chunks.length = 0;
-    const input = [...chunked(stream, [65536])]; // socket-sized chunks
-    let best = 0;
-    for (let round = 0; round < 3; round++) {
-      const t0 = performance.now();
-      const p = new MigStreamParser();
-      let n = 0;
-      for (const c of input) {
-        p.push(c);
-        n += p.takeBatch().length;
-      }
-      p.finish();
-      const s = (performance.now() - t0) / 1000;
-      expect(n).toBe(pagesN);
-      best = Math.max(best, stream.length / s / 1e6);
-    }
-    console.log(`migstream parser: ${best.toFixed(0)} MB/s (${(stream.length / 1e6).toFixed(0)} MB in 64 KiB chunks, best of 3)`);
-    expect(best).toBeGreaterThan(0);
+    };
 
-    // End to end as in a capture: unix socket → parseMigrationStream → a sink that copies each page.
-    const dir = await fsp.mkdtemp(path.join(os.tmpdir(), 'vmsnap-migperf-'));
+    const p = new MigStreamParser();
+    let n = 0;
+    for (const c of chunked(stream, [65536])) {
+      p.push(c);
+      for (const r of p.takeBatch()) expectPage(r, n++);
+    }
+    expect(p.finish().trailer).toBe('vmdesc');
+    expect(n).toBe(pagesN);
+
+    // As in a capture: unix socket → parseMigrationStream → a sink that copies each page.
+    const dir = await fsp.mkdtemp(path.join(os.tmpdir(), 'vmsnap-migbig-'));
     const sockPath = path.join(dir, 's');
     const server = net.createServer((c) => {
       c.on('error', () => undefined);
@@ -351,18 +282,22 @@ describe('migration stream parser + rebuilder (synthetic streams)', () => {
     });
     try {
       await new Promise<void>((r) => server.listen(sockPath, r));
-      const t0 = performance.now();
-      const conn = net.createConnection({ path: sockPath });
+      let m = 0;
       let copied = 0;
-      const res = await parseMigrationStream(conn, {
+      const res = await parseMigrationStream(net.createConnection({ path: sockPath }), {
         onPages(batch) {
-          for (const r of batch) if (r.data) copied += Buffer.from(r.data).length;
+          for (const r of batch) {
+            expectPage(r, m++);
+            if (r.data) copied += Buffer.from(r.data).length;
+          }
         },
       });
-      const s = (performance.now() - t0) / 1000;
+      expect(m).toBe(pagesN);
       expect(res.stats.bytes).toBe(stream.length);
+      expect(res.stats.pageRecords).toBe((pagesN * 3) / 4);
+      expect(res.stats.zeroRecords).toBe(pagesN / 4);
       expect(copied).toBe((pagesN * 3 * PS) / 4);
-      console.log(`migstream over a unix socket, pages copied by the sink: ${(stream.length / s / 1e6).toFixed(0)} MB/s`);
+      expect(res.tail.trailer).toBe('vmdesc');
     } finally {
       await new Promise((r) => server.close(r));
       await fsp.rm(dir, { recursive: true, force: true });
