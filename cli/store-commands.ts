@@ -10,7 +10,7 @@ import { dataExtents } from '../src/store/sparse.js';
 import { WritebackAhead } from '../src/store/writeback.js';
 import { check, diffSnapshots, markLiveChunks, prune, rebuildIndex } from '../src/store/maintenance.js';
 import { applyRetention, type RetentionPolicy } from '../src/store/retention.js';
-import { acquireLock, removeStaleLocks, withLock } from '../src/store/lock.js';
+import { removeStaleLocks } from '../src/store/lock.js';
 import { checkName, checkTags, summarize, type SnapshotSummary } from '../src/store/manifest.js';
 import { NotFoundError, OperationError, UsageError } from '../src/store/errors.js';
 import { codecId, type CodecName } from '../src/store/codec.js';
@@ -117,7 +117,7 @@ export function registerStoreCommands(program: Command, globals: Globals): void 
       const repo = await openRepository(g);
       const t0 = performance.now();
       try {
-        const snap = await withLock(repo.backend, false, 'import', async () => {
+        const snap = await repo.write('import', async () => {
           // The parent is informational: an unrelated unreadable manifest (reported by `check`) must not block a backup.
           const parent = (await repo.listSnapshotSummaries(() => undefined)).filter((s) => s.vm === o.vm).pop();
           const bar = progress('import', total, !g.quiet && !g.json);
@@ -304,14 +304,14 @@ export function registerStoreCommands(program: Command, globals: Globals): void 
       const policy: RetentionPolicy = { last: o.keepLast, hourly: o.keepHourly, daily: o.keepDaily, weekly: o.keepWeekly, monthly: o.keepMonthly, yearly: o.keepYearly, tags: o.keepTag };
       const repo = await openRepository(g);
       try {
-        const lock = await acquireLock(repo.backend, false, 'forget');
+        const session = await repo.beginWrite('forget');
         let decisions;
         try {
           const snaps = (await repo.listSnapshotSummaries()).filter((s) => (!o.vm || s.vm === o.vm) && (!o.tag || s.tags.includes(o.tag)));
           decisions = applyRetention(snaps, policy, o.groupBy as 'vm');
           if (!o.dryRun) for (const d of decisions) for (const s of d.remove) await repo.deleteSnapshot(s.id);
         } finally {
-          await lock.release();
+          await session.end();
         }
         if (g.json) printJson(decisions.map((d) => ({ group: d.group, keep: d.keep.map((k) => ({ id: k.snapshot.id, reasons: k.reasons })), remove: d.remove.map((s) => s.id) })));
         else

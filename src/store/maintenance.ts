@@ -22,7 +22,7 @@ import { contentHash, ID_SIZE, idHex, isZeroId } from './hash.js';
 import { chunkCount, type Snapshot } from './manifest.js';
 import { PACK_MAGIC, PACK_TRAILER, PackWriter, parseDescription, parseTrailer, readPackEntries, type PackEntry } from './pack.js';
 import { mapLimit, PACK_TARGET, type Repository } from './repository.js';
-import { withLock, type HeldLock } from './lock.js';
+import type { WriteSession } from './repository.js';
 
 export class PruneError extends RepositoryError {
   override readonly name = 'PruneError';
@@ -102,16 +102,14 @@ export async function markLiveChunks(
 }
 
 export async function prune(repo: Repository, opts: PruneOptions = {}): Promise<PruneStats> {
-  return withLock(repo.backend, true, 'prune', (lock) => pruneLocked(repo, opts, lock));
+  return repo.write('prune', (session) => pruneLocked(repo, opts, session), { exclusive: true });
 }
 
-async function pruneLocked(repo: Repository, opts: PruneOptions, lock: HeldLock): Promise<PruneStats> {
+async function pruneLocked(repo: Repository, opts: PruneOptions, lock: WriteSession): Promise<PruneStats> {
   const log = opts.onProgress ?? (() => undefined);
   const repackBelow = opts.repackBelow ?? 0.5;
-  await repo.flush();
-  // The repository was opened before the lock was taken: a writer may have committed since. Its
-  // index files must be known, or their packs would look unreferenced and be deleted.
-  await repo.refreshIndex();
+  // The session began by loading every index file (a writer may have committed since this process
+  // opened the repository): their packs must be known, or they would look unreferenced.
   const unreadable: string[] = [];
   // One manifest at a time: marking needs only the chunk ids, once.
   const used = await markLiveChunks(repo.index, repo.eachSnapshot((id, err) => unreadable.push(`${id.slice(0, 12)}: ${err.message}`)));
@@ -431,7 +429,7 @@ async function readPack(repo: Repository, pack: string, entries: ({ id: Buffer }
 
 /** Rebuilds the index from pack descriptions alone and replaces every index file. */
 export async function rebuildIndex(repo: Repository): Promise<{ packs: number; chunks: number; unreadable: string[] }> {
-  return withLock(repo.backend, true, 'rebuild-index', async () => {
+  return repo.write('rebuild-index', async () => {
     const packs: { pack: string; entries: PackEntry[] }[] = [];
     const unreadable: string[] = [];
     const names: { name: string; size: number }[] = [];
@@ -451,7 +449,7 @@ export async function rebuildIndex(repo: Repository): Promise<{ packs: number; c
     await repo.backend.put('index', name, bytes);
     for (const o of old) if (o !== name) await repo.backend.delete('index', o);
     return { packs: packs.length, chunks: packs.reduce((s, p) => s + p.entries.length, 0), unreadable };
-  });
+  }, { exclusive: true });
 }
 
 // ---------------------------------------------------------------- diff

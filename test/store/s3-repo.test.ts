@@ -86,6 +86,7 @@ describe('S3 repository cost', () => {
     const repo = await Repository.open(counter, { password: 'pw' });
     stats.reset();
     const total = 256 << 20;
+    const w = await repo.beginWrite('import');
     const res = await ingestStream(repo, Readable.from(pieces(total, 1)), { name: 'disk0', kind: 'disk' });
     const snap = await repo.saveSnapshot({ vm: 'cost', tags: [], parent: null, meta: {}, streams: [res.stream] });
     const st = stats.snapshot();
@@ -97,6 +98,7 @@ describe('S3 repository cost', () => {
     // A second, small snapshot in packs of its own, then forgotten: prune deletes its pack unread.
     const small = await ingestStream(repo, Readable.from(pieces(1 << 20, 1000)), { name: 'disk0', kind: 'disk' });
     const gone = await repo.saveSnapshot({ vm: 'tmp', tags: [], parent: null, meta: {}, streams: [small.stream] });
+    await w.end();
     await repo.close();
 
     const meta = (await sizes(counter, 'index')) + (await sizes(counter, 'snapshots'));
@@ -108,7 +110,7 @@ describe('S3 repository cost', () => {
     const got = [...counter.gets.values()].reduce((a, c) => a + c.bytes, 0);
     expect(got).toBeLessThanOrEqual(meta);
 
-    await reopened.deleteSnapshot(gone.id);
+    await reopened.write('forget', () => reopened.deleteSnapshot(gone.id));
     counter.reset();
     const p = await prune(reopened);
     expect(p.packsDeleted).toBeGreaterThanOrEqual(1);
