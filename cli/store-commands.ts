@@ -62,6 +62,12 @@ export async function resolveStreamRef(repo: Repository, ref: string) {
   return { snap, stream };
 }
 
+/** Collects manifests `listSnapshotSummaries` could not read (for ls and forget). */
+function damagedCollector() {
+  const list: { id: string; error: string }[] = [];
+  return { list, add: (id: string, err: Error) => void list.push({ id, error: err.message }) };
+}
+
 export function registerStoreCommands(program: Command, globals: Globals): void {
   program
     .command('init')
@@ -231,14 +237,17 @@ export function registerStoreCommands(program: Command, globals: Globals): void 
       const g = globals();
       const repo = await openRepository(g);
       try {
-        const snaps = (await repo.listSnapshotSummaries()).filter((s) => (!o.vm || s.vm === o.vm) && (!o.tag || s.tags.includes(o.tag)));
-        if (g.json) return printJson(snaps.map(snapshotSummary));
-        if (!snaps.length) return console.log('no snapshots');
+        // One damaged manifest must not hide every other snapshot: it is listed as damaged.
+        const damaged = damagedCollector();
+        const snaps = (await repo.listSnapshotSummaries(damaged.add)).filter((s) => (!o.vm || s.vm === o.vm) && (!o.tag || s.tags.includes(o.tag)));
+        if (g.json) return printJson([...snaps.map(snapshotSummary), ...damaged.list.map((d) => ({ id: d.id, short: shortId(d.id), damaged: d.error }))]);
+        if (!snaps.length && !damaged.list.length) return console.log('no snapshots');
         console.log('ID            TIME                  VM              SIZE        TAGS');
         for (const s of snaps) {
           const size = s.streams.reduce((a, st) => a + st.size, 0);
           console.log(`${shortId(s.id)}  ${s.time.slice(0, 19).replace('T', ' ')}   ${s.vm.padEnd(14)}  ${humanBytes(size).padEnd(10)}  ${s.tags.join(',')}`);
         }
+        for (const d of damaged.list) console.log(`${shortId(d.id)}  DAMAGED: ${d.error} (run \`vmsnap check\`)`);
       } finally {
         await repo.close();
       }
@@ -307,7 +316,11 @@ export function registerStoreCommands(program: Command, globals: Globals): void 
         const session = await repo.beginWrite('forget');
         let decisions;
         try {
-          const snaps = (await repo.listSnapshotSummaries()).filter((s) => (!o.vm || s.vm === o.vm) && (!o.tag || s.tags.includes(o.tag)));
+          // A damaged manifest's VM, time and tags are unknown: no policy can decide it, so it is
+          // kept (never deleted silently) and named.
+          const damaged = damagedCollector();
+          const snaps = (await repo.listSnapshotSummaries(damaged.add)).filter((s) => (!o.vm || s.vm === o.vm) && (!o.tag || s.tags.includes(o.tag)));
+          for (const d of damaged.list) console.error(`vmsnap: warning: skipped snapshot ${shortId(d.id)}: its manifest is damaged (${d.error}); forget keeps it, \`vmsnap check\` reports it`);
           decisions = applyRetention(snaps, policy, o.groupBy as 'vm');
           if (!o.dryRun) for (const d of decisions) for (const s of d.remove) await repo.deleteSnapshot(s.id);
         } finally {

@@ -21,7 +21,7 @@
  */
 import { randomBytes } from 'node:crypto';
 import { hostname } from 'node:os';
-import { type Backend, type ByteRange, type ObjectInfo, type ObjectKind, ObjectNotFoundError } from './backend/contract.js';
+import { type Backend, type ByteRange, type Leftover, type ObjectInfo, type ObjectKind, ObjectNotFoundError } from './backend/contract.js';
 import { acquireLock, type HeldLock } from './lock.js';
 import { codecId, decode, encode, type CodecId, type CodecName } from './codec.js';
 import { MasterKey, open, parseKeyFile, seal, unwrapMasterKey, wrapMasterKey } from './crypto.js';
@@ -530,7 +530,10 @@ export class Repository {
       throw err;
     }
     if (info.size > MAX_MANIFEST_BYTES) throw new FormatError(`snapshot ${id}: manifest of ${info.size} bytes is over the limit`);
-    const stored = await this.backend.get('snapshots', id);
+    const stored = await this.backend.get('snapshots', id).catch((err: unknown) => {
+      // Forgotten between the stat and the read.
+      throw err instanceof ObjectNotFoundError ? new NotFoundError(`snapshot ${id} does not exist`) : err;
+    });
     const plain = this.master ? open(this.master.aeadKey, stored, MANIFEST_AAD, `snapshot ${id}`) : stored;
     if (this.chunkId(plain).toString('hex') !== id) {
       throw new IntegrityError(`snapshot ${id}: manifest content does not match its id (corrupted)`);
@@ -550,10 +553,10 @@ export class Repository {
    * Every snapshot, one at a time, in no particular order: for passes over the whole repository
    * (prune, check, stats) that must not hold every manifest at once (30 snapshots of a 128 GiB disk
    * are 1.9 GiB of chunk lists). A few are read ahead. Unreadable manifests go to `onError` (or
-   * throw without it).
+   * throw without it). `listed`: these ids (a listing the caller made earlier) instead of a new one.
    */
-  async *eachSnapshot(onError?: (id: string, err: Error) => void): AsyncGenerator<Snapshot> {
-    const ids = await this.snapshotIds();
+  async *eachSnapshot(onError?: (id: string, err: Error) => void, listed?: readonly string[]): AsyncGenerator<Snapshot> {
+    const ids = listed ?? (await this.snapshotIds());
     const read = (id: string): { id: string; p: Promise<Snapshot> } => {
       // Not cached: a pass over every manifest would only push out the ones worth keeping.
       const p = this.readSnapshot(id, { keep: false });
@@ -588,6 +591,7 @@ export class Repository {
       try {
         out.push(summarize(await this.readSnapshot(id, { keep: false })));
       } catch (err) {
+        if (err instanceof NotFoundError) return; // forgotten since the listing
         if (!onError) throw err;
         onError(id, err as Error);
       }
@@ -602,6 +606,7 @@ export class Repository {
       try {
         out.push(await this.readSnapshot(id));
       } catch (err) {
+        if (err instanceof NotFoundError) return; // forgotten since the listing
         if (!onError) throw err;
         onError(id, err as Error);
       }
@@ -615,7 +620,8 @@ export class Repository {
     const latest = /^(?:(.+):)?latest$/.exec(ref);
     if (latest) {
       const vm = latest[1];
-      const all = (await this.listSnapshotSummaries()).filter((s) => vm === undefined || s.vm === vm);
+      // A damaged manifest (reported by `check`) cannot be the latest of anything we can restore.
+      const all = (await this.listSnapshotSummaries(() => undefined)).filter((s) => vm === undefined || s.vm === vm);
       const last = all[all.length - 1];
       if (!last) throw new NotFoundError(vm ? `VM ${vm} has no snapshots` : 'the repository has no snapshots');
       return this.readSnapshot(last.id);
@@ -755,6 +761,9 @@ class SessionGuard implements Backend {
   async removeLeftovers(olderThanMs: number): Promise<number> {
     this.check('removeLeftovers', 'temp files', true);
     return this.inner.removeLeftovers(olderThanMs);
+  }
+  leftovers(): Promise<Leftover[]> {
+    return this.inner.leftovers();
   }
   get(kind: ObjectKind, name: string, range?: ByteRange, into?: Uint8Array): Promise<Buffer> {
     return this.inner.get(kind, name, range, into);

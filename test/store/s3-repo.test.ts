@@ -54,6 +54,9 @@ class KindCounter implements Backend {
   delete(k: ObjectKind, n: string) {
     return this.inner.delete(k, n);
   }
+  leftovers() {
+    return this.inner.leftovers();
+  }
   removeLeftovers(age: number) {
     return this.inner.removeLeftovers(age);
   }
