@@ -10,7 +10,7 @@ import { dataExtents } from '../src/store/sparse.js';
 import { WritebackAhead } from '../src/store/writeback.js';
 import { check, diffSnapshots, markLiveChunks, prune, rebuildIndex } from '../src/store/maintenance.js';
 import { applyRetention, type RetentionPolicy } from '../src/store/retention.js';
-import { acquireLock, removeStaleLocks, withLock } from '../src/store/lock.js';
+import { removeStaleLocks } from '../src/store/lock.js';
 import { checkName, checkTags, summarize, type SnapshotSummary } from '../src/store/manifest.js';
 import { NotFoundError, OperationError, UsageError } from '../src/store/errors.js';
 import { codecId, type CodecName } from '../src/store/codec.js';
@@ -60,6 +60,12 @@ export async function resolveStreamRef(repo: Repository, ref: string) {
     );
   }
   return { snap, stream };
+}
+
+/** Collects manifests `listSnapshotSummaries` could not read (for ls and forget). */
+function damagedCollector() {
+  const list: { id: string; error: string }[] = [];
+  return { list, add: (id: string, err: Error) => void list.push({ id, error: err.message }) };
 }
 
 export function registerStoreCommands(program: Command, globals: Globals): void {
@@ -117,7 +123,7 @@ export function registerStoreCommands(program: Command, globals: Globals): void 
       const repo = await openRepository(g);
       const t0 = performance.now();
       try {
-        const snap = await withLock(repo.backend, false, 'import', async () => {
+        const snap = await repo.write('import', async () => {
           // The parent is informational: an unrelated unreadable manifest (reported by `check`) must not block a backup.
           const parent = (await repo.listSnapshotSummaries(() => undefined)).filter((s) => s.vm === o.vm).pop();
           const bar = progress('import', total, !g.quiet && !g.json);
@@ -231,14 +237,17 @@ export function registerStoreCommands(program: Command, globals: Globals): void 
       const g = globals();
       const repo = await openRepository(g);
       try {
-        const snaps = (await repo.listSnapshotSummaries()).filter((s) => (!o.vm || s.vm === o.vm) && (!o.tag || s.tags.includes(o.tag)));
-        if (g.json) return printJson(snaps.map(snapshotSummary));
-        if (!snaps.length) return console.log('no snapshots');
+        // One damaged manifest must not hide every other snapshot: it is listed as damaged.
+        const damaged = damagedCollector();
+        const snaps = (await repo.listSnapshotSummaries(damaged.add)).filter((s) => (!o.vm || s.vm === o.vm) && (!o.tag || s.tags.includes(o.tag)));
+        if (g.json) return printJson([...snaps.map(snapshotSummary), ...damaged.list.map((d) => ({ id: d.id, short: shortId(d.id), damaged: d.error }))]);
+        if (!snaps.length && !damaged.list.length) return console.log('no snapshots');
         console.log('ID            TIME                  VM              SIZE        TAGS');
         for (const s of snaps) {
           const size = s.streams.reduce((a, st) => a + st.size, 0);
           console.log(`${shortId(s.id)}  ${s.time.slice(0, 19).replace('T', ' ')}   ${s.vm.padEnd(14)}  ${humanBytes(size).padEnd(10)}  ${s.tags.join(',')}`);
         }
+        for (const d of damaged.list) console.log(`${shortId(d.id)}  DAMAGED: ${d.error} (run \`vmsnap check\`)`);
       } finally {
         await repo.close();
       }
@@ -304,14 +313,18 @@ export function registerStoreCommands(program: Command, globals: Globals): void 
       const policy: RetentionPolicy = { last: o.keepLast, hourly: o.keepHourly, daily: o.keepDaily, weekly: o.keepWeekly, monthly: o.keepMonthly, yearly: o.keepYearly, tags: o.keepTag };
       const repo = await openRepository(g);
       try {
-        const lock = await acquireLock(repo.backend, false, 'forget');
+        const session = await repo.beginWrite('forget');
         let decisions;
         try {
-          const snaps = (await repo.listSnapshotSummaries()).filter((s) => (!o.vm || s.vm === o.vm) && (!o.tag || s.tags.includes(o.tag)));
+          // A damaged manifest's VM, time and tags are unknown: no policy can decide it, so it is
+          // kept (never deleted silently) and named.
+          const damaged = damagedCollector();
+          const snaps = (await repo.listSnapshotSummaries(damaged.add)).filter((s) => (!o.vm || s.vm === o.vm) && (!o.tag || s.tags.includes(o.tag)));
+          for (const d of damaged.list) console.error(`vmsnap: warning: skipped snapshot ${shortId(d.id)}: its manifest is damaged (${d.error}); forget keeps it, \`vmsnap check\` reports it`);
           decisions = applyRetention(snaps, policy, o.groupBy as 'vm');
           if (!o.dryRun) for (const d of decisions) for (const s of d.remove) await repo.deleteSnapshot(s.id);
         } finally {
-          await lock.release();
+          await session.end();
         }
         if (g.json) printJson(decisions.map((d) => ({ group: d.group, keep: d.keep.map((k) => ({ id: k.snapshot.id, reasons: k.reasons })), remove: d.remove.map((s) => s.id) })));
         else

@@ -50,6 +50,7 @@ try {
     const t0 = performance.now();
     const f = v.freeze();
     const freezeMs = performance.now() - t0;
+    const session = await repo.beginWrite('take');
     const { stream, stats } = await snapshotVolume(v, repo);
     const snap = await repo.saveSnapshot({
       vm: 'bench',
@@ -58,6 +59,7 @@ try {
       meta: {},
       streams: [{ name: 'disk0', kind: 'disk', size: stream.size, chunkSize: stream.chunkSize, chunks: stream.chunks }],
     });
+    await session.end();
     parent = snap.id;
     return { ms: performance.now() - t0, dirty: f.dirtyBlocks, read: stats.readBytes, newChunks: stats.newChunks, freezeMs };
   };

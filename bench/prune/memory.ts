@@ -58,6 +58,7 @@ async function buildRevision(root: string, rev: string): Promise<string> {
 
 async function makeRepository(dir: string): Promise<void> {
   const repo = await Repository.init(new LocalBackend(dir), {});
+  const session = await repo.beginWrite('bench');
   const packs = Math.ceil(CHUNKS / PER_PACK);
   const ids = randomBytes(CHUNKS * 32);
   const live: Buffer[] = [];
@@ -100,6 +101,7 @@ async function makeRepository(dir: string): Promise<void> {
       streams: [{ name: 'disk0', kind: 'disk', size: (chunks.length / 32) * CHUNK, chunkSize: CHUNK, chunks }],
     });
   }
+  await session.end();
   await repo.close();
 }
 

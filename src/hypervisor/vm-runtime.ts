@@ -284,15 +284,17 @@ export class VmRuntime {
   }
 
   take(opts: TakeOptions = {}): Promise<TakeResult> {
-    return this.exclusive(() => this.takeLocked(opts));
+    return this.exclusive(async () => {
+      const repo = await stepper('take')('opening the repository', () => this.repo());
+      // A write session from the first RAM page stored to the manifest: prune waits (docs/locks.md).
+      return repo.write('take', () => this.takeLocked(opts, repo));
+    });
   }
 
-  private async takeLocked(opts: TakeOptions): Promise<TakeResult> {
+  private async takeLocked(opts: TakeOptions, repo: Repository): Promise<TakeResult> {
     const t0 = performance.now();
     const q = this.liveQemu('check');
     const step = stepper('take');
-    const repo = await step('opening the repository', () => this.repo());
-    await step('refreshing the index', () => repo.refreshIndex());
     const state = await loadState(this.opts.dataDir, this.def.name);
     const parent = state.lastSnapshot ? await repo.readSnapshot(state.lastSnapshot).catch(() => null) : null;
     const runState = (await q.qmp.execute<{ status: string }>('query-status')).status;
@@ -589,12 +591,16 @@ async function commitSnapshot(
 }
 
 /** A snapshot of a VM that is not running: its disks only (there is no RAM to save). */
-export async function takeStopped(dataDir: string, name: string, repo: Repository, opts: TakeOptions = {}): Promise<TakeResult> {
+export function takeStopped(dataDir: string, name: string, repo: Repository, opts: TakeOptions = {}): Promise<TakeResult> {
+  // A write session from the first pack to the manifest: prune waits (docs/locks.md).
+  return repo.write('take', () => takeStoppedLocked(dataDir, name, repo, opts));
+}
+
+async function takeStoppedLocked(dataDir: string, name: string, repo: Repository, opts: TakeOptions): Promise<TakeResult> {
   const t0 = performance.now();
   const def = await loadDefinition(dataDir, name);
   const paths = vmPaths(dataDir, name);
   const state = await loadState(dataDir, name);
-  await repo.refreshIndex();
   const parent = state.lastSnapshot ? await repo.readSnapshot(state.lastSnapshot).catch(() => null) : null;
   const { snap, disks } = await commitSnapshot(repo, dataDir, def, parent, [], opts, stepper('take'), {
     meta: { type: 'disk-only', runState: 'shutoff', machine: def.machine, memoryMiB: def.memoryMiB, cpus: def.cpus },

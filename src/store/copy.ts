@@ -26,7 +26,7 @@ import type { ChunkLocation } from './chunk-index.js';
 import type { Snapshot, SnapshotSummary, StreamRecord } from './manifest.js';
 import { readPackEntries, type PackEntry } from './pack.js';
 import { mapLimit, type Repository } from './repository.js';
-import { acquireLock, type HeldLock } from './lock.js';
+import { acquireLock } from './lock.js';
 
 /** Ranged reads merge chunks of one pack separated by at most this many bytes... */
 const MERGE_GAP = 1 << 20;
@@ -45,8 +45,6 @@ export interface CopyProgress {
 
 export interface CopyOptions {
   onProgress?: (p: CopyProgress) => void;
-  /** Take shared locks on both repositories (default true). */
-  lock?: boolean;
 }
 
 export interface CopiedSnapshot {
@@ -180,15 +178,17 @@ export async function adoptOrphanPacks(repo: Repository): Promise<number> {
  */
 export async function copySnapshots(src: Repository, dst: Repository, snapshots: readonly SnapshotSummary[] | readonly Snapshot[], opts: CopyOptions = {}): Promise<CopyReport> {
   if (src.config.id === dst.config.id) throw new UsageError('source and target are the same repository');
-  const locks: HeldLock[] = [];
+  // The source is only read, but a prune there would delete packs while we read them.
+  const srcLock = await acquireLock(src.backend, false, 'copy (source)');
   try {
-    if (opts.lock !== false) {
-      locks.push(await acquireLock(src.backend, false, 'copy (source)'));
-      locks.push(await acquireLock(dst.backend, false, 'copy'));
-    }
-    return await copyLocked(src, dst, snapshots, opts, () => locks.forEach((l) => l.assertHeld()));
+    return await dst.write('copy', (session) =>
+      copyLocked(src, dst, snapshots, opts, () => {
+        srcLock.assertHeld();
+        session.assertHeld();
+      }),
+    );
   } finally {
-    for (const l of locks.reverse()) await l.release().catch(() => undefined);
+    await srcLock.release().catch(() => undefined);
   }
 }
 

@@ -20,6 +20,9 @@
  * REFRESH_MS; writers call it before writing a manifest. `release()` waits for a refresh in flight so
  * the lock object is not re-created after its delete. For S3-compatible servers whose listings lag
  * behind writes, VMSNAP_LOCK_SETTLE_MS adds a second listing after a pause. See docs/locks.md.
+ *
+ * A process stopped by SIGINT or SIGTERM (Ctrl-C of an import) releases the locks it holds before it
+ * dies: a left-behind lock would block prune for 30 minutes. See `releaseOnSignal`.
  */
 import { randomBytes } from 'node:crypto';
 import { hostname } from 'node:os';
@@ -152,7 +155,7 @@ export async function acquireLock(backend: Backend, exclusive: boolean, operatio
     });
   }, REFRESH_MS);
   timer.unref();
-  return {
+  const held: HeldLock = {
     name,
     info,
     assertHeld() {
@@ -164,13 +167,53 @@ export async function acquireLock(backend: Backend, exclusive: boolean, operatio
       }
     },
     async release() {
+      if (released) return;
       released = true;
+      heldLocks.delete(held);
       clearInterval(timer);
       // A refresh still in flight would otherwise re-create the object after the delete.
       await refreshing;
       await backend.delete('locks', name);
     },
   };
+  heldLocks.add(held);
+  releaseOnSignal();
+  return held;
+}
+
+/** Locks this process holds now (released ones leave the set). */
+const heldLocks = new Set<HeldLock>();
+let signalsHooked = false;
+const SIGNAL_RELEASE_MS = 10_000;
+
+/**
+ * On SIGINT/SIGTERM, deletes every lock this process holds, then lets the signal take its course:
+ * when nothing else listens for it, the process dies of it as it would have without us (exit status
+ * 128+n); when something else does (a VM supervisor shutting down), that listener decides. A writer
+ * whose lock was released this way writes no manifest (assertHeld throws), so nothing half-done is
+ * committed; its packs are unindexed garbage for the next prune.
+ */
+function releaseOnSignal(): void {
+  if (signalsHooked) return;
+  signalsHooked = true;
+  for (const sig of ['SIGINT', 'SIGTERM'] as const) {
+    const onSignal = (): void => {
+      const others = process.listeners(sig).filter((l) => l !== onSignal).length;
+      // Bounded: a hung store must not keep a process alive that was told to stop.
+      const deadline = new Promise<void>((r) => setTimeout(r, SIGNAL_RELEASE_MS).unref());
+      void Promise.race([releaseAllLocks(), deadline]).finally(() => {
+        if (others > 0) return;
+        process.removeListener(sig, onSignal);
+        process.kill(process.pid, sig);
+      });
+    };
+    process.on(sig, onSignal);
+  }
+}
+
+/** Releases every lock this process holds (best effort: a failed delete leaves a lock to go stale). */
+export async function releaseAllLocks(): Promise<void> {
+  await Promise.all([...heldLocks].map((l) => l.release().catch(() => undefined)));
 }
 
 /**

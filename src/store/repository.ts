@@ -9,10 +9,20 @@
  * A crash before (3) leaves packs and maybe an index file that no snapshot references: garbage
  * that prune removes, never a snapshot that references a missing chunk. Packs are never modified,
  * only deleted by prune under an exclusive lock after a new index no longer references them.
+ *
+ * Write sessions (docs/locks.md): between its first pack upload and its manifest, a writer's packs
+ * are unindexed, and prune deletes unindexed packs. So every write happens inside a session
+ * (`write`/`beginWrite`) that holds a repository lock, shared for writers, exclusive for prune and
+ * rebuild-index. `repo.backend` refuses to put or delete packs, index files and manifests outside
+ * a session (an internal error: a writer that forgot its lock is a bug, found by the first test
+ * that runs it). A session begins by catching up with what other processes did since this one last
+ * looked (index files replaced by a prune, manifests forgotten): a VM supervisor keeps one
+ * Repository for days and must not deduplicate against chunks that are gone.
  */
 import { randomBytes } from 'node:crypto';
 import { hostname } from 'node:os';
-import { type Backend, ObjectNotFoundError } from './backend/contract.js';
+import { type Backend, type ByteRange, type Leftover, type ObjectInfo, type ObjectKind, ObjectNotFoundError } from './backend/contract.js';
+import { acquireLock, type HeldLock } from './lock.js';
 import { codecId, decode, encode, type CodecId, type CodecName } from './codec.js';
 import { MasterKey, open, parseKeyFile, seal, unwrapMasterKey, wrapMasterKey } from './crypto.js';
 import { FormatError, IntegrityError, NotFoundError, UsageError, WrongPasswordError } from './errors.js';
@@ -70,8 +80,27 @@ export interface WriteStats {
   packs: number;
 }
 
+/** A span of writing under a repository lock: see the module comment and `Repository.beginWrite`. */
+export interface WriteSession {
+  readonly operation: string;
+  readonly exclusive: boolean;
+  /**
+   * Throws LockedError when the lock may no longer protect this session (released, or not
+   * refreshed for so long that others may call it stale). Called before every commit point.
+   */
+  assertHeld(): void;
+  /**
+   * Ends the session: whatever was buffered or uploaded but not indexed is discarded (it is garbage
+   * for the next prune once the lock is gone), then the lock is released. Idempotent.
+   */
+  end(): Promise<void>;
+}
+
+/** Kinds whose puts and deletes need a write session (locks, keys and config do not). */
+const SESSION_KINDS: ReadonlySet<ObjectKind> = new Set(['packs', 'index', 'snapshots']);
+
 export class Repository {
-  readonly index = new ChunkIndex(1 << 14);
+  private chunkIndex = new ChunkIndex(1 << 14);
   readonly chunkId: ChunkHasher;
   readonly codec: CodecId;
   readonly stats: WriteStats = { newChunks: 0, dedupChunks: 0, zeroChunks: 0, rawBytes: 0, storedBytes: 0, packs: 0 };
@@ -84,15 +113,135 @@ export class Repository {
   private pool: WorkerPool | null = null;
   private snapshotCache = new SnapshotCache(SNAPSHOT_CACHE_BYTES);
   readonly indexFiles = new Set<string>();
+  /** Open write sessions of this instance (usually none or one). */
+  private readonly sessions = new Set<{ operation: string; exclusive: boolean; lock: HeldLock }>();
+  /**
+   * The in-memory index holds entries no index file names (a session ended without its flush, or
+   * a prune/rebuild-index rewrote the index files): the next session reloads it from the files.
+   */
+  private indexStale = false;
+  /** The backend as given, for locks (the public `backend` guards writes). */
+  private readonly raw: Backend;
+  /** The backend; puts and deletes of packs, index files and manifests need a write session. */
+  readonly backend: Backend;
 
   private constructor(
-    readonly backend: Backend,
+    backend: Backend,
     readonly config: RepoConfig,
     private readonly master: MasterKey | null,
     private readonly workerCount: number | undefined,
   ) {
+    this.raw = backend;
+    this.backend = new SessionGuard(backend, (what, kind, exclusive) => this.requireSession(`${what} ${kind}`, exclusive));
     this.chunkId = chunkHasher(master ? master.idKey : null);
     this.codec = codecId(config.codec);
+  }
+
+  /** The chunk index (replaced, not edited, when a session finds that a prune rewrote it). */
+  get index(): ChunkIndex {
+    return this.chunkIndex;
+  }
+
+  // ---- write sessions ----
+
+  /**
+   * Begins a write session: takes the repository lock (shared, or exclusive for maintenance),
+   * then catches up with other processes (see `syncWithRepository`). Throws LockedError, naming
+   * the holder, when a conflicting lock is held. The caller must `end()` it (use `write` where the
+   * span is one function).
+   */
+  async beginWrite(operation: string, opts: { exclusive?: boolean } = {}): Promise<WriteSession> {
+    const exclusive = opts.exclusive ?? false;
+    const lock = await acquireLock(this.raw, exclusive, operation);
+    const entry = { operation, exclusive, lock };
+    this.sessions.add(entry);
+    let ended = false;
+    const session: WriteSession = {
+      operation,
+      exclusive,
+      assertHeld: () => lock.assertHeld(),
+      end: async () => {
+        if (ended) return;
+        ended = true;
+        try {
+          if (this.sessions.size === 1) await this.discardUnindexed();
+          // Maintenance rewrote index files: what this instance holds in memory no longer matches.
+          if (exclusive) this.indexStale = true;
+        } finally {
+          this.sessions.delete(entry);
+          await lock.release();
+        }
+      },
+    };
+    try {
+      // Another session of this instance holds a lock too, so no prune ran since it caught up;
+      // swapping the index under its uploads would only lose its entries.
+      await this.syncWithRepository(this.sessions.size === 1);
+    } catch (err) {
+      await session.end().catch(() => undefined);
+      throw err;
+    }
+    return session;
+  }
+
+  /** Runs `fn` in a write session (see `beginWrite`). */
+  async write<T>(operation: string, fn: (session: WriteSession) => Promise<T>, opts: { exclusive?: boolean } = {}): Promise<T> {
+    const session = await this.beginWrite(operation, opts);
+    try {
+      return await fn(session);
+    } finally {
+      await session.end();
+    }
+  }
+
+  /** Throws an internal error unless a write session (an exclusive one, if asked) is open. */
+  private requireSession(what: string, exclusive = false): void {
+    const ok = exclusive ? [...this.sessions].some((s) => s.exclusive) : this.sessions.size > 0;
+    if (!ok) {
+      throw new Error(`internal: ${what} outside a${exclusive ? 'n exclusive' : ''} write session (a writer must hold the repository lock: Repository.write)`);
+    }
+  }
+
+  /** Throws LockedError when any open session's lock may no longer protect it. */
+  private assertSessionsHeld(what: string): void {
+    this.requireSession(what);
+    for (const s of this.sessions) s.lock.assertHeld();
+  }
+
+  /**
+   * Catches up with other processes, under the lock (so no prune runs meanwhile): index files that
+   * vanished (a prune or rebuild-index replaced them) mean chunks may be gone, so the index is
+   * reloaded from the files that exist; new index files are loaded; manifests forgotten since are
+   * dropped from the manifest cache.
+   */
+  private async syncWithRepository(mayReload: boolean): Promise<void> {
+    const names = new Set<string>();
+    for await (const o of this.raw.list('index')) names.add(o.name);
+    const vanished = [...this.indexFiles].some((n) => !names.has(n));
+    if (mayReload && (vanished || this.indexStale)) {
+      const fresh = new ChunkIndex(Math.max(1 << 14, this.chunkIndex.size));
+      const loaded = new Set<string>();
+      await this.loadIndexFiles([...names], fresh, loaded);
+      this.chunkIndex = fresh;
+      this.indexFiles.clear();
+      for (const n of loaded) this.indexFiles.add(n);
+      this.indexStale = false;
+    } else {
+      await this.loadIndexFiles([...names].filter((n) => !this.indexFiles.has(n)), this.chunkIndex, this.indexFiles);
+    }
+    this.snapshotCache.retain(new Set(await this.snapshotIds()));
+  }
+
+  /**
+   * Waits for uploads in flight, then forgets chunks that were buffered or uploaded but not
+   * indexed: once the lock is gone, a prune may delete those packs.
+   */
+  private async discardUnindexed(): Promise<void> {
+    while (this.uploads.size) await Promise.allSettled([...this.uploads]);
+    if (this.unindexed.length || this.failure) this.indexStale = true;
+    this.unindexed = [];
+    if (this.pack.count || this.pending.size) this.abandon();
+    this.failure = null;
   }
 
   get chunkSize(): number {
@@ -163,12 +312,21 @@ export class Repository {
   async loadIndex(onDamage?: (name: string, err: Error) => void): Promise<void> {
     const names: string[] = [];
     for await (const o of this.backend.list('index')) names.push(o.name);
+    await this.loadIndexFiles(names, this.chunkIndex, this.indexFiles, onDamage);
+  }
+
+  /**
+   * Loads index files into `into`, recording each loaded name in `loaded`. Damaged files go to
+   * `onDamage` (skipped without it); files deleted meanwhile are skipped.
+   */
+  private async loadIndexFiles(names: readonly string[], into: ChunkIndex, loaded: Set<string>, onDamage?: (name: string, err: Error) => void): Promise<void> {
     await mapLimit(names, 8, async (name) => {
       try {
-        await this.loadIndexFile(name);
+        await this.loadIndexFile(name, into);
+        loaded.add(name);
       } catch (err) {
-        if (onDamage) onDamage(name, err as Error);
-        else if (!(err instanceof IntegrityError || err instanceof FormatError)) throw err;
+        if (onDamage && !(err instanceof ObjectNotFoundError)) onDamage(name, err as Error);
+        else if (!(err instanceof ObjectNotFoundError || err instanceof IntegrityError || err instanceof FormatError)) throw err;
       }
     });
   }
@@ -180,24 +338,17 @@ export class Repository {
   async refreshIndex(): Promise<number> {
     const fresh: string[] = [];
     for await (const o of this.backend.list('index')) if (!this.indexFiles.has(o.name)) fresh.push(o.name);
-    await mapLimit(fresh, 8, async (name) => {
-      try {
-        await this.loadIndexFile(name);
-      } catch (err) {
-        if (!(err instanceof ObjectNotFoundError || err instanceof IntegrityError || err instanceof FormatError)) throw err;
-      }
-    });
+    await this.loadIndexFiles(fresh, this.chunkIndex, this.indexFiles);
     return fresh.length;
   }
 
-  /** One index file, checked against its name (unencrypted: the name is its hash), into the index. */
-  private async loadIndexFile(name: string): Promise<void> {
+  /** One index file, checked against its name (unencrypted: the name is its hash), into `into`. */
+  private async loadIndexFile(name: string, into: ChunkIndex): Promise<void> {
     const bytes = await this.backend.get('index', name);
     if (!this.master && contentHash(bytes).toString('hex') !== name) {
       throw new IntegrityError(`index ${name}: content does not match its name`);
     }
-    decodeIndexFile(bytes, this.aeadKey, name, this.index);
-    this.indexFiles.add(name);
+    decodeIndexFile(bytes, this.aeadKey, name, into);
   }
 
   workers(): WorkerPool {
@@ -216,6 +367,7 @@ export class Repository {
 
   /** Hashes, deduplicates, compresses and stores one chunk (on this thread; ingest uses workers). */
   async putChunk(data: Uint8Array): Promise<PutResult> {
+    this.requireSession('putChunk');
     this.throwIfFailed();
     if (isAllZero(data)) {
       this.stats.zeroChunks++;
@@ -237,6 +389,7 @@ export class Repository {
    * a duplicate is ignored. Resolves once the chunk is buffered (it waits only when uploads lag).
    */
   async addEncoded(id: Buffer, codec: number, stored: Buffer, rawLength: number): Promise<void> {
+    this.requireSession('addEncoded');
     this.throwIfFailed();
     const key = id.toString('hex');
     if (this.index.has(id) || this.pending.has(key)) {
@@ -357,6 +510,8 @@ export class Repository {
     }
     const id = this.chunkId(plain).toString('hex');
     const stored = this.master ? seal(this.master.aeadKey, plain, MANIFEST_AAD) : plain;
+    // Commit point: only while prune cannot have touched the packs just indexed.
+    this.assertSessionsHeld('saveSnapshot');
     await this.backend.put('snapshots', id, stored);
     const snap: Snapshot = { id, ...full };
     this.snapshotCache.set(id, snap);
@@ -375,7 +530,10 @@ export class Repository {
       throw err;
     }
     if (info.size > MAX_MANIFEST_BYTES) throw new FormatError(`snapshot ${id}: manifest of ${info.size} bytes is over the limit`);
-    const stored = await this.backend.get('snapshots', id);
+    const stored = await this.backend.get('snapshots', id).catch((err: unknown) => {
+      // Forgotten between the stat and the read.
+      throw err instanceof ObjectNotFoundError ? new NotFoundError(`snapshot ${id} does not exist`) : err;
+    });
     const plain = this.master ? open(this.master.aeadKey, stored, MANIFEST_AAD, `snapshot ${id}`) : stored;
     if (this.chunkId(plain).toString('hex') !== id) {
       throw new IntegrityError(`snapshot ${id}: manifest content does not match its id (corrupted)`);
@@ -395,10 +553,10 @@ export class Repository {
    * Every snapshot, one at a time, in no particular order: for passes over the whole repository
    * (prune, check, stats) that must not hold every manifest at once (30 snapshots of a 128 GiB disk
    * are 1.9 GiB of chunk lists). A few are read ahead. Unreadable manifests go to `onError` (or
-   * throw without it).
+   * throw without it). `listed`: these ids (a listing the caller made earlier) instead of a new one.
    */
-  async *eachSnapshot(onError?: (id: string, err: Error) => void): AsyncGenerator<Snapshot> {
-    const ids = await this.snapshotIds();
+  async *eachSnapshot(onError?: (id: string, err: Error) => void, listed?: readonly string[]): AsyncGenerator<Snapshot> {
+    const ids = listed ?? (await this.snapshotIds());
     const read = (id: string): { id: string; p: Promise<Snapshot> } => {
       // Not cached: a pass over every manifest would only push out the ones worth keeping.
       const p = this.readSnapshot(id, { keep: false });
@@ -433,6 +591,7 @@ export class Repository {
       try {
         out.push(summarize(await this.readSnapshot(id, { keep: false })));
       } catch (err) {
+        if (err instanceof NotFoundError) return; // forgotten since the listing
         if (!onError) throw err;
         onError(id, err as Error);
       }
@@ -447,6 +606,7 @@ export class Repository {
       try {
         out.push(await this.readSnapshot(id));
       } catch (err) {
+        if (err instanceof NotFoundError) return; // forgotten since the listing
         if (!onError) throw err;
         onError(id, err as Error);
       }
@@ -460,7 +620,8 @@ export class Repository {
     const latest = /^(?:(.+):)?latest$/.exec(ref);
     if (latest) {
       const vm = latest[1];
-      const all = (await this.listSnapshotSummaries()).filter((s) => vm === undefined || s.vm === vm);
+      // A damaged manifest (reported by `check`) cannot be the latest of anything we can restore.
+      const all = (await this.listSnapshotSummaries(() => undefined)).filter((s) => vm === undefined || s.vm === vm);
       const last = all[all.length - 1];
       if (!last) throw new NotFoundError(vm ? `VM ${vm} has no snapshots` : 'the repository has no snapshots');
       return this.readSnapshot(last.id);
@@ -475,6 +636,7 @@ export class Repository {
   }
 
   async deleteSnapshot(id: string): Promise<void> {
+    this.assertSessionsHeld('deleteSnapshot');
     await this.backend.delete('snapshots', id);
     this.snapshotCache.delete(id);
   }
@@ -556,9 +718,63 @@ export class SnapshotCache {
     this.total -= e.bytes;
   }
 
+  /** Drops every manifest not in `ids` (forgotten by another process). */
+  retain(ids: ReadonlySet<string>): void {
+    for (const id of [...this.entries.keys()]) if (!ids.has(id)) this.delete(id);
+  }
+
   /** Chunk-list bytes held (tests). */
   get bytes(): number {
     return this.total;
   }
 }
 
+
+/**
+ * The backend as the repository's users see it: reads pass through; puts and deletes of packs,
+ * index files and manifests first ask `check` (which throws outside a write session), and
+ * removing leftovers needs an exclusive session (a younger writer's temp files are not leftovers).
+ */
+class SessionGuard implements Backend {
+  constructor(
+    private readonly inner: Backend,
+    private readonly check: (what: string, kind: string, exclusive?: boolean) => void,
+  ) {}
+  get location(): string {
+    return this.inner.location;
+  }
+  get capabilities(): Backend['capabilities'] {
+    return this.inner.capabilities;
+  }
+  async put(kind: ObjectKind, name: string, data: Uint8Array): Promise<void> {
+    if (SESSION_KINDS.has(kind)) this.check('put', kind);
+    return this.inner.put(kind, name, data);
+  }
+  async create(kind: ObjectKind, name: string, data: Uint8Array): Promise<boolean> {
+    if (SESSION_KINDS.has(kind)) this.check('create', kind);
+    return this.inner.create(kind, name, data);
+  }
+  async delete(kind: ObjectKind, name: string): Promise<void> {
+    if (SESSION_KINDS.has(kind)) this.check('delete', kind);
+    return this.inner.delete(kind, name);
+  }
+  async removeLeftovers(olderThanMs: number): Promise<number> {
+    this.check('removeLeftovers', 'temp files', true);
+    return this.inner.removeLeftovers(olderThanMs);
+  }
+  leftovers(): Promise<Leftover[]> {
+    return this.inner.leftovers();
+  }
+  get(kind: ObjectKind, name: string, range?: ByteRange, into?: Uint8Array): Promise<Buffer> {
+    return this.inner.get(kind, name, range, into);
+  }
+  stat(kind: ObjectKind, name: string): Promise<ObjectInfo> {
+    return this.inner.stat(kind, name);
+  }
+  list(kind: ObjectKind): AsyncIterable<ObjectInfo> {
+    return this.inner.list(kind);
+  }
+  close(): Promise<void> {
+    return this.inner.close();
+  }
+}

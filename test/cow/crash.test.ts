@@ -184,13 +184,15 @@ describe('crash safety', () => {
         durable[s] = id;
         since[s] = [];
       }
-      const { stream } = await snapshotVolume(vol, repo);
-      const snap = await repo.saveSnapshot({
-        vm: 'crash',
-        tags: [],
-        parent: parentSnapshot,
-        meta: { round },
-        streams: [{ name: 'disk0', kind: 'disk', size: stream.size, chunkSize: stream.chunkSize, chunks: stream.chunks }],
+      const snap = await repo.write('take', async () => {
+        const { stream } = await snapshotVolume(vol, repo);
+        return repo.saveSnapshot({
+          vm: 'crash',
+          tags: [],
+          parent: parentSnapshot,
+          meta: { round },
+          streams: [{ name: 'disk0', kind: 'disk', size: stream.size, chunkSize: stream.chunkSize, chunks: stream.chunks }],
+        });
       });
       parentSnapshot = snap.id;
       await vol.close();

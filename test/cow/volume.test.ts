@@ -345,6 +345,7 @@ describe('clone of a 4 GiB snapshot in a real repository', () => {
     const n = size / BS;
     const repoDir = path.join(dir, 'repo');
     const repo = await Repository.init(new LocalBackend(repoDir), { chunkSize: BS });
+    const session = await repo.beginWrite('test');
     const distinct: Buffer[] = [];
     const ids: Buffer[] = [];
     for (let k = 0; k < 64; k++) {
@@ -361,6 +362,7 @@ describe('clone of a 4 GiB snapshot in a real repository', () => {
       meta: {},
       streams: [{ name: 'disk0', kind: 'disk', size, chunkSize: BS, chunks }],
     });
+    await session.end();
     await repo.close();
 
     const reopened = await Repository.open(new LocalBackend(repoDir));

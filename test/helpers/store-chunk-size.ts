@@ -82,12 +82,14 @@ for (const kib of [16, 64, 256, 1024]) {
     for (let o = 0; o < buf.length; o += MiB) yield buf.subarray(o, o + MiB);
   })());
   const t0 = performance.now();
+  const session = await repo.beginWrite('import');
   const a = await ingestStream(repo, piece(base), { name: 'disk0', kind: 'disk' });
   await repo.saveSnapshot({ vm: 'bench', tags: [], parent: null, meta: {}, streams: [a.stream] });
   const secs = (performance.now() - t0) / 1000;
   const stored1 = repo.stats.storedBytes;
   const b = await ingestStream(repo, piece(second), { name: 'disk0', kind: 'disk' });
   await repo.saveSnapshot({ vm: 'bench', tags: [], parent: null, meta: {}, streams: [b.stream] });
+  await session.end();
   const growth = repo.stats.storedBytes - stored1;
   console.log(
     `| ${kib} KiB | ${repo.index.size} | ${fmt(stored1)} | ${fmt(growth)} | ${(growth / (changed * BLOCK)).toFixed(1)}x | ${(repo.index.memoryBytes / repo.index.size).toFixed(0)} | ${(base.length / MiB / secs).toFixed(0)} MiB/s |`,

@@ -1,4 +1,5 @@
-import { mkdtemp, rm } from 'node:fs/promises';
+import { mkdir, mkdtemp, rm, utimes, writeFile } from 'node:fs/promises';
+import type { ObjectKind } from '../../src/store/backend/contract.js';
 import { tmpdir } from 'node:os';
 import * as path from 'node:path';
 import { expect } from 'vitest';
@@ -15,20 +16,39 @@ runBackendConformance('LocalBackend', async () => {
   return {
     backend: new LocalBackend(root),
     reopen: async () => new LocalBackend(root),
+    interruptedPut: (kind, name, ageMs) => interruptedLocalPut(root, kind, name, ageMs),
     cleanup: () => rm(dir, { recursive: true, force: true }),
   };
 });
 
 runBackendConformance('MemoryBackend', async () => ({ backend: new MemoryBackend() }));
 
+// Wrappers: a second wrapper around the same inner backend is the second instance.
 runBackendConformance('FaultyBackend(Memory) without faults', async () => {
-  const f = new FaultyBackend(new MemoryBackend());
-  return { backend: f, cleanup: async () => expect(f.fired).toEqual([]) };
+  const inner = new MemoryBackend();
+  const f = new FaultyBackend(inner);
+  return { backend: f, reopen: async () => new FaultyBackend(inner), cleanup: async () => expect(f.fired).toEqual([]) };
 });
 
-runBackendConformance('RetryBackend(Memory)', async () => ({ backend: new RetryBackend(new MemoryBackend()) }));
+runBackendConformance('RetryBackend(Memory)', async () => {
+  const inner = new MemoryBackend();
+  return { backend: new RetryBackend(inner), reopen: async () => new RetryBackend(inner) };
+});
 
-runBackendConformance('StatsBackend(Memory)', async () => ({ backend: new StatsBackend(new MemoryBackend()) }));
+runBackendConformance('StatsBackend(Memory)', async () => {
+  const inner = new MemoryBackend();
+  return { backend: new StatsBackend(inner), reopen: async () => new StatsBackend(inner) };
+});
+
+/** What atomicWriteFile leaves when killed before its rename: a `.tmp-` file beside the target. */
+async function interruptedLocalPut(root: string, kind: ObjectKind, name: string, ageMs: number): Promise<void> {
+  const where = kind === 'packs' ? path.join(root, kind, name.slice(0, 2)) : path.join(root, kind);
+  await mkdir(where, { recursive: true });
+  const file = path.join(where, `.tmp-${name}-${process.pid}`);
+  await writeFile(file, Buffer.alloc(4096, 7));
+  const t = new Date(Date.now() - ageMs);
+  await utimes(file, t, t);
+}
 
 // Every third call fails before it happens and every fifth loses its reply after it took effect;
 // retries must hide both completely.
@@ -45,6 +65,8 @@ runBackendConformance('RetryBackend(FaultyBackend(Local)) with retryable faults'
   const retry = new RetryBackend(faulty, { maxAttempts: 20, sleep: async () => undefined });
   return {
     backend: retry,
+    reopen: async () => new RetryBackend(new LocalBackend(dir)),
+    interruptedPut: (kind, name, ageMs) => interruptedLocalPut(dir, kind, name, ageMs),
     cleanup: async () => {
       await rm(dir, { recursive: true, force: true });
     },

@@ -47,7 +47,11 @@ async function importFile(repo: Repository, file: string, extents?: Extent[]) {
   const fh = await open(file, 'r');
   try {
     const size = (await fh.stat()).size;
-    return await ingestStream(repo, { file: fh, size, extents }, { name: 'disk0', kind: 'disk' });
+    return await repo.write('import', async () => {
+      const res = await ingestStream(repo, { file: fh, size, extents }, { name: 'disk0', kind: 'disk' });
+      await repo.flush();
+      return res;
+    });
   } finally {
     await fh.close();
   }
@@ -147,7 +151,7 @@ describe('import of a regular file', () => {
     const fh = await open(file, 'r');
     try {
       // The caller saw 20 chunks; only 10 are there by the time they are read.
-      const err = await ingestStream(repo, { file: fh, size: 20 * CHUNK }, { name: 'disk0', kind: 'disk' }).then(
+      const err = await repo.write('import', () => ingestStream(repo, { file: fh, size: 20 * CHUNK }, { name: 'disk0', kind: 'disk' })).then(
         () => null,
         (e: unknown) => e,
       );
@@ -172,7 +176,7 @@ describe('import of a regular file', () => {
       const backend = new FaultyBackend(new MemoryBackend(), [{ method: 'put', kind: 'packs', times: Infinity, fault: { type: 'delay', ms: 30 + round * 40 } }]);
       const repo = await Repository.init(backend, {});
       const res = await importFile(repo, file);
-      await repo.saveSnapshot({ vm: 'vm', tags: [], parent: null, meta: {}, streams: [res.stream] });
+      await repo.write('import', () => repo.saveSnapshot({ vm: 'vm', tags: [], parent: null, meta: {}, streams: [res.stream] }));
       const report = await check(repo, { readData: true });
       expect(report.problems, `round ${round}`).toEqual([]);
       expect(res.newChunks, `round ${round}`).toBe(size / CHUNK);

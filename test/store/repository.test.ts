@@ -34,8 +34,10 @@ function mixedImage(size: number, seed = 1): Buffer {
 }
 
 async function roundTrip(repo: Repository, data: Buffer) {
-  const res = await ingestStream(repo, Readable.from([data.subarray(0, 100_000), data.subarray(100_000)]), { name: 'disk0', kind: 'disk' });
-  const snap = await repo.saveSnapshot({ vm: 'vm1', tags: [], parent: null, meta: {}, streams: [res.stream] });
+  const { res, snap } = await repo.write('test', async () => {
+    const res = await ingestStream(repo, Readable.from([data.subarray(0, 100_000), data.subarray(100_000)]), { name: 'disk0', kind: 'disk' });
+    return { res, snap: await repo.saveSnapshot({ vm: 'vm1', tags: [], parent: null, meta: {}, streams: [res.stream] }) };
+  });
   const out = new PassThrough();
   const parts: Buffer[] = [];
   out.on('data', (b: Buffer) => parts.push(b));
@@ -53,7 +55,7 @@ describe('repository', () => {
     expect(out.equals(data)).toBe(true);
     expect(res.zeroChunks).toBeGreaterThan(0);
     expect(res.dedupChunks).toBeGreaterThan(0);
-    const again = await ingestStream(repo, Readable.from([data]), { name: 'disk0', kind: 'disk' });
+    const again = await repo.write('test', () => ingestStream(repo, Readable.from([data]), { name: 'disk0', kind: 'disk' }));
     expect(again.newChunks).toBe(0);
     await repo.close();
     // A fresh open sees everything through the index.
@@ -78,7 +80,7 @@ describe('repository', () => {
     await expect(Repository.open(backend, { password: 'wrong' })).rejects.toBeInstanceOf(WrongPasswordError);
     await expect(Repository.open(backend)).rejects.toThrow(/encrypted/);
     const plain = await Repository.init(new MemoryBackend(), {});
-    const plainRes = await ingestStream(plain, Readable.from([data]), { name: 'disk0', kind: 'disk' });
+    const plainRes = await plain.write('test', () => ingestStream(plain, Readable.from([data]), { name: 'disk0', kind: 'disk' }));
     const encIds = new Set<string>();
     for (let o = 0; o < snap.streams[0]!.chunks.length; o += ID_SIZE) encIds.add(snap.streams[0]!.chunks.subarray(o, o + ID_SIZE).toString('hex'));
     for (let o = 0; o < plainRes.stream.chunks.length; o += ID_SIZE) {
@@ -92,8 +94,11 @@ describe('repository', () => {
     const backend = new MemoryBackend();
     const repo = await Repository.init(backend, { codec: 'none' });
     const data = randomBytes(512 * 1024);
-    const res = await ingestStream(repo, Readable.from([data]), { name: 'f', kind: 'file' });
-    await repo.flush();
+    const res = await repo.write('test', async () => {
+      const r = await ingestStream(repo, Readable.from([data]), { name: 'f', kind: 'file' });
+      await repo.flush();
+      return r;
+    });
     const [pack] = repo.index.packs();
     const bytes = await backend.get('packs', pack!);
     bytes[100] = bytes[100]! ^ 1;
@@ -116,8 +121,11 @@ describe('repository', () => {
     for (const backend of [new MemoryBackend(), new OwnBuffers()]) {
       const repo = await Repository.init(backend, {});
       const data = mixedImage(20 * 65536 + 999, 3);
-      const res = await ingestStream(repo, Readable.from([data]), { name: 'disk0', kind: 'disk' });
-      await repo.flush();
+      const res = await repo.write('test', async () => {
+        const r = await ingestStream(repo, Readable.from([data]), { name: 'disk0', kind: 'disk' });
+        await repo.flush();
+        return r;
+      });
       const dir = await mkdtemp(path.join(tmpdir(), 'vmsnap-export-'));
       try {
         expect(repo.workers().sharedStats(), 'after ingest').toEqual({ leased: 0, free: 0 });
@@ -135,8 +143,11 @@ describe('repository', () => {
 
   it('reports a failed write of the output (ENOSPC) with its errno code', async () => {
     const repo = await Repository.init(new MemoryBackend(), {});
-    const res = await ingestStream(repo, Readable.from([randomBytes(300_000)]), { name: 'f', kind: 'file' });
-    await repo.flush();
+    const res = await repo.write('test', async () => {
+      const r = await ingestStream(repo, Readable.from([randomBytes(300_000)]), { name: 'f', kind: 'file' });
+      await repo.flush();
+      return r;
+    });
     // /dev/full answers every write with ENOSPC, as a full disk does.
     const fh = await open('/dev/full', 'w');
     try {
@@ -152,8 +163,11 @@ describe('repository', () => {
   it('exports chunks larger than a read group (16 MiB chunks)', async () => {
     const repo = await Repository.init(new MemoryBackend(), { chunkSize: 16 << 20 });
     const data = randomBytes(40 << 20); // incompressible: stored chunks are larger than their 16 MiB
-    const res = await ingestStream(repo, Readable.from([data]), { name: 'disk0', kind: 'disk' });
-    await repo.flush();
+    const res = await repo.write('test', async () => {
+      const r = await ingestStream(repo, Readable.from([data]), { name: 'disk0', kind: 'disk' });
+      await repo.flush();
+      return r;
+    });
     const dir = await mkdtemp(path.join(tmpdir(), 'vmsnap-bigchunk-'));
     try {
       const fh = await open(path.join(dir, 'out.img'), 'w');
@@ -175,7 +189,7 @@ describe('repository', () => {
         await new Promise((r) => setTimeout(r, 30));
       }
     }
-    await expect(ingestStream(repo, slowInput(), { name: 'disk0', kind: 'disk' })).rejects.toThrow(/no space left on device/);
+    await expect(repo.write('test', () => ingestStream(repo, slowInput(), { name: 'disk0', kind: 'disk' }))).rejects.toThrow(/no space left on device/);
     expect(repo.workers().sharedStats()).toEqual({ leased: 0, free: 0 });
     await repo.close();
   }, 60_000);
@@ -186,8 +200,10 @@ describe('repository', () => {
     const pruner = await Repository.open(backend); // opened first: its index predates the import below
     const writer = await Repository.open(backend);
     const data = randomBytes(3 << 20);
-    const res = await ingestStream(writer, Readable.from([data]), { name: 'disk0', kind: 'disk' });
-    await writer.saveSnapshot({ vm: 'vm1', tags: [], parent: null, meta: {}, streams: [res.stream] });
+    await writer.write('import', async () => {
+      const res = await ingestStream(writer, Readable.from([data]), { name: 'disk0', kind: 'disk' });
+      await writer.saveSnapshot({ vm: 'vm1', tags: [], parent: null, meta: {}, streams: [res.stream] });
+    });
     await writer.close();
     await prune(pruner);
     await pruner.close();
@@ -207,9 +223,10 @@ describe('repository', () => {
     try {
       const backend = new LocalBackend(dir);
       const repo = await Repository.init(backend, {});
-      const res = await ingestStream(repo, Readable.from([randomBytes(1 << 20)]), { name: 'disk0', kind: 'disk' });
-      await repo.saveSnapshot({ vm: 'vm1', tags: [], parent: null, meta: {}, streams: [res.stream] });
-      await repo.flush();
+      await repo.write('import', async () => {
+        const res = await ingestStream(repo, Readable.from([randomBytes(1 << 20)]), { name: 'disk0', kind: 'disk' });
+        await repo.saveSnapshot({ vm: 'vm1', tags: [], parent: null, meta: {}, streams: [res.stream] });
+      });
       const [fan] = await readdir(path.join(dir, 'packs'));
       const old = path.join(dir, 'packs', fan!, '.tmp-dead-put-1');
       const young = path.join(dir, 'snapshots', '.tmp-live-put-2');
@@ -235,8 +252,11 @@ describe('repository', () => {
     }
     const backend = new NoCleanup();
     const repo = await Repository.init(backend, {});
-    const res = await ingestStream(repo, Readable.from([randomBytes(1 << 20)]), { name: 'disk0', kind: 'disk' });
-    await repo.flush(); // a pack no snapshot references: garbage
+    const res = await repo.write('test', async () => {
+      const r = await ingestStream(repo, Readable.from([randomBytes(1 << 20)]), { name: 'disk0', kind: 'disk' });
+      await repo.flush(); // a pack no snapshot references: garbage
+      return r;
+    });
     const st = await prune(repo);
     expect(st.packsDeleted).toBeGreaterThan(0);
     expect(st.leftoversError).toMatch(/EACCES/);
@@ -251,6 +271,7 @@ describe('repository', () => {
     const repo = await Repository.init(new MemoryBackend(), {});
     const a = Buffer.concat([randomBytes(3 * 65536), Buffer.alloc(65536)]);
     const b = Buffer.concat([a.subarray(0, 2 * 65536), randomBytes(65536)]);
+    const w = await repo.beginWrite('test');
     const sa = await ingestStream(repo, Readable.from([a]), { name: 'disk0', kind: 'disk' });
     const sb = await ingestStream(repo, Readable.from([b]), { name: 'disk0', kind: 'disk' });
     await repo.flush();
@@ -258,6 +279,7 @@ describe('repository', () => {
       await repo.saveSnapshot({ vm: 'v', tags: [], parent: null, meta: {}, streams: [sa.stream] }),
       await repo.saveSnapshot({ vm: 'v', tags: [], parent: null, meta: {}, streams: [sb.stream] }),
     ];
+    await w.end();
     const m = await markLiveChunks(repo.index, snaps);
     expect(m.snapshots).toBe(2);
     expect(m.count).toBe(4); // 3 of a, 1 new in b; the zero chunk is no chunk
@@ -276,6 +298,7 @@ describe('repository', () => {
     const repo = await Repository.init(backend, {});
     const shared = randomBytes(65536);
     const own = [randomBytes(65536), randomBytes(65536)];
+    const w = await repo.beginWrite('test');
     // Pack 1: the shared chunk; pack 2: the first snapshot's own chunk; pack 3: the second's.
     const packOf = async (data: Buffer): Promise<StreamRecord> => {
       const r = await ingestStream(repo, Readable.from([data]), { name: 'disk0', kind: 'disk' });
@@ -288,6 +311,7 @@ describe('repository', () => {
     const join = (a: StreamRecord, b: StreamRecord, name: string): StreamRecord => ({ ...a, name, size: a.size + b.size, chunks: Buffer.concat([a.chunks, b.chunks]) });
     const snapA = await repo.saveSnapshot({ vm: 'a', tags: [], parent: null, meta: {}, streams: [join(sShared, s0, 'disk0')] });
     const snapB = await repo.saveSnapshot({ vm: 'b', tags: [], parent: null, meta: {}, streams: [join(sShared, s1, 'disk1'), { ...s1, name: 'disk2' }] });
+    await w.end();
     const packWith = (id: Buffer): string => repo.locate(id).pack;
     expect(new Set([packWith(sShared.chunks), packWith(s0.chunks), packWith(s1.chunks)]).size).toBe(3);
     await backend.delete('packs', packWith(sShared.chunks));
@@ -323,8 +347,10 @@ describe('repository', () => {
   it('lists summaries without chunk lists, and `latest` still resolves to the full snapshot', async () => {
     const repo = await Repository.init(new MemoryBackend(), {});
     for (const vm of ['a', 'b', 'a']) {
-      const r = await ingestStream(repo, Readable.from([randomBytes(200_000)]), { name: 'disk0', kind: 'disk' });
-      await repo.saveSnapshot({ vm, tags: [], parent: null, meta: {}, streams: [r.stream] });
+      await repo.write('import', async () => {
+        const r = await ingestStream(repo, Readable.from([randomBytes(200_000)]), { name: 'disk0', kind: 'disk' });
+        await repo.saveSnapshot({ vm, tags: [], parent: null, meta: {}, streams: [r.stream] });
+      });
       await new Promise((res) => setTimeout(res, 5)); // distinct times
     }
     const full = await repo.listSnapshots();
@@ -343,8 +369,10 @@ describe('repository', () => {
   it('check names a manifest it could read once but not when naming affected streams', async () => {
     const faulty = new FaultyBackend(new MemoryBackend());
     const repo = await Repository.init(faulty, {});
-    const r = await ingestStream(repo, Readable.from([randomBytes(100_000)]), { name: 'disk0', kind: 'disk' });
-    const snap = await repo.saveSnapshot({ vm: 'v', tags: [], parent: null, meta: {}, streams: [r.stream] });
+    const { r, snap } = await repo.write('import', async () => {
+      const r = await ingestStream(repo, Readable.from([randomBytes(100_000)]), { name: 'disk0', kind: 'disk' });
+      return { r, snap: await repo.saveSnapshot({ vm: 'v', tags: [], parent: null, meta: {}, streams: [r.stream] }) };
+    });
     await faulty.delete('packs', repo.locate(r.stream.chunks.subarray(0, 32)).pack);
     const reader = await Repository.open(faulty); // no cached manifests
     // The first read of the manifest (check's first pass) works; the second (naming) fails.
@@ -360,6 +388,7 @@ describe('repository', () => {
     const src = await Repository.init(new MemoryBackend(), {});
     const dst = await Repository.init(new MemoryBackend(), {});
     const ids: string[] = [];
+    const w = await src.beginWrite('test');
     for (let i = 0; i < 3; i++) {
       const r = await ingestStream(src, Readable.from([randomBytes(70_000)]), { name: 'disk0', kind: 'disk' });
       ids.push((await src.saveSnapshot({ vm: 'v', tags: [], parent: null, meta: {}, streams: [r.stream] })).id);
@@ -367,6 +396,7 @@ describe('repository', () => {
     }
     const listed = await src.listSnapshotSummaries();
     await src.deleteSnapshot(ids[1]!); // `forget` in another process, after the listing
+    await w.end();
     const report = await copySnapshots(src, dst, listed);
     expect(report.vanished).toEqual([ids[1]]);
     expect(report.snapshots.map((s) => s.source).sort()).toEqual([ids[0], ids[2]].sort());

@@ -34,6 +34,7 @@
  *    temp files of puts killed before their rename) that is older than `olderThanMs`, and nothing
  *    else: never a visible object, never a younger leftover (another process may still be writing
  *    it). Resolves with how many it removed; a backend whose writes leave nothing resolves 0.
+ *    `leftovers()` lists the same things, whatever their age, and removes nothing (for `check`).
  * 11. Errors. Failures are BackendError with `retryable` true for conditions that may pass
  *    (timeouts, 5xx, throttling, ECONNRESET) and false for those that will not (ENOSPC, EACCES,
  *    auth). Wrappers may retry only retryable errors.
@@ -48,6 +49,12 @@ export const OBJECT_NAME = /^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$/;
 export interface ObjectInfo {
   name: string;
   size: number;
+}
+
+export interface Leftover {
+  name: string;
+  size: number;
+  ageMs: number;
 }
 
 export interface ByteRange {
@@ -80,6 +87,8 @@ export interface Backend {
   delete(kind: ObjectKind, name: string): Promise<void>;
   /** See item 10: removes leftovers of interrupted writes older than `olderThanMs`. */
   removeLeftovers(olderThanMs: number): Promise<number>;
+  /** See item 10: every leftover of an interrupted write (name relative to the store), with its age. */
+  leftovers(): Promise<Leftover[]>;
   /** Release sockets, file handles. The backend is unusable afterwards. */
   close(): Promise<void>;
 }

@@ -12,6 +12,7 @@ import {
   type ByteRange,
   type ObjectInfo,
   type ObjectKind,
+  type Leftover,
 } from './contract.js';
 
 export type BackendMethod = 'put' | 'create' | 'get' | 'stat' | 'list' | 'delete';
@@ -264,6 +265,10 @@ export class FaultyBackend implements Backend {
 
   removeLeftovers(olderThanMs: number): Promise<number> {
     return this.inner.removeLeftovers(olderThanMs);
+  }
+
+  leftovers(): Promise<Leftover[]> {
+    return this.inner.leftovers();
   }
 
   async close(): Promise<void> {

@@ -22,6 +22,7 @@ import {
   type ByteRange,
   type ObjectInfo,
   type ObjectKind,
+  type Leftover,
 } from './contract.js';
 
 const TEMP_PREFIX = '.tmp-';
@@ -241,8 +242,19 @@ export class LocalBackend implements Backend {
    * another process may still be writing younger ones). Returns how many were removed.
    */
   async removeLeftovers(olderThanMs: number): Promise<number> {
-    const cutoff = Date.now() - olderThanMs;
     let removed = 0;
+    for (const l of await this.leftovers()) {
+      if (l.ageMs <= olderThanMs) continue;
+      await fsp.rm(path.join(this.root, l.name), { force: true });
+      removed++;
+    }
+    return removed;
+  }
+
+  /** Temp files of puts that never reached their rename (or are being written now), any age. */
+  async leftovers(): Promise<Leftover[]> {
+    const now = Date.now();
+    const found: Leftover[] = [];
     const visit = async (dir: string, depth: number): Promise<void> => {
       let entries: Dirent[];
       try {
@@ -256,17 +268,14 @@ export class LocalBackend implements Backend {
         if (e.isDirectory() && depth > 0) await visit(p, depth - 1);
         else if (e.isFile() && e.name.startsWith(TEMP_PREFIX)) {
           const st = await fsp.stat(p).catch(() => undefined);
-          if (st && st.mtimeMs < cutoff) {
-            await fsp.rm(p, { force: true });
-            removed++;
-          }
+          if (st) found.push({ name: path.relative(this.root, p), size: st.size, ageMs: now - st.mtimeMs });
         }
       }
     };
     for (const kind of ['config', 'keys', 'packs', 'index', 'snapshots', 'locks'] as const) {
       await visit(containedPath(this.root, kind), kind === 'packs' ? 1 : 0);
     }
-    return removed;
+    return found;
   }
 
   async close(): Promise<void> {

@@ -13,6 +13,7 @@ import {
   type ByteRange,
   type ObjectInfo,
   type ObjectKind,
+  type Leftover,
 } from './contract.js';
 
 export class MemoryBackend implements Backend {
@@ -82,6 +83,10 @@ export class MemoryBackend implements Backend {
   /** A put here is one Map.set: nothing is ever left half written. */
   async removeLeftovers(_olderThanMs: number): Promise<number> {
     return 0;
+  }
+
+  async leftovers(): Promise<Leftover[]> {
+    return [];
   }
 
   async close(): Promise<void> {

@@ -84,6 +84,7 @@ function sharedView(m: MemoryBackend): Backend {
     list: (k) => m.list(k),
     delete: (k, n) => m.delete(k, n),
     removeLeftovers: (age) => m.removeLeftovers(age),
+    leftovers: () => m.leftovers(),
     close: async () => undefined,
   };
 }

@@ -20,6 +20,7 @@ import {
   type ByteRange,
   type ObjectInfo,
   type ObjectKind,
+  type Leftover,
 } from './contract.js';
 
 export interface RetryOptions {
@@ -171,6 +172,10 @@ export class RetryBackend implements Backend {
 
   removeLeftovers(olderThanMs: number): Promise<number> {
     return this.run('removeLeftovers', this.inner.location, () => this.inner.removeLeftovers(olderThanMs));
+  }
+
+  leftovers(): Promise<Leftover[]> {
+    return this.run('leftovers', this.inner.location, () => this.inner.leftovers());
   }
 
   close(): Promise<void> {

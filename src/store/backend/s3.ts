@@ -45,6 +45,7 @@ import {
   type ByteRange,
   type ObjectInfo,
   type ObjectKind,
+  type Leftover,
 } from './contract.js';
 
 const MAX_SINGLE_PUT = 5 * 2 ** 30;
@@ -613,6 +614,10 @@ export class S3Backend implements Backend {
   /** Single PUTs only (see the header): an interrupted upload leaves nothing in the bucket. */
   async removeLeftovers(_olderThanMs: number): Promise<number> {
     return 0;
+  }
+
+  async leftovers(): Promise<Leftover[]> {
+    return [];
   }
 
   async close(): Promise<void> {

@@ -3,7 +3,7 @@
  * (at most 64 PUTs per GiB ingested). Wrap it outside RetryBackend to count logical operations,
  * inside to count billed requests (each retry is a request S3 charges for).
  */
-import type { Backend, BackendCapabilities, ByteRange, ObjectInfo, ObjectKind } from './contract.js';
+import type { Backend, BackendCapabilities, ByteRange, Leftover, ObjectInfo, ObjectKind } from './contract.js';
 
 export type StatsMethod = 'put' | 'create' | 'get' | 'stat' | 'list' | 'delete';
 
@@ -102,6 +102,10 @@ export class StatsBackend implements Backend {
 
   removeLeftovers(olderThanMs: number): Promise<number> {
     return this.inner.removeLeftovers(olderThanMs);
+  }
+
+  leftovers(): Promise<Leftover[]> {
+    return this.inner.leftovers();
   }
 
   close(): Promise<void> {

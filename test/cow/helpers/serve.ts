@@ -43,13 +43,15 @@ const snapshots = (async (): Promise<void> => {
     await new Promise((r) => setTimeout(r, every));
     if (stopping) break;
     try {
-      const { stream, stats } = await snapshotVolume(volume, repo);
-      const snap = await repo.saveSnapshot({
-        vm: 'serve',
-        tags: [],
-        parent,
-        meta: { generations: stats.generations.join(',') },
-        streams: [{ name: 'disk0', kind: 'disk', size: stream.size, chunkSize: stream.chunkSize, chunks: stream.chunks }],
+      const snap = await repo.write('take', async () => {
+        const { stream, stats } = await snapshotVolume(volume, repo);
+        return repo.saveSnapshot({
+          vm: 'serve',
+          tags: [],
+          parent,
+          meta: { generations: stats.generations.join(',') },
+          streams: [{ name: 'disk0', kind: 'disk', size: stream.size, chunkSize: stream.chunkSize, chunks: stream.chunks }],
+        });
       });
       parent = snap.id;
       process.stdout.write(`snapshot ${snap.id}\n`);
