@@ -2,6 +2,7 @@
 import { createReadStream } from 'node:fs';
 import { open as openFile, stat } from 'node:fs/promises';
 import { openOutputTarget } from '../src/util/output-target.js';
+import { refuseContainerImage } from '../src/util/image-format.js';
 import type { Command } from 'commander';
 import { Repository } from '../src/store/repository.js';
 import { ingestStream, exportStream } from '../src/store/streams.js';
@@ -113,6 +114,8 @@ export function registerStoreCommands(program: Command, globals: Globals): void 
           throw new UsageError(`cannot read ${file}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`);
         }
       }
+      // A qcow2 (or other container) imported as a disk would store the container, not the disk.
+      if (regular && o.kind === 'disk') await refuseContainerImage(file);
       const repo = await openRepository(g);
       const t0 = performance.now();
       try {
