@@ -177,7 +177,7 @@ export function registerStoreCommands(program: Command, globals: Globals): void 
         // What the target is decides how it is written (src/util/output-target.ts): a device is
         // written in place, a file through a private temp file, nothing through a planted link.
         const out = await openOutputTarget(target, { size: stream.size, ...(o.force ? { force: true } : {}) });
-        const where = target === '-' ? 'stdout' : target;
+        const where = target === '-' ? 'to stdout' : target;
         const bar = progress('export', stream.size, !g.quiet && !g.json && out.kind !== 'stdout');
         try {
           const writeback = o.fsync && out.kind !== 'stdout' && out.writingPath ? new WritebackAhead(out.writingPath) : null;

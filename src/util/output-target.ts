@@ -20,10 +20,11 @@
 import { constants as fsc, promises as fsp, readFileSync } from 'node:fs';
 import type { FileHandle } from 'node:fs/promises';
 import * as path from 'node:path';
-import { UserFacingError } from './errors.js';
+import { BadInputError } from './errors.js';
 import { createTempFile, fsyncDir, publishTempFile } from './fs.js';
 
-export class OutputTargetError extends UserFacingError {
+/** The target the user named cannot be written as asked: bad usage (exit 2), nothing written. */
+export class OutputTargetError extends BadInputError {
   override readonly name = 'OutputTargetError';
 }
 

@@ -6,11 +6,10 @@
  *    the chmod that fixes it;
  *  - a symlink planted inside a repository that leads out of it is refused, not written through.
  */
-import { spawn } from 'node:child_process';
 import { chmodSync, lstatSync, mkdirSync, readdirSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
 import * as path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { cliEntry, ensureBuiltAsync, mixedImage, removeDir, tempDir, vmsnap, vmsnapOk, type RunResult } from '../helpers/cli.js';
+import { ensureBuiltAsync, mixedImage, removeDir, tempDir, vmsnap, vmsnapOk } from '../helpers/cli.js';
 
 let dir: string;
 beforeAll(async () => {
@@ -19,25 +18,14 @@ beforeAll(async () => {
 }, 120_000);
 afterAll(() => removeDir(dir));
 
-/** The CLI started by a shell whose umask is 000 (the most permissive a user can have). */
-function underUmask000(args: string[], env: Record<string, string>): Promise<RunResult> {
-  return new Promise((resolve, reject) => {
-    const child = spawn('sh', ['-c', 'umask 000; exec "$0" "$@"', process.execPath, cliEntry(), ...args], {
-      env: { ...process.env, VMSNAP_PASSWORD: undefined, VMSNAP_PASSWORD_FILE: undefined, XDG_CONFIG_HOME: path.join(dir, 'no-config'), ...env },
-      stdio: ['ignore', 'pipe', 'pipe'],
-    });
-    const out: Buffer[] = [];
-    const err: Buffer[] = [];
-    child.stdout.on('data', (b: Buffer) => out.push(b));
-    child.stderr.on('data', (b: Buffer) => err.push(b));
-    child.on('error', reject);
-    child.on('close', (code, signal) => {
-      const stdoutBytes = Buffer.concat(out);
-      const r = { code, signal, stdout: stdoutBytes.toString(), stderr: Buffer.concat(err).toString(), stdoutBytes };
-      if (code !== 0) reject(new Error(`vmsnap ${args.join(' ')} exited ${code}: ${r.stderr}`));
-      else resolve(r);
-    });
-  });
+/** The CLI run with umask 000 (the most permissive a user can have), inherited from this process. */
+async function underUmask000(args: string[], env: Record<string, string>): Promise<void> {
+  const old = process.umask(0);
+  try {
+    await vmsnapOk(null, args, { env });
+  } finally {
+    process.umask(old);
+  }
 }
 
 /** Every path under `root` (itself included) whose mode gives group or others any access. */
