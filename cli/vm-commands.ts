@@ -69,6 +69,8 @@ function printTake(r: TakeResult, json: boolean): void {
 
 async function createDisks(def: VmDefinition, sources: { def: DiskDef; from?: string }[], g: GlobalOptions): Promise<void> {
   const paths = vmPaths(dataDir(), def.name);
+  // Nothing is written through a symlink planted in the data folder (docs/security.md).
+  await assertInside(dataDir(), paths.dir);
   let repo: Repository | null = null;
   try {
     for (const s of sources) {
@@ -84,7 +86,6 @@ async function createDisks(def: VmDefinition, sources: { def: DiskDef; from?: st
         continue;
       }
       const blockSize = repo?.chunkSize ?? DEFAULT_CHUNK_SIZE;
-      await assertInside(dataDir(), paths.disksDir);
       // The image's format is detected, not assumed (src/util/image-format.ts): a qcow2 is read as
       // the disk it holds, an odd size is padded with a notice.
       const image = s.from ? await openDiskImage(s.from, { blockSize, tempNear: `${dir}.import`, notice: (l) => console.error(l) }) : null;

@@ -92,3 +92,17 @@ describe('a symlink planted inside a repository', () => {
     expect(readdirSync(outside)).toEqual([]);
   });
 });
+
+describe('a symlink planted inside the VM data folder', () => {
+  it('that leads out of it is refused; no disk is written where it points', async () => {
+    const data = path.join(dir, 'hostile-data');
+    const outside = path.join(dir, 'outside-vm');
+    mkdirSync(path.join(data, 'vms'), { recursive: true });
+    mkdirSync(outside);
+    symlinkSync(outside, path.join(data, 'vms', 'v9'));
+    const r = await vmsnap(null, ['vm', 'create', 'v9', '--disk', '1M'], { env: { VMSNAP_DATA_DIR: data, VMSNAP_REPO: path.join(dir, 'unused-repo') } });
+    expect(r.code).toBe(1);
+    expect(r.stderr).toMatch(/leads out of .* through a symbolic link; refusing to write there/);
+    expect(readdirSync(outside)).toEqual([]);
+  });
+});
