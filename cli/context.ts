@@ -13,6 +13,7 @@ import { openNonS3 } from '../src/store/backend/open-local.js';
 import type { BackendStats, StatsBackend } from '../src/store/backend/stats.js';
 import { Repository } from '../src/store/repository.js';
 import { UsageError } from '../src/store/errors.js';
+import { warnIfShared } from '../src/util/fs.js';
 
 export interface GlobalOptions {
   repo?: string;
@@ -36,16 +37,43 @@ export function xdg(kind: 'data' | 'config'): string {
   return env && path.isAbsolute(env) ? env : path.join(homedir(), kind === 'data' ? '.local/share' : '.config');
 }
 
+/** The type each config file key must have; any other key is refused (a typo must not be ignored). */
+const CONFIG_KEYS: Record<keyof FileConfig, (v: unknown) => string | null> = {
+  repo: (v) => (typeof v === 'string' && v.length > 0 ? null : 'must be a non-empty string (a directory or s3:...)'),
+  codec: (v) => (v === 'zstd' || v === 'lz4' || v === 'none' ? null : 'must be "zstd", "lz4" or "none"'),
+  passwordFile: (v) => (typeof v === 'string' && v.length > 0 ? null : 'must be a non-empty string (a file path)'),
+  encrypt: (v) => (typeof v === 'boolean' ? null : 'must be true or false'),
+  dataDir: (v) => (typeof v === 'string' && v.length > 0 ? null : 'must be a non-empty string (a directory)'),
+};
+
+/** The config file, every key checked: a wrong one is a UsageError naming the file and the key. */
 export function loadFileConfig(): FileConfig {
   const file = path.join(xdg('config'), 'vmsnap', 'config.json');
   if (!existsSync(file)) return {};
+  let c: unknown;
   try {
-    const c = JSON.parse(readFileSync(file, 'utf8')) as unknown;
-    if (typeof c !== 'object' || c === null || Array.isArray(c)) throw new Error('not an object');
-    return c as FileConfig;
+    c = JSON.parse(readFileSync(file, 'utf8')) as unknown;
   } catch (err) {
     throw new UsageError(`config file ${file} is invalid: ${(err as Error).message}`);
   }
+  if (typeof c !== 'object' || c === null || Array.isArray(c)) throw new UsageError(`config file ${file} is invalid: not a JSON object`);
+  for (const [key, value] of Object.entries(c)) {
+    const check = CONFIG_KEYS[key as keyof FileConfig] as ((v: unknown) => string | null) | undefined;
+    if (!check) throw new UsageError(`config file ${file}: unknown key ${JSON.stringify(key)} (known: ${Object.keys(CONFIG_KEYS).join(', ')})`);
+    const problem = check(value);
+    if (problem) throw new UsageError(`config file ${file}: "${key}" ${problem}, got ${JSON.stringify(value)}`);
+  }
+  return c as FileConfig;
+}
+
+/**
+ * Warns (stderr, once per folder and command) when the local repository or the VM data folder
+ * exists and other users can read or enter it (see warnIfShared; docs/security.md).
+ */
+export async function warnSharedFolders(opts: GlobalOptions): Promise<void> {
+  const repo = repoLocation(opts);
+  if (!repo.startsWith('s3:')) await warnIfShared(repo.replace(/^local:/, ''), 'repository');
+  await warnIfShared(dataDir(), 'VM data folder');
 }
 
 export function dataDir(): string {

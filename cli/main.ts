@@ -1,16 +1,22 @@
 /**
  * The `vmsnap` command. Errors: a RepositoryError (or any error marked user-facing) prints one line
- * `vmsnap: <message>` and exits 1 (2 for usage errors, 3 for `check` finding problems); anything else
- * is a bug and prints its stack.
+ * `vmsnap: <message>` and exits 1 (2 for usage errors: unknown commands and options, bad values;
+ * 3 for `check` finding problems); anything else is a bug, prints its stack and exits 70. With
+ * `--json` the same error is one line of JSON on stderr instead (stdout may carry a stream):
+ * `{"error":{"message","name","exitCode","step"?,"retryable"?}}`, same exit codes.
+ *
+ * Everything the command creates is private to its user: the umask is 077 from the start (files
+ * 0600, folders 0700, also for the supervisor and QEMU it starts), on top of the explicit modes of
+ * src/util/fs.ts, so a permissive umask never exposes keys, RAM images or disks.
  */
 import { Command, CommanderError } from 'commander';
 import { UsageError } from '../src/store/errors.js';
-import { isUserFacing } from './output.js';
+import { errorJson, isUsageError, isUserFacing } from './output.js';
 import { registerStoreCommands } from './store-commands.js';
 import { registerVmCommands } from './vm-commands.js';
 import { registerCopyCommands } from './copy-commands.js';
 import { registerVolumeCommands } from '../src/cow/cli.js';
-import { dataDir, enableBackendStats, openRepository, printBackendStats } from './context.js';
+import { dataDir, enableBackendStats, openRepository, printBackendStats, warnSharedFolders } from './context.js';
 import { resolveStreamRef } from './store-commands.js';
 import type { Repository } from '../src/store/repository.js';
 import type { GlobalOptions } from './context.js';
@@ -26,11 +32,14 @@ export function buildProgram(): Command {
     .option('--json', 'machine-readable output')
     .option('-q, --quiet', 'no progress output')
     .option('--stats', 'print backend requests and bytes per operation to stderr at exit (JSON with --json)')
-    .showHelpAfterError()
+    .showHelpAfterError(!jsonErrors)
+    // Under --json, commander's own error text would not be JSON: main() prints the error instead.
+    .configureOutput({ outputError: (str, write) => (jsonErrors ? undefined : write(str)) })
     .exitOverride();
   const globals = () => program.opts<GlobalOptions>();
-  program.hook('preAction', () => {
+  program.hook('preAction', async () => {
     if (globals().stats) enableBackendStats();
+    await warnSharedFolders(globals());
   });
   registerStoreCommands(program, globals);
   registerVmCommands(program, globals);
@@ -54,22 +63,62 @@ export function buildProgram(): Command {
   return program;
 }
 
+/** Whether errors are printed as JSON (`--json` anywhere before `--`); set by main() before parsing. */
+let jsonErrors = false;
+
 export async function main(argv: string[]): Promise<number> {
+  // Before anything is created: private files and folders whatever the caller's umask (see above).
+  process.umask(0o077);
+  const end = argv.indexOf('--');
+  jsonErrors = (end < 0 ? argv : argv.slice(0, end)).includes('--json');
   const program = buildProgram();
   try {
+    const unknown = unknownCommand(program, argv.slice(2));
+    if (unknown) throw new UsageError(`unknown command ${JSON.stringify(unknown.name)}${unknown.parent ? ` for "${unknown.parent}"` : ''} (see vmsnap${unknown.parent ? ` ${unknown.parent}` : ''} --help)`);
     await program.parseAsync(argv);
     return typeof process.exitCode === 'number' ? process.exitCode : 0;
   } catch (err) {
-    if (err instanceof CommanderError) return err.exitCode === 0 ? 0 : 2;
-    if (isUserFacing(err)) {
-      process.stderr.write(`vmsnap: ${err.message}\n`);
-      return err instanceof UsageError ? 2 : 1;
+    if (err instanceof CommanderError) {
+      // Help and --version end with code 0; everything else commander rejects is bad usage.
+      if (err.exitCode === 0) return 0;
+      if (jsonErrors) process.stderr.write(errorJson(err.message.replace(/^error: /, ''), 'UsageError', 2) + '\n');
+      return 2;
     }
-    process.stderr.write(`vmsnap: internal error: ${err instanceof Error ? (err.stack ?? err.message) : String(err)}\n`);
-    return 70;
+    const code = isUserFacing(err) ? (isUsageError(err) ? 2 : 1) : 70;
+    if (jsonErrors) process.stderr.write(errorJson(err, undefined, code) + '\n');
+    else if (code !== 70) process.stderr.write(`vmsnap: ${(err as Error).message}\n`);
+    else process.stderr.write(`vmsnap: internal error: ${err instanceof Error ? (err.stack ?? err.message) : String(err)}\n`);
+    return code;
   } finally {
     printStats(program);
   }
+}
+
+/**
+ * The first word naming a command that does not exist, if any. commander reports an unknown
+ * command itself, except when --help follows it (`vmsnap nosuch --help` printed the main help and
+ * exited 0): checked before parsing so that too is a usage error.
+ */
+function unknownCommand(program: Command, args: string[]): { name: string; parent: string | null } | null {
+  let cmd = program;
+  let parent: string | null = null;
+  for (let i = 0; i < args.length; i++) {
+    const a = args[i]!;
+    if (a === '--') return null;
+    if (a.startsWith('-')) {
+      // An option's value is not a command name: skip it (`--repo DIR ls`).
+      const opt = cmd.options.find((o) => o.long === a || o.short === a);
+      if (opt && (opt.required || opt.optional) && !a.includes('=')) i++;
+      continue;
+    }
+    // A command with its own arguments (or none below it) takes the rest as operands.
+    if (cmd.commands.length === 0 || cmd.registeredArguments.length > 0) return null;
+    const sub = cmd.commands.find((c) => c.name() === a || c.aliases().includes(a));
+    if (!sub) return a === 'help' ? null : { name: a, parent };
+    parent = parent ? `${parent} ${a}` : a;
+    cmd = sub;
+  }
+  return null;
 }
 
 let statsPrinted = false;

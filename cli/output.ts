@@ -1,6 +1,6 @@
 /** Output helpers: progress bars only on a terminal, JSON for machines, human sizes. */
 import cliProgress from 'cli-progress';
-import { RepositoryError } from '../src/store/errors.js';
+import { RepositoryError, UsageError } from '../src/store/errors.js';
 import { BackendError } from '../src/store/backend/contract.js';
 
 export function humanBytes(n: number): string {
@@ -62,4 +62,28 @@ export function isUserFacing(err: unknown): err is Error {
   if (err instanceof RepositoryError || err instanceof BackendError) return true;
   const e = err as { userFacing?: unknown } | null;
   return typeof e === 'object' && e !== null && e.userFacing === true;
+}
+
+/** Bad usage (exit 2): the repository's UsageError, and any user-facing error marked `usage`. */
+export function isUsageError(err: unknown): boolean {
+  if (err instanceof UsageError) return true;
+  const e = err as { usage?: unknown } | null;
+  return typeof e === 'object' && e !== null && e.usage === true;
+}
+
+/**
+ * An error as the one line of JSON that `--json` prints on stderr:
+ * `{"error":{"message","name","exitCode","step"?,"retryable"?}}`. `step` names the failed step of
+ * an operation (OperationError); `retryable` says whether the same command may succeed later.
+ */
+export function errorJson(err: unknown, name: string | undefined, exitCode: number): string {
+  const e = (typeof err === 'object' && err !== null ? err : { message: String(err) }) as { message?: unknown; name?: unknown; step?: unknown; operation?: unknown; retryable?: unknown };
+  const out: { message: string; name: string; exitCode: number; step?: string; retryable?: boolean } = {
+    message: typeof err === 'string' ? err : String(e.message),
+    name: name ?? (typeof e.name === 'string' ? e.name : 'Error'),
+    exitCode,
+  };
+  if (typeof e.step === 'string') out.step = typeof e.operation === 'string' ? `${e.operation}: ${e.step}` : e.step;
+  if (typeof e.retryable === 'boolean') out.retryable = e.retryable;
+  return JSON.stringify({ error: out });
 }

@@ -1,8 +1,8 @@
 /** Repository verbs: init, import, export, ls, show, diff, forget, prune, check, rebuild-index, unlock. */
 import { createReadStream } from 'node:fs';
 import { open as openFile, stat } from 'node:fs/promises';
-import * as path from 'node:path';
-import { fsyncDir } from '../src/util/fs.js';
+import { openOutputTarget } from '../src/util/output-target.js';
+import { refuseContainerImage } from '../src/util/image-format.js';
 import type { Command } from 'commander';
 import { Repository } from '../src/store/repository.js';
 import { ingestStream, exportStream } from '../src/store/streams.js';
@@ -120,6 +120,8 @@ export function registerStoreCommands(program: Command, globals: Globals): void 
           throw new UsageError(`cannot read ${file}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`);
         }
       }
+      // A qcow2 (or other container) imported as a disk would store the container, not the disk.
+      if (regular && o.kind === 'disk') await refuseContainerImage(file);
       const repo = await openRepository(g);
       const t0 = performance.now();
       try {
@@ -170,59 +172,40 @@ export function registerStoreCommands(program: Command, globals: Globals): void 
 
   program
     .command('export <snapshot> <target>')
-    .description('write a snapshot stream (SNAP[:stream]) to a file or stdout (-)')
-    .option('--no-fsync', 'do not flush the file to disk before renaming it into place (faster; after a power loss it may be incomplete)')
-    .action(async (ref: string, target: string, o: { fsync: boolean }) => {
+    .description('write a snapshot stream (SNAP[:stream]) to a new file, stdout (-), a block or character device, or a FIFO')
+    .option('--force', 'replace an existing regular file')
+    .option('--no-fsync', 'do not flush the output to disk before putting it in place (faster; after a power loss it may be incomplete)')
+    .action(async (ref: string, target: string, o: { fsync: boolean; force?: boolean }) => {
       const g = globals();
       const repo = await openRepository(g);
       try {
         const { stream } = await resolveStreamRef(repo, ref);
-        if (target === '-') {
-          // Straight to fd 1, not through process.stdout: no copy per group, and nothing buffered in
-          // the stream when the reader is slower than the export.
-          await exportStream(repo, stream, { fd: 1 }).catch((err: NodeJS.ErrnoException) => {
-            throw typeof err.code === 'string' ? new OperationError('export', 'writing to stdout', err) : err;
-          });
-          return;
-        }
-        if ((await stat(target).catch(() => null))?.isDirectory()) {
-          throw new UsageError(`cannot write ${target}: it is a directory (give the path of the file to write)`);
-        }
-        const bar = progress('export', stream.size, !g.quiet && !g.json);
-        // Write to a temporary name and rename: a failed export never leaves a plausible-looking file.
-        const tmp = `${target}.vmsnap-partial`;
-        const fh = await openFile(tmp, 'w').catch((err: NodeJS.ErrnoException) => {
-          throw new UsageError(`cannot write ${target}: ${err.code === 'ENOENT' ? 'its directory does not exist' : (err.code ?? err.message)}`);
-        });
+        // What the target is decides how it is written (src/util/output-target.ts): a device is
+        // written in place, a file through a private temp file, nothing through a planted link.
+        const out = await openOutputTarget(target, { size: stream.size, ...(o.force ? { force: true } : {}) });
+        const where = target === '-' ? 'to stdout' : target;
+        const bar = progress('export', stream.size, !g.quiet && !g.json && out.kind !== 'stdout');
         try {
-          const writeback = o.fsync ? new WritebackAhead(tmp) : null;
-          await exportStream(repo, stream, { file: fh }, (n) => {
+          const writeback = o.fsync && out.kind !== 'stdout' && out.writingPath ? new WritebackAhead(out.writingPath) : null;
+          // A fresh file gets positional writes and keeps holes; everything else is written in
+          // order, zeros included (a device holds old data). Straight to the descriptor: no copy
+          // per group, and nothing buffered when the reader is slower than the export.
+          const dest = out.file ? { file: out.file } : { fd: out.fd! };
+          await exportStream(repo, stream, dest, (n) => {
             bar.update(n);
             writeback?.progress(n);
           });
           await writeback?.settle();
-          if (o.fsync) await fh.sync();
+          await out.commit({ fsync: o.fsync });
         } catch (err) {
-          await fh.close();
-          const { rm } = await import('node:fs/promises');
-          await rm(tmp, { force: true });
-          // A failed write of the output (ENOSPC, EIO) is the user's disk, not a bug: one line, naming it.
-          if (typeof (err as NodeJS.ErrnoException).code === 'string') throw new OperationError('export', `writing ${target}`, err);
+          await out.abort();
+          // A failed write of the output (ENOSPC, EIO, EPIPE) is the user's disk, not a bug: one line, naming it.
+          if (typeof (err as NodeJS.ErrnoException).code === 'string') throw new OperationError('export', `writing ${where}`, err);
           throw err;
         } finally {
           bar.stop();
         }
-        await fh.close();
-        const { rename, rm } = await import('node:fs/promises');
-        try {
-          await rename(tmp, target);
-          // The rename itself is durable only once the directory is flushed.
-          if (o.fsync) await fsyncDir(path.dirname(path.resolve(target)));
-        } catch (err) {
-          await rm(tmp, { force: true });
-          throw new OperationError('export', `renaming the finished file into ${target}`, err);
-        }
-        if (!g.json && !g.quiet) console.log(`wrote ${humanBytes(stream.size)} to ${target}`);
+        if (!g.json && !g.quiet && out.kind !== 'stdout') console.log(`wrote ${humanBytes(stream.size)} to ${target}`);
       } finally {
         await repo.close();
       }

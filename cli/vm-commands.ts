@@ -1,5 +1,7 @@
 /** VM verbs: vm create|start|stop|pause|resume|ls|show|console|rm, take, restore, clone. */
-import { createReadStream, promises as fsp } from 'node:fs';
+import { promises as fsp } from 'node:fs';
+import { openDiskImage } from '../src/util/image-format.js';
+import { assertInside } from '../src/util/fs.js';
 import type { Command } from 'commander';
 import { Volume } from '../src/cow/volume.js';
 import { processAlive } from '../src/util/process.js';
@@ -90,6 +92,8 @@ function printTake(r: TakeResult, json: boolean): void {
 
 async function createDisks(def: VmDefinition, sources: { def: DiskDef; from?: string }[], g: GlobalOptions): Promise<void> {
   const paths = vmPaths(dataDir(), def.name);
+  // Nothing is written through a symlink planted in the data folder (docs/security.md).
+  await assertInside(dataDir(), paths.dir);
   let repo: Repository | null = null;
   try {
     for (const s of sources) {
@@ -107,26 +111,29 @@ async function createDisks(def: VmDefinition, sources: { def: DiskDef; from?: st
         continue;
       }
       const blockSize = repo?.chunkSize ?? DEFAULT_CHUNK_SIZE;
-      const size = Math.ceil(s.def.size / blockSize) * blockSize;
-      s.def.size = size;
-      const v = await Volume.create(dir, { size, blockSize }).catch((err: NodeJS.ErrnoException) => {
-        // A disk is a sparse file of its full size: a size past the file system's file size limit
-        // (ext4: 16 TiB) fails here, and must say so rather than surface as an internal error.
-        if (err.code === 'EFBIG' || err.code === 'EINVAL') throw new VmConfigError(`disk ${s.def.name}: ${humanBytes(size)} is larger than the file system under ${paths.disksDir} can hold in one file (${err.code})`, { cause: err });
-        if (err.code === 'ENOSPC') throw new VmConfigError(`disk ${s.def.name}: no space left under ${paths.disksDir} to create it`, { cause: err });
-        throw err;
-      });
+      // The image's format is detected, not assumed (src/util/image-format.ts): a qcow2 is read as
+      // the disk it holds, an odd size is padded with a notice.
+      const image = s.from ? await openDiskImage(s.from, { blockSize, tempNear: `${dir}.import`, notice: (l) => console.error(l) }) : null;
       try {
-        if (s.from) {
-          let off = 0;
-          for await (const piece of createReadStream(s.from, { highWaterMark: 1 << 20 }) as AsyncIterable<Buffer>) {
-            await v.write(off, piece);
-            off += piece.length;
+        const size = image ? image.size : Math.ceil(s.def.size / blockSize) * blockSize;
+        s.def.size = size;
+        const v = await Volume.create(dir, { size, blockSize }).catch((err: NodeJS.ErrnoException) => {
+          // A disk is a sparse file of its full size: a size past the file system's file size limit
+          // (ext4: 16 TiB) fails here, and must say so rather than surface as an internal error.
+          if (err.code === 'EFBIG' || err.code === 'EINVAL') throw new VmConfigError(`disk ${s.def.name}: ${humanBytes(size)} is larger than the file system under ${paths.disksDir} can hold in one file (${err.code})`, { cause: err });
+          if (err.code === 'ENOSPC') throw new VmConfigError(`disk ${s.def.name}: no space left under ${paths.disksDir} to create it`, { cause: err });
+          throw err;
+        });
+        try {
+          if (image) {
+            await image.copyTo((off, data) => v.write(off, data));
+            await v.flush();
           }
-          await v.flush();
+        } finally {
+          await v.close();
         }
       } finally {
-        await v.close();
+        await image?.close();
       }
     }
   } finally {

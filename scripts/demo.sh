@@ -3,6 +3,7 @@
 # take a live snapshot, let the guest run on, restore the snapshot, and show from the guest's own
 # status lines that it continued from the snapshot point with no memory or disk errors.
 # Run through `npm run demo` (which runs scripts/setup.sh first) or directly after setup.
+# Its work directory in /var/tmp is removed at exit unless VMSNAP_DEMO_KEEP=1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 work=$(mktemp -d /var/tmp/vmsnap-demo.XXXXXX)
@@ -10,8 +11,14 @@ export VMSNAP_DATA_DIR="$work/data" VMSNAP_REPO="$work/repo"
 V() { node bin/vmsnap.js "$@"; }
 G=fixtures/guest/build
 log="$VMSNAP_DATA_DIR/vms/demo/run/serial.log"
-cleanup() { V vm stop demo >/dev/null 2>&1 || true; }
+# The work directory (~120 MiB: repository, VM disk, RAM spill) is removed on every exit, success
+# or failure; VMSNAP_DEMO_KEEP=1 keeps it to look around.
+cleanup() {
+  V vm stop demo >/dev/null 2>&1 || true
+  if [ "${VMSNAP_DEMO_KEEP:-0}" = 1 ]; then echo "== kept $work (VMSNAP_DEMO_KEEP=1)"; else rm -rf -- "$work"; fi
+}
 trap cleanup EXIT
+trap 'exit 130' INT TERM
 last_status() { grep -a 'VMSNAP-STATUS' "$log" | tail -1; }
 gen_of() { sed -n 's/.* gen=\([0-9]*\).*/\1/p' <<<"$1"; }
 wait_status() { for _ in $(seq 1 200); do grep -qa VMSNAP-STATUS "$log" 2>/dev/null && return 0; sleep 0.1; done; echo "no status from the guest" >&2; exit 1; }

@@ -28,6 +28,12 @@ done
 # the first call. Rebuilt when the source or the node binary changes.
 node_bin="$(readlink -f "$(command -v node)")"
 node_include="$(dirname "$(dirname "$node_bin")")/include/node"
+# NodeSource's nodejs package and nvm ship the headers with node; Debian's own nodejs package does
+# not (they are in libnode-dev), so a fresh Debian with the distribution's node gets them here.
+if [ ! -f "$node_include/node_api.h" ] && dpkg -S "$node_bin" 2>/dev/null | grep -q '^nodejs:' \
+  && ! apt-cache policy nodejs 2>/dev/null | grep -q nodesource; then
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q libnode-dev >/dev/null || true
+fi
 for src in src/*/native/*.addon.c; do
   out=".cache/native/$(basename "$src" .addon.c).node"
   if [ -f "$out" ] && [ ! "$src" -nt "$out" ] && [ ! "$node_bin" -nt "$out" ]; then continue; fi

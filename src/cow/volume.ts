@@ -38,7 +38,7 @@
  */
 import { promises as fsp } from 'node:fs';
 import { crc32 } from 'node:zlib';
-import { atomicWriteFile, containedPath, fsyncDir } from '../util/fs.js';
+import { atomicWriteFile, containedPath, createTempFile, fsyncDir, mkdirPrivate } from '../util/fs.js';
 import { BaseReader, type BaseReaderOptions } from './base-reader.js';
 import {
   blockCount,
@@ -290,7 +290,7 @@ export class Volume {
         throw new VolumeCreateError(`base chunk size ${base.chunkSize} differs from the volume block size ${blockSize}`);
       }
     }
-    await fsp.mkdir(dir, { recursive: true });
+    await mkdirPrivate(dir);
     const statePath = containedPath(dir, 'state.bin');
     try {
       await fsp.access(statePath);
@@ -312,15 +312,15 @@ export class Volume {
     if (base) {
       // Durable content, renamed into place; the directory fsync of the state file below makes
       // both names durable together, so a clone costs two fsyncs of the directory less.
-      const tmp = containedPath(dir, '.tmp-base.chunks');
-      const bfd = await openFd(tmp, 'w');
+      const final = containedPath(dir, 'base.chunks');
+      const tmp = await createTempFile(final);
       try {
-        await pwritev(bfd, [base.chunks], 0);
-        await fdatasync(bfd);
+        await tmp.fh.write(base.chunks, 0, base.chunks.length, 0);
+        await tmp.fh.datasync();
       } finally {
-        await closeFd(bfd);
+        await tmp.fh.close();
       }
-      await fsp.rename(tmp, containedPath(dir, 'base.chunks'));
+      await fsp.rename(tmp.path, final);
     }
     await closeFd(await openFd(containedPath(dir, 'journal-1.log'), 'w'));
     const map = new Int32Array(n).fill(BASE);

@@ -14,6 +14,7 @@
  * machine type.
  */
 import { execFile, spawn, type ChildProcess } from 'node:child_process';
+import { childEnv } from '../util/process.js';
 import { promises as fsp, constants as fsc } from 'node:fs';
 import * as path from 'node:path';
 import { readTail } from '../util/fs.js';
@@ -306,7 +307,8 @@ export async function launchQemu(o: QemuLaunchOptions & { qemu?: QemuBinary; qmp
   let child: ChildProcess;
   try {
     const [cmd, args] = dieWithParent(qemu.path, argv);
-    child = spawn(cmd, args, { stdio: ['ignore', log.fd, log.fd], detached: false });
+    // childEnv: QEMU must not carry the repository password (docs/security.md).
+    child = spawn(cmd, args, { stdio: ['ignore', log.fd, log.fd], detached: false, env: childEnv() });
   } finally {
     // The child holds its own copy of the descriptor.
     await log.close();

@@ -23,7 +23,7 @@
  * new output buffer per call, 2.3-2.9x the time of the cipher itself on 27-64 KiB chunks
  * (docs/benchmarks.md). Both produce and accept exactly the same boxes (tested both ways).
  */
-import { createCipheriv, createDecipheriv, randomBytes, randomFillSync, scrypt as scryptCb, type ScryptOptions } from 'node:crypto';
+import { createCipheriv, createDecipheriv, createHash, randomBytes, randomFillSync, scrypt as scryptCb, type ScryptOptions } from 'node:crypto';
 import { createRequire } from 'node:module';
 import { FormatError, IntegrityError, WrongPasswordError } from './errors.js';
 import { nativeHelper } from '../util/project.js';
@@ -42,7 +42,21 @@ export interface KeyFile {
   wrapped: string;
   created: string;
   host: string;
+  /**
+   * SHA-256 (hex) of keyChecksumInput: tells a damaged key file from a wrong password (both only
+   * fail the GCM tag otherwise). Optional: key files written before it have none.
+   */
+  sum?: string;
 }
+
+/** What a key file's `sum` covers: every field the unwrapping depends on. */
+function keyChecksum(k: Pick<KeyFile, 'N' | 'r' | 'p' | 'salt' | 'wrapped'>): string {
+  return createHash('sha256').update(`vmsnap-key-v1:${k.N}:${k.r}:${k.p}:${k.salt}:${k.wrapped}`).digest('hex');
+}
+
+const BASE64 = /^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$/;
+/** A wrapped master key: the 64-byte key sealed (nonce + ciphertext + tag). */
+const WRAPPED_BYTES = 64 + 12 + 16;
 
 export class MasterKey {
   readonly aeadKey: Buffer;
@@ -186,15 +200,8 @@ function scrypt(pass: string, salt: Buffer, params: { N: number; r: number; p: n
 export async function wrapMasterKey(master: MasterKey, passphrase: string, host: string, kdf = DEFAULT_KDF): Promise<KeyFile> {
   const salt = randomBytes(16);
   const wrapping = await scrypt(passphrase, salt, kdf);
-  return {
-    version: 1,
-    kdf: 'scrypt',
-    ...kdf,
-    salt: salt.toString('base64'),
-    wrapped: seal(wrapping, master.raw, Buffer.from('master-key')).toString('base64'),
-    created: new Date().toISOString(),
-    host,
-  };
+  const fields = { ...kdf, salt: salt.toString('base64'), wrapped: seal(wrapping, master.raw, Buffer.from('master-key')).toString('base64') };
+  return { version: 1, kdf: 'scrypt', ...fields, created: new Date().toISOString(), host, sum: keyChecksum(fields) };
 }
 
 export function parseKeyFile(bytes: Buffer, name: string): KeyFile {
@@ -210,6 +217,12 @@ export function parseKeyFile(bytes: Buffer, name: string): KeyFile {
     throw new FormatError(`key ${name}: scrypt parameters out of range`);
   }
   if (typeof k.salt !== 'string' || typeof k.wrapped !== 'string') throw new FormatError(`key ${name}: missing salt or wrapped key`);
+  // A damaged key file must not pass for a wrong password: check its shape and its checksum
+  // before the password is tried (a wrong password is all that is left when they hold).
+  const corrupt = (why: string) => new FormatError(`key ${name} is corrupt (${why}); the password was not tried against it. Restore keys/${name} from a copy of the repository, or open it with another key's password`);
+  if (!BASE64.test(k.wrapped) || Buffer.from(k.wrapped, 'base64').length !== WRAPPED_BYTES) throw corrupt('its wrapped key is not 92 bytes of base64');
+  if (!BASE64.test(k.salt) || Buffer.from(k.salt, 'base64').length < 16) throw corrupt('its salt is not base64 of at least 16 bytes');
+  if (k.sum !== undefined && k.sum !== keyChecksum(k as KeyFile)) throw corrupt('its checksum does not match its contents');
   return k as KeyFile;
 }
 

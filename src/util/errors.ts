@@ -7,3 +7,11 @@
 export class UserFacingError extends Error {
   readonly userFacing = true;
 }
+
+/**
+ * A user-facing error that means the command line itself was wrong (a bad size, an unknown
+ * value): the CLI exits 2 for these, as for the repository's UsageError, instead of 1.
+ */
+export class BadInputError extends UserFacingError {
+  readonly usage = true;
+}

@@ -55,3 +55,16 @@ export function ownerAlive(token: string): { pid: number; alive: boolean } | nul
   if (start !== '-' && startNow && start !== startNow) return { pid, alive: false };
   return { pid, alive: true };
 }
+
+/**
+ * Secrets of vmsnap's own that a child which is not vmsnap (QEMU, qemu-img, helpers) must never
+ * see: the repository password (and the file naming it) and object-store credentials. Another
+ * process of the same user can read a process's environment in /proc/PID/environ for as long as
+ * it runs, and a guest-facing process like QEMU should hold nothing it does not need.
+ */
+const SECRET_ENV = /^(VMSNAP_PASSWORD(_FILE)?|VMSNAP_TO_PASSWORD|AWS_SECRET_ACCESS_KEY|AWS_SESSION_TOKEN|AWS_ACCESS_KEY_ID)$/;
+
+/** This process's environment without vmsnap's secrets (see SECRET_ENV), for spawning non-vmsnap children. */
+export function childEnv(env: NodeJS.ProcessEnv = process.env): NodeJS.ProcessEnv {
+  return Object.fromEntries(Object.entries(env).filter(([k]) => !SECRET_ENV.test(k)));
+}

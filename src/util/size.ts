@@ -1,7 +1,7 @@
 /** Sizes typed by users: "4G", "512M", "1048576", "64KiB" (binary multiples). */
-import { UserFacingError } from './errors.js';
+import { BadInputError } from './errors.js';
 
-export class SizeError extends UserFacingError {
+export class SizeError extends BadInputError {
   override readonly name = 'SizeError';
 }
 

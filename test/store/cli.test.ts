@@ -76,9 +76,9 @@ for (const encrypted of [false, true]) {
       const out = path.join(dir, `out-${encrypted}.img`);
       await vmsnapOk(repo, ['export', ids[0]!, out], { env });
       expect(readFileSync(out).equals(img1)).toBe(true);
-      await vmsnapOk(repo, ['export', `${ids[1]!.slice(0, 6)}:disk0`, out], { env });
+      await vmsnapOk(repo, ['export', '--force', `${ids[1]!.slice(0, 6)}:disk0`, out], { env });
       expect(readFileSync(out).equals(img2)).toBe(true);
-      await vmsnapOk(repo, ['export', '--no-fsync', ids[0]!, out], { env });
+      await vmsnapOk(repo, ['export', '--force', '--no-fsync', ids[0]!, out], { env });
       expect(readFileSync(out).equals(img1)).toBe(true);
       const r = await vmsnapOk(repo, ['export', 'latest', '-'], { env });
       expect(sha256(r.stdoutBytes)).toBe(sha256(img2));

@@ -13,6 +13,14 @@ import { IntegrityError } from '../../src/store/errors.js';
 import { projectRoot } from '../../src/util/project.js';
 
 const LENGTHS = [0, 1, 15, 16, 17, 4095, 4096, 27_000, 65_536, 65_536 + 28];
+/**
+ * The "both ways" cases compare the native addon with node:crypto. Without the addon (not built:
+ * scripts/setup.sh needs node's headers, see there) sealInto/openInto ARE node:crypto and the cases
+ * would compare it with itself: they are skipped, and say so in their names and on the console.
+ */
+const native = aeadImplementation() === 'native';
+const SKIP_NOTE = native ? '' : ' [SKIPPED: native AES-GCM addon not built (.cache/native/aead.node); run scripts/setup.sh]';
+if (!native) console.warn(`crypto.test.ts:${SKIP_NOTE}`);
 const key = randomBytes(32);
 const aad = Buffer.from('chunk 0123');
 
@@ -22,7 +30,7 @@ describe('AES-256-GCM boxes', () => {
     expect(aeadImplementation()).toBe(built ? 'native' : 'node:crypto');
   });
 
-  it('sealInto boxes open with node:crypto, node:crypto boxes open with openInto, byte for byte', () => {
+  it.skipIf(!native)(`sealInto boxes open with node:crypto, node:crypto boxes open with openInto, byte for byte${SKIP_NOTE}`, () => {
     for (const n of LENGTHS) {
       const plain = randomBytes(n);
       const box = Buffer.alloc(n + SEAL_OVERHEAD + 7);
@@ -56,7 +64,7 @@ describe('AES-256-GCM boxes', () => {
     expect(dst.equals(plain)).toBe(true);
   });
 
-  it('without the addon (VMSNAP_NATIVE_AEAD=0) the same boxes open both ways', () => {
+  it.skipIf(!native)(`without the addon (VMSNAP_NATIVE_AEAD=0) the same boxes open both ways${SKIP_NOTE}`, () => {
     const plain = randomBytes(5000);
     const box = Buffer.alloc(plain.length + SEAL_OVERHEAD);
     sealInto(key, plain, aad, box);

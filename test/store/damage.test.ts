@@ -43,7 +43,7 @@ async function checkJson(repo: string, readData: boolean) {
 async function exportFails(repo: string, snap: string, re: RegExp): Promise<void> {
   const target = path.join(repo, '..', `out-${path.basename(repo)}-${snap.slice(0, 8)}.img`);
   writeFileSync(target, 'previous content');
-  const r = await vmsnap(repo, ['export', snap, target]);
+  const r = await vmsnap(repo, ['export', '--force', snap, target]);
   expect(r.code, r.stderr).toBe(1);
   expect(r.stderr).toMatch(/^vmsnap: [^\n]+\n$/);
   expect(r.stderr).toMatch(re);

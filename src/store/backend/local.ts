@@ -3,13 +3,13 @@
  * `<root>/packs/<first two characters>/<name>` so no directory grows past a few thousand entries
  * even for multi-terabyte repositories.
  *
- * Atomicity and durability come from `atomicWriteFile` (temp file `.tmp-*`, fsync, rename or link,
- * fsync the directory). Temp files left behind by a crash are never listed or returned; they can be
+ * Atomicity and durability come from `atomicWriteFile` (private temp file `.tmp-*` with a random
+ * name, fsync, rename or link, fsync the directory). Temp files left behind by a crash are never listed or returned; they can be
  * removed by `removeLeftovers` (contract item 10), which prune calls.
  */
 import { promises as fsp, type Dirent } from 'node:fs';
 import * as path from 'node:path';
-import { atomicWriteFile, containedPath, fsyncDir, PathEscapeError } from '../../util/fs.js';
+import { assertInside, atomicWriteFile, containedPath, fsyncDir, mkdirPrivate, PathEscapeError, TEMP_PREFIX } from '../../util/fs.js';
 import {
   BackendError,
   destination,
@@ -24,8 +24,6 @@ import {
   type ObjectKind,
   type Leftover,
 } from './contract.js';
-
-const TEMP_PREFIX = '.tmp-';
 
 /** errno codes that will not go away by retrying: the disk is full, read-only or forbidden. */
 const PERMANENT_CODES = new Set([
@@ -57,6 +55,8 @@ function errnoCode(err: unknown): string | undefined {
 /** Wraps a file-system error as a BackendError naming the failed step and the object. */
 export function localError(step: string, what: string, err: unknown): BackendError {
   if (err instanceof BackendError) return err;
+  // A planted symlink leading out of the repository: its own message says where and why.
+  if (err instanceof PathEscapeError) return new BackendError(`local backend: ${step} ${what} refused: ${err.message}`, false, { cause: err });
   const code = errnoCode(err) ?? 'unknown error';
   // Unknown codes are permanent: retrying an error nobody understood only delays reporting it.
   const retryable = RETRYABLE_CODES.has(code) && !PERMANENT_CODES.has(code);
@@ -93,10 +93,16 @@ export class LocalBackend implements Backend {
     }
   }
 
-  /** Creates `dir` (and parents) durably: a new directory entry must itself reach the disk. */
+  /**
+   * Creates `dir` (and parents) durably (a new directory entry must itself reach the disk) and
+   * private (0700 whatever the umask: packs hold guest RAM and disks, keys/ the wrapped keys), and
+   * proves it lies inside the repository: a symlink planted in the repository that points out of it
+   * is refused rather than written through (docs/security.md).
+   */
   private async ensureDir(dir: string): Promise<void> {
     if (this.knownDirs.has(dir)) return;
-    const created = await fsp.mkdir(dir, { recursive: true });
+    const created = await mkdirPrivate(dir);
+    await assertInside(this.root, dir);
     if (created !== undefined) {
       // fsync every parent whose entry list changed, from the first created directory upwards.
       let d = dir;
