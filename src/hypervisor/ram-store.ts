@@ -23,6 +23,7 @@
 import { promises as fsp } from 'node:fs';
 import type { FileHandle } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
+import { createTempFile } from '../util/fs.js';
 import * as path from 'node:path';
 import type { PageRecord, StreamPrefix, StreamTail } from './migstream/format.js';
 import { PAGE_SIZE } from './migstream/format.js';
@@ -103,8 +104,10 @@ export class RamStreamWriter implements MigStreamSink {
 
   private async spillFile(): Promise<FileHandle> {
     if (!this.spill) {
-      const file = path.join(this.spillDir, `ram-spill-${process.pid}-${Date.now()}`);
-      this.spill = await fsp.open(file, 'w+', 0o600);
+      // The spill directory may be a shared one (/tmp): a random name opened O_EXCL|O_NOFOLLOW, so
+      // a planted symlink cannot redirect guest RAM (createTempFile, docs/security.md).
+      const { path: file, fh } = await createTempFile(path.join(this.spillDir, 'ram-spill'));
+      this.spill = fh;
       // Unlinked at once: the space is released when the handle closes, even after a crash.
       await fsp.unlink(file);
     }

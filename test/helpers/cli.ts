@@ -215,3 +215,12 @@ export function repoFiles(repo: string, kind: 'packs' | 'index' | 'snapshots' | 
 export function packBytes(repo: string): number {
   return repoFiles(repo, 'packs').reduce((s, f) => s + statSync(f).size, 0);
 }
+
+/**
+ * Temp files an export (or any atomic write) left beside `target`: createTempFile names them
+ * `.tmp-<name>-<random>` in the target's directory (and vmsnap before it `<name>.vmsnap-partial`).
+ */
+export function tempLeftovers(target: string): string[] {
+  const base = path.basename(target);
+  return readdirSync(path.dirname(target)).filter((n) => n.startsWith(`.tmp-${base}-`) || n === `${base}.vmsnap-partial`);
+}

@@ -11,7 +11,7 @@ import { cpSync, existsSync, readFileSync, rmSync, statSync, truncateSync, write
 import * as path from 'node:path';
 import { LocalBackend } from '../../src/store/backend/local.js';
 import { Repository } from '../../src/store/repository.js';
-import { ensureBuiltAsync, mixedImage, randomData, removeDir, repoFiles, sha256, tempDir, vmsnap, vmsnapOk } from '../helpers/cli.js';
+import { ensureBuiltAsync, mixedImage, randomData, removeDir, repoFiles, sha256, tempDir, vmsnap, vmsnapOk, tempLeftovers } from '../helpers/cli.js';
 
 let dir: string;
 let base: string;
@@ -48,13 +48,13 @@ async function exportFails(repo: string, snap: string, re: RegExp): Promise<void
   expect(r.stderr).toMatch(/^vmsnap: [^\n]+\n$/);
   expect(r.stderr).toMatch(re);
   expect(readFileSync(target, 'utf8')).toBe('previous content');
-  expect(existsSync(`${target}.vmsnap-partial`)).toBe(false);
+  expect(tempLeftovers(target)).toEqual([]);
   // And to a new file: nothing is created.
   const fresh = `${target}.new`;
   const r2 = await vmsnap(repo, ['export', snap, fresh]);
   expect(r2.code).toBe(1);
   expect(existsSync(fresh)).toBe(false);
-  expect(existsSync(`${fresh}.vmsnap-partial`)).toBe(false);
+  expect(tempLeftovers(fresh)).toEqual([]);
   rmSync(target);
 }
 

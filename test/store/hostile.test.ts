@@ -14,7 +14,7 @@ import { ChunkIndex, decodeIndexFile, encodeIndexFile } from '../../src/store/ch
 import { FORMAT_VERSION, parseConfig } from '../../src/store/format.js';
 import { contentHash } from '../../src/store/hash.js';
 import { FormatError, IntegrityError } from '../../src/store/errors.js';
-import { ensureBuiltAsync, removeDir, repoFiles, tempDir, vmsnap, vmsnapOk } from '../helpers/cli.js';
+import { ensureBuiltAsync, removeDir, repoFiles, tempDir, vmsnap, vmsnapOk, tempLeftovers } from '../helpers/cli.js';
 
 const ID = (n: number) => Buffer.alloc(32, n);
 const snapshotData = (over: Partial<SnapshotData> = {}): SnapshotData => ({
@@ -226,7 +226,7 @@ describe('hand-crafted objects through the CLI', () => {
       expect(r.code).toBe(1);
       expect(r.stderr).toMatch(new RegExp(`^vmsnap: invalid ${what} "\\.\\./x"`));
       expect(existsSync(out)).toBe(false);
-      expect(existsSync(`${out}.vmsnap-partial`)).toBe(false);
+      expect(tempLeftovers(out)).toEqual([]);
       expect(existsSync(path.join(dir, 'x'))).toBe(false);
       unplant(id);
     }
@@ -245,7 +245,7 @@ describe('hand-crafted objects through the CLI', () => {
       expect(r.code).toBe(1);
       expect(r.stderr).toMatch(re);
       expect(existsSync(out)).toBe(false);
-      expect(existsSync(`${out}.vmsnap-partial`)).toBe(false);
+      expect(tempLeftovers(out)).toEqual([]);
       unplant(id);
     }
   });
