@@ -287,3 +287,22 @@ describe('a long-lived Repository and another process (issue 12 item 3)', () => 
     }, 60_000);
   }
 });
+
+describe('write sessions are enforced', () => {
+  it('puts and deletes of packs, index files and manifests outside a write session are refused; locks and reads are not', async () => {
+    const repo = await Repository.init(new MemoryBackend(), { chunkSize: CHUNK });
+    await expect(repo.putChunk(randomBytes(CHUNK))).rejects.toThrow(/^internal: putChunk outside a write session/);
+    for (const kind of ['packs', 'index', 'snapshots'] as const) {
+      await expect(repo.backend.put(kind, 'x', Buffer.from('x'))).rejects.toThrow(/outside a write session/);
+      await expect(repo.backend.delete(kind, 'x')).rejects.toThrow(/outside a write session/);
+    }
+    await expect(repo.saveSnapshot({ vm: 'v', tags: [], parent: null, meta: {}, streams: [] })).rejects.toThrow(/outside a write session/);
+    await expect(repo.write('import', () => repo.backend.removeLeftovers(0))).rejects.toThrow(/outside an exclusive write session/);
+    const id = await importSnapshot(repo, 'v', randomBytes(2 * CHUNK)); // inside one: fine
+    expect(await repo.snapshotIds()).toEqual([id]);
+    let n = 0;
+    for await (const _ of repo.backend.list('locks')) n++;
+    expect(n).toBe(0); // the session's lock is gone with it
+    await repo.close();
+  });
+});
