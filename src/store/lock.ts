@@ -112,7 +112,19 @@ export async function acquireLock(backend: Backend, exclusive: boolean, operatio
   const name = randomBytes(16).toString('hex');
   const now = new Date().toISOString();
   const info: LockInfo = { version: 1, exclusive, host: hostname(), pid: process.pid, created: now, refreshed: now, operation };
-  await backend.put('locks', name, Buffer.from(JSON.stringify(info)));
+  // Hooked before the PUT, and the object counted as ours from then on: a signal that arrives while
+  // the lock is being written or checked must still delete it (a test saw one left behind).
+  releaseOnSignal();
+  const put = backend.put('locks', name, Buffer.from(JSON.stringify(info)));
+  // Releasing waits for the PUT: a delete that overtook it would leave the object behind.
+  const acquiring = { release: () => put.then(() => backend.delete('locks', name)).catch(() => undefined) };
+  heldLocks.add(acquiring);
+  try {
+    await put;
+  } catch (err) {
+    heldLocks.delete(acquiring);
+    throw err;
+  }
   let conflict: LockInfo | null;
   try {
     conflict = await findConflict(backend, name, exclusive);
@@ -123,10 +135,12 @@ export async function acquireLock(backend: Backend, exclusive: boolean, operatio
     }
   } catch (err) {
     // Could not look for other locks: ours must not stay behind, blocking others for 30 minutes.
+    heldLocks.delete(acquiring);
     await backend.delete('locks', name).catch(() => undefined);
     throw err;
   }
   if (conflict) {
+    heldLocks.delete(acquiring);
     await backend.delete('locks', name);
     throw new LockedError(
       `repository is locked by ${conflict.operation} (pid ${conflict.pid} on ${conflict.host}, since ${conflict.created}${conflict.exclusive ? ', exclusive' : ''}); ` +
@@ -177,12 +191,12 @@ export async function acquireLock(backend: Backend, exclusive: boolean, operatio
     },
   };
   heldLocks.add(held);
-  releaseOnSignal();
+  heldLocks.delete(acquiring);
   return held;
 }
 
-/** Locks this process holds now (released ones leave the set). */
-const heldLocks = new Set<HeldLock>();
+/** Locks this process holds or is acquiring now (released ones leave the set). */
+const heldLocks = new Set<{ release(): Promise<unknown> }>();
 let signalsHooked = false;
 const SIGNAL_RELEASE_MS = 10_000;
 

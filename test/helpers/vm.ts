@@ -71,7 +71,8 @@ export class VmLab {
     guestArtifacts();
     const root = tempDir(`vmsnap-vm-${prefix}-`);
     const lab = new VmLab(root, opts.repo?.(root));
-    await fsp.mkdir(lab.dataDir, { recursive: true });
+    // Private, as vmsnap makes its own folders: a shared one earns a warning on every command.
+    await fsp.mkdir(lab.dataDir, { recursive: true, mode: 0o700 });
     if (opts.init !== false) await lab.ok(['init']);
     return lab;
   }

@@ -43,10 +43,12 @@ function scattered(list: PageRecord[]): PageRecord[] {
 async function capture(list: PageRecord[], maxPartialInMemory: number) {
   const repo = await Repository.init(new MemoryBackend(), {});
   const w = new RamStreamWriter(repo, { maxPartialInMemory });
-  w.onPrefix(prefix);
-  for (let i = 0; i < list.length; i += 37) await w.onPages(list.slice(i, i + 37));
-  await w.close();
-  const streams = w.streams();
+  const streams = await repo.write('test capture', async () => {
+    w.onPrefix(prefix);
+    for (let i = 0; i < list.length; i += 37) await w.onPages(list.slice(i, i + 37));
+    await w.close();
+    return w.streams();
+  });
   await repo.close();
   return { streams, stats: w.stats };
 }
@@ -69,8 +71,10 @@ describe('RamStreamWriter', () => {
     const w = new RamStreamWriter(repo);
     w.onPrefix(prefix);
     const list = pages(2).filter((p) => p.block === 1);
-    await w.onPages(list);
-    await expect(w.onPages([list[0]!])).rejects.toBeInstanceOf(RamCaptureError);
+    await repo.write('test capture', async () => {
+      await w.onPages(list);
+      await expect(w.onPages([list[0]!])).rejects.toBeInstanceOf(RamCaptureError);
+    });
     await repo.close();
   });
 
