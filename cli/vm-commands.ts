@@ -5,6 +5,8 @@ import { Volume } from '../src/cow/volume.js';
 import { processAlive } from '../src/util/process.js';
 import { parseSize } from '../src/util/size.js';
 import { cloneVolume } from '../src/cow/snapshot.js';
+import { readBasePin, releaseBasePin } from '../src/cow/base-pin.js';
+import { repositoryPinner } from '../src/store/pins.js';
 import { NotFoundError, UsageError } from '../src/store/errors.js';
 import { checkTags } from '../src/store/manifest.js';
 import type { Repository } from '../src/store/repository.js';
@@ -75,10 +77,10 @@ async function createDisks(def: VmDefinition, sources: { def: DiskDef; from?: st
       if (s.from && !(await fsp.stat(s.from).catch(() => null))) {
         // Not a file: a snapshot reference (SNAP or SNAP:disk) cloned without copying.
         repo ??= await openRepository(g);
-        const { stream } = await resolveStreamRef(repo, s.from);
+        const { snap, stream } = await resolveStreamRef(repo, s.from);
         if (stream.kind !== 'disk') throw new UsageError(`${s.from} is a ${stream.kind} stream, not a disk`);
         s.def.size = stream.size;
-        await (await cloneVolume(dir, stream, { store: repo })).close();
+        await (await cloneVolume(dir, stream, { store: repo, pin: diskPin(repo, snap.id, def.name, s.def.name) })).close();
         continue;
       }
       const blockSize = repo?.chunkSize ?? DEFAULT_CHUNK_SIZE;
@@ -100,6 +102,30 @@ async function createDisks(def: VmDefinition, sources: { def: DiskDef; from?: st
     }
   } finally {
     await repo?.close();
+  }
+}
+
+/** Pin options for a VM disk cloned from a snapshot (held as "<vm>/<disk>"). */
+function diskPin(repo: Repository, snapshot: string, vm: string, disk: string) {
+  return { pinner: repositoryPinner(repo, dataDir()), snapshot, holder: `${vm}/${disk}` };
+}
+
+/** Releases the pins of a VM's disks (before the disks are removed). */
+async function unpinDisks(def: VmDefinition, open: () => Promise<Repository>): Promise<void> {
+  const paths = vmPaths(dataDir(), def.name);
+  for (const d of def.disks) {
+    const dir = diskDir(paths, d.name);
+    if (await readBasePin(dir).catch(() => null)) await releaseBasePin(dir, repositoryPinner(await open(), dataDir()));
+  }
+}
+
+/** Runs `fn` with a repository opened only if some disk of `def` holds a pin. */
+async function withRepoIfPinned(def: VmDefinition, g: GlobalOptions, fn: (open: () => Promise<Repository>) => Promise<void>): Promise<void> {
+  let repo: Promise<Repository> | null = null;
+  try {
+    await fn(() => (repo ??= openRepository(g)));
+  } finally {
+    if (repo) await (await (repo as Promise<Repository>)).close();
   }
 }
 
@@ -152,6 +178,7 @@ export function registerVmCommands(program: Command, globals: Globals): void {
         await createDisks(def, sources, g);
         await saveDefinition(dataDir(), def);
       } catch (err) {
+        await withRepoIfPinned(def, g, (open) => unpinDisks(def, open)).catch(() => undefined); // a stale pin is safe: `pins rm`
         await fsp.rm(paths.dir, { recursive: true, force: true });
         throw err;
       }
@@ -255,9 +282,11 @@ export function registerVmCommands(program: Command, globals: Globals): void {
   vm.command('rm <name>')
     .description('delete a VM and its disks (its snapshots stay in the repository)')
     .action(async (name: string) => {
-      await loadDefinition(dataDir(), name);
+      const def = await loadDefinition(dataDir(), name);
       const paths = vmPaths(dataDir(), name);
       if (await isRunning(paths)) throw new UsageError(`VM ${name} is running: stop it first`);
+      // Its disks' pins go first: a VM removed while they stay would keep its snapshots forever.
+      await withRepoIfPinned(def, globals(), (open) => unpinDisks(def, open));
       await fsp.rm(paths.dir, { recursive: true, force: true });
       if (!globals().json) console.log(`removed VM ${name}`);
     });
@@ -348,11 +377,12 @@ export function registerVmCommands(program: Command, globals: Globals): void {
           for (const d of def.disks) {
             const s = snap.streams.find((x) => x.name === d.name && x.kind === 'disk');
             if (!s) throw new UsageError(`snapshot ${shortId(snap.id)} has no disk ${d.name}`);
-            await (await cloneVolume(diskDir(paths, d.name), s, { store: repo })).close();
+            await (await cloneVolume(diskDir(paths, d.name), s, { store: repo, pin: diskPin(repo, snap.id, newName, d.name) })).close();
           }
           await saveDefinition(dataDir(), def);
           await saveState(dataDir(), newName, { lastSnapshot: null });
         } catch (err) {
+          await unpinDisks(def, () => Promise.resolve(repo)).catch(() => undefined); // a stale pin is safe: `pins rm`
           await fsp.rm(paths.dir, { recursive: true, force: true });
           throw err;
         }

@@ -11,6 +11,7 @@
 import { blockCount, isZeroBuffer, validateDiskStream, ZERO_CHUNK_ID, CHUNK_ID_BYTES, type ChunkStore, type DiskStream } from './chunk-store.js';
 import { Volume, BASE, ZERO, type FrozenSet, type VolumeOpenOptions } from './volume.js';
 import { UserFacingError } from '../util/errors.js';
+import { withBasePin, type SnapshotPinner } from './base-pin.js';
 
 export class SnapshotError extends UserFacingError {
   override readonly name = 'SnapshotError';
@@ -208,7 +209,17 @@ async function snapshotLocked(volume: Volume, store: ChunkStore, opts: SnapshotO
 }
 
 /** Creates a volume in `dir` whose base is `stream`: no data copied, constant time. */
-export async function cloneVolume(dir: string, stream: DiskStream, opts: VolumeOpenOptions = {}): Promise<Volume> {
+/**
+ * A new volume whose base is `stream`. With `pin`, the stream's snapshot is pinned in the repository
+ * before the volume exists and for as long as it depends on it (base-pin.ts).
+ */
+export async function cloneVolume(
+  dir: string,
+  stream: DiskStream,
+  opts: VolumeOpenOptions & { pin?: { pinner: SnapshotPinner; snapshot: string; holder: string } } = {},
+): Promise<Volume> {
+  const { pin } = opts;
+  if (pin) return withBasePin(dir, pin.pinner, pin.snapshot, pin.holder, () => cloneVolume(dir, stream, { ...opts, pin: undefined }));
   try {
     validateDiskStream(stream);
   } catch (err) {

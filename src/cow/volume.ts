@@ -451,6 +451,20 @@ export class Volume {
     return this.baseReader?.stream ?? null;
   }
 
+  /**
+   * The volume still needs its base snapshot's chunks: some block (live or frozen) reads from the
+   * base, or the next snapshot diffs against the base (reusing its chunk ids). While true, the base
+   * snapshot must stay pinned (base-pin.ts).
+   */
+  get dependsOnBase(): boolean {
+    const r = this.baseReader;
+    if (!r) return false;
+    if (this.parentFile === null) return true;
+    for (let i = 0; i < this.nBlocks; i++) if (this.map[i] === BASE && !r.isZero(i)) return true;
+    for (const f of this.frozen) for (let k = 0; k < f.slots.length; k++) if (f.slots[k] === BASE && !r.isZero(f.blocks[k]!)) return true;
+    return false;
+  }
+
   /** The stream the next snapshot diffs against: the last snapshot, else the base, else zeros. */
   get parent(): DiskStream | null {
     return this.trackingValid ? (this.parentStream ?? zeroDiskStream(this.size, this.blockSize)) : this.parentStream;

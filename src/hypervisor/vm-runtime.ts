@@ -28,6 +28,8 @@ import { Volume } from '../cow/volume.js';
 import { NbdServer } from '../cow/nbd-server.js';
 import { snapshotVolume, type SnapshotStats } from '../cow/snapshot.js';
 import type { DiskStream } from '../cow/chunk-store.js';
+import { releaseBasePinIfUnused, withBasePin } from '../cow/base-pin.js';
+import { repositoryPinner } from '../store/pins.js';
 import type { Repository } from '../store/repository.js';
 import type { MetaValue, Snapshot, StreamRecord } from '../store/manifest.js';
 import { chooseAccel, detectQemu, launchQemu, SUPPORTED_QEMU, type QemuBinary, type QemuProcess } from './qemu.js';
@@ -220,7 +222,10 @@ export class VmRuntime {
         });
       }
       h.finished = !abort.signal.aborted;
-      if (h.finished) this.log(`hydration finished: ${h.done} blocks copied`);
+      if (h.finished) {
+        this.log(`hydration finished: ${h.done} blocks copied`);
+        await this.releaseUnusedPins(await this.repo());
+      }
     })().catch((err: unknown) => this.log(`hydration stopped: ${(err as Error).message}`));
     this.hydration = h;
   }
@@ -351,6 +356,7 @@ export class VmRuntime {
         withVolume: (name, fn) => fn(this.volumes.get(name)!),
       });
       if (!diskOnly) this.recollapseHugePages(q);
+      await this.releaseUnusedPins(repo);
       const diskNew = Object.values(disks).reduce((a, d) => a + d.newBytes, 0);
       const ram = ramWriter?.stats;
       const ramBytes = ramWriter ? streams.filter((s) => s.kind === 'ram').reduce((a, s) => a + s.size, 0) : 0;
@@ -389,6 +395,19 @@ export class VmRuntime {
   }
 
   /**
+   * Unpins the base snapshots volumes no longer depend on (hydrated and snapshotted since). Best
+   * effort: a pin left behind only keeps a snapshot longer; the next take tries again.
+   */
+  private async releaseUnusedPins(repo: Repository): Promise<void> {
+    for (const [name, v] of this.volumes) {
+      await releaseBasePinIfUnused(diskDir(this.paths, name), v, repositoryPinner(repo, this.opts.dataDir)).then(
+        (p) => p && this.log(`disk ${name} no longer depends on snapshot ${p.snapshot.slice(0, 12)}: unpinned`),
+        (err: Error) => this.log(`unpinning the base of disk ${name} failed (a later take retries): ${err.message}`),
+      );
+    }
+  }
+
+  /**
    * After a failed take the repository handle may be in a failed state (a pack upload failed):
    * the next take opens a fresh one. Volumes keep reading their base through the old handle,
    * which only needs its index and backend, so only its worker threads are released.
@@ -422,7 +441,10 @@ export class VmRuntime {
       const s = snap.streams.find((x) => x.name === name)!;
       // The volume may have been opened without a store (it had no base): it reads the base from now on.
       v.setStore(repo);
-      await step(`resetting disk ${name}`, () => v.restoreBase(s as DiskStream));
+      // The new base is pinned before the volume reads it, the old one unpinned after (base-pin.ts).
+      await step(`resetting disk ${name}`, () =>
+        withBasePin(diskDir(this.paths, name), repositoryPinner(repo, this.opts.dataDir), snap.id, `${this.def.name}/${name}`, () => v.restoreBase(s as DiskStream)),
+      );
     }
     const q = await step('starting QEMU', () => this.launch(ram !== null));
     let runState = 'running';
