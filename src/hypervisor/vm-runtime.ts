@@ -437,6 +437,9 @@ export class VmRuntime {
       await this.qemu.kill('SIGKILL');
       this.stopping = false;
     }
+    // The fence: requests the killed guest left in our receive buffers are dropped and those
+    // executing finish, before any disk is reset (a write landing after would corrupt the restore).
+    await step('disconnecting the old disks', () => this.nbd.disconnectClients());
     for (const [name, v] of this.volumes) {
       const s = snap.streams.find((x) => x.name === name)!;
       // The volume may have been opened without a store (it had no base): it reads the base from now on.

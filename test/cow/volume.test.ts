@@ -1,4 +1,5 @@
 import { mkdtemp, readdir, readFile, rename, rm, utimes, writeFile } from 'node:fs/promises';
+import { existsSync } from 'node:fs';
 import { ownerToken } from '../../src/util/process.js';
 import { spawn, spawnSync } from 'node:child_process';
 import { tmpdir } from 'node:os';
@@ -292,12 +293,35 @@ describe('the volume lock', () => {
     const vdir = path.join(dir, 'emptymutex');
     const v = await Volume.create(vdir, { size: 4 * BS, blockSize: BS });
     await v.close();
+    const mutex = path.join(vdir, 'lock.takeover');
     await writeFile(path.join(vdir, 'lock'), `${spawnSync('true').pid!}`);
-    await writeFile(path.join(vdir, 'lock.takeover'), '');
+    await writeFile(mutex, '');
     const old = new Date(Date.now() - 60_000);
-    await utimes(path.join(vdir, 'lock.takeover'), old, old);
+    // Old: removed at once (no waiting out its 30 s), and the dead owner's lock is taken over.
+    await utimes(mutex, old, old);
+    let t0 = Date.now();
     const again = await Volume.open(vdir);
+    expect(Date.now() - t0).toBeLessThan(10_000);
+    expect(await readFile(path.join(vdir, 'lock'), 'utf8')).toBe(ownerToken());
+    expect(existsSync(mutex)).toBe(false);
     await again.close();
+    // Young: its holder may be writing it right now, so open waits, and goes on once it has aged.
+    await writeFile(path.join(vdir, 'lock'), `${spawnSync('true').pid!}`);
+    await writeFile(mutex, '');
+    t0 = Date.now();
+    let opened = false;
+    const waiting = Volume.open(vdir).then((v) => {
+      opened = true;
+      return v;
+    });
+    await new Promise((r) => setTimeout(r, 1500));
+    expect(opened).toBe(false);
+    expect(existsSync(mutex)).toBe(true);
+    await utimes(mutex, old, old);
+    const third = await waiting;
+    expect(await readFile(path.join(vdir, 'lock'), 'utf8')).toBe(ownerToken());
+    expect(existsSync(mutex)).toBe(false);
+    await third.close();
   });
 });
 
