@@ -26,7 +26,7 @@ import { promises as fsp } from 'node:fs';
 import { nativeHelper } from '../util/project.js';
 import { Volume } from '../cow/volume.js';
 import { NbdServer } from '../cow/nbd-server.js';
-import { snapshotVolume, type SnapshotStats } from '../cow/snapshot.js';
+import { ensureParentChunks, snapshotVolume, type SnapshotStats } from '../cow/snapshot.js';
 import type { DiskStream } from '../cow/chunk-store.js';
 import { releaseBasePinIfUnused, withBasePin } from '../cow/base-pin.js';
 import { repositoryPinner } from '../store/pins.js';
@@ -308,6 +308,11 @@ export class VmRuntime {
     let ramWriter: RamStreamWriter | null = null;
     let qemuDowntimeMs: number | null = null;
     const diskOnly = !!opts.diskOnly;
+    // Decided before the freeze: a disk whose parent chunks were pruned is read whole this time.
+    for (const [name, v] of this.volumes) {
+      const missing = ensureParentChunks(v, repo, parentDisk(parent, name) ?? v.parent);
+      if (missing) this.log(`disk ${name}: ${missing} chunk(s) of its last snapshot are gone (forgotten and pruned): reading the whole disk`);
+    }
     try {
       const pauseAndFreeze = async () => {
         // `stop` makes QEMU flush every disk (NBD FLUSH → fdatasync of data and journal here) while
@@ -533,6 +538,11 @@ export async function checkRestorable(repo: Repository, snap: Snapshot, def: VmD
   }
 }
 
+/** The disk stream of `parent` that a disk's next snapshot diffs against, if the parent has that disk. */
+function parentDisk(parent: Snapshot | null, disk: string): DiskStream | undefined {
+  return parent?.streams.find((s) => s.name === disk && s.kind === 'disk');
+}
+
 /**
  * The end of every take: each disk's volume written against the parent's disk stream, the VM's
  * definition, the manifest committed after `streams` (RAM and device state, if any), and the
@@ -550,8 +560,8 @@ async function commitSnapshot(
 ): Promise<{ snap: Snapshot; disks: Record<string, SnapshotStats> }> {
   const disks: Record<string, SnapshotStats> = {};
   for (const d of def.disks) {
-    const parentDisk = parent?.streams.find((s) => s.name === d.name && s.kind === 'disk');
-    const r = await step(`writing disk ${d.name}`, () => how.withVolume(d.name, (v) => snapshotVolume(v, repo, parentDisk ? { parent: parentDisk } : {})));
+    const pd = parentDisk(parent, d.name);
+    const r = await step(`writing disk ${d.name}`, () => how.withVolume(d.name, (v) => snapshotVolume(v, repo, pd ? { parent: pd } : {})));
     disks[d.name] = r.stats;
     streams.push({ name: d.name, kind: 'disk', size: r.stream.size, chunkSize: r.stream.chunkSize, chunks: r.stream.chunks });
   }

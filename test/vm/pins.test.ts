@@ -10,10 +10,14 @@
  * the test reads every block of the live disk through a second NBD client after the prune.
  */
 import { execFile } from 'node:child_process';
+import { promises as fsp } from 'node:fs';
 import * as path from 'node:path';
 import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { guestArtifacts } from '../../fixtures/guest/index.js';
 import { VmLab, last } from '../helpers/vm.js';
+import { Volume } from '../../src/cow/volume.js';
+import { diskDir, vmPaths } from '../../src/hypervisor/vm-config.js';
 
 const DISK_RATE = 100;
 const run = promisify(execFile);
@@ -98,4 +102,58 @@ describe('Linux guest (TCG): forget --prune after a restore keeps the pinned sna
     await lab.waitGuestTime('p1', 0, 5000);
     expect(await lab.errorLines('p1')).toEqual([]);
   }, 300_000);
+});
+
+/**
+ * Sibling: a disk's last snapshot (the parent its next snapshot diffs against) is not pinned. When
+ * it is forgotten and pruned, the next take must not reuse the ids of its chunks that are gone.
+ * A stopped VM, so every command reads the repository afresh.
+ */
+describe('stopped VM: take after its last snapshot was forgotten and pruned', () => {
+  let lab: VmLab;
+
+  beforeAll(async () => {
+    lab = await VmLab.create('parent');
+    await lab.ok(['vm', 'create', 's1', '--memory', '64M', '--disk', '1M', '--kernel', guestArtifacts().bmElf]);
+  });
+
+  afterAll(async () => {
+    await lab?.cleanup();
+  });
+
+  /** Writes `fill` over the whole 64 KiB block `i` of the stopped VM's disk. */
+  async function writeBlock(i: number, fill: number): Promise<void> {
+    const v = await Volume.open(diskDir(vmPaths(lab.dataDir, 's1'), 'disk0'));
+    try {
+      await v.write(i * 65536, Buffer.alloc(65536, fill));
+      await v.flush();
+    } finally {
+      await v.close();
+    }
+  }
+
+  it('stores the missing blocks again: the take succeeds and check --read-data is clean', async () => {
+    for (let i = 0; i < 4; i++) await writeBlock(i, 1);
+    const s1 = (await lab.json<{ snapshot: string }>(['take', 's1', '--tag', 'keep'])).snapshot;
+    await writeBlock(1, 2);
+    const s2 = (await lab.json<{ snapshot: string }>(['take', 's1'])).snapshot;
+    // The last snapshot goes; its one new chunk (block 1) with it.
+    await lab.ok(['forget', '--vm', 's1', '--keep-tag', 'keep', '--prune']);
+    expect(await lab.snapshotIds()).toEqual([s1]);
+
+    await writeBlock(2, 3);
+    const t = await lab.run(['--json', 'take', 's1']);
+    expect(t.code, `take after its parent was pruned: ${t.stderr}`).toBe(0);
+    const s3 = (JSON.parse(t.stdout) as { snapshot: string }).snapshot;
+    expect(s3).not.toBe(s2);
+    const check = await lab.run(['check', '--read-data']);
+    expect(check.code, check.stdout + check.stderr).toBe(0);
+
+    const out = path.join(lab.root, 's3.img');
+    await lab.ok(['export', `${s3}:disk0`, out]);
+    const img = await fsp.readFile(out);
+    const want = Buffer.alloc(1 << 20);
+    [1, 2, 3, 1].forEach((f, i) => want.fill(f, i * 65536, (i + 1) * 65536));
+    expect(img.equals(want)).toBe(true);
+  });
 });
