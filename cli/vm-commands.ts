@@ -5,7 +5,7 @@ import { Volume } from '../src/cow/volume.js';
 import { processAlive } from '../src/util/process.js';
 import { parseSize } from '../src/util/size.js';
 import { cloneVolume } from '../src/cow/snapshot.js';
-import { readBasePin, releaseBasePin } from '../src/cow/base-pin.js';
+import { readBasePin, releaseBasePin, type BasePin } from '../src/cow/base-pin.js';
 import { repositoryPinner } from '../src/store/pins.js';
 import { NotFoundError, UsageError } from '../src/store/errors.js';
 import { checkTags } from '../src/store/manifest.js';
@@ -110,22 +110,34 @@ function diskPin(repo: Repository, snapshot: string, vm: string, disk: string) {
   return { pinner: repositoryPinner(repo, dataDir()), snapshot, holder: `${vm}/${disk}` };
 }
 
-/** Releases the pins of a VM's disks (before the disks are removed). */
-async function unpinDisks(def: VmDefinition, open: () => Promise<Repository>): Promise<void> {
+/**
+ * Releases the pins of a VM's disks (before the disks are removed). With `unreachable`, a pin the
+ * repository cannot be reached to remove (it cannot be opened, or the delete fails) is left there
+ * and reported instead of failing: it only keeps its snapshot until `vmsnap pins rm`.
+ */
+async function unpinDisks(def: VmDefinition, open: () => Promise<Repository>, unreachable?: (disk: string, pin: BasePin, err: Error) => void): Promise<void> {
   const paths = vmPaths(dataDir(), def.name);
   for (const d of def.disks) {
     const dir = diskDir(paths, d.name);
-    if (await readBasePin(dir).catch(() => null)) await releaseBasePin(dir, repositoryPinner(await open(), dataDir()));
+    const pin = await readBasePin(dir).catch(() => null);
+    if (!pin) continue;
+    try {
+      await releaseBasePin(dir, repositoryPinner(await open(), dataDir()));
+    } catch (err) {
+      if (!unreachable) throw err;
+      unreachable(d.name, pin, err as Error);
+    }
   }
 }
 
-/** Runs `fn` with a repository opened only if some disk of `def` holds a pin. */
+/** Runs `fn` with a repository opened only if some disk of `def` holds a pin (and closed after, if it opened). */
 async function withRepoIfPinned(def: VmDefinition, g: GlobalOptions, fn: (open: () => Promise<Repository>) => Promise<void>): Promise<void> {
   let repo: Promise<Repository> | null = null;
   try {
     await fn(() => (repo ??= openRepository(g)));
   } finally {
-    if (repo) await (await (repo as Promise<Repository>)).close();
+    const opened = repo ? await (repo as Promise<Repository>).catch(() => null) : null;
+    if (opened) await opened.close();
   }
 }
 
@@ -285,8 +297,15 @@ export function registerVmCommands(program: Command, globals: Globals): void {
       const def = await loadDefinition(dataDir(), name);
       const paths = vmPaths(dataDir(), name);
       if (await isRunning(paths)) throw new UsageError(`VM ${name} is running: stop it first`);
-      // Its disks' pins go first: a VM removed while they stay would keep its snapshots forever.
-      await withRepoIfPinned(def, globals(), (open) => unpinDisks(def, open));
+      // Its disks' pins go first: a VM removed while they stay would keep its snapshots until
+      // `pins rm`. An unreachable repository must not keep the VM, so those pins stay, named.
+      await withRepoIfPinned(def, globals(), (open) =>
+        unpinDisks(def, open, (disk, pin, err) =>
+          console.error(
+            `vmsnap: warning: disk ${disk} of VM ${name} pins snapshot ${shortId(pin.snapshot)} and the repository could not be reached to release it (${err.message}); the pin stays and keeps that snapshot: remove it with \`vmsnap pins rm ${pin.pin}\``,
+          ),
+        ),
+      );
       await fsp.rm(paths.dir, { recursive: true, force: true });
       if (!globals().json) console.log(`removed VM ${name}`);
     });

@@ -403,13 +403,8 @@ export class VmRuntime {
    * Unpins the base snapshots volumes no longer depend on (hydrated and snapshotted since). Best
    * effort: a pin left behind only keeps a snapshot longer; the next take tries again.
    */
-  private async releaseUnusedPins(repo: Repository): Promise<void> {
-    for (const [name, v] of this.volumes) {
-      await releaseBasePinIfUnused(diskDir(this.paths, name), v, repositoryPinner(repo, this.opts.dataDir)).then(
-        (p) => p && this.log(`disk ${name} no longer depends on snapshot ${p.snapshot.slice(0, 12)}: unpinned`),
-        (err: Error) => this.log(`unpinning the base of disk ${name} failed (a later take retries): ${err.message}`),
-      );
-    }
+  private releaseUnusedPins(repo: Repository): Promise<void> {
+    return releaseUnusedPins(repo, this.opts.dataDir, this.paths, this.volumes, (l) => this.log(l));
   }
 
   /**
@@ -538,6 +533,27 @@ export async function checkRestorable(repo: Repository, snap: Snapshot, def: VmD
   }
 }
 
+/**
+ * Unpins the base snapshots of the disks that no longer depend on them (hydrated and snapshotted
+ * since). Call it only after the snapshot that made them independent is committed: until then its
+ * chunk ids for clean blocks come from the base. Best effort: a pin left behind only keeps a
+ * snapshot longer; the next take tries again.
+ */
+async function releaseUnusedPins(
+  repo: Repository,
+  dataDir: string,
+  paths: VmPaths,
+  disks: Iterable<[string, { readonly dependsOnBase: boolean }]>,
+  log: (line: string) => void,
+): Promise<void> {
+  for (const [name, v] of disks) {
+    await releaseBasePinIfUnused(diskDir(paths, name), v, repositoryPinner(repo, dataDir)).then(
+      (p) => p && log(`disk ${name} no longer depends on snapshot ${p.snapshot.slice(0, 12)}: unpinned`),
+      (err: Error) => log(`unpinning the base of disk ${name} failed (a later take retries): ${err.message}`),
+    );
+  }
+}
+
 /** The disk stream of `parent` that a disk's next snapshot diffs against, if the parent has that disk. */
 function parentDisk(parent: Snapshot | null, disk: string): DiskStream | undefined {
   return parent?.streams.find((s) => s.name === disk && s.kind === 'disk');
@@ -588,22 +604,28 @@ export async function takeStopped(dataDir: string, name: string, repo: Repositor
   const state = await loadState(dataDir, name);
   await repo.refreshIndex();
   const parent = state.lastSnapshot ? await repo.readSnapshot(state.lastSnapshot).catch(() => null) : null;
+  const deps = new Map<string, { dependsOnBase: boolean }>();
   const { snap, disks } = await commitSnapshot(repo, dataDir, def, parent, [], opts, stepper('take'), {
     meta: { type: 'disk-only', runState: 'shutoff', machine: def.machine, memoryMiB: def.memoryMiB, cpus: def.cpus },
     withVolume: async (disk, fn) => {
       const v = await Volume.open(diskDir(paths, disk), { store: repo });
       try {
-        return await fn(v);
+        const r = await fn(v);
+        deps.set(disk, { dependsOnBase: v.dependsOnBase });
+        return r;
       } finally {
         await v.close();
       }
     },
   });
+  // As a live take does: pins the disks no longer need go, now that the snapshot is committed.
+  const notes = [`VM ${name} is not running: took a disk-only snapshot (no RAM or device state)`];
+  await releaseUnusedPins(repo, dataDir, paths, deps, (l) => notes.push(l));
   return {
     snapshot: snap.id,
     parent: parent?.id ?? null,
     diskOnly: true,
-    note: `VM ${name} is not running: took a disk-only snapshot (no RAM or device state)`,
+    note: notes.join('; '),
     pauseMs: 0,
     qemuDowntimeMs: null,
     durationMs: performance.now() - t0,

@@ -16,6 +16,7 @@ import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { guestArtifacts } from '../../fixtures/guest/index.js';
 import { VmLab, last } from '../helpers/vm.js';
+import { vmsnap } from '../helpers/cli.js';
 import { Volume } from '../../src/cow/volume.js';
 import { diskDir, vmPaths } from '../../src/hypervisor/vm-config.js';
 
@@ -109,7 +110,7 @@ describe('Linux guest (TCG): forget --prune after a restore keeps the pinned sna
  * it is forgotten and pruned, the next take must not reuse the ids of its chunks that are gone.
  * A stopped VM, so every command reads the repository afresh.
  */
-describe('stopped VM: take after its last snapshot was forgotten and pruned', () => {
+describe('stopped VMs: a pruned parent, pins released by take and left by an unreachable vm rm', () => {
   let lab: VmLab;
 
   beforeAll(async () => {
@@ -121,9 +122,9 @@ describe('stopped VM: take after its last snapshot was forgotten and pruned', ()
     await lab?.cleanup();
   });
 
-  /** Writes `fill` over the whole 64 KiB block `i` of the stopped VM's disk. */
-  async function writeBlock(i: number, fill: number): Promise<void> {
-    const v = await Volume.open(diskDir(vmPaths(lab.dataDir, 's1'), 'disk0'));
+  /** Writes `fill` over the whole 64 KiB block `i` of a stopped VM's disk. */
+  async function writeBlock(i: number, fill: number, vm = 's1'): Promise<void> {
+    const v = await Volume.open(diskDir(vmPaths(lab.dataDir, vm), 'disk0'));
     try {
       await v.write(i * 65536, Buffer.alloc(65536, fill));
       await v.flush();
@@ -155,5 +156,37 @@ describe('stopped VM: take after its last snapshot was forgotten and pruned', ()
     const want = Buffer.alloc(1 << 20);
     [1, 2, 3, 1].forEach((f, i) => want.fill(f, i * 65536, (i + 1) * 65536));
     expect(img.equals(want)).toBe(true);
+  });
+
+  interface PinsJson {
+    pins: { id: string; snapshot: string; holder: string }[];
+  }
+  const pinsOf = async (holder: string) => (await lab.json<PinsJson>(['pins', 'ls'])).pins.filter((p) => p.holder === holder);
+
+  it('a stopped take releases the pin of a disk that no longer reads its base, as a live take does', async () => {
+    const [base] = await lab.snapshotIds();
+    await lab.ok(['vm', 'create', 's2', '--memory', '64M', '--disk-from', `${base}:disk0`, '--kernel', guestArtifacts().bmElf]);
+    expect((await pinsOf('s2/disk0')).map((p) => p.snapshot)).toEqual([base]);
+    // Every block rewritten: nothing reads the base any more, and the take records that.
+    for (let i = 0; i < 16; i++) await writeBlock(i, 7, 's2');
+    const t = await lab.json<{ note?: string }>(['take', 's2']);
+    expect(t.note).toMatch(/no longer depends on snapshot .*unpinned/);
+    expect(await pinsOf('s2/disk0')).toEqual([]);
+    const check = await lab.run(['check', '--read-data']);
+    expect(check.code, check.stdout + check.stderr).toBe(0);
+  });
+
+  it('vm rm with an unreachable repository removes the VM, leaves its pin and names `vmsnap pins rm`', async () => {
+    const [base] = await lab.snapshotIds();
+    await lab.ok(['vm', 'create', 's3', '--memory', '64M', '--disk-from', `${base}:disk0`, '--kernel', guestArtifacts().bmElf]);
+    const [pin] = await pinsOf('s3/disk0');
+    expect(pin).toBeDefined();
+    const r = await vmsnap(null, ['vm', 'rm', 's3'], { env: { ...lab.env, VMSNAP_REPO: path.join(lab.root, 'no-such-repo') } });
+    expect(r.code, r.stderr).toBe(0);
+    expect(r.stderr).toContain(`vmsnap pins rm ${pin!.id}`);
+    expect((await lab.json<{ name: string }[]>(['vm', 'ls'])).map((v) => v.name)).not.toContain('s3');
+    expect((await pinsOf('s3/disk0')).map((p) => p.id)).toEqual([pin!.id]);
+    await lab.ok(['pins', 'rm', pin!.id]);
+    expect(await pinsOf('s3/disk0')).toEqual([]);
   });
 });
