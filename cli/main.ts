@@ -16,6 +16,7 @@ import { registerStoreCommands } from './store-commands.js';
 import { registerVmCommands } from './vm-commands.js';
 import { registerCopyCommands } from './copy-commands.js';
 import { registerVolumeCommands } from '../src/cow/cli.js';
+import { repositoryPinner } from '../src/store/pins.js';
 import { dataDir, enableBackendStats, openRepository, printBackendStats, warnSharedFolders } from './context.js';
 import { resolveStreamRef } from './store-commands.js';
 import type { Repository } from '../src/store/repository.js';
@@ -58,7 +59,11 @@ export function buildProgram(): Command {
       return dataDir();
     },
     openStore: volumeStore,
-    resolveDisk: async (ref: string) => (await resolveStreamRef(await volumeStore(), ref)).stream,
+    resolveDisk: async (ref: string) => {
+      const { snap, stream } = await resolveStreamRef(await volumeStore(), ref);
+      return { ...stream, snapshot: snap.id };
+    },
+    openPinner: async () => repositoryPinner(await volumeStore(), dataDir()),
   });
   return program;
 }

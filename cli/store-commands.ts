@@ -9,8 +9,9 @@ import { ingestStream, exportStream } from '../src/store/streams.js';
 import { dataExtents } from '../src/store/sparse.js';
 import { WritebackAhead } from '../src/store/writeback.js';
 import { check, diffSnapshots, markLiveChunks, prune, rebuildIndex } from '../src/store/maintenance.js';
-import { applyRetention, type RetentionPolicy } from '../src/store/retention.js';
+import { applyRetention, keepHeld, type RetentionPolicy } from '../src/store/retention.js';
 import { removeStaleLocks } from '../src/store/lock.js';
+import { describePin, forgetUnpinned, listPins, removePin, type Pin } from '../src/store/pins.js';
 import { checkName, checkTags, summarize, type SnapshotSummary } from '../src/store/manifest.js';
 import { NotFoundError, OperationError, UsageError } from '../src/store/errors.js';
 import { codecId, type CodecName } from '../src/store/codec.js';
@@ -297,23 +298,36 @@ export function registerStoreCommands(program: Command, globals: Globals): void 
       const repo = await openRepository(g);
       try {
         const session = await repo.beginWrite('forget');
-        let decisions;
+        let pinnedDecisions;
         try {
           // A damaged manifest's VM, time and tags are unknown: no policy can decide it, so it is
           // kept (never deleted silently) and named.
           const damaged = damagedCollector();
           const snaps = (await repo.listSnapshotSummaries(damaged.add)).filter((s) => (!o.vm || s.vm === o.vm) && (!o.tag || s.tags.includes(o.tag)));
           for (const d of damaged.list) console.error(`vmsnap: warning: skipped snapshot ${shortId(d.id)}: its manifest is damaged (${d.error}); forget keeps it, \`vmsnap check\` reports it`);
-          decisions = applyRetention(snaps, policy, o.groupBy as 'vm');
-          if (!o.dryRun) for (const d of decisions) for (const s of d.remove) await repo.deleteSnapshot(s.id);
+          const decisions = applyRetention(snaps, policy, o.groupBy as 'vm');
+          // A snapshot a volume still reads (a pin) is kept whatever the policy says, and says why.
+          const doomed = decisions.flatMap((d) => d.remove.map((s) => s.id));
+          const pinned = o.dryRun ? await pinnedAmong(repo, doomed) : (await forgetUnpinned(repo, doomed)).pinned;
+          pinnedDecisions = decisions.map((d) => keepHeld(d, pinned));
         } finally {
           await session.end();
         }
-        if (g.json) printJson(decisions.map((d) => ({ group: d.group, keep: d.keep.map((k) => ({ id: k.snapshot.id, reasons: k.reasons })), remove: d.remove.map((s) => s.id) })));
+        if (g.json)
+          printJson(
+            pinnedDecisions.map((d) => ({
+              group: d.group,
+              keep: d.keep.map((k) => ({ id: k.snapshot.id, reasons: k.reasons, ...(k.held ? { pins: k.held.map(pinJson) } : {}) })),
+              remove: d.remove.map((s) => s.id),
+            })),
+          );
         else
-          for (const d of decisions) {
+          for (const d of pinnedDecisions) {
             console.log(`${d.group}: keep ${d.keep.length}, ${o.dryRun ? 'would remove' : 'removed'} ${d.remove.length}`);
-            for (const k of d.keep) console.log(`  keep   ${shortId(k.snapshot.id)} ${k.snapshot.time} (${k.reasons.join(', ')})`);
+            for (const k of d.keep) {
+              console.log(`  keep   ${shortId(k.snapshot.id)} ${k.snapshot.time} (${k.reasons.join(', ')})`);
+              for (const p of k.held ?? []) console.log(`         pinned: ${describePin(p)}`);
+            }
             for (const s of d.remove) console.log(`  remove ${shortId(s.id)} ${s.time}`);
           }
         if (o.prune && !o.dryRun) {
@@ -367,7 +381,7 @@ export function registerStoreCommands(program: Command, globals: Globals): void 
             console.log(`${p.severity}: ${p.message}`);
             for (const a of p.affected) console.log(`  affects snapshot ${shortId(a.snapshot)} (vm ${a.vm}) stream ${a.stream}`);
           }
-          console.log(`${report.snapshots} snapshots, ${report.packs} packs, ${report.chunks} chunks${report.readData ? ', all data read' : ''}: ${errors.length ? `${errors.length} error(s)` : 'no errors'}`);
+          console.log(`${report.snapshots} snapshots, ${report.packs} packs, ${report.chunks} chunks, ${report.pins} pin(s)${report.readData ? ', all data read' : ''}: ${errors.length ? `${errors.length} error(s)` : 'no errors'}`);
         }
         if (errors.length) process.exitCode = 3;
       } finally {
@@ -388,6 +402,41 @@ export function registerStoreCommands(program: Command, globals: Globals): void 
           console.log(`index rebuilt from ${r.packs} packs (${r.chunks} chunks)`);
           for (const u of r.unreadable) console.log(`  unreadable pack ${u}`);
         }
+      } finally {
+        await repo.close();
+      }
+    });
+
+  const pins = program.command('pins').description('snapshots held by copy-on-write volumes (kept by forget and prune)');
+  pins
+    .command('ls')
+    .description('list pins: which volume on which host holds which snapshot')
+    .action(async () => {
+      const g = globals();
+      const repo = await openRepository(g);
+      try {
+        const { pins: list, unreadable } = await listPins(repo);
+        if (g.json) return printJson({ pins: list.map(pinJson), unreadable });
+        for (const p of list) console.log(`${p.id}  snapshot ${shortId(p.snapshot)}  ${p.holder} on ${p.host} (${p.dataDir}) since ${p.created}`);
+        for (const u of unreadable) console.log(`${u.id}  unreadable: ${u.error}`);
+        if (!list.length && !unreadable.length) console.log('no pins');
+      } finally {
+        await repo.close();
+      }
+    });
+  pins
+    .command('rm <id>')
+    .description("remove a pin whose holder is gone (a lost host's volume); forget and prune may then delete its snapshot")
+    .action(async (id: string) => {
+      const g = globals();
+      const repo = await openRepository(g);
+      try {
+        const { pins: list } = await listPins(repo);
+        const p = list.find((x) => x.id === id);
+        if (!p && !(await repo.backend.stat('pins', id).catch(() => null))) throw new NotFoundError(`no pin ${id} (see \`vmsnap pins ls\`)`);
+        await removePin(repo, id);
+        if (g.json) printJson({ removed: id });
+        else console.log(`removed pin ${id}${p ? ` (${p.holder} on ${p.host}, snapshot ${shortId(p.snapshot)})` : ''}`);
       } finally {
         await repo.close();
       }
@@ -427,3 +476,16 @@ export function registerStoreCommands(program: Command, globals: Globals): void 
       }
     });
 }
+
+function pinJson(p: Pin) {
+  return { id: p.id, snapshot: p.snapshot, holder: p.holder, host: p.host, dataDir: p.dataDir, created: p.created };
+}
+
+/** Pins among `ids` (a dry run deletes nothing, so it only looks). */
+async function pinnedAmong(repo: Repository, ids: readonly string[]): Promise<Map<string, Pin[]>> {
+  const { pins } = await listPins(repo);
+  const out = new Map<string, Pin[]>();
+  for (const p of pins) if (ids.includes(p.snapshot)) out.set(p.snapshot, [...(out.get(p.snapshot) ?? []), p]);
+  return out;
+}
+

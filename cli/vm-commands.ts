@@ -7,6 +7,8 @@ import { Volume } from '../src/cow/volume.js';
 import { processAlive } from '../src/util/process.js';
 import { parseSize } from '../src/util/size.js';
 import { cloneVolume } from '../src/cow/snapshot.js';
+import { readBasePin, releaseBasePin, type BasePin } from '../src/cow/base-pin.js';
+import { repositoryPinner } from '../src/store/pins.js';
 import { NotFoundError, UsageError } from '../src/store/errors.js';
 import { checkTags } from '../src/store/manifest.js';
 import type { Repository } from '../src/store/repository.js';
@@ -104,10 +106,10 @@ async function createDisks(def: VmDefinition, sources: { def: DiskDef; from?: st
         repo ??= await openRepository(g);
         // `latest:disk0` names no VM: refused while it could mean several VMs' latest.
         if (s.from === 'latest' || s.from.startsWith('latest:')) await resolveUnscoped(repo, 'latest');
-        const { stream } = await resolveStreamRef(repo, s.from);
+        const { snap, stream } = await resolveStreamRef(repo, s.from);
         if (stream.kind !== 'disk') throw new UsageError(`${s.from} is a ${stream.kind} stream, not a disk`);
         s.def.size = stream.size;
-        await (await cloneVolume(dir, stream, { store: repo })).close();
+        await (await cloneVolume(dir, stream, { store: repo, pin: diskPin(repo, snap.id, def.name, s.def.name) })).close();
         continue;
       }
       const blockSize = repo?.chunkSize ?? DEFAULT_CHUNK_SIZE;
@@ -138,6 +140,47 @@ async function createDisks(def: VmDefinition, sources: { def: DiskDef; from?: st
     }
   } finally {
     await repo?.close();
+  }
+}
+
+/** Pin options for a VM disk cloned from a snapshot (held as "<vm>/<disk>"). */
+function diskPin(repo: Repository, snapshot: string, vm: string, disk: string) {
+  return { pinner: repositoryPinner(repo, dataDir()), snapshot, holder: `${vm}/${disk}` };
+}
+
+/**
+ * Releases the pins of a VM's disks (before the disks are removed). With `unreachable`, a pin the
+ * repository cannot be reached to remove (it cannot be opened, or the delete fails) is left there
+ * and reported instead of failing: it only keeps its snapshot until `vmsnap pins rm`.
+ */
+/**
+ * Releases the pins of a VM's disks, found by the disk folders themselves (so a VM whose vm.json is
+ * damaged can still be removed without leaving its snapshots pinned).
+ */
+async function unpinDisks(vmName: string, open: () => Promise<Repository>, unreachable?: (disk: string, pin: BasePin, err: Error) => void): Promise<void> {
+  const paths = vmPaths(dataDir(), vmName);
+  const disks = await fsp.readdir(paths.disksDir).catch(() => [] as string[]);
+  for (const disk of disks) {
+    const dir = diskDir(paths, disk);
+    const pin = await readBasePin(dir).catch(() => null);
+    if (!pin) continue;
+    try {
+      await releaseBasePin(dir, repositoryPinner(await open(), dataDir()));
+    } catch (err) {
+      if (!unreachable) throw err;
+      unreachable(disk, pin, err as Error);
+    }
+  }
+}
+
+/** Runs `fn` with a repository opened only if some disk of `def` holds a pin (and closed after, if it opened). */
+async function withRepoIfPinned(g: GlobalOptions, fn: (open: () => Promise<Repository>) => Promise<void>): Promise<void> {
+  let repo: Promise<Repository> | null = null;
+  try {
+    await fn(() => (repo ??= openRepository(g)));
+  } finally {
+    const opened = repo ? await (repo as Promise<Repository>).catch(() => null) : null;
+    if (opened) await opened.close();
   }
 }
 
@@ -191,6 +234,7 @@ export function registerVmCommands(program: Command, globals: Globals): void {
         await createDisks(def, sources, g);
         await saveDefinition(dataDir(), def);
       } catch (err) {
+        await withRepoIfPinned(g, (open) => unpinDisks(def.name, open)).catch(() => undefined); // a stale pin is safe: `pins rm`
         await fsp.rm(paths.dir, { recursive: true, force: true });
         throw err;
       }
@@ -315,6 +359,15 @@ export function registerVmCommands(program: Command, globals: Globals): void {
       if (!(await fsp.stat(paths.dir).catch(() => null))) await loadDefinition(dataDir(), name);
       const procs = await vmProcesses(paths, name);
       if ((await isRunning(paths)) || procs.supervisor || procs.qemus.length) throw new UsageError(`VM ${name} is running: stop it first (\`vmsnap vm stop ${name}\`)`);
+      // Its disks' pins go first: a VM removed while they stay would keep its snapshots until
+      // `pins rm`. An unreachable repository must not keep the VM, so those pins stay, named.
+      await withRepoIfPinned(globals(), (open) =>
+        unpinDisks(name, open, (disk, pin, err) =>
+          console.error(
+            `vmsnap: warning: disk ${disk} of VM ${name} pins snapshot ${shortId(pin.snapshot)} and the repository could not be reached to release it (${err.message}); the pin stays and keeps that snapshot: remove it with \`vmsnap pins rm ${pin.pin}\``,
+          ),
+        ),
+      );
       await fsp.rm(paths.dir, { recursive: true, force: true });
       if (!globals().json) console.log(`removed VM ${name}`);
     });
@@ -409,11 +462,12 @@ export function registerVmCommands(program: Command, globals: Globals): void {
           for (const d of def.disks) {
             const s = snap.streams.find((x) => x.name === d.name && x.kind === 'disk');
             if (!s) throw new UsageError(`snapshot ${shortId(snap.id)} has no disk ${d.name}`);
-            await (await cloneVolume(diskDir(paths, d.name), s, { store: repo })).close();
+            await (await cloneVolume(diskDir(paths, d.name), s, { store: repo, pin: diskPin(repo, snap.id, newName, d.name) })).close();
           }
           await saveDefinition(dataDir(), def);
           await saveState(dataDir(), newName, { lastSnapshot: null });
         } catch (err) {
+          await unpinDisks(def.name, () => Promise.resolve(repo)).catch(() => undefined); // a stale pin is safe: `pins rm`
           await fsp.rm(paths.dir, { recursive: true, force: true });
           throw err;
         }

@@ -21,6 +21,12 @@ export interface ChunkStore {
   readonly chunkSize: number;
   /** Content id (32 bytes) of `data`; keyed when the repository is encrypted. */
   chunkId(data: Uint8Array): Buffer;
+  /**
+   * True when a chunk with this id is stored (or waiting to be): a snapshot may reference it. Must
+   * not report chunks maintenance removed (the Repository's write session reloads an index a prune
+   * replaced): snapshots reuse their parent's ids only while this holds for them.
+   */
+  hasChunk(id: Uint8Array): boolean;
   /** Stores `data` unless a chunk with the same id exists. */
   putChunk(data: Uint8Array): Promise<{ id: Buffer; isNew: boolean }>;
   /** Verified plaintext of a stored chunk. */
@@ -105,6 +111,10 @@ export class MemoryChunkStore implements ChunkStore {
     this.chunks.set(key, Buffer.from(data));
     this.newBytes += data.byteLength;
     return { id, isNew: true };
+  }
+
+  hasChunk(id: Uint8Array): boolean {
+    return this.chunks.has(Buffer.from(id.buffer, id.byteOffset, id.byteLength).toString('hex'));
   }
 
   async getChunk(id: Buffer): Promise<Buffer> {

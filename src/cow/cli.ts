@@ -11,6 +11,7 @@ import { parseSize } from '../util/size.js';
 import type { ChunkStore, DiskStream } from './chunk-store.js';
 import { NbdServer } from './nbd-server.js';
 import { cloneVolume } from './snapshot.js';
+import { readBasePin, releaseBasePin, type SnapshotPinner } from './base-pin.js';
 import { Volume } from './volume.js';
 import { UserFacingError } from '../util/errors.js';
 
@@ -19,8 +20,10 @@ export interface VolumeCliContext {
   dataDir: string;
   /** Opens the repository's chunk store (needed for volumes with a base). */
   openStore?: () => Promise<ChunkStore>;
-  /** Resolves a snapshot reference (e.g. "<snapshot>:<disk>") to its disk stream. */
-  resolveDisk?: (ref: string) => Promise<DiskStream>;
+  /** Resolves a snapshot reference (e.g. "<snapshot>:<disk>") to its disk stream and snapshot id. */
+  resolveDisk?: (ref: string) => Promise<DiskStream & { snapshot?: string }>;
+  /** Pins snapshots that volumes are based on (without it, volumes hold no pin). */
+  openPinner?: () => Promise<SnapshotPinner>;
   /** Output sink (default: stdout). */
   print?: (line: string) => void;
 }
@@ -41,6 +44,13 @@ export function volumeDir(dataDir: string, name: string): string {
 export function registerVolumeCommands(program: Command, ctx: VolumeCliContext): Command {
   const print = ctx.print ?? ((l: string) => process.stdout.write(l + '\n'));
   const store = async (): Promise<ChunkStore | undefined> => (ctx.openStore ? ctx.openStore() : undefined);
+  /** A clone of `ref` into volume `name`, its snapshot pinned while the volume depends on it. */
+  const clone = async (ref: string, name: string): Promise<void> => {
+    if (!ctx.resolveDisk) throw new VolumeCliError('no repository is configured to resolve snapshots');
+    const disk = await ctx.resolveDisk(ref);
+    const pin = disk.snapshot && ctx.openPinner ? { pinner: await ctx.openPinner(), snapshot: disk.snapshot, holder: `volume ${name}` } : undefined;
+    await (await cloneVolume(volumeDir(ctx.dataDir, name), disk, { store: await store(), ...(pin ? { pin } : {}) })).close();
+  };
   const vol = program.command('volume').description('copy-on-write volumes served to QEMU over NBD');
 
   vol
@@ -51,11 +61,8 @@ export function registerVolumeCommands(program: Command, ctx: VolumeCliContext):
     .option('--from <snapshotDisk>', 'base the volume on this snapshot disk (same as clone)')
     .action(async (name: string, o: { size?: string; blockSize?: string; from?: string }) => {
       const dir = volumeDir(ctx.dataDir, name);
-      if (o.from) {
-        if (!ctx.resolveDisk) throw new VolumeCliError('no repository is configured to resolve --from');
-        const v = await cloneVolume(dir, await ctx.resolveDisk(o.from), { store: await store() });
-        await v.close();
-      } else {
+      if (o.from) await clone(o.from, name);
+      else {
         if (!o.size) throw new VolumeCliError('volume create needs --size or --from');
         const s = await store();
         const v = await Volume.create(dir, { size: parseSize(o.size), blockSize: o.blockSize ? parseSize(o.blockSize) : (s?.chunkSize ?? 65536) });
@@ -135,9 +142,7 @@ export function registerVolumeCommands(program: Command, ctx: VolumeCliContext):
     .command('clone <snapshotDisk> <name>')
     .description('create a volume whose base is a snapshot disk, without copying data')
     .action(async (ref: string, name: string) => {
-      if (!ctx.resolveDisk) throw new VolumeCliError('no repository is configured to resolve snapshots');
-      const v = await cloneVolume(volumeDir(ctx.dataDir, name), await ctx.resolveDisk(ref), { store: await store() });
-      await v.close();
+      await clone(ref, name);
       print(`cloned ${ref} into volume ${name}`);
     });
 
@@ -148,6 +153,10 @@ export function registerVolumeCommands(program: Command, ctx: VolumeCliContext):
       const dir = volumeDir(ctx.dataDir, name);
       const v = await Volume.open(dir); // fails if the volume is in use
       await v.close();
+      if (await readBasePin(dir)) {
+        if (!ctx.openPinner) throw new VolumeCliError(`volume ${name} pins its base snapshot and no repository is configured to unpin it`);
+        await releaseBasePin(dir, await ctx.openPinner());
+      }
       await fsp.rm(dir, { recursive: true, force: true });
       print(`removed volume ${name}`);
     });

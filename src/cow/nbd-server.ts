@@ -21,6 +21,13 @@
  *                 ERROR 32769: u32 error u16 msgLen msg; NONE 0
  *   Requests run concurrently and are answered as they complete (out of order).
  *
+ * Clients that are gone: a request still unread when its client's connection ends is discarded,
+ * never executed — no reply can reach that client, and the disk may have been reset since (a restore
+ * kills QEMU, then resets the volume to the snapshot: a write the killed guest left in our receive
+ * buffer must never land on the restored disk). `disconnectClients()` is the fence for that: it
+ * drops every connection and resolves once none of their requests is executing; requests not yet
+ * started by then never start.
+ *
  * Hostile input: a bad request magic or a broken handshake closes that connection only; oversized,
  * out-of-range, unknown or malformed requests get an error reply (a too-large WRITE payload is read
  * and discarded, never buffered). A WRITE reaches the volume only once its whole payload arrived.
@@ -143,13 +150,18 @@ class SocketReader {
       if (this.len > MAX_BUFFERED) socket.pause();
       if (this.wake && this.len >= this.want) this.fire();
     });
-    const end = (): void => {
-      this.closedErr ??= new ConnectionClosed('client disconnected');
-      this.fire();
-    };
+    const end = (): void => this.discard();
     socket.on('end', end);
     socket.on('close', end);
     socket.on('error', end);
+  }
+
+  /** Drops what was received and not read yet, and every later read fails (the client is gone). */
+  discard(): void {
+    this.closedErr ??= new ConnectionClosed('client disconnected');
+    this.bufs = [];
+    this.len = 0;
+    this.fire();
   }
 
   private fire(): void {
@@ -169,6 +181,7 @@ class SocketReader {
 
   /** n bytes as slices of the received buffers (no copy). */
   async readv(n: number): Promise<Buffer[]> {
+    if (this.closedErr) throw this.closedErr;
     if (this.len < n) await this.fill(n);
     const out: Buffer[] = [];
     let left = n;
@@ -218,6 +231,7 @@ export class NbdServer {
   private readonly exports = new Map<string, ExportEntry>();
   private readonly servers: net.Server[] = [];
   private readonly sockets = new Set<net.Socket>();
+  private readonly connections = new Set<Connection>();
   private readonly socketPaths: string[] = [];
   private closing = false;
   private live = 0;
@@ -269,6 +283,14 @@ export class NbdServer {
     return this.waits.count;
   }
 
+  /**
+   * The fence before a disk is reset: drops every client connection (their unread requests are
+   * discarded) and resolves once none of their requests is executing. Later clients are served.
+   */
+  async disconnectClients(): Promise<void> {
+    await Promise.all([...this.connections].map((c) => c.fence()));
+  }
+
   /** Stops listening, disconnects clients and waits for the listeners to close. */
   async close(): Promise<void> {
     this.closing = true;
@@ -288,6 +310,7 @@ export class NbdServer {
     sock.on('error', () => undefined);
     const conn = new Connection(sock, this.exports, this.waits);
     this.live++;
+    this.connections.add(conn);
     conn
       .run()
       .then(
@@ -297,7 +320,10 @@ export class NbdServer {
           sock.destroy();
         },
       )
-      .finally(() => this.live--);
+      .finally(() => {
+        this.live--;
+        this.connections.delete(conn);
+      });
   }
 }
 
@@ -314,6 +340,8 @@ class Connection {
   private slotFree: (() => void) | null = null;
   private corked = false;
   private readonly done = new Set<Promise<void>>();
+  /** Set by fence(): no request of this connection starts any more. */
+  private fenced = false;
 
   constructor(
     private readonly sock: net.Socket,
@@ -623,6 +651,14 @@ class Connection {
     }
   }
 
+  /** Drops the connection; resolves once none of its requests is executing (NbdServer.disconnectClients). */
+  async fence(): Promise<void> {
+    this.fenced = true;
+    this.reader.discard();
+    this.sock.destroy();
+    await this.drain();
+  }
+
   private spawn(p: Promise<void>): void {
     this.inflight++;
     this.done.add(p);
@@ -638,6 +674,8 @@ class Connection {
   }
 
   private async run1(cookie: Buffer, write: boolean, fn: () => Promise<void>): Promise<void> {
+    // Synchronous with the caller: a request parsed after the fence never reaches the disk.
+    if (this.fenced) return;
     try {
       await fn();
       if (!this.sock.destroyed) this.replyOk(cookie);
@@ -647,6 +685,7 @@ class Connection {
   }
 
   private async doRead(t: NbdTarget, cookie: Buffer, offset: number, length: number): Promise<void> {
+    if (this.fenced) return;
     try {
       if (this.structured) {
         if (length === 0) return this.replyOk(cookie);

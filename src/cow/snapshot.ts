@@ -6,11 +6,19 @@
  * lost the frozen set covers the whole volume and each block's hash is compared with the parent's
  * id instead (slower, still correct, and still deduplicated because the store deduplicates).
  *
+ * Reusing the parent's ids is only sound while the store still has those chunks. A volume's parent
+ * (its last snapshot) is not pinned, so `forget` + `prune` may remove it; the next snapshot then
+ * finds some parent chunks gone (ensureParentChunks) and reads the whole volume once instead, storing
+ * again what is missing. Pinning the parent instead would make every VM's latest snapshot impossible
+ * to forget for as long as the VM exists, and cost a pin write per take; this costs one index lookup
+ * per block per snapshot, and a full read only after such a prune.
+ *
  * A clone is a new volume whose base is a snapshot's disk stream: constant work, no data copied.
  */
-import { blockCount, isZeroBuffer, validateDiskStream, ZERO_CHUNK_ID, CHUNK_ID_BYTES, type ChunkStore, type DiskStream } from './chunk-store.js';
+import { blockCount, isZeroBuffer, isZeroId, validateDiskStream, ZERO_CHUNK_ID, CHUNK_ID_BYTES, type ChunkStore, type DiskStream } from './chunk-store.js';
 import { Volume, BASE, ZERO, type FrozenSet, type VolumeOpenOptions } from './volume.js';
 import { UserFacingError } from '../util/errors.js';
+import { withBasePin, type SnapshotPinner } from './base-pin.js';
 
 export class SnapshotError extends UserFacingError {
   override readonly name = 'SnapshotError';
@@ -61,6 +69,25 @@ export function snapshotVolume(volume: Volume, store: ChunkStore, opts: Snapshot
   return p;
 }
 
+/**
+ * Counts the chunks of the stream the next snapshot diffs against (`parent`, else the volume's own
+ * record) that `store` no longer has — their snapshot was forgotten and pruned — and, if any, drops
+ * the volume's dirty tracking: the next freeze then covers every block and the snapshot reads and
+ * stores them again (hash mode) instead of reusing ids of chunks that are gone. Call it before the
+ * freeze a snapshot captures (snapshotVolume does when it freezes itself; a caller that freezes
+ * earlier, e.g. while the guest is paused, calls it before that).
+ */
+export function ensureParentChunks(volume: Volume, store: ChunkStore, parent: DiskStream | null = volume.parent): number {
+  if (!parent || parent.size !== volume.size || parent.chunkSize !== volume.blockSize) return 0;
+  let missing = 0;
+  const n = blockCount(parent.size, parent.chunkSize);
+  for (let i = 0; i < n; i++) {
+    if (!isZeroId(parent.chunks, i) && !store.hasChunk(parent.chunks.subarray(i * CHUNK_ID_BYTES, (i + 1) * CHUNK_ID_BYTES))) missing++;
+  }
+  if (missing) volume.invalidateTracking();
+  return missing;
+}
+
 async function snapshotLocked(volume: Volume, store: ChunkStore, opts: SnapshotOptions): Promise<SnapshotResult> {
   const t0 = performance.now();
   const bs = volume.blockSize;
@@ -69,7 +96,10 @@ async function snapshotLocked(volume: Volume, store: ChunkStore, opts: SnapshotO
   }
   // Frozen sets restored at open (a snapshot interrupted by a crash) do not stand for a freeze
   // point the caller chose: without a fresh freeze the snapshot would miss every later write.
-  if (!volume.frozenSets().some((s) => !s.recovered)) volume.freeze();
+  if (!volume.frozenSets().some((s) => !s.recovered)) {
+    ensureParentChunks(volume, store, opts.parent ?? volume.parent);
+    volume.freeze();
+  }
   const sets: FrozenSet[] = [...volume.frozenSets()];
   await Promise.all(sets.map((s) => s.drained));
   try {
@@ -180,7 +210,8 @@ async function snapshotLocked(volume: Volume, store: ChunkStore, opts: SnapshotO
         }
         if (hash && parent) {
           const id = store.chunkId(data);
-          if (id.equals(parent.chunks.subarray(at, at + CHUNK_ID_BYTES))) {
+          // The parent's chunk may be gone (ensureParentChunks): then it is stored again below.
+          if (id.equals(parent.chunks.subarray(at, at + CHUNK_ID_BYTES)) && store.hasChunk(id)) {
             id.copy(chunks, at);
             stats.reusedBlocks++;
             continue;
@@ -208,7 +239,17 @@ async function snapshotLocked(volume: Volume, store: ChunkStore, opts: SnapshotO
 }
 
 /** Creates a volume in `dir` whose base is `stream`: no data copied, constant time. */
-export async function cloneVolume(dir: string, stream: DiskStream, opts: VolumeOpenOptions = {}): Promise<Volume> {
+/**
+ * A new volume whose base is `stream`. With `pin`, the stream's snapshot is pinned in the repository
+ * before the volume exists and for as long as it depends on it (base-pin.ts).
+ */
+export async function cloneVolume(
+  dir: string,
+  stream: DiskStream,
+  opts: VolumeOpenOptions & { pin?: { pinner: SnapshotPinner; snapshot: string; holder: string } } = {},
+): Promise<Volume> {
+  const { pin } = opts;
+  if (pin) return withBasePin(dir, pin.pinner, pin.snapshot, pin.holder, () => cloneVolume(dir, stream, { ...opts, pin: undefined }));
   try {
     validateDiskStream(stream);
   } catch (err) {

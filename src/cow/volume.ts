@@ -211,6 +211,10 @@ export class Volume {
   private journalFd: number;
   private journalPos: number;
   private failed: Error | null = null;
+  /** Counts resets (restoreBase); a write begun before one must never land after it. */
+  private resets = 0;
+  /** A reset is waiting for writes in flight: new writes are refused meanwhile. */
+  private resetting = false;
   private closed = false;
   private baseReader: BaseReader | null;
   private parentStream: DiskStream | null;
@@ -451,6 +455,20 @@ export class Volume {
     return this.baseReader?.stream ?? null;
   }
 
+  /**
+   * The volume still needs its base snapshot's chunks: some block (live or frozen) reads from the
+   * base, or the next snapshot diffs against the base (reusing its chunk ids). While true, the base
+   * snapshot must stay pinned (base-pin.ts).
+   */
+  get dependsOnBase(): boolean {
+    const r = this.baseReader;
+    if (!r) return false;
+    if (this.parentFile === null) return true;
+    for (let i = 0; i < this.nBlocks; i++) if (this.map[i] === BASE && !r.isZero(i)) return true;
+    for (const f of this.frozen) for (let k = 0; k < f.slots.length; k++) if (f.slots[k] === BASE && !r.isZero(f.blocks[k]!)) return true;
+    return false;
+  }
+
   /** The stream the next snapshot diffs against: the last snapshot, else the base, else zeros. */
   get parent(): DiskStream | null {
     return this.trackingValid ? (this.parentStream ?? zeroDiskStream(this.size, this.blockSize)) : this.parentStream;
@@ -685,6 +703,17 @@ export class Volume {
     if (this.failed) throw new VolumeIoError(`volume ${this.dir} stopped after a failed write: ${this.failed.message}`);
   }
 
+  /**
+   * checkUsable for writes, which are also refused while the disk is being reset (restoreBase): a
+   * write of the guest that is being replaced must not land on the restored disk. Returns the
+   * reset count the write belongs to.
+   */
+  private checkWritable(): number {
+    this.checkUsable();
+    if (this.resetting) throw new VolumeIoError(`volume ${this.dir} is being reset to a snapshot: write refused`);
+    return this.resets;
+  }
+
   private checkRange(offset: number, length: number, what: string): void {
     if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0 || offset + length > this.size) {
       throw new VolumeRangeError(`${what} of ${length} bytes at ${offset} is outside the ${this.size}-byte volume`);
@@ -763,7 +792,7 @@ export class Volume {
    * write is durable.
    */
   async write(offset: number, data: readonly Buffer[] | Buffer, fua = false): Promise<void> {
-    this.checkUsable();
+    const epoch = this.checkWritable();
     const bufs = Buffer.isBuffer(data) ? [data] : data;
     let length = 0;
     for (const b of bufs) length += b.length;
@@ -780,7 +809,7 @@ export class Volume {
       const n = Math.min(end, (i + 1) * bs) - pos;
       const slices = cursor.take(n);
       const lock = this.locks.get(i);
-      if (lock) waits.push(this.writeAfterLock(i, lock, inOff, slices, null));
+      if (lock) waits.push(this.writeAfterLock(i, lock, inOff, slices, null, epoch));
       else this.planBlockWrite(i, inOff, n, slices, ops, waits, null);
       pos += n;
     }
@@ -792,7 +821,7 @@ export class Volume {
 
   /** Zeroes a range. Whole blocks become ZERO in the map (no data written) unless `noHole`. */
   async writeZeroes(offset: number, length: number, opts: { fua?: boolean; noHole?: boolean } = {}): Promise<void> {
-    this.checkUsable();
+    const epoch = this.checkWritable();
     this.checkRange(offset, length, 'write-zeroes');
     const bs = this.blockSize;
     const ops: WriteOp[] = [];
@@ -807,7 +836,7 @@ export class Volume {
       zeroBuf ??= this.zeros();
       const slices = [zeroBuf.subarray(0, n)];
       const lock = this.locks.get(i);
-      if (lock) waits.push(this.writeAfterLock(i, lock, inOff, slices, opts.noHole ? 'keep' : 'zero'));
+      if (lock) waits.push(this.writeAfterLock(i, lock, inOff, slices, opts.noHole ? 'keep' : 'zero', epoch));
       else this.planBlockWrite(i, inOff, n, slices, ops, waits, opts.noHole ? 'keep' : 'zero');
       pos += n;
     }
@@ -818,7 +847,7 @@ export class Volume {
 
   /** Discards whole blocks in the range (they read as zeros afterwards); partial blocks are left alone. */
   async trim(offset: number, length: number, fua = false): Promise<void> {
-    this.checkUsable();
+    this.checkWritable();
     this.checkRange(offset, length, 'trim');
     const bs = this.blockSize;
     const first = Math.ceil(offset / bs);
@@ -934,13 +963,15 @@ export class Volume {
     waits.push(lock);
   }
 
-  private async writeAfterLock(i: number, lock: Promise<void>, inOff: number, slices: Buffer[], zeroMode: ZeroMode): Promise<void> {
+  private async writeAfterLock(i: number, lock: Promise<void>, inOff: number, slices: Buffer[], zeroMode: ZeroMode, epoch: number): Promise<void> {
     let l: Promise<void> | undefined = lock;
     while (l) {
       await l.catch(() => undefined);
       l = this.locks.get(i);
     }
-    this.checkUsable();
+    // Planned only now, against the current map: if the disk was reset while this write waited,
+    // it belongs to the replaced disk and must not touch the restored one.
+    if (this.checkWritable() !== epoch) throw new VolumeIoError(`volume ${this.dir} was reset to a snapshot while a write waited: write dropped`);
     const ops: WriteOp[] = [];
     const waits: Promise<void>[] = [];
     let n = 0;
@@ -1053,8 +1084,9 @@ export class Volume {
   }
 
   /**
-   * Makes `base` the volume's new base and drops the overlay (restore in place). Stop serving the
-   * volume first: in-flight writes are waited for and then discarded.
+   * Makes `base` the volume's new base and drops the overlay (restore in place). Disconnect the
+   * volume's NBD clients first (NbdServer.disconnectClients): writes already started are waited for
+   * and then discarded, writes arriving meanwhile are refused, writes waiting for a block are dropped.
    */
   async restoreBase(base: DiskStream): Promise<void> {
     try {
@@ -1068,37 +1100,51 @@ export class Volume {
       );
     }
     await this.runLocked(async () => {
-      await this.commitLocked();
-      await atomicWriteFile(containedPath(this.dir, 'base.chunks'), base.chunks);
-      this.map.fill(BASE);
-      this.pMap.fill(BASE);
-      this.blockGen.fill(0);
-      this.pGen.fill(0);
-      this.frozen = [];
-      this.pFrozen = [];
-      this.pending = [];
-      this.pendingFreezes = [];
-      this.dirty = [];
-      this.generationNo += 1;
-      this.pGeneration = this.generationNo;
-      this.trackingValid = true;
-      this.pTracking = true;
-      const oldParent = this.parentFile;
-      this.parentFile = null;
-      this.parentStream = base;
-      this.baseReader = new BaseReader(base, this.store, this.baseReaderOpts);
-      this.refs.fill(0);
-      this.overflowFree = [];
-      this.slotCount = this.nBlocks;
-      this.homeZero = null;
-      await this.checkpointLocked();
-      // Punch the old overlay out of the host file system.
-      await ftruncate(this.dataFd, 0);
-      await ftruncate(this.dataFd, this.nBlocks * this.blockSize);
-      await fdatasync(this.dataFd);
-      this.homeZero = new Uint8Array(this.nBlocks).fill(1);
-      if (oldParent) await fsp.rm(containedPath(this.dir, oldParent), { force: true });
+      // The fence: from here no write starts, and every write already started (including the
+      // read-modify-writes of a fresh slot) completes before the map is reset; a write still
+      // waiting for a block lock sees the new reset count and is dropped (writeAfterLock).
+      this.resetting = true;
+      try {
+        await this.commitLocked();
+        while (this.inflight.size) await Promise.allSettled([...this.inflight]);
+        await this.resetToBaseLocked(base);
+      } finally {
+        this.resets++;
+        this.resetting = false;
+      }
     });
+  }
+
+  private async resetToBaseLocked(base: DiskStream): Promise<void> {
+    await atomicWriteFile(containedPath(this.dir, 'base.chunks'), base.chunks);
+    this.map.fill(BASE);
+    this.pMap.fill(BASE);
+    this.blockGen.fill(0);
+    this.pGen.fill(0);
+    this.frozen = [];
+    this.pFrozen = [];
+    this.pending = [];
+    this.pendingFreezes = [];
+    this.dirty = [];
+    this.generationNo += 1;
+    this.pGeneration = this.generationNo;
+    this.trackingValid = true;
+    this.pTracking = true;
+    const oldParent = this.parentFile;
+    this.parentFile = null;
+    this.parentStream = base;
+    this.baseReader = new BaseReader(base, this.store, this.baseReaderOpts);
+    this.refs.fill(0);
+    this.overflowFree = [];
+    this.slotCount = this.nBlocks;
+    this.homeZero = null;
+    await this.checkpointLocked();
+    // Punch the old overlay out of the host file system.
+    await ftruncate(this.dataFd, 0);
+    await ftruncate(this.dataFd, this.nBlocks * this.blockSize);
+    await fdatasync(this.dataFd);
+    this.homeZero = new Uint8Array(this.nBlocks).fill(1);
+    if (oldParent) await fsp.rm(containedPath(this.dir, oldParent), { force: true });
   }
 
   /**

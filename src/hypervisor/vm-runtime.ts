@@ -26,8 +26,10 @@ import { promises as fsp } from 'node:fs';
 import { nativeHelper } from '../util/project.js';
 import { Volume } from '../cow/volume.js';
 import { NbdServer } from '../cow/nbd-server.js';
-import { snapshotVolume, type SnapshotStats } from '../cow/snapshot.js';
+import { ensureParentChunks, snapshotVolume, type SnapshotStats } from '../cow/snapshot.js';
 import type { DiskStream } from '../cow/chunk-store.js';
+import { releaseBasePinIfUnused, withBasePin } from '../cow/base-pin.js';
+import { repositoryPinner } from '../store/pins.js';
 import type { Repository } from '../store/repository.js';
 import type { MetaValue, Snapshot, StreamRecord } from '../store/manifest.js';
 import { chooseAccel, detectQemu, dieWithParent, launchQemu, SUPPORTED_QEMU, type QemuBinary, type QemuProcess } from './qemu.js';
@@ -225,7 +227,10 @@ export class VmRuntime {
         });
       }
       h.finished = !abort.signal.aborted;
-      if (h.finished) this.log(`hydration finished: ${h.done} blocks copied`);
+      if (h.finished) {
+        this.log(`hydration finished: ${h.done} blocks copied`);
+        await this.releaseUnusedPins(await this.repo());
+      }
     })().catch((err: unknown) => this.log(`hydration stopped: ${(err as Error).message}`));
     this.hydration = h;
   }
@@ -321,6 +326,11 @@ export class VmRuntime {
     let ramWriter: RamStreamWriter | null = null;
     let qemuDowntimeMs: number | null = null;
     const diskOnly = !!opts.diskOnly;
+    // Decided before the freeze: a disk whose parent chunks were pruned is read whole this time.
+    for (const [name, v] of this.volumes) {
+      const missing = ensureParentChunks(v, repo, parentDisk(parent, name) ?? v.parent);
+      if (missing) this.log(`disk ${name}: ${missing} chunk(s) of its last snapshot are gone (forgotten and pruned): reading the whole disk`);
+    }
     try {
       const pauseAndFreeze = async () => {
         // `stop` makes QEMU flush every disk (NBD FLUSH → fdatasync of data and journal here) while
@@ -369,6 +379,7 @@ export class VmRuntime {
         withVolume: (name, fn) => fn(this.volumes.get(name)!),
       });
       if (!diskOnly) this.recollapseHugePages(q);
+      await this.releaseUnusedPins(repo);
       const diskNew = Object.values(disks).reduce((a, d) => a + d.newBytes, 0);
       const ram = ramWriter?.stats;
       const ramBytes = ramWriter ? streams.filter((s) => s.kind === 'ram').reduce((a, s) => a + s.size, 0) : 0;
@@ -405,6 +416,14 @@ export class VmRuntime {
       const out = stdout.trim() || (err ? err.message : '');
       this.log(`huge pages re-collapsed in ${(performance.now() - t0).toFixed(0)} ms: ${out}`);
     });
+  }
+
+  /**
+   * Unpins the base snapshots volumes no longer depend on (hydrated and snapshotted since). Best
+   * effort: a pin left behind only keeps a snapshot longer; the next take tries again.
+   */
+  private releaseUnusedPins(repo: Repository): Promise<void> {
+    return releaseUnusedPins(repo, this.opts.dataDir, this.paths, this.volumes, (l) => this.log(l));
   }
 
   /**
@@ -449,6 +468,10 @@ export class VmRuntime {
       await this.qemu.kill('SIGKILL');
       this.stopping = false;
     }
+    // The fence: requests the killed guest left in our receive buffers are dropped and those
+    // executing finish, before the new QEMU connects and long before any disk is reset (a write
+    // landing after the reset would corrupt the restore).
+    await step('disconnecting the old disks', () => this.nbd.disconnectClients());
     // The new QEMU starts paused (-S) and loads RAM and device state while the disks still hold
     // what they held: if loading fails, the VM stops with its disks as they were. The disks are
     // reset only once the guest state is in, and the guest runs only after that.
@@ -466,7 +489,10 @@ export class VmRuntime {
         // The volume may have been opened without a store (it had no base): it reads the base from now on.
         v.setStore(repo);
         disksReset = true;
-        await v.restoreBase(disks.find((d) => d.name === name)! as DiskStream);
+        // The new base is pinned before the volume reads it, the old one unpinned after (base-pin.ts).
+        await withBasePin(diskDir(this.paths, name), repositoryPinner(repo, this.opts.dataDir), snap.id, `${this.def.name}/${name}`, () =>
+          v.restoreBase(disks.find((d) => d.name === name)! as DiskStream),
+        );
       }
       current = 'resuming the guest';
       if ((snap.meta.type === 'disk-only' || snap.meta.runState === 'running') && runState !== 'running') {
@@ -554,6 +580,32 @@ export async function checkRestorable(repo: Repository, snap: Snapshot, def: VmD
 }
 
 /**
+ * Unpins the base snapshots of the disks that no longer depend on them (hydrated and snapshotted
+ * since). Call it only after the snapshot that made them independent is committed: until then its
+ * chunk ids for clean blocks come from the base. Best effort: a pin left behind only keeps a
+ * snapshot longer; the next take tries again.
+ */
+async function releaseUnusedPins(
+  repo: Repository,
+  dataDir: string,
+  paths: VmPaths,
+  disks: Iterable<[string, { readonly dependsOnBase: boolean }]>,
+  log: (line: string) => void,
+): Promise<void> {
+  for (const [name, v] of disks) {
+    await releaseBasePinIfUnused(diskDir(paths, name), v, repositoryPinner(repo, dataDir)).then(
+      (p) => p && log(`disk ${name} no longer depends on snapshot ${p.snapshot.slice(0, 12)}: unpinned`),
+      (err: Error) => log(`unpinning the base of disk ${name} failed (a later take retries): ${err.message}`),
+    );
+  }
+}
+
+/** The disk stream of `parent` that a disk's next snapshot diffs against, if the parent has that disk. */
+function parentDisk(parent: Snapshot | null, disk: string): DiskStream | undefined {
+  return parent?.streams.find((s) => s.name === disk && s.kind === 'disk');
+}
+
+/**
  * The end of every take: each disk's volume written against the parent's disk stream, the VM's
  * definition, the manifest committed after `streams` (RAM and device state, if any), and the
  * snapshot recorded as the VM's last (the next one's parent).
@@ -570,8 +622,8 @@ async function commitSnapshot(
 ): Promise<{ snap: Snapshot; disks: Record<string, SnapshotStats> }> {
   const disks: Record<string, SnapshotStats> = {};
   for (const d of def.disks) {
-    const parentDisk = parent?.streams.find((s) => s.name === d.name && s.kind === 'disk');
-    const r = await step(`writing disk ${d.name}`, () => how.withVolume(d.name, (v) => snapshotVolume(v, repo, parentDisk ? { parent: parentDisk } : {})));
+    const pd = parentDisk(parent, d.name);
+    const r = await step(`writing disk ${d.name}`, () => how.withVolume(d.name, (v) => snapshotVolume(v, repo, pd ? { parent: pd } : {})));
     disks[d.name] = r.stats;
     streams.push({ name: d.name, kind: 'disk', size: r.stream.size, chunkSize: r.stream.chunkSize, chunks: r.stream.chunks });
   }
@@ -602,22 +654,28 @@ async function takeStoppedLocked(dataDir: string, name: string, repo: Repository
   const paths = vmPaths(dataDir, name);
   const state = await loadState(dataDir, name);
   const parent = state.lastSnapshot ? await repo.readSnapshot(state.lastSnapshot).catch(() => null) : null;
+  const deps = new Map<string, { dependsOnBase: boolean }>();
   const { snap, disks } = await commitSnapshot(repo, dataDir, def, parent, [], opts, stepper('take'), {
     meta: { type: 'disk-only', runState: 'shutoff', machine: def.machine, memoryMiB: def.memoryMiB, cpus: def.cpus },
     withVolume: async (disk, fn) => {
       const v = await Volume.open(diskDir(paths, disk), { store: repo });
       try {
-        return await fn(v);
+        const r = await fn(v);
+        deps.set(disk, { dependsOnBase: v.dependsOnBase });
+        return r;
       } finally {
         await v.close();
       }
     },
   });
+  // As a live take does: pins the disks no longer need go, now that the snapshot is committed.
+  const notes = [`VM ${name} is not running: took a disk-only snapshot (no RAM or device state)`];
+  await releaseUnusedPins(repo, dataDir, paths, deps, (l) => notes.push(l));
   return {
     snapshot: snap.id,
     parent: parent?.id ?? null,
     diskOnly: true,
-    note: `VM ${name} is not running: took a disk-only snapshot (no RAM or device state)`,
+    note: notes.join('; '),
     pauseMs: 0,
     qemuDowntimeMs: null,
     durationMs: performance.now() - t0,

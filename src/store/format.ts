@@ -14,6 +14,7 @@
  *   index/<hex blake3>   index files (chunk-index.ts)
  *   snapshots/<id>       snapshot manifests (manifest.ts)
  *   locks/<random>       locks (lock.ts)
+ *   pins/<random>        snapshots held by volumes outside the manifests (pins.ts); version 2
  *
  * Compatibility rule (tested in test/store/format.test.ts): a vmsnap opens repositories whose version
  * is between MIN_READABLE_VERSION and FORMAT_VERSION inclusive, and refuses newer ones with a message
@@ -25,7 +26,15 @@ import { FormatError } from './errors.js';
 import { codecId, type CodecName } from './codec.js';
 
 export const FORMAT_NAME = 'vmsnap-repository';
-export const FORMAT_VERSION = 1;
+/**
+ * 2: the repository may hold pins (pins.ts). An older vmsnap would forget and prune pinned
+ * snapshots silently, so the first pin raises a repository to 2; repositories without pins stay 1
+ * (new ones are created at 1), so they remain usable by older releases.
+ */
+export const FORMAT_VERSION = 2;
+export const PINS_FORMAT_VERSION = 2;
+/** Version `init` writes. */
+export const INITIAL_FORMAT_VERSION = 1;
 export const MIN_READABLE_VERSION = 1;
 export const DEFAULT_CHUNK_SIZE = 64 << 10;
 

@@ -5,7 +5,9 @@
  * snapshot references):
  *   1. under an exclusive lock, read every manifest — if any cannot be read, stop: its chunks are
  *      unknown, so nothing may be deleted;
- *   2. mark every referenced chunk;
+ *   2. mark every referenced chunk; pinned snapshots (pins.ts) are live like any other, and a pin
+ *      naming a snapshot whose manifest is gone (or an unreadable pin) stops prune: its holder
+ *      still reads chunks no manifest names any more;
  *   3. copy the live chunks of mostly-garbage packs into new packs (blobs copied as stored, after
  *      verifying they decode to their id);
  *   4. write one new index file describing every live chunk, listing the index files it supersedes;
@@ -24,6 +26,7 @@ import { PACK_MAGIC, PACK_TRAILER, PackWriter, parseDescription, parseTrailer, r
 import { mapLimit, PACK_TARGET, type Repository } from './repository.js';
 import type { WriteSession } from './repository.js';
 import { withLock } from './lock.js';
+import { describePin, listPins, listPinsStrict } from './pins.js';
 
 export class PruneError extends RepositoryError {
   override readonly name = 'PruneError';
@@ -112,10 +115,30 @@ async function pruneLocked(repo: Repository, opts: PruneOptions, lock: WriteSess
   // The session began by loading every index file (a writer may have committed since this process
   // opened the repository): their packs must be known, or they would look unreferenced.
   const unreadable: string[] = [];
+  const seen = new Set<string>();
   // One manifest at a time: marking needs only the chunk ids, once.
-  const used = await markLiveChunks(repo.index, repo.eachSnapshot((id, err) => unreadable.push(`${id.slice(0, 12)}: ${err.message}`)));
+  const used = await markLiveChunks(
+    repo.index,
+    repo.eachSnapshot((id, err) => unreadable.push(`${id.slice(0, 12)}: ${err.message}`)),
+    (s) => seen.add(s.id),
+  );
   if (unreadable.length) {
     throw new PruneError(`prune: reading snapshots: ${unreadable.length} manifest(s) unreadable, nothing deleted (${unreadable.join('; ')})`);
+  }
+  // Pinned snapshots were marked with the others (forget keeps their manifests). One whose manifest
+  // is gone (an older vmsnap forgot it) cannot be marked, yet a volume still reads its chunks.
+  let pins;
+  try {
+    pins = await listPinsStrict(repo);
+  } catch (err) {
+    throw new PruneError(`prune: ${(err as Error).message}`);
+  }
+  for (const [snap, held] of pins) {
+    if (!seen.has(snap)) {
+      throw new PruneError(
+        `prune: snapshot ${snap.slice(0, 12)} is pinned (${held.map(describePin).join('; ')}) but its manifest is missing; its chunks cannot be told from garbage, nothing deleted (remove the pin with \`vmsnap pins rm\` once its holder no longer needs it)`,
+      );
+    }
   }
   for (const k of used.missing) {
     throw new PruneError(`prune: chunk ${k} is referenced but not indexed; run \`vmsnap check\` and \`vmsnap rebuild-index\` first, nothing deleted`);
@@ -258,6 +281,8 @@ export interface CheckReport {
   snapshots: number;
   packs: number;
   chunks: number;
+  /** Pins (snapshots held by volumes, pins.ts), readable or not. */
+  pins: number;
   readData: boolean;
 }
 
@@ -308,12 +333,15 @@ async function checkLocked(repo: Repository, opts: CheckOptions): Promise<CheckR
   const missing: string[] = [];
   const missingSeen = new Set<string>();
   let snapshotCount = 0;
+  const existing = new Set<string>();
   const unreadable = (id: string, err: Error): void => {
     if (err instanceof NotFoundError) return; // forgotten since the listing (forget holds a shared lock)
+    existing.add(id); // exists, though unreadable (reported below)
     problems.push({ severity: 'error', message: `snapshot ${id.slice(0, 12)}: manifest unreadable: ${err.message}`, affected: [{ snapshot: id, vm: '?', stream: '*' }] });
   };
   for await (const s of repo.eachSnapshot(unreadable, snapshotIds)) {
     snapshotCount++;
+    existing.add(s.id);
     for (const st of s.streams)
       for (let o = 0; o < st.chunks.length; o += ID_SIZE) {
         const id = st.chunks.subarray(o, o + ID_SIZE);
@@ -324,6 +352,19 @@ async function checkLocked(repo: Repository, opts: CheckOptions): Promise<CheckR
           missing.push(k);
         }
       }
+  }
+  const pins = await listPins(repo);
+  for (const u of pins.unreadable) {
+    problems.push({ severity: 'error', message: `pin ${u.id.slice(0, 8)} is unreadable: ${u.error} (prune refuses to run while it exists; \`vmsnap pins rm ${u.id}\` once its holder is gone)`, affected: [] });
+  }
+  for (const p of pins.pins) {
+    if (!existing.has(p.snapshot)) {
+      problems.push({
+        severity: 'error',
+        message: `${describePin(p)} names snapshot ${p.snapshot.slice(0, 12)}, which does not exist: the volume reads chunks no manifest protects (hydrate or remove it; \`vmsnap pins rm ${p.id}\` if the holder is gone)`,
+        affected: [{ snapshot: p.snapshot, vm: '?', stream: '*' }],
+      });
+    }
   }
   if (missing.length) {
     report({ severity: 'error', message: `${missing.length} referenced chunk(s) are not in the index (data missing or index damaged)`, affected: [] }, missing);
@@ -383,7 +424,7 @@ async function checkLocked(repo: Repository, opts: CheckOptions): Promise<CheckR
   }
 
   await nameAffectedStreams(repo, pending);
-  return { problems, snapshots: snapshotCount, packs: packSizes.size, chunks: index.size, readData: !!opts.readData };
+  return { problems, snapshots: snapshotCount, packs: packSizes.size, chunks: index.size, pins: pins.pins.length + pins.unreadable.length, readData: !!opts.readData };
 }
 
 /**

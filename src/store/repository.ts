@@ -26,7 +26,7 @@ import { acquireLock, type HeldLock } from './lock.js';
 import { codecId, decode, encode, type CodecId, type CodecName } from './codec.js';
 import { MasterKey, open, parseKeyFile, seal, unwrapMasterKey, wrapMasterKey } from './crypto.js';
 import { FormatError, IntegrityError, NotFoundError, UsageError, WrongPasswordError } from './errors.js';
-import { DEFAULT_CHUNK_SIZE, FORMAT_NAME, FORMAT_VERSION, parseConfig, type RepoConfig } from './format.js';
+import { DEFAULT_CHUNK_SIZE, FORMAT_NAME, INITIAL_FORMAT_VERSION, parseConfig, type RepoConfig } from './format.js';
 import { ChunkIndex, decodeIndexFile, encodeIndexFile, type ChunkLocation } from './chunk-index.js';
 import { chunkHasher, contentHash, ID_SIZE, isAllZero, isZeroId, ZERO_CHUNK_ID, type ChunkHasher } from './hash.js';
 import {
@@ -264,7 +264,7 @@ export class Repository {
     if (opts.password !== undefined && opts.password.length === 0) throw new UsageError('an empty password is not allowed');
     const config: RepoConfig = {
       format: FORMAT_NAME,
-      version: FORMAT_VERSION,
+      version: INITIAL_FORMAT_VERSION,
       id: randomBytes(16).toString('hex'),
       chunkSize,
       codec,

@@ -21,10 +21,24 @@ export interface RetentionPolicy {
   tags?: string[];
 }
 
-export interface RetentionDecision<T extends RetentionSubject = Snapshot> {
+export interface RetentionDecision<T extends RetentionSubject = Snapshot, H = never> {
   group: string;
-  keep: { snapshot: T; reasons: string[] }[];
+  /** `held`: what kept it besides the policy (see keepHeld). */
+  keep: { snapshot: T; reasons: string[]; held?: H[] }[];
   remove: T[];
+}
+
+/**
+ * Moves the snapshots something outside the policy still holds (pins: a volume reads them) from
+ * `remove` to `keep`, with the reason `pinned` and the holders: forget keeps them and says why.
+ */
+export function keepHeld<T extends RetentionSubject, H>(d: RetentionDecision<T>, held: ReadonlyMap<string, H[]>): RetentionDecision<T, H> {
+  const kept = d.remove.filter((s) => held.has(s.id));
+  return {
+    group: d.group,
+    keep: [...d.keep, ...kept.map((s) => ({ snapshot: s, reasons: ['pinned'], held: held.get(s.id)! }))],
+    remove: d.remove.filter((s) => !held.has(s.id)),
+  };
 }
 
 const PERIODS: [keyof RetentionPolicy, (d: Date) => string][] = [

@@ -1,4 +1,5 @@
 import { mkdtemp, readdir, readFile, rename, rm, utimes, writeFile } from 'node:fs/promises';
+import { existsSync } from 'node:fs';
 import { ownerToken } from '../../src/util/process.js';
 import { spawn, spawnSync } from 'node:child_process';
 import { tmpdir } from 'node:os';
@@ -7,7 +8,7 @@ import { randomBytes } from 'node:crypto';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { MemoryChunkStore, checkDiskStream, isZeroId, type DiskStream } from '../../src/cow/chunk-store.js';
 import { Volume, VolumeOpenError } from '../../src/cow/volume.js';
-import { cloneVolume, snapshotVolume } from '../../src/cow/snapshot.js';
+import { cloneVolume, ensureParentChunks, snapshotVolume } from '../../src/cow/snapshot.js';
 import { Repository } from '../../src/store/repository.js';
 import { LocalBackend } from '../../src/store/backend/local.js';
 
@@ -292,12 +293,35 @@ describe('the volume lock', () => {
     const vdir = path.join(dir, 'emptymutex');
     const v = await Volume.create(vdir, { size: 4 * BS, blockSize: BS });
     await v.close();
+    const mutex = path.join(vdir, 'lock.takeover');
     await writeFile(path.join(vdir, 'lock'), `${spawnSync('true').pid!}`);
-    await writeFile(path.join(vdir, 'lock.takeover'), '');
+    await writeFile(mutex, '');
     const old = new Date(Date.now() - 60_000);
-    await utimes(path.join(vdir, 'lock.takeover'), old, old);
+    // Old: removed at once (no waiting out its 30 s), and the dead owner's lock is taken over.
+    await utimes(mutex, old, old);
+    let t0 = Date.now();
     const again = await Volume.open(vdir);
+    expect(Date.now() - t0).toBeLessThan(10_000);
+    expect(await readFile(path.join(vdir, 'lock'), 'utf8')).toBe(ownerToken());
+    expect(existsSync(mutex)).toBe(false);
     await again.close();
+    // Young: its holder may be writing it right now, so open waits, and goes on once it has aged.
+    await writeFile(path.join(vdir, 'lock'), `${spawnSync('true').pid!}`);
+    await writeFile(mutex, '');
+    t0 = Date.now();
+    let opened = false;
+    const waiting = Volume.open(vdir).then((v) => {
+      opened = true;
+      return v;
+    });
+    await new Promise((r) => setTimeout(r, 1500));
+    expect(opened).toBe(false);
+    expect(existsSync(mutex)).toBe(true);
+    await utimes(mutex, old, old);
+    const third = await waiting;
+    expect(await readFile(path.join(vdir, 'lock'), 'utf8')).toBe(ownerToken());
+    expect(existsSync(mutex)).toBe(false);
+    await third.close();
   });
 });
 
@@ -407,6 +431,50 @@ describe('snapshot after an interrupted snapshot', () => {
     const { stream: s2 } = await snapshotVolume(r, store);
     expect(isZeroId(s2.chunks, 2)).toBe(true);
     await r.close();
+  });
+});
+
+describe('snapshot whose parent was forgotten and pruned', () => {
+  const fill = (k: number): Buffer => Buffer.alloc(BS, k);
+  /** Blocks 0-3 = 1,1,1,1, snapshot; block 1 = 2, snapshot; then that snapshot's new chunk is pruned. */
+  async function prunedParent(): Promise<{ v: Volume; gone: Buffer }> {
+    const v = await Volume.create(path.join(dir, 'v'), { size: 4 * BS, blockSize: BS });
+    for (let i = 0; i < 4; i++) await v.write(i * BS, fill(1));
+    await snapshotVolume(v, store);
+    await v.write(BS, fill(2));
+    const { stream } = await snapshotVolume(v, store);
+    const gone = stream.chunks.subarray(32, 64);
+    // The second snapshot is forgotten and pruned: its only new chunk leaves the store.
+    expect(store.chunks.delete(gone.toString('hex'))).toBe(true);
+    return { v, gone };
+  }
+
+  it('stores again the clean blocks whose chunks are gone instead of reusing their ids', async () => {
+    const { v, gone } = await prunedParent();
+    await v.write(2 * BS, fill(3));
+    const { stream, stats } = await snapshotVolume(v, store);
+    expect(await checkDiskStream(stream, store)).toEqual([]);
+    expect(stream.chunks.subarray(32, 64).equals(gone)).toBe(true);
+    expect(await streamContent(stream)).toEqual(Buffer.concat([fill(1), fill(2), fill(3), fill(1)]));
+    expect(stats.mode).toBe('hash');
+    // Once stored again, snapshots are incremental as before.
+    await v.write(3 * BS, fill(4));
+    const next = await snapshotVolume(v, store);
+    expect(next.stats).toMatchObject({ mode: 'tracked', dirtyBlocks: 1 });
+    expect(await checkDiskStream(next.stream, store)).toEqual([]);
+    await v.close();
+  });
+
+  it('decided before a caller\'s freeze, captures the freeze point while writes go on', async () => {
+    const { v } = await prunedParent();
+    expect(ensureParentChunks(v, store)).toBe(1);
+    v.freeze(); // as the VM runtime does while the guest is paused
+    await v.write(BS, fill(5)); // the guest runs on
+    const { stream } = await snapshotVolume(v, store);
+    expect(await checkDiskStream(stream, store)).toEqual([]);
+    expect(await streamContent(stream)).toEqual(Buffer.concat([fill(1), fill(2), fill(1), fill(1)]));
+    expect(ensureParentChunks(v, store)).toBe(0);
+    await v.close();
   });
 });
 

@@ -24,6 +24,8 @@ export interface LinuxVmOptions {
   diskRate?: number;
   accel?: 'kvm' | 'tcg' | 'auto';
   extra?: Record<string, string | number>;
+  /** Extra QEMU arguments (`vm create --qemu-arg`), e.g. a second QMP monitor for the test. */
+  qemuArgs?: string[];
 }
 
 export interface BmVmOptions {
@@ -103,6 +105,7 @@ export class VmLab {
     await this.ok([
       'vm', 'create', name, '--memory', o.memory ?? '256M', ...(disk ? ['--disk', disk] : []),
       '--kernel', a.kernel, '--initrd', a.initrd, '--append', params.join(' '), '--accel', o.accel ?? 'tcg',
+      ...(o.qemuArgs ?? []).map((x) => `--qemu-arg=${x}`),
     ]);
     this.vms.add(name);
   }

@@ -6,7 +6,7 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { readFileSync, writeFileSync } from 'node:fs';
 import * as path from 'node:path';
-import { checkFormatVersion, FORMAT_NAME, FORMAT_VERSION, MIN_READABLE_VERSION, parseConfig } from '../../src/store/format.js';
+import { checkFormatVersion, FORMAT_NAME, FORMAT_VERSION, INITIAL_FORMAT_VERSION, MIN_READABLE_VERSION, parseConfig } from '../../src/store/format.js';
 import { FormatError } from '../../src/store/errors.js';
 import { MemoryBackend } from '../../src/store/backend/memory.js';
 import { Repository } from '../../src/store/repository.js';
@@ -75,7 +75,7 @@ describe('CLI and the version rule', () => {
     await vmsnapOk(repo, ['init']);
     const file = path.join(repo, 'config', 'config');
     const c = JSON.parse(readFileSync(file, 'utf8')) as Record<string, unknown>;
-    expect(c.version).toBe(FORMAT_VERSION);
+    expect(c.version).toBe(INITIAL_FORMAT_VERSION);
     writeFileSync(file, JSON.stringify({ ...c, version: FORMAT_VERSION + 1 }));
     const img = path.join(dir, 'img');
     writeFileSync(img, Buffer.alloc(100_000, 7));

@@ -40,7 +40,7 @@
  *    auth). Wrappers may retry only retryable errors.
  */
 
-export const OBJECT_KINDS = ['config', 'keys', 'packs', 'index', 'snapshots', 'locks'] as const;
+export const OBJECT_KINDS = ['config', 'keys', 'packs', 'index', 'snapshots', 'locks', 'pins'] as const;
 export type ObjectKind = (typeof OBJECT_KINDS)[number];
 
 /** Object names: 1-128 characters of [A-Za-z0-9_-], starting with an alphanumeric. */

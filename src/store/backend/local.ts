@@ -13,6 +13,7 @@ import { assertInside, atomicWriteFile, containedPath, fsyncDir, mkdirPrivate, P
 import {
   BackendError,
   destination,
+  OBJECT_KINDS,
   OBJECT_NAME,
   ObjectNotFoundError,
   checkObjectName,
@@ -278,7 +279,7 @@ export class LocalBackend implements Backend {
         }
       }
     };
-    for (const kind of ['config', 'keys', 'packs', 'index', 'snapshots', 'locks'] as const) {
+    for (const kind of OBJECT_KINDS) {
       await visit(containedPath(this.root, kind), kind === 'packs' ? 1 : 0);
     }
     return found;

@@ -2,7 +2,7 @@
  * A durable ChunkStore for multi-process tests: one file per chunk under <dir>/<id hex>, written
  * atomically. Not a repository; it stands in for one until src/store provides the adapter.
  */
-import { promises as fsp } from 'node:fs';
+import { existsSync, promises as fsp } from 'node:fs';
 import * as path from 'node:path';
 import { blake3 } from '@napi-rs/blake-hash';
 import { atomicWriteFile } from '../../../src/util/fs.js';
@@ -15,6 +15,9 @@ export class DirChunkStore implements ChunkStore {
   ) {}
   chunkId(data: Uint8Array): Buffer {
     return blake3(Buffer.from(data.buffer, data.byteOffset, data.byteLength));
+  }
+  hasChunk(id: Uint8Array): boolean {
+    return existsSync(path.join(this.dir, Buffer.from(id).toString('hex')));
   }
   async putChunk(data: Uint8Array): Promise<{ id: Buffer; isNew: boolean }> {
     const id = this.chunkId(data);
