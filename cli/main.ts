@@ -15,7 +15,7 @@ import { errorJson, isUsageError, isUserFacing } from './output.js';
 import { registerStoreCommands } from './store-commands.js';
 import { registerVmCommands } from './vm-commands.js';
 import { registerCopyCommands } from './copy-commands.js';
-import { registerVolumeCommands } from '../src/cow/cli.js';
+import { registerVolumeCommands } from './volume-commands.js';
 import { repositoryPinner } from '../src/store/pins.js';
 import { dataDir, enableBackendStats, openRepository, printBackendStats, warnSharedFolders } from './context.js';
 import { resolveStreamRef } from './store-commands.js';

@@ -6,7 +6,7 @@ import { refuseContainerImage } from '../src/util/image-format.js';
 import type { Command } from 'commander';
 import { Repository } from '../src/store/repository.js';
 import { ingestStream, exportStream } from '../src/store/streams.js';
-import { dataExtents } from '../src/store/sparse.js';
+import { dataExtents } from '../src/util/sparse.js';
 import { WritebackAhead } from '../src/store/writeback.js';
 import { check, diffSnapshots, markLiveChunks, prune, rebuildIndex } from '../src/store/maintenance.js';
 import { applyRetention, keepHeld, type RetentionPolicy } from '../src/store/retention.js';

@@ -13,7 +13,7 @@ import { NotFoundError, UsageError } from '../src/store/errors.js';
 import { checkTags } from '../src/store/manifest.js';
 import type { Repository } from '../src/store/repository.js';
 import { DEFAULT_CHUNK_SIZE } from '../src/store/format.js';
-import { loadBytes } from '../src/hypervisor/ram-store.js';
+import { loadBytes } from '../src/vm/ram-store.js';
 import {
   diskDir,
   listVms,
@@ -28,11 +28,11 @@ import {
   vmPaths,
   type DiskDef,
   type VmDefinition,
-} from '../src/hypervisor/vm-config.js';
-import { callSupervisor, forceStop, isRunning, runSupervisor, spawnSupervisor, SupervisorError, vmStatus } from '../src/hypervisor/supervisor.js';
-import { vmProcesses } from '../src/hypervisor/vm-processes.js';
-import { FROM_OTHER_VM_FLAG, resolveForVm, resolveUnscoped } from '../src/hypervisor/selectors.js';
-import { checkRestorable, takeStopped, VmOperationError, type TakeResult } from '../src/hypervisor/vm-runtime.js';
+} from '../src/vm/config.js';
+import { callSupervisor, forceStop, isRunning, runSupervisor, spawnSupervisor, SupervisorError, vmStatus } from '../src/vm/supervisor.js';
+import { vmProcesses } from '../src/vm/processes.js';
+import { FROM_OTHER_VM_FLAG, resolveForVm, resolveUnscoped } from '../src/vm/selectors.js';
+import { checkRestorable, takeStopped, VmOperationError, type TakeResult } from '../src/vm/runtime.js';
 import { dataDir, openBackendAt, openRepository, password, repoLocation, type GlobalOptions } from './context.js';
 import { humanBytes, printJson, shortId } from './output.js';
 import { resolveStreamRef } from './store-commands.js';

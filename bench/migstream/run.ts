@@ -22,7 +22,7 @@ import * as net from 'node:net';
 import { loadavg } from 'node:os';
 import * as path from 'node:path';
 import { argNum, benchRoot, fmt, freshDir, median, table } from '../common/measure.js';
-import { MigStreamParser, parseMigrationStream } from '../../src/hypervisor/migstream/parser.js';
+import { MigStreamParser, parseMigrationStream } from '../../src/migstream/index.js';
 import { PS, chunked, guestStream } from '../../test/helpers/migstream-synth.js';
 
 /** MB/s of `fn` over `bytes`, failing if `fn` did not see every page. */

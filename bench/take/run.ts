@@ -25,7 +25,7 @@
  *          Checked in the same run against a known pause (QMP stop, 300 ms, cont) and against an
  *          idle pair of windows (no operation: ≈ 0).
  */
-import type { TakeResult } from '../../src/hypervisor/vm-runtime.js';
+import type { TakeResult } from '../../src/vm/runtime.js';
 import { closeSync, existsSync, openSync, readSync, fstatSync, promises as fsp } from 'node:fs';
 import { loadavg } from 'node:os';
 import * as path from 'node:path';
@@ -256,7 +256,7 @@ function achievedRate(lines: readonly StampedStatus[], from: number, to: number)
 
 // ------------------------------------------------------------------ vmsnap side
 
-/** `take --json` prints the TakeResult of src/hypervisor/vm-runtime.ts. */
+/** `take --json` prints the TakeResult of src/vm/runtime.ts. */
 type TakeJson = TakeResult;
 
 interface TakeRow {

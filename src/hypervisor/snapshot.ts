@@ -27,7 +27,7 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
-import { parseMigrationStream, type MigStreamSink, type ParsedStream } from './migstream/parser.js';
+import { parseMigrationStream, type MigStreamSink, type ParsedStream } from '../migstream/index.js';
 import type { QmpClient } from './qmp.js';
 import { UserFacingError } from '../util/errors.js';
 

@@ -25,6 +25,7 @@ import type { SharedSlot } from './workers.js';
 import { IngestError, IntegrityError } from './errors.js';
 import { encodeBound } from './codec.js';
 import { SEAL_OVERHEAD } from './crypto.js';
+import type { Extent } from '../util/sparse.js';
 
 const BATCH_BYTES = 4 << 20;
 const MAX_IN_FLIGHT = 4;
@@ -45,11 +46,7 @@ export interface IngestResult {
   zeroChunks: number;
 }
 
-/** A byte range of a file that holds data (everything outside such ranges reads as zeros). */
-export interface Extent {
-  offset: number;
-  length: number;
-}
+export type { Extent } from '../util/sparse.js';
 
 /**
  * A regular file read with positional reads straight into the pipeline's buffers. With `extents`

@@ -16,7 +16,7 @@
 import { execFile } from 'node:child_process';
 import { promises as fsp } from 'node:fs';
 import { promisify } from 'node:util';
-import { dataExtents } from '../store/sparse.js';
+import { dataExtents } from './sparse.js';
 import { createTempFile } from './fs.js';
 import { UserFacingError } from './errors.js';
 import { childEnv } from './process.js';

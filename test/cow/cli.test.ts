@@ -4,7 +4,7 @@ import * as path from 'node:path';
 import { Command } from 'commander';
 import { afterEach, beforeEach, expect, it } from 'vitest';
 import { MemoryChunkStore } from '../../src/cow/chunk-store.js';
-import { registerVolumeCommands, parseSize } from '../../src/cow/cli.js';
+import { registerVolumeCommands, parseSize } from '../../cli/volume-commands.js';
 import { Volume } from '../../src/cow/volume.js';
 import { snapshotVolume } from '../../src/cow/snapshot.js';
 

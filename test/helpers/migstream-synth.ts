@@ -1,10 +1,10 @@
 /**
- * Synthetic QEMU 10 migration streams, shared by test/hypervisor/migstream.test.ts and
+ * Synthetic QEMU 10 migration streams, shared by test/migstream/migstream.test.ts and
  * bench/migstream/run.ts: a prefix and a device-state suffix laid out exactly as QEMU writes them
- * (see src/hypervisor/migstream/parser.ts), page contents that differ per page, and a large
+ * (see src/migstream/parser.ts), page contents that differ per page, and a large
  * guest-like stream built with the project's own builder.
  */
-import { buildStream, type RebuildPage } from '../../src/hypervisor/migstream/builder.js';
+import { buildStream, type RebuildPage } from '../../src/migstream/index.js';
 
 export const PS = 4096;
 

@@ -4,7 +4,7 @@
  * as `VMSNAP-STATUS` lines, and a cleanup that stops every VM and kills (by pid) any supervisor or
  * QEMU this lab started that is still alive.
  */
-import type { TakeResult } from '../../src/hypervisor/vm-runtime.js';
+import type { TakeResult } from '../../src/vm/runtime.js';
 import { execFileSync } from 'node:child_process';
 import { promises as fsp, readFileSync } from 'node:fs';
 import * as path from 'node:path';
@@ -36,7 +36,7 @@ export interface BmVmOptions {
   slowCpu?: boolean;
 }
 
-/** `take --json` prints the TakeResult of src/hypervisor/vm-runtime.ts. */
+/** `take --json` prints the TakeResult of src/vm/runtime.ts. */
 export type TakeJson = TakeResult;
 
 export interface ShowJson {

@@ -3,8 +3,7 @@
  * vmsnap, rebuilt in another page order, loaded into fresh `-incoming defer` QEMUs and compared.
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { buildStream, type RebuildPage } from '../../src/hypervisor/migstream/builder.js';
-import type { PageRecord, StreamPrefix } from '../../src/hypervisor/migstream/format.js';
+import { buildStream, type PageRecord, type RebuildPage, type StreamPrefix } from '../../src/migstream/index.js';
 import {
   captureSnapshot,
   type CaptureOptions,

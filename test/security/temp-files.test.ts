@@ -8,8 +8,8 @@ import { mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, symlinkSync,
 import { tmpdir } from 'node:os';
 import * as path from 'node:path';
 import { afterAll, describe, expect, it, vi } from 'vitest';
-import { RamStreamWriter } from '../../src/hypervisor/ram-store.js';
-import type { PageRecord, StreamPrefix } from '../../src/hypervisor/migstream/format.js';
+import { RamStreamWriter } from '../../src/vm/ram-store.js';
+import type { PageRecord, StreamPrefix } from '../../src/migstream/index.js';
 import { MemoryBackend } from '../../src/store/backend/memory.js';
 import { Repository } from '../../src/store/repository.js';
 

@@ -26,8 +26,8 @@ import { copySnapshots, syncRepositories } from '../../src/store/copy.js';
 import { check, prune, rebuildIndex } from '../../src/store/maintenance.js';
 import { LockedError, NotFoundError } from '../../src/store/errors.js';
 import { Volume } from '../../src/cow/volume.js';
-import { diskDir, newDefinition, saveDefinition, vmPaths } from '../../src/hypervisor/vm-config.js';
-import { takeStopped } from '../../src/hypervisor/vm-runtime.js';
+import { diskDir, newDefinition, saveDefinition, vmPaths } from '../../src/vm/config.js';
+import { takeStopped } from '../../src/vm/runtime.js';
 import { startS3rver, type S3rverHandle } from '../helpers/s3rver.js';
 
 const CHUNK = 65536;

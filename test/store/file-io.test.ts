@@ -1,7 +1,7 @@
 /**
  * The store's file I/O paths: import of a regular file with positional reads into the pipeline's
- * shared buffers, holes skipped by SEEK_DATA/SEEK_HOLE (src/store/native/data-extents.c,
- * src/store/sparse.ts); and export's writeback ahead of its final fsync (src/store/writeback.ts).
+ * shared buffers, holes skipped by SEEK_DATA/SEEK_HOLE (src/util/native/data-extents.c,
+ * src/util/sparse.ts); and export's writeback ahead of its final fsync (src/store/writeback.ts).
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { randomBytes } from 'node:crypto';
@@ -12,7 +12,7 @@ import { MemoryBackend } from '../../src/store/backend/memory.js';
 import { FaultyBackend } from '../../src/store/backend/faulty.js';
 import { Repository } from '../../src/store/repository.js';
 import { exportStream, ingestStream, type Extent } from '../../src/store/streams.js';
-import { dataExtents, parseExtents } from '../../src/store/sparse.js';
+import { dataExtents, parseExtents } from '../../src/util/sparse.js';
 import { check } from '../../src/store/maintenance.js';
 import { IngestError } from '../../src/store/errors.js';
 import { nativeHelper } from '../../src/util/project.js';
@@ -69,7 +69,7 @@ async function exportToBuffer(repo: Repository, stream: Parameters<typeof export
 
 describe('import of a regular file', () => {
   it('finds the data extents of a sparse file with the native helper', async () => {
-    expect(nativeHelper('data-extents'), 'scripts/setup.sh builds src/store/native/data-extents.c').not.toBeNull();
+    expect(nativeHelper('data-extents'), 'scripts/setup.sh builds src/util/native/data-extents.c').not.toBeNull();
     const { file } = await sparseFile('extents.img', 64 * CHUNK, [
       [3 * CHUNK, randomBytes(CHUNK)],
       [10 * CHUNK + 4096, randomBytes(8192)],

@@ -1,14 +1,14 @@
 /** Which errors the CLI prints as one line (user-facing) and which it reports as bugs. */
 import { describe, expect, it } from 'vitest';
 import { isUserFacing } from '../../cli/output.js';
-import { VolumeCliError } from '../../src/cow/cli.js';
+import { VolumeCliError } from '../../cli/volume-commands.js';
 import { VolumeCreateError, VolumeIoError, VolumeOpenError, VolumeRangeError, VolumeRestoreError } from '../../src/cow/volume.js';
 import { CloneError, SnapshotError } from '../../src/cow/snapshot.js';
 import { DiskStreamError } from '../../src/cow/chunk-store.js';
 import { SnapshotCaptureError, SnapshotRestoreError } from '../../src/hypervisor/snapshot.js';
 import { QemuDetectError, QemuLaunchError, UnsupportedQemuError } from '../../src/hypervisor/qemu.js';
-import { MigrationStreamError } from '../../src/hypervisor/migstream/format.js';
-import { RamCaptureError } from '../../src/hypervisor/ram-store.js';
+import { MigrationStreamError } from '../../src/migstream/index.js';
+import { RamCaptureError } from '../../src/vm/ram-store.js';
 import { SizeError } from '../../src/util/size.js';
 import { PathEscapeError } from '../../src/util/fs.js';
 import { IntegrityError, UsageError } from '../../src/store/errors.js';

@@ -18,7 +18,7 @@ import { guestArtifacts } from '../../fixtures/guest/index.js';
 import { VmLab, last } from '../helpers/vm.js';
 import { vmsnap } from '../helpers/cli.js';
 import { Volume } from '../../src/cow/volume.js';
-import { diskDir, vmPaths } from '../../src/hypervisor/vm-config.js';
+import { diskDir, vmPaths } from '../../src/vm/config.js';
 
 const DISK_RATE = 100;
 const run = promisify(execFile);

@@ -2,7 +2,7 @@
  * Constants and types of the QEMU 10 migration stream as vmsnap reads and writes it. The layout is
  * drawn in parser.ts; this module only names its numbers.
  */
-import { UserFacingError } from '../../util/errors.js';
+import { UserFacingError } from '../util/errors.js';
 
 export const QEVM_MAGIC = 0x5145564d; // "QEVM"
 export const QEVM_VERSION = 3;

@@ -6,8 +6,8 @@ import { describe, expect, it } from 'vitest';
 import { randomBytes } from 'node:crypto';
 import { MemoryBackend } from '../../src/store/backend/memory.js';
 import { Repository } from '../../src/store/repository.js';
-import { RamStreamWriter, RamCaptureError } from '../../src/hypervisor/ram-store.js';
-import type { PageRecord, StreamPrefix } from '../../src/hypervisor/migstream/format.js';
+import { RamStreamWriter, RamCaptureError } from '../../src/vm/ram-store.js';
+import type { PageRecord, StreamPrefix } from '../../src/migstream/index.js';
 
 const PAGE = 4096;
 const prefix: StreamPrefix = {

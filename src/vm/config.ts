@@ -16,7 +16,7 @@ import { promises as fsp } from 'node:fs';
 import * as path from 'node:path';
 import { atomicWriteFile, containedPath, exists } from '../util/fs.js';
 import { checkName } from '../store/manifest.js';
-import { DEFAULT_MACHINE_TYPE } from './qemu.js';
+import { DEFAULT_MACHINE_TYPE } from '../hypervisor/qemu.js';
 import { UserFacingError } from '../util/errors.js';
 
 export class VmConfigError extends UserFacingError {

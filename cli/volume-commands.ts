@@ -6,14 +6,14 @@
 import { promises as fsp } from 'node:fs';
 import * as path from 'node:path';
 import type { Command } from 'commander';
-import { containedPath } from '../util/fs.js';
-import { parseSize } from '../util/size.js';
-import type { ChunkStore, DiskStream } from './chunk-store.js';
-import { NbdServer } from './nbd-server.js';
-import { cloneVolume } from './snapshot.js';
-import { readBasePin, releaseBasePin, type SnapshotPinner } from './base-pin.js';
-import { Volume } from './volume.js';
-import { UserFacingError } from '../util/errors.js';
+import { containedPath } from '../src/util/fs.js';
+import { parseSize } from '../src/util/size.js';
+import type { ChunkStore, DiskStream } from '../src/cow/chunk-store.js';
+import { NbdServer } from '../src/cow/nbd-server.js';
+import { cloneVolume } from '../src/cow/snapshot.js';
+import { readBasePin, releaseBasePin, type SnapshotPinner } from '../src/cow/base-pin.js';
+import { Volume } from '../src/cow/volume.js';
+import { UserFacingError } from '../src/util/errors.js';
 
 export interface VolumeCliContext {
   /** vmsnap's data directory. */

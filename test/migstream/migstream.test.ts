@@ -4,14 +4,17 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { Readable } from 'node:stream';
 import { describe, expect, it } from 'vitest';
-import { buildStream, type RebuildPage } from '../../src/hypervisor/migstream/builder.js';
-import { MigrationBuildError, MigrationStreamError, type PageRecord } from '../../src/hypervisor/migstream/format.js';
 import {
+  buildStream,
+  MigrationBuildError,
+  MigrationStreamError,
   MigStreamParser,
   migrationStreamEvents,
   parseMigrationStream,
   parsePrefix,
-} from '../../src/hypervisor/migstream/parser.js';
+  type PageRecord,
+  type RebuildPage,
+} from '../../src/migstream/index.js';
 import { PS, be32, be64, chunked, guestPage, guestStream, makePrefix, makeSuffix, pageData, str8 } from '../helpers/migstream-synth.js';
 
 const BLOCKS: Array<[string, number]> = [

@@ -21,9 +21,9 @@ import * as net from 'node:net';
 import * as path from 'node:path';
 import { readTail } from '../util/fs.js';
 import { projectRoot } from '../util/project.js';
-import { VmRuntime, type TakeOptions } from './vm-runtime.js';
-import { vmPaths, type VmPaths } from './vm-config.js';
-import { isSupervisorOf, vmProcesses, waitExited } from './vm-processes.js';
+import { VmRuntime, type TakeOptions } from './runtime.js';
+import { vmPaths, type VmPaths } from './config.js';
+import { isSupervisorOf, vmProcesses, waitExited } from './processes.js';
 import type { Repository } from '../store/repository.js';
 import { UserFacingError } from '../util/errors.js';
 

@@ -14,8 +14,8 @@
  */
 import { promises as fsp, readFileSync } from 'node:fs';
 import { processAlive } from '../util/process.js';
-import { qemuPaths, qmpChardevPath } from './qemu.js';
-import type { VmPaths } from './vm-config.js';
+import { qemuPaths, qmpChardevPath } from '../hypervisor/qemu.js';
+import type { VmPaths } from './config.js';
 
 export interface VmProcesses {
   /** The live supervisor's pid, or null. */

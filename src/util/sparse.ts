@@ -1,11 +1,16 @@
 /**
  * Where a file's data is: its data extents by SEEK_DATA/SEEK_HOLE, from the native helper
- * src/store/native/data-extents.c (Node has no lseek). Used by import to skip holes.
+ * src/util/native/data-extents.c (Node has no lseek). Used by import to skip holes.
  */
 import { execFile } from 'node:child_process';
 import { promisify } from 'node:util';
-import { nativeHelper } from '../util/project.js';
-import type { Extent } from './streams.js';
+import { nativeHelper } from './project.js';
+
+/** A byte range of a file that holds data (everything outside such ranges reads as zeros). */
+export interface Extent {
+  offset: number;
+  length: number;
+}
 
 const run = promisify(execFile);
 
