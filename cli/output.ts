@@ -1,7 +1,6 @@
 /** Output helpers: progress bars only on a terminal, JSON for machines, human sizes. */
 import cliProgress from 'cli-progress';
-import { RepositoryError, UsageError } from '../src/store/errors.js';
-import { BackendError } from '../src/store/backend/contract.js';
+import { UsageError } from '../src/store/errors.js';
 
 export function humanBytes(n: number): string {
   const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB'];
@@ -52,17 +51,7 @@ export function shortId(id: string): string {
   return id.slice(0, 12);
 }
 
-/**
- * Errors whose message is meant for the user as is: the repository's and the backends' error
- * classes, and every other layer's subclasses of UserFacingError (src/util/errors.ts; checked by
- * its `userFacing` mark, which also survives an error rebuilt from a supervisor's reply). Anything
- * else is a bug and is reported as one.
- */
-export function isUserFacing(err: unknown): err is Error {
-  if (err instanceof RepositoryError || err instanceof BackendError) return true;
-  const e = err as { userFacing?: unknown } | null;
-  return typeof e === 'object' && e !== null && e.userFacing === true;
-}
+export { isUserFacing } from '../src/util/errors.js';
 
 /** Bad usage (exit 2): the repository's UsageError, and any user-facing error marked `usage`. */
 export function isUsageError(err: unknown): boolean {

@@ -257,7 +257,7 @@ export function registerVmCommands(program: Command, globals: Globals): void {
         ...(restore ? { restore, restoreFromOtherVm: !!o.fromOtherVm } : {}),
         ...(hydrate !== undefined ? { hydrate } : {}),
       });
-      const st = await callSupervisor<{ state: string; pid: number; accel: string }>(vmPaths(dataDir(), name), { op: 'status' });
+      const st = await callSupervisor(vmPaths(dataDir(), name), { op: 'status' });
       if (g.json) printJson(st);
       else console.log(`VM ${name} ${st.state} (QEMU pid ${st.pid}, ${st.accel})`);
     });
@@ -387,7 +387,7 @@ export function registerVmCommands(program: Command, globals: Globals): void {
       const paths = vmPaths(dataDir(), name);
       const opts = { ...(o.message !== undefined ? { message: o.message } : {}), tags: o.tag, diskOnly: !!o.diskOnly };
       let r: TakeResult;
-      if (await isRunning(paths)) r = await callSupervisor<TakeResult>(paths, { op: 'take', options: opts });
+      if (await isRunning(paths)) r = await callSupervisor(paths, { op: 'take', options: opts });
       else {
         const repo = await openRepository(g);
         try {
@@ -414,7 +414,7 @@ export function registerVmCommands(program: Command, globals: Globals): void {
         // Resolve and check first, so a bad reference fails before anything starts.
         ref = await checkedRestoreTarget(g, name, ref, fromOtherVm);
         await spawnSupervisor(dataDir(), name, { restore: ref, restoreFromOtherVm: fromOtherVm, env: await supervisorEnv(g) });
-        const st = await callSupervisor<{ state: string }>(paths, { op: 'status' });
+        const st = await callSupervisor(paths, { op: 'status' });
         r = { snapshot: ref, runState: st.state };
       }
       if (g.json) printJson(r);

@@ -8,6 +8,7 @@
 
 export class RepositoryError extends Error {
   override readonly name: string = 'RepositoryError';
+  readonly userFacing = true;
   /** The same operation may succeed if retried later (backend timeouts, lock held). */
   get retryable(): boolean {
     return false;

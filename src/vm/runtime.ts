@@ -88,6 +88,23 @@ export interface TakeResult {
   disks: Record<string, SnapshotStats>;
 }
 
+/** What a running VM reports about itself (`vm show`, `vm ls`). */
+export interface RuntimeStatus {
+  name: string;
+  /** QEMU's run state (running, paused, inmigrate, …), or stopped. */
+  state: string;
+  pid: number | null;
+  accel: string | null;
+  qemuVersion: string | null;
+  hydration: { done: number; total: number; finished: boolean } | null;
+}
+
+export interface RestoreResult {
+  snapshot: string;
+  runState: string;
+  loadMs: number;
+}
+
 export interface RuntimeOptions {
   dataDir: string;
   name: string;
@@ -243,14 +260,7 @@ export class VmRuntime {
     await h.running;
   }
 
-  async status(): Promise<{
-    name: string;
-    state: string;
-    pid: number | null;
-    accel: string | null;
-    qemuVersion: string | null;
-    hydration: { done: number; total: number; finished: boolean } | null;
-  }> {
+  async status(): Promise<RuntimeStatus> {
     const q = this.qemu;
     let state = 'stopped';
     if (q && !q.hasExited) state = (await q.qmp.execute<{ status: string }>('query-status').catch(() => ({ status: 'unknown' }))).status;
@@ -438,11 +448,11 @@ export class VmRuntime {
   }
 
   /** Puts the VM on snapshot `ref`, resolved for this VM (selectors.ts: `latest` is its own). */
-  restore(ref: string, o: { fromOtherVm: boolean }): Promise<{ snapshot: string; runState: string; loadMs: number }> {
+  restore(ref: string, o: { fromOtherVm: boolean }): Promise<RestoreResult> {
     return this.exclusive(() => this.restoreLocked(ref, o));
   }
 
-  private async restoreLocked(ref: string, o: { fromOtherVm: boolean }): Promise<{ snapshot: string; runState: string; loadMs: number }> {
+  private async restoreLocked(ref: string, o: { fromOtherVm: boolean }): Promise<RestoreResult> {
     const step = stepper('restore');
     const repo = await step('opening the repository', () => this.repo());
     await repo.refreshIndex();

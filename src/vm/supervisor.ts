@@ -1,11 +1,18 @@
 /**
  * The per-VM supervisor: a detached process that owns a running VM's volumes, NBD server and QEMU
  * (VmRuntime), so the guest's disks stay served after the `vmsnap vm start` that launched it exits.
- * CLI commands talk to it over a unix socket in the VM's run directory (mode 0700):
+ * CLI commands talk to it over a unix socket in the VM's run directory (mode 0700), one request
+ * per connection:
  *
- *   request  (one JSON line)  { "op": "status" | "take" | "restore" | "pause" | "resume" | "stop",
- *                               ...arguments }
- *   reply    (one JSON line)  { "ok": true, "result": … } | { "ok": false, "error": "…", "name": "…" }
+ *   request  (one JSON line, ≤ 64 KiB)  { "op": K, ...SupervisorOps[K]["args"] }
+ *   reply    (one JSON line)            { "ok": true, "result": SupervisorOps[K]["result"] }
+ *                                     | { "ok": false, "error": ErrorRecord }
+ *
+ * SupervisorOps is the whole protocol: each request's arguments and the result it answers with,
+ * so `callSupervisor` is typed end to end. An error crosses as an ErrorRecord (src/util/errors.ts):
+ * its class name, message, operation and failed step, and whether it is user-facing and
+ * retryable — so an internal bug in the supervisor is reported as a bug by the CLI, not printed
+ * as if it were the user's mistake, and a caller (a job runner) can tell a retryable failure.
  *
  * The supervisor exits when QEMU exits (guest shutdown, crash or kill) after closing the NBD
  * server and checkpointing the volumes, or on `stop`. Its stdout/stderr go to run/supervisor.log.
@@ -21,25 +28,33 @@ import * as net from 'node:net';
 import * as path from 'node:path';
 import { readTail } from '../util/fs.js';
 import { projectRoot } from '../util/project.js';
-import { VmRuntime, type TakeOptions } from './runtime.js';
+import { VmRuntime, type RestoreResult, type RuntimeStatus, type TakeOptions, type TakeResult } from './runtime.js';
 import { vmPaths, type VmPaths } from './config.js';
 import { isSupervisorOf, vmProcesses, waitExited } from './processes.js';
 import type { Repository } from '../store/repository.js';
-import { UserFacingError } from '../util/errors.js';
+import { errorRecord, isErrorRecord, RemoteError, UserFacingError, type ErrorRecord } from '../util/errors.js';
 
 export class SupervisorError extends UserFacingError {
   override readonly name = 'SupervisorError';
 }
 
-export type SupervisorRequest =
-  | { op: 'status' }
-  | { op: 'take'; options: TakeOptions }
-  | { op: 'restore'; snapshot: string; fromOtherVm?: boolean }
-  | { op: 'pause' }
-  | { op: 'resume' }
-  | { op: 'stop' };
+type NoArgs = Record<never, never>;
 
-type Reply = { ok: true; result: unknown } | { ok: false; error: string; name: string };
+/** Every request a supervisor answers: its arguments and its result. */
+export interface SupervisorOps {
+  status: { args: NoArgs; result: RuntimeStatus };
+  take: { args: { options: TakeOptions }; result: TakeResult };
+  restore: { args: { snapshot: string; fromOtherVm?: boolean }; result: RestoreResult };
+  pause: { args: NoArgs; result: null };
+  resume: { args: NoArgs; result: null };
+  stop: { args: NoArgs; result: { stopping: true } };
+}
+export type SupervisorOp = keyof SupervisorOps;
+export type SupervisorRequest<K extends SupervisorOp = SupervisorOp> = K extends SupervisorOp ? { op: K } & SupervisorOps[K]['args'] : never;
+
+type Reply = { ok: true; result: unknown } | { ok: false; error: ErrorRecord };
+
+const OPS: ReadonlySet<string> = new Set<SupervisorOp>(['status', 'take', 'restore', 'pause', 'resume', 'stop']);
 
 export async function runSupervisor(opts: { dataDir: string; name: string; restore?: string; restoreFromOtherVm?: boolean; hydrate?: number; openRepo: () => Promise<Repository> }): Promise<void> {
   const paths = vmPaths(opts.dataDir, opts.name);
@@ -124,13 +139,13 @@ function handle(rt: VmRuntime, sock: net.Socket, log: (m: string) => void, stop:
     const answered = (async () => {
       let reply: Reply;
       try {
-        const req = JSON.parse(line) as SupervisorRequest;
+        const req = parseRequest(line);
         log(`request ${req.op}`);
         reply = { ok: true, result: await dispatch(rt, req, stop) };
       } catch (err) {
         const e = err as Error;
         log(`error: ${e.stack ?? e.message}`);
-        reply = { ok: false, error: e.message, name: e.name };
+        reply = { ok: false, error: errorRecord(err) };
       }
       await new Promise<void>((res) => {
         if (sock.destroyed) return res();
@@ -143,28 +158,51 @@ function handle(rt: VmRuntime, sock: net.Socket, log: (m: string) => void, stop:
   });
 }
 
-async function dispatch(rt: VmRuntime, req: SupervisorRequest, stop: () => void): Promise<unknown> {
+/** A request line, checked: a client of another version or a stray writer gets a clear refusal. */
+export function parseRequest(line: string): SupervisorRequest {
+  let v: unknown;
+  try {
+    v = JSON.parse(line);
+  } catch {
+    throw new SupervisorError('malformed request (not JSON)');
+  }
+  const r = v as { op?: unknown; options?: unknown; snapshot?: unknown; fromOtherVm?: unknown } | null;
+  if (typeof r !== 'object' || r === null || typeof r.op !== 'string' || !OPS.has(r.op)) {
+    throw new SupervisorError(`unknown request ${JSON.stringify(r?.op ?? null)}`);
+  }
+  if (r.op === 'take' && (typeof r.options !== 'object' || r.options === null)) throw new SupervisorError('take: options missing');
+  if (r.op === 'restore' && typeof r.snapshot !== 'string') throw new SupervisorError('restore: snapshot missing');
+  return r as SupervisorRequest;
+}
+
+/** The result of each request, with the type SupervisorOps gives it. */
+async function dispatch(rt: VmRuntime, req: SupervisorRequest, stop: () => void): Promise<SupervisorOps[SupervisorOp]['result']> {
   switch (req.op) {
     case 'status':
       return rt.status();
     case 'take':
-      return rt.take(req.options ?? {});
+      return rt.take(req.options);
     case 'restore':
-      return rt.restore(req.snapshot, { fromOtherVm: !!req.fromOtherVm });
+      return rt.restore(req.snapshot, { fromOtherVm: req.fromOtherVm === true });
     case 'pause':
-      return rt.pause();
+      await rt.pause();
+      return null;
     case 'resume':
-      return rt.resume();
+      await rt.resume();
+      return null;
     case 'stop':
       setImmediate(stop);
       return { stopping: true };
-    default:
-      throw new SupervisorError(`unknown request ${JSON.stringify((req as { op?: unknown }).op)}`);
   }
 }
 
-/** Sends one request to a VM's supervisor. Throws SupervisorError when it is not running. */
-export async function callSupervisor<T>(paths: VmPaths, req: SupervisorRequest, timeoutMs = 600_000): Promise<T> {
+/**
+ * Sends one request to a VM's supervisor and returns its typed result. Throws SupervisorError when
+ * it is not running or does not answer, and the supervisor's own error rebuilt as a RemoteError
+ * (same name, message, step, user-facing and retryable verdicts) when the request failed there.
+ */
+export async function callSupervisor<K extends SupervisorOp>(paths: VmPaths, req: SupervisorRequest<K>, timeoutMs = 600_000): Promise<SupervisorOps[K]['result']> {
+  type T = SupervisorOps[K]['result'];
   if (!existsSync(paths.supervisorSocket)) throw new SupervisorError(`VM ${path.basename(paths.dir)} is not running`);
   return new Promise<T>((resolve, reject) => {
     const sock = net.connect(paths.supervisorSocket);
@@ -184,11 +222,9 @@ export async function callSupervisor<T>(paths: VmPaths, req: SupervisorRequest, 
       clearTimeout(timer);
       try {
         const r = JSON.parse(buf) as Reply;
-        if (r.ok) resolve(r.result as T);
-        else {
-          const e = new SupervisorError(r.error);
-          reject(e);
-        }
+        if (r.ok === true) resolve(r.result as T);
+        else if (r.ok === false && isErrorRecord(r.error)) reject(new RemoteError(r.error));
+        else reject(new SupervisorError(`VM ${path.basename(paths.dir)}: the supervisor answered something this vmsnap does not understand (see ${paths.supervisorLog})`));
       } catch {
         reject(new SupervisorError(`VM ${path.basename(paths.dir)}: the supervisor closed the connection without an answer (see ${paths.supervisorLog})`));
       }
@@ -206,18 +242,15 @@ export async function isRunning(paths: VmPaths): Promise<boolean> {
 }
 
 /** What `vm ls` / `vm show` report: the supervisor's own status, or what the processes say. */
-export interface VmStatus {
+export interface VmStatus extends Partial<Omit<RuntimeStatus, 'state'>> {
   /** QEMU's run state (running, paused, inmigrate, …) or shutoff | orphaned | unresponsive. */
   state: string;
-  pid?: number | null;
-  accel?: string | null;
   /** Set when something is wrong beyond the state: orphaned QEMUs, stale run files. */
   problem?: string;
-  [k: string]: unknown;
 }
 
 export async function vmStatus(paths: VmPaths, name: string): Promise<VmStatus> {
-  const fromSupervisor = await callSupervisor<VmStatus>(paths, { op: 'status' }, 5000).catch(() => null);
+  const fromSupervisor = await callSupervisor(paths, { op: 'status' }, 5000).catch(() => null);
   const procs = await vmProcesses(paths, name);
   if (fromSupervisor) {
     const strays = procs.qemus.filter((p) => p !== fromSupervisor.pid);

@@ -95,6 +95,8 @@ export interface Backend {
 
 export class BackendError extends Error {
   override readonly name: string = 'BackendError';
+  /** A backend's errors say what failed in the user's terms (src/util/errors.ts). */
+  readonly userFacing = true;
   constructor(
     message: string,
     readonly retryable: boolean,
