@@ -35,8 +35,10 @@ describe('RAM spill file', () => {
       // Every 16th page first: all chunks stay partial, so they spill.
       const pages: PageRecord[] = [];
       for (let k = 0; k < 16; k++) for (let i = k; i < 256; i += 16) pages.push({ block: 0, offset: i * PAGE, kind: 'page', data: randomBytes(PAGE) });
-      for (let i = 0; i < pages.length; i += 8) await w.onPages(pages.slice(i, i + 8));
-      await w.close();
+      await repo.write('take', async () => {
+        for (let i = 0; i < pages.length; i += 8) await w.onPages(pages.slice(i, i + 8));
+        await w.close();
+      });
       expect(w.streams()[0]!.size).toBe(256 * PAGE);
       await repo.close();
     } finally {

@@ -19,8 +19,15 @@ import { PassThrough } from 'node:stream';
 const holder = { dataDir: '/data', holder: 'vm1/disk0' };
 
 async function snapshotOf(repo: Repository, data: Buffer) {
-  const res = await ingestStream(repo, Readable.from([data]), { name: 'disk0', kind: 'disk' });
-  return repo.saveSnapshot({ vm: 'vm1', tags: [], parent: null, meta: {}, streams: [res.stream] });
+  return repo.write('import', async () => {
+    const res = await ingestStream(repo, Readable.from([data]), { name: 'disk0', kind: 'disk' });
+    return repo.saveSnapshot({ vm: 'vm1', tags: [], parent: null, meta: {}, streams: [res.stream] });
+  });
+}
+
+/** forget as the CLI runs it: inside a write session (docs/locks.md). */
+function forget(repo: Repository, ids: string[]) {
+  return repo.write('forget', () => forgetUnpinned(repo, ids));
 }
 
 async function exported(repo: Repository, id: string): Promise<Buffer> {
@@ -53,7 +60,7 @@ describe('pins', () => {
     it(`forget keeps a pinned snapshot and prune keeps its data (${password ? 'encrypted' : 'plain'})`, async () => {
       const { backend, repo, a, first, second } = await setup(password);
       const pin = await createPin(repo, first.id, holder);
-      const r = await forgetUnpinned(repo, [first.id, second.id]);
+      const r = await forget(repo, [first.id, second.id]);
       expect(r.removed).toEqual([second.id]);
       expect([...r.pinned.keys()]).toEqual([first.id]);
       expect(r.pinned.get(first.id)![0]).toMatchObject({ id: pin, snapshot: first.id, holder: 'vm1/disk0', dataDir: '/data' });
@@ -66,7 +73,7 @@ describe('pins', () => {
       expect(report.pins).toBe(1);
       // Unpinned, it can go.
       await removePin(repo, pin);
-      expect((await forgetUnpinned(repo, [first.id])).removed).toEqual([first.id]);
+      expect((await forget(repo, [first.id])).removed).toEqual([first.id]);
       expect((await listPins(repo)).pins).toEqual([]);
       void backend;
     });
@@ -106,7 +113,7 @@ describe('pins', () => {
       },
     }) as Backend;
     const view = await Repository.open(racing);
-    const r = await forgetUnpinned(view, [first.id]);
+    const r = await forget(view, [first.id]);
     expect(r.removed).toEqual([]);
     expect([...r.pinned.keys()]).toEqual([first.id]);
     expect(await repo.snapshotIds()).toContain(first.id);
@@ -129,7 +136,7 @@ describe('pins', () => {
   it('an unreadable pin stops forget and prune and is reported by check', async () => {
     const { backend, repo, second } = await setup();
     await backend.put('pins', 'a'.repeat(32), Buffer.from('{not json'));
-    await expect(forgetUnpinned(repo, [second.id])).rejects.toThrow(/unreadable.*nothing deleted/);
+    await expect(forget(repo, [second.id])).rejects.toThrow(/unreadable.*nothing deleted/);
     expect(await repo.snapshotIds()).toContain(second.id);
     await expect(prune(repo)).rejects.toThrow(/pin\(s\) unreadable/);
     expect((await check(repo)).problems.map((p) => p.message)).toEqual([expect.stringMatching(/^pin aaaaaaaa is unreadable/)]);
