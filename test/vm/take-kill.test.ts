@@ -10,16 +10,12 @@
  * The Linux fixture guest (TCG) writes its disk as it runs, so the disks have dirty data to store.
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { rng } from '../helpers/cli.js';
 import { VmLab, alive, last, sleep } from '../helpers/vm.js';
 
 const KILLS = 6;
-let seed = 0x6d2b79f5;
-const rnd = (n: number): number => {
-  seed ^= seed << 13;
-  seed ^= seed >>> 17;
-  seed ^= seed << 5;
-  return (seed >>> 0) % n;
-};
+const random = rng(0x6d2b79f5);
+const rnd = (n: number): number => Math.floor(random() * n);
 
 describe('kill -9 of the supervisor during take', () => {
   let lab: VmLab;
@@ -36,14 +32,21 @@ describe('kill -9 of the supervisor during take', () => {
   it(`leaves a repository that checks clean and a VM that starts and snapshots, at ${KILLS} seeded kill points`, async () => {
     const booted = () => lab.waitFor('t1', (s) => s.length >= 2 && last(s).errors === 0 && last(s).diskErrors === 0, 'boot with zero errors');
     const outcomes: string[] = [];
+    // One whole take first: its duration spreads the kill points over a take's life and a little
+    // past it (the pause, the RAM stream, the disks, the commit, and sometimes after completion).
+    await lab.start('t1');
+    await booted();
+    const t0 = Date.now();
+    await lab.ok(['take', 't1', '-m', 'whole']);
+    const takeMs = Date.now() - t0;
+    await lab.ok(['vm', 'stop', 't1']);
     for (let k = 0; k < KILLS; k++) {
       await lab.start('t1');
       await booted();
       const { supervisor, qemu } = await lab.rememberPids('t1');
       expect(supervisor).toBeGreaterThan(0);
       const take = lab.run(['take', 't1', '-m', `kill ${k}`]);
-      // Spread over a take's life here (~0.3-4 s under TCG): the pause, the RAM stream, the disks, the commit.
-      const delay = rnd(4000);
+      const delay = rnd(Math.round(takeMs * 1.2));
       await sleep(delay);
       process.kill(supervisor!, 'SIGKILL');
       const r = await take;
@@ -62,7 +65,7 @@ describe('kill -9 of the supervisor during take', () => {
       const again = await lab.run(['check', '--read-data']);
       expect(again.code, `check after prune ${k}: ${again.stdout}${again.stderr}`).toBe(0);
     }
-    console.log(`kill points: ${outcomes.join('; ')}`);
+    console.log(`a whole take: ${takeMs} ms; kill points: ${outcomes.join('; ')}`);
 
     await lab.start('t1');
     await booted();
