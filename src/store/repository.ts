@@ -480,8 +480,35 @@ export class Repository {
       else await this.refreshIndex();
     }
     const loc = this.locate(idBuf);
-    const stored = await this.backend.get('packs', loc.pack, { offset: loc.offset, length: loc.storedLength });
-    return this.openChunk(idBuf, loc, stored);
+    try {
+      return this.openChunk(idBuf, loc, await this.backend.get('packs', loc.pack, { offset: loc.offset, length: loc.storedLength }));
+    } catch (err) {
+      // Readers hold no lock (a VM's base reads, hydration, a clone's first reads): a prune by
+      // another process may have repacked this chunk and deleted the pack this index names. Prune
+      // writes the new index files before it deletes anything, so the chunk's new place is
+      // already listed: catch up and read it there. With a session open no prune can have run
+      // since the session caught up, so the pack is really missing (check reports it).
+      if (!(err instanceof ObjectNotFoundError) || this.sessions.size > 0) throw err;
+      await this.catchUpForReaders();
+      const moved = this.locate(idBuf);
+      if (moved.pack === loc.pack && moved.offset === loc.offset) throw err;
+      return this.openChunk(idBuf, moved, await this.backend.get('packs', moved.pack, { offset: moved.offset, length: moved.storedLength }));
+    }
+  }
+
+  /** One reload at a time for concurrent readers that all found their pack gone. */
+  private readerCatchUp: Promise<void> | null = null;
+
+  private catchUpForReaders(): Promise<void> {
+    this.readerCatchUp ??= (async () => {
+      try {
+        this.indexStale = true;
+        await this.syncWithRepository(true);
+      } finally {
+        this.readerCatchUp = null;
+      }
+    })();
+    return this.readerCatchUp;
   }
 
   /** Decrypts, decompresses and verifies one stored chunk. */

@@ -173,7 +173,11 @@ export class VmRuntime {
       await nbd.listen({ socketPath: paths.nbdSocket });
       rt = new VmRuntime(def, paths, volumes, nbd, opts);
       if (repo) rt.repoPromise = Promise.resolve(repo);
-      if (opts.restore !== undefined) await rt.restoreLocked(opts.restore, { fromOtherVm: !!opts.restoreFromOtherVm });
+      if (opts.restore !== undefined) {
+        const r = repo!;
+        const ref = opts.restore;
+        await r.write('restore', () => rt!.restoreLocked(ref, { fromOtherVm: !!opts.restoreFromOtherVm }, r));
+      }
       else await rt.launch(false);
       rt.startHydration();
       return rt;
@@ -449,13 +453,17 @@ export class VmRuntime {
 
   /** Puts the VM on snapshot `ref`, resolved for this VM (selectors.ts: `latest` is its own). */
   restore(ref: string, o: { fromOtherVm: boolean }): Promise<RestoreResult> {
-    return this.exclusive(() => this.restoreLocked(ref, o));
+    return this.exclusive(async () => {
+      const repo = await stepper('restore')('opening the repository', () => this.repo());
+      // A shared lock for the restore's span: no prune may delete what it is reading and loading
+      // (the snapshot is pinned only when the disks are reset, after RAM is in), and the session
+      // begins by catching up with the repository (docs/locks.md).
+      return repo.write('restore', () => this.restoreLocked(ref, o, repo));
+    });
   }
 
-  private async restoreLocked(ref: string, o: { fromOtherVm: boolean }): Promise<RestoreResult> {
+  private async restoreLocked(ref: string, o: { fromOtherVm: boolean }, repo: Repository): Promise<RestoreResult> {
     const step = stepper('restore');
-    const repo = await step('opening the repository', () => this.repo());
-    await repo.refreshIndex();
     const snap = await step('finding the snapshot', () => resolveForVm(repo, ref, this.def.name, o));
     // Everything is checked and read before anything changes: a refused restore leaves the VM as it
     // was (restore-check.ts says what is read and why disks are only checked for presence).

@@ -288,6 +288,36 @@ describe('a long-lived Repository and another process (issue 12 item 3)', () => 
   }
 });
 
+describe('a long-lived reader and another process\'s repack (issue 12 item 3, readers)', () => {
+  for (const kind of ['local', 's3'] as const) {
+    it(`${kind}: a chunk whose pack a prune repacked and deleted is read where it lives now`, async () => {
+      const place = kind === 'local' ? localPlace(path.join(root, 'reader-local')) : s3Place('reader');
+      await (await Repository.init(place.client(), { chunkSize: CHUNK })).close();
+      // The dropped snapshot holds the kept bytes and more in one stream, so its packs hold both;
+      // the kept snapshot dedups onto those chunks. Forgetting the first leaves packs half dead.
+      const writer = await open(place.client());
+      const keep = randomBytes(8 * CHUNK);
+      const dropped = await importSnapshot(writer, 'drop', Buffer.concat([keep, randomBytes(8 * CHUNK)]));
+      const kept = await importSnapshot(writer, 'keep', keep);
+      await writer.close();
+      // A VM's base reads the kept snapshot's chunks through a Repository opened before the prune.
+      const reader = await open(place.client());
+      const stream = (await reader.readSnapshot(kept)).streams[0]!;
+      const chunkAt = (i: number) => stream.chunks.subarray(i * 32, i * 32 + 32);
+      expect((await reader.getChunk(chunkAt(0))).equals(keep.subarray(0, CHUNK))).toBe(true);
+
+      const other = await open(place.client());
+      await other.write('forget', () => other.deleteSnapshot(dropped));
+      const pruned = await prune(other, { repackBelow: 1 });
+      expect(pruned.packsRepacked).toBeGreaterThan(0); // the kept chunks moved to new packs
+      await other.close();
+
+      for (let i = 0; i < 8; i++) expect((await reader.getChunk(chunkAt(i))).equals(keep.subarray(i * CHUNK, (i + 1) * CHUNK)), `chunk ${i}`).toBe(true);
+      await reader.close();
+    }, 60_000);
+  }
+});
+
 describe('write sessions are enforced', () => {
   it('puts and deletes of packs, index files and manifests outside a write session are refused; locks and reads are not', async () => {
     const repo = await Repository.init(new MemoryBackend(), { chunkSize: CHUNK });
