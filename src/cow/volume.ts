@@ -205,6 +205,11 @@ export class Volume {
   private pendingFreezes: FrozenSet[] = [];
   private readonly locks = new Map<number, Promise<void>>();
   private readonly inflight = new Set<Promise<unknown>>();
+  /**
+   * A data write completed since the last fdatasync of the data file began. Set on completion,
+   * not on issue: a write issued while a commit waits and finishing during that commit's
+   * fdatasync is not covered by it, so the next FLUSH must sync again (issue 12 item 11).
+   */
   private dataDirty = false;
   private commitChain: Promise<unknown> = Promise.resolve();
   private queuedCommit: Promise<void> | null = null;
@@ -574,12 +579,16 @@ export class Volume {
     this.pending.push(MAP_ENTRY, block, value, gen);
   }
 
+  /** Tracks a data-file write: commits wait for it, and its completion marks the data file dirty. */
   private track<T>(p: Promise<T>): Promise<T> {
     this.inflight.add(p);
     const done = (): void => {
       this.inflight.delete(p);
     };
-    p.then(done, (err: unknown) => {
+    p.then(() => {
+      this.dataDirty = true;
+      done();
+    }, (err: unknown) => {
       done();
       // A lost data write may leave a committed-to-be entry pointing at garbage: stop accepting I/O.
       this.failed ??= err instanceof Error ? err : new Error(String(err));
@@ -864,7 +873,6 @@ export class Volume {
     let curLen = 0;
     for (const b of cur.bufs) curLen += b.length;
     const emit = (op: WriteOp): void => {
-      this.dataDirty = true;
       waits.push(this.track(pwritev(this.dataFd, op.bufs, op.pos)));
     };
     for (let k = 1; k < ops.length; k++) {
@@ -931,7 +939,6 @@ export class Volume {
       const bufs = inOff > 0 ? [zeros.subarray(0, inOff), ...slices] : [...slices];
       const tail = this.blockLen(i) - inOff - n;
       if (tail > 0) bufs.push(zeros.subarray(0, tail));
-      this.dataDirty = true;
       const lock = this.track(pwritev(this.dataFd, bufs, s * bs)).finally(() => {
         if (this.locks.get(i) === lock) this.locks.delete(i);
       });
@@ -953,7 +960,6 @@ export class Volume {
         sl.copy(buf, o);
         o += sl.length;
       }
-      this.dataDirty = true;
       await pwritev(this.dataFd, [buf], s * bs);
     })();
     const lock = this.track(fill).finally(() => {
@@ -1169,7 +1175,6 @@ export class Volume {
       if (this.map[i] !== BASE || this.locks.has(i) || this.baseReader !== reader) continue;
       const s = this.allocSlot(i);
       this.setMap(i, s, this.blockGen[i]!);
-      this.dataDirty = true;
       // Under the block lock, as every write to a fresh slot: until the bytes land, a reader (or a
       // partial write filling the rest of the block from this slot) must wait, not see the empty slot.
       const lock = this.track(pwritev(this.dataFd, [data], s * this.blockSize)).finally(() => {

@@ -1,0 +1,116 @@
+/**
+ * Issue 12 item 11, FLUSH/FUA ordering: a FLUSH must make durable every write that completed before
+ * it — including a write that was issued while an earlier commit waited for its own writes and
+ * that completed only after that commit's fdatasync of the data file had begun. Before the fix the
+ * volume cleared its "data written" flag when that earlier fdatasync began, so the next FLUSH
+ * committed the late write's journal entry (pointing at its slot) without syncing its bytes: after
+ * a host crash the guest's synced block would read as whatever the slot held before.
+ *
+ * The data file's writes are held at gates (a mock of src/cow/fileio.ts) to make that interleaving
+ * certain; the fdatasyncs are recorded in order with the writes' completions.
+ */
+import { mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import * as path from 'node:path';
+import { afterEach, beforeEach, describe, expect, it, vi } from 'vitest';
+
+const hooks = vi.hoisted(() => ({
+  gates: new Map<number, Promise<void>>(), // data-file position → the next write there waits for it
+  dataFd: -1,
+  log: [] as string[],
+}));
+
+vi.mock('../../src/cow/fileio.js', async (importOriginal) => {
+  const real = await importOriginal<typeof import('../../src/cow/fileio.js')>();
+  return {
+    ...real,
+    pwritev: async (fd: number, bufs: readonly Buffer[], pos: number): Promise<void> => {
+      const gate = hooks.gates.get(pos);
+      if (gate) {
+        // Each gate holds one data write (the journal's writes go to the same small positions).
+        hooks.gates.delete(pos);
+        hooks.dataFd = fd;
+        await gate;
+      }
+      await real.pwritev(fd, bufs, pos);
+    },
+    fdatasync: async (fd: number): Promise<void> => {
+      hooks.log.push(fd === hooks.dataFd ? 'fdatasync data' : 'fdatasync other');
+      await real.fdatasync(fd);
+    },
+  };
+});
+
+const { Volume } = await import('../../src/cow/volume.js');
+
+const BS = 65536;
+let dir: string;
+
+beforeEach(async () => {
+  dir = await mkdtemp(path.join(tmpdir(), 'vmsnap-flush-'));
+  hooks.gates.clear();
+  hooks.dataFd = -1;
+  hooks.log = [];
+});
+afterEach(async () => {
+  await rm(dir, { recursive: true, force: true });
+});
+
+function gate(pos: number): () => void {
+  let release!: () => void;
+  hooks.gates.set(pos, new Promise<void>((r) => (release = r)));
+  return release;
+}
+
+const tick = (): Promise<void> => new Promise((r) => setImmediate(r));
+
+describe('volume FLUSH', () => {
+  it('syncs a write that completed after an earlier commit began its fdatasync', async () => {
+    const v = await Volume.create(path.join(dir, 'v'), { size: 16 * BS, blockSize: BS });
+    try {
+      const release1 = gate(0);
+      const release2 = gate(BS);
+      const w1 = v.write(0, Buffer.alloc(BS, 1));
+      const f1 = v.flush(); // commit 1: block 0's entry, waits for w1
+      await tick();
+      const w2 = v.write(BS, Buffer.alloc(BS, 2)); // issued while commit 1 waits
+      await tick();
+      release1();
+      await w1;
+      await f1; // commit 1 synced the data file before w2's bytes were written
+      expect(hooks.log).toContain('fdatasync data');
+      release2();
+      await w2; // the guest now has w2's reply
+      hooks.log.push('w2 completed');
+      await v.flush(); // ... and flushes: w2 must be durable when this returns
+      const after = hooks.log.slice(hooks.log.indexOf('w2 completed'));
+      expect(after, `fdatasyncs after w2 completed: ${after.join(', ')}`).toContain('fdatasync data');
+    } finally {
+      await v.close();
+    }
+  });
+
+  it('syncs a FUA write that completed while another commit was syncing', async () => {
+    const v = await Volume.create(path.join(dir, 'v'), { size: 16 * BS, blockSize: BS });
+    try {
+      const release1 = gate(0);
+      const release2 = gate(BS);
+      const w1 = v.write(0, Buffer.alloc(BS, 1));
+      const f1 = v.flush();
+      await tick();
+      let w2done = false;
+      const w2 = v.write(BS, Buffer.alloc(BS, 2), true).then(() => (w2done = true));
+      await tick();
+      release1();
+      await Promise.all([w1, f1]);
+      expect(w2done).toBe(false);
+      hooks.log.push('w2 bytes written');
+      release2();
+      await w2;
+      const after = hooks.log.slice(hooks.log.indexOf('w2 bytes written'));
+      expect(after, `fdatasyncs after w2's bytes were written: ${after.join(', ')}`).toContain('fdatasync data');
+    } finally {
+      await v.close();
+    }
+  });
+});
