@@ -185,6 +185,8 @@ type ZeroMode = 'zero' | 'keep' | null;
 interface WriteOp {
   pos: number;
   bufs: Buffer[];
+  /** The block whose slot this writes (merged ops cover several). */
+  block: number;
 }
 
 export class Volume {
@@ -204,6 +206,13 @@ export class Volume {
   private pending: number[] = [];
   private pendingFreezes: FrozenSet[] = [];
   private readonly locks = new Map<number, Promise<void>>();
+  /**
+   * Writes into a block's current slot still in flight without a block lock (the slot was already
+   * this generation's, or a whole-block write took a fresh one). A copy-on-write of the block —
+   * a partial write after a freeze — waits for them before it reads the slot, or it would copy
+   * the block without bytes the guest has been (or is about to be) told are written.
+   */
+  private readonly landing = new Map<number, Set<Promise<void>>>();
   private readonly inflight = new Set<Promise<unknown>>();
   /**
    * A data write completed since the last fdatasync of the data file began. Set on completion,
@@ -872,8 +881,11 @@ export class Volume {
     let cur = ops[0]!;
     let curLen = 0;
     for (const b of cur.bufs) curLen += b.length;
-    const emit = (op: WriteOp): void => {
-      waits.push(this.track(pwritev(this.dataFd, op.bufs, op.pos)));
+    let blocks = [cur.block];
+    const emit = (op: WriteOp, covered: number[]): void => {
+      const p = this.track(pwritev(this.dataFd, op.bufs, op.pos));
+      for (const b of covered) this.land(b, p);
+      waits.push(p);
     };
     for (let k = 1; k < ops.length; k++) {
       const op = ops[k]!;
@@ -882,13 +894,27 @@ export class Volume {
       if (cur.pos + curLen === op.pos && cur.bufs.length + op.bufs.length <= 512) {
         for (const b of op.bufs) cur.bufs.push(b);
         curLen += len;
+        if (blocks[blocks.length - 1] !== op.block) blocks.push(op.block);
       } else {
-        emit(cur);
+        emit(cur, blocks);
         cur = op;
         curLen = len;
+        blocks = [op.block];
       }
     }
-    emit(cur);
+    emit(cur, blocks);
+  }
+
+  /** Registers a lock-free write into `block`'s slot until it settles (see `landing`). */
+  private land(block: number, p: Promise<void>): void {
+    let set = this.landing.get(block);
+    if (!set) this.landing.set(block, (set = new Set()));
+    set.add(p);
+    const done = (): void => {
+      set.delete(p);
+      if (set.size === 0 && this.landing.get(block) === set) this.landing.delete(block);
+    };
+    p.then(done, done);
   }
 
   /**
@@ -914,20 +940,20 @@ export class Volume {
       return;
     }
     if (cur >= 0 && this.blockGen[i] === gen) {
-      ops.push({ pos: cur * bs + inOff, bufs: slices });
+      ops.push({ pos: cur * bs + inOff, bufs: slices, block: i });
       return;
     }
     const s = this.allocSlot(i);
     if (full) {
       this.setMap(i, s, gen);
-      ops.push({ pos: s * bs, bufs: slices });
+      ops.push({ pos: s * bs, bufs: slices, block: i });
       return;
     }
     const wasZero = cur === ZERO || (cur === BASE && (!this.baseReader || this.baseReader.isZero(i)));
     if (wasZero && this.allocZero) {
       // The block reads as zeros and its fresh slot already holds zeros: write only the new bytes.
       this.setMap(i, s, gen);
-      ops.push({ pos: s * bs + inOff, bufs: slices });
+      ops.push({ pos: s * bs + inOff, bufs: slices, block: i });
       return;
     }
     if (cur >= 0) this.ref(cur); // keep the old slot from being reused while we copy it
@@ -946,9 +972,13 @@ export class Volume {
       waits.push(lock);
       return;
     }
+    // Taken now, at plan time: the writes planned before this one that still land in the old slot.
+    const landing = cur >= 0 ? this.landing.get(i) : undefined;
+    const before = landing ? [...landing] : null;
     const fill = (async (): Promise<void> => {
       const buf = Buffer.allocUnsafe(bs);
       try {
+        if (before) await Promise.allSettled(before);
         if (cur >= 0) await pread(this.dataFd, buf, 0, bs, cur * bs);
         else if (cur === ZERO || !this.baseReader || this.baseReader.isZero(i)) buf.fill(0);
         else (await this.baseReader.read(i)).copy(buf);

@@ -1,5 +1,11 @@
 /**
- * Issue 12 item 11, FLUSH/FUA ordering: a FLUSH must make durable every write that completed before
+ * Issue 12 item 11 (durability of acknowledged writes), two races in the volume's write path, each
+ * made certain by holding data-file writes at gates (a mock of src/cow/fileio.ts):
+ *
+ * Copy-on-write after a freeze: a partial write copying a block must wait for writes still landing
+ * in the block's old slot (below).
+ *
+ * FLUSH/FUA ordering: a FLUSH must make durable every write that completed before
  * it — including a write that was issued while an earlier commit waited for its own writes and
  * that completed only after that commit's fdatasync of the data file had begun. Before the fix the
  * volume cleared its "data written" flag when that earlier fdatasync began, so the next FLUSH
@@ -63,6 +69,37 @@ function gate(pos: number): () => void {
 }
 
 const tick = (): Promise<void> => new Promise((r) => setImmediate(r));
+
+describe('copy-on-write after a freeze', () => {
+  // Two guest writes to different sectors of one 64 KiB block may be in flight together. When a
+  // freeze (a take) falls between them, the second copies the block into a fresh slot: that copy
+  // must include the first write's bytes, which land in the old slot. Before the fix the copy read
+  // the old slot at once, and the first write — acknowledged to the guest — was lost from the disk.
+  it('a partial write after a freeze keeps a write in flight to the same block from before it', async () => {
+    const v = await Volume.create(path.join(dir, 'v'), { size: 16 * BS, blockSize: BS });
+    try {
+      await v.write(0, Buffer.alloc(BS, 0xaa)); // block 0 in home slot 0, this generation
+      await v.flush();
+      const release = gate(0); // the next data write at slot 0's start: w1's
+      const w1 = v.write(0, Buffer.alloc(4096, 1));
+      await tick();
+      v.freeze();
+      const w2 = v.write(8192, Buffer.alloc(4096, 2)); // copies block 0 into a fresh slot
+      await tick();
+      release();
+      await Promise.all([w1, w2]);
+      const got = Buffer.alloc(BS);
+      await v.read(0, BS, got, 0);
+      const want = Buffer.alloc(BS, 0xaa);
+      want.fill(1, 0, 4096);
+      want.fill(2, 8192, 12288);
+      expect(got.subarray(0, 4096).equals(want.subarray(0, 4096)), 'the first write is on the disk').toBe(true);
+      expect(got.equals(want), 'the block holds both writes and the rest unchanged').toBe(true);
+    } finally {
+      await v.close();
+    }
+  });
+});
 
 describe('volume FLUSH', () => {
   it('syncs a write that completed after an earlier commit began its fdatasync', async () => {
