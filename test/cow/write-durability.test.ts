@@ -102,20 +102,29 @@ describe('copy-on-write after a freeze', () => {
 });
 
 describe('volume FLUSH', () => {
+  /**
+   * Commit 1 (block 0's entry) waits for w1; w2 (block 1, FUA or not) is issued meanwhile; then w1
+   * lands and commit 1 syncs the data file while w2's bytes are still held. Returns w2's write
+   * and the release of its bytes.
+   */
+  async function w2DuringCommit(v: Awaited<ReturnType<typeof Volume.create>>, fua: boolean): Promise<{ w2: Promise<void>; release2: () => void }> {
+    const release1 = gate(0);
+    const release2 = gate(BS);
+    const w1 = v.write(0, Buffer.alloc(BS, 1));
+    const f1 = v.flush();
+    await tick();
+    const w2 = v.write(BS, Buffer.alloc(BS, 2), fua);
+    await tick();
+    release1();
+    await Promise.all([w1, f1]);
+    expect(hooks.log).toContain('fdatasync data');
+    return { w2, release2 };
+  }
+
   it('syncs a write that completed after an earlier commit began its fdatasync', async () => {
     const v = await Volume.create(path.join(dir, 'v'), { size: 16 * BS, blockSize: BS });
     try {
-      const release1 = gate(0);
-      const release2 = gate(BS);
-      const w1 = v.write(0, Buffer.alloc(BS, 1));
-      const f1 = v.flush(); // commit 1: block 0's entry, waits for w1
-      await tick();
-      const w2 = v.write(BS, Buffer.alloc(BS, 2)); // issued while commit 1 waits
-      await tick();
-      release1();
-      await w1;
-      await f1; // commit 1 synced the data file before w2's bytes were written
-      expect(hooks.log).toContain('fdatasync data');
+      const { w2, release2 } = await w2DuringCommit(v, false);
       release2();
       await w2; // the guest now has w2's reply
       hooks.log.push('w2 completed');
@@ -130,16 +139,10 @@ describe('volume FLUSH', () => {
   it('syncs a FUA write that completed while another commit was syncing', async () => {
     const v = await Volume.create(path.join(dir, 'v'), { size: 16 * BS, blockSize: BS });
     try {
-      const release1 = gate(0);
-      const release2 = gate(BS);
-      const w1 = v.write(0, Buffer.alloc(BS, 1));
-      const f1 = v.flush();
-      await tick();
+      const { w2, release2 } = await w2DuringCommit(v, true);
       let w2done = false;
-      const w2 = v.write(BS, Buffer.alloc(BS, 2), true).then(() => (w2done = true));
+      void w2.then(() => (w2done = true));
       await tick();
-      release1();
-      await Promise.all([w1, f1]);
       expect(w2done).toBe(false);
       hooks.log.push('w2 bytes written');
       release2();
