@@ -185,6 +185,8 @@ type ZeroMode = 'zero' | 'keep' | null;
 interface WriteOp {
   pos: number;
   bufs: Buffer[];
+  /** The block whose slot this writes (merged ops cover several). */
+  block: number;
 }
 
 export class Volume {
@@ -204,7 +206,19 @@ export class Volume {
   private pending: number[] = [];
   private pendingFreezes: FrozenSet[] = [];
   private readonly locks = new Map<number, Promise<void>>();
+  /**
+   * Writes into a block's current slot still in flight without a block lock (the slot was already
+   * this generation's, or a whole-block write took a fresh one). A copy-on-write of the block —
+   * a partial write after a freeze — waits for them before it reads the slot, or it would copy
+   * the block without bytes the guest has been (or is about to be) told are written.
+   */
+  private readonly landing = new Map<number, Set<Promise<void>>>();
   private readonly inflight = new Set<Promise<unknown>>();
+  /**
+   * A data write completed since the last fdatasync of the data file began. Set on completion,
+   * not on issue: a write issued while a commit waits and finishing during that commit's
+   * fdatasync is not covered by it, so the next FLUSH must sync again (issue 12 item 11).
+   */
   private dataDirty = false;
   private commitChain: Promise<unknown> = Promise.resolve();
   private queuedCommit: Promise<void> | null = null;
@@ -574,12 +588,16 @@ export class Volume {
     this.pending.push(MAP_ENTRY, block, value, gen);
   }
 
+  /** Tracks a data-file write: commits wait for it, and its completion marks the data file dirty. */
   private track<T>(p: Promise<T>): Promise<T> {
     this.inflight.add(p);
     const done = (): void => {
       this.inflight.delete(p);
     };
-    p.then(done, (err: unknown) => {
+    p.then(() => {
+      this.dataDirty = true;
+      done();
+    }, (err: unknown) => {
       done();
       // A lost data write may leave a committed-to-be entry pointing at garbage: stop accepting I/O.
       this.failed ??= err instanceof Error ? err : new Error(String(err));
@@ -863,9 +881,11 @@ export class Volume {
     let cur = ops[0]!;
     let curLen = 0;
     for (const b of cur.bufs) curLen += b.length;
-    const emit = (op: WriteOp): void => {
-      this.dataDirty = true;
-      waits.push(this.track(pwritev(this.dataFd, op.bufs, op.pos)));
+    let blocks = [cur.block];
+    const emit = (op: WriteOp, covered: number[]): void => {
+      const p = this.track(pwritev(this.dataFd, op.bufs, op.pos));
+      for (const b of covered) this.land(b, p);
+      waits.push(p);
     };
     for (let k = 1; k < ops.length; k++) {
       const op = ops[k]!;
@@ -874,13 +894,27 @@ export class Volume {
       if (cur.pos + curLen === op.pos && cur.bufs.length + op.bufs.length <= 512) {
         for (const b of op.bufs) cur.bufs.push(b);
         curLen += len;
+        if (blocks[blocks.length - 1] !== op.block) blocks.push(op.block);
       } else {
-        emit(cur);
+        emit(cur, blocks);
         cur = op;
         curLen = len;
+        blocks = [op.block];
       }
     }
-    emit(cur);
+    emit(cur, blocks);
+  }
+
+  /** Registers a lock-free write into `block`'s slot until it settles (see `landing`). */
+  private land(block: number, p: Promise<void>): void {
+    let set = this.landing.get(block);
+    if (!set) this.landing.set(block, (set = new Set()));
+    set.add(p);
+    const done = (): void => {
+      set.delete(p);
+      if (set.size === 0 && this.landing.get(block) === set) this.landing.delete(block);
+    };
+    p.then(done, done);
   }
 
   /**
@@ -906,20 +940,20 @@ export class Volume {
       return;
     }
     if (cur >= 0 && this.blockGen[i] === gen) {
-      ops.push({ pos: cur * bs + inOff, bufs: slices });
+      ops.push({ pos: cur * bs + inOff, bufs: slices, block: i });
       return;
     }
     const s = this.allocSlot(i);
     if (full) {
       this.setMap(i, s, gen);
-      ops.push({ pos: s * bs, bufs: slices });
+      ops.push({ pos: s * bs, bufs: slices, block: i });
       return;
     }
     const wasZero = cur === ZERO || (cur === BASE && (!this.baseReader || this.baseReader.isZero(i)));
     if (wasZero && this.allocZero) {
       // The block reads as zeros and its fresh slot already holds zeros: write only the new bytes.
       this.setMap(i, s, gen);
-      ops.push({ pos: s * bs + inOff, bufs: slices });
+      ops.push({ pos: s * bs + inOff, bufs: slices, block: i });
       return;
     }
     if (cur >= 0) this.ref(cur); // keep the old slot from being reused while we copy it
@@ -931,7 +965,6 @@ export class Volume {
       const bufs = inOff > 0 ? [zeros.subarray(0, inOff), ...slices] : [...slices];
       const tail = this.blockLen(i) - inOff - n;
       if (tail > 0) bufs.push(zeros.subarray(0, tail));
-      this.dataDirty = true;
       const lock = this.track(pwritev(this.dataFd, bufs, s * bs)).finally(() => {
         if (this.locks.get(i) === lock) this.locks.delete(i);
       });
@@ -939,9 +972,13 @@ export class Volume {
       waits.push(lock);
       return;
     }
+    // Taken now, at plan time: the writes planned before this one that still land in the old slot.
+    const landing = cur >= 0 ? this.landing.get(i) : undefined;
+    const before = landing ? [...landing] : null;
     const fill = (async (): Promise<void> => {
       const buf = Buffer.allocUnsafe(bs);
       try {
+        if (before) await Promise.allSettled(before);
         if (cur >= 0) await pread(this.dataFd, buf, 0, bs, cur * bs);
         else if (cur === ZERO || !this.baseReader || this.baseReader.isZero(i)) buf.fill(0);
         else (await this.baseReader.read(i)).copy(buf);
@@ -953,7 +990,6 @@ export class Volume {
         sl.copy(buf, o);
         o += sl.length;
       }
-      this.dataDirty = true;
       await pwritev(this.dataFd, [buf], s * bs);
     })();
     const lock = this.track(fill).finally(() => {
@@ -1169,7 +1205,6 @@ export class Volume {
       if (this.map[i] !== BASE || this.locks.has(i) || this.baseReader !== reader) continue;
       const s = this.allocSlot(i);
       this.setMap(i, s, this.blockGen[i]!);
-      this.dataDirty = true;
       // Under the block lock, as every write to a fresh slot: until the bytes land, a reader (or a
       // partial write filling the rest of the block from this slot) must wait, not see the empty slot.
       const lock = this.track(pwritev(this.dataFd, [data], s * this.blockSize)).finally(() => {

@@ -19,6 +19,10 @@ export const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeou
 export interface LinuxVmOptions {
   memory?: string;
   disk?: string | null;
+  /** A raw image the disk starts as (`--disk-from`), instead of a blank `disk`. */
+  diskFrom?: string;
+  /** Run the fixture's raw disk workload on /dev/vda (default); false leaves the disk to `extra` modes. */
+  diskWorkload?: boolean;
   memMiB?: number;
   rate?: number;
   diskRate?: number;
@@ -99,11 +103,11 @@ export class VmLab {
     const a = guestArtifacts();
     const disk = o.disk === undefined ? '64M' : o.disk;
     const params: string[] = ['console=ttyS0', 'quiet', `vmsnap.mem=${o.memMiB ?? 64}`, `vmsnap.rate=${o.rate ?? 2000}`];
-    if (disk) params.push('vmsnap.disk=/dev/vda');
+    if ((disk || o.diskFrom) && o.diskWorkload !== false) params.push('vmsnap.disk=/dev/vda');
     if (o.diskRate !== undefined) params.push(`vmsnap.disk_rate=${o.diskRate}`);
     for (const [k, v] of Object.entries(o.extra ?? {})) params.push(`vmsnap.${k}=${v}`);
     await this.ok([
-      'vm', 'create', name, '--memory', o.memory ?? '256M', ...(disk ? ['--disk', disk] : []),
+      'vm', 'create', name, '--memory', o.memory ?? '256M', ...(o.diskFrom ? ['--disk-from', o.diskFrom] : disk ? ['--disk', disk] : []),
       '--kernel', a.kernel, '--initrd', a.initrd, '--append', params.join(' '), '--accel', o.accel ?? 'tcg',
       ...(o.qemuArgs ?? []).map((x) => `--qemu-arg=${x}`),
     ]);
