@@ -31,8 +31,8 @@ import { takeStopped } from '../../src/vm/runtime.js';
 import { startS3rver, type S3rverHandle } from '../helpers/s3rver.js';
 
 const CHUNK = 65536;
-/** Runs of each pair (VMSNAP_CONCURRENCY_ITERATIONS for a longer soak). */
-const ITERATIONS = Number(process.env.VMSNAP_CONCURRENCY_ITERATIONS ?? 1);
+/** Runs of each pair per store in every test run (VMSNAP_CONCURRENCY_ITERATIONS for a longer soak). */
+const ITERATIONS = Number(process.env.VMSNAP_CONCURRENCY_ITERATIONS ?? 2);
 const DISK = 16 * CHUNK;
 
 let root: string;
@@ -168,8 +168,8 @@ async function pairs(place: Place, tag: string): Promise<{ runs: number; locked:
   for (let i = 0; i < OPS.length; i++)
     for (let j = i; j < OPS.length; j++) {
       const pair = [OPS[i]!, OPS[j]!];
-      // Once per pair and store (this machine's budget); the deterministic race test below covers
-      // the window that matters most every time.
+      // Twice per pair and store in every run, at random offsets (this machine's budget: ~2 min per
+      // store); the deterministic race test below covers the window that matters most every time.
       for (let it = 0; it < ITERATIONS; it++) {
         const seed = await open(place.client());
         await importSnapshot(seed, 'doomed', data(2 * CHUNK, w.shared));
@@ -219,12 +219,12 @@ describe('writers and maintainers together', () => {
     const dir = path.join(root, 'local-pairs');
     const r = await pairs(localPlace(dir), 'local');
     expect(r.runs).toBe(OPS.length * (OPS.length + 1) * ITERATIONS);
-  }, 240_000);
+  }, 480_000);
 
   it('S3: every pair of take, import, copy, sync, forget, prune, check, rebuild-index', async () => {
     const r = await pairs(s3Place('pairs'), 's3');
     expect(r.runs).toBe(OPS.length * (OPS.length + 1) * ITERATIONS);
-  }, 240_000);
+  }, 480_000);
 });
 
 describe('take vs prune (issue 12 item 1)', () => {
