@@ -53,6 +53,7 @@ import { closeFd, fdatasync, ftruncate, openFd, pread, pwritev } from './fileio.
 import { ownerAlive, ownerToken, processAlive } from '../util/process.js';
 import { randomBytes } from 'node:crypto';
 import { UserFacingError } from '../util/errors.js';
+import { DirtyBitmap } from './dirty-bitmap.js';
 
 export const BASE = -1;
 export const ZERO = -2;
@@ -206,6 +207,8 @@ export class Volume {
   private pending: number[] = [];
   private pendingFreezes: FrozenSet[] = [];
   private readonly locks = new Map<number, Promise<void>>();
+  /** Named dirty-block trackers of other consumers than the snapshot chain (dirty-bitmap.ts). */
+  private readonly bitmaps = new Map<string, DirtyBitmap>();
   /**
    * Writes into a block's current slot still in flight without a block lock (the slot was already
    * this generation's, or a whole-block write took a fresh one). A copy-on-write of the block —
@@ -834,7 +837,36 @@ export class Volume {
     this.issue(ops, waits);
     if (waits.length === 1) await waits[0];
     else if (waits.length) await Promise.all(waits);
+    this.markWritten(offset, length);
     if (fua) await this.flush();
+  }
+
+  /**
+   * Adds a named dirty-block tracker: from now on every completed write marks its blocks in it
+   * (`all`: start with every block marked, as a consumer that has seen nothing yet). Names are
+   * unique per volume: a second consumer of the same name is refused.
+   */
+  addDirtyBitmap(name: string, opts: { all?: boolean } = {}): DirtyBitmap {
+    if (this.bitmaps.has(name)) throw new VolumeIoError(`volume ${this.dir} already has a dirty bitmap named ${JSON.stringify(name)}`);
+    const b = new DirtyBitmap(name, this.nBlocks, opts.all ?? false);
+    this.bitmaps.set(name, b);
+    return b;
+  }
+
+  dirtyBitmap(name: string): DirtyBitmap | undefined {
+    return this.bitmaps.get(name);
+  }
+
+  removeDirtyBitmap(name: string): boolean {
+    return this.bitmaps.delete(name);
+  }
+
+  /** Marks the blocks of a completed write (or zeroing) in every named bitmap. */
+  private markWritten(offset: number, length: number): void {
+    if (this.bitmaps.size === 0 || length === 0) return;
+    const first = Math.floor(offset / this.blockSize);
+    const end = Math.ceil((offset + length) / this.blockSize);
+    for (const b of this.bitmaps.values()) b.markRange(first, end);
   }
 
   /** Zeroes a range. Whole blocks become ZERO in the map (no data written) unless `noHole`. */
@@ -860,6 +892,7 @@ export class Volume {
     }
     this.issue(ops, waits);
     await Promise.all(waits);
+    this.markWritten(offset, length);
     if (opts.fua) await this.flush();
   }
 
@@ -1144,6 +1177,8 @@ export class Volume {
         await this.commitLocked();
         while (this.inflight.size) await Promise.allSettled([...this.inflight]);
         await this.resetToBaseLocked(base);
+        // Every block may read differently now: every named consumer must look at all of them.
+        for (const b of this.bitmaps.values()) b.markAll();
       } finally {
         this.resets++;
         this.resetting = false;
