@@ -20,10 +20,15 @@ import { createHash, createPrivateKey, createPublicKey, generateKeyPairSync, typ
 import { promises as fsp } from 'node:fs';
 import * as path from 'node:path';
 import { atomicWriteFile } from '../util/fs.js';
-import { UserFacingError } from '../util/errors.js';
+import { BadInputError, UserFacingError } from '../util/errors.js';
 
 export class IdentityError extends UserFacingError {
   override readonly name = 'IdentityError';
+}
+
+/** A peer name or fingerprint given by the user that cannot be one (bad usage). */
+export class PeerInputError extends BadInputError {
+  override readonly name = 'PeerInputError';
 }
 
 export interface HostIdentity {
@@ -141,8 +146,8 @@ export async function listPeers(dataDir: string): Promise<Peer[]> {
 
 /** Adds (or replaces, by name) a paired peer. */
 export async function addPeer(dataDir: string, peer: Omit<Peer, 'added'>): Promise<Peer> {
-  if (!PEER_NAME_RE.test(peer.name)) throw new IdentityError(`peer name ${JSON.stringify(peer.name)}: use 1-63 letters, digits, '.', '_' or '-'`);
-  if (!isFingerprint(peer.fingerprint)) throw new IdentityError(`${JSON.stringify(peer.fingerprint)} is not a fingerprint (SHA256: followed by 43 base64 characters, as 'vmsnap receive' prints it)`);
+  if (!PEER_NAME_RE.test(peer.name)) throw new PeerInputError(`peer name ${JSON.stringify(peer.name)}: use 1-63 letters, digits, '.', '_' or '-'`);
+  if (!isFingerprint(peer.fingerprint)) throw new PeerInputError(`${JSON.stringify(peer.fingerprint)} is not a fingerprint (SHA256: followed by 43 base64 characters, as 'vmsnap receive' prints it)`);
   const peers = (await listPeers(dataDir)).filter((p) => p.name !== peer.name);
   const added: Peer = { ...peer, added: new Date().toISOString() };
   peers.push(added);
