@@ -101,6 +101,8 @@ export interface PageRecord {
   kind: PageKind;
   /** 4096 bytes for kind 'page'; a view into the parser's input (see parser.ts for its lifetime). */
   data?: Buffer;
+  /** For kind 'page': the stream offset of `data`'s first byte (a relay cuts the stream there). */
+  at?: number;
 }
 
 export interface StreamTail {

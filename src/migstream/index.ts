@@ -11,3 +11,4 @@ export {
   type ParserOptions,
 } from './parser.js';
 export { buildStream, type BuildOptions, type RebuildPage } from './builder.js';
+export { MigStreamRelay, type RelayPiece } from './relay.js';

@@ -147,6 +147,19 @@ export class MigStreamParser {
     return this.prefix;
   }
 
+  /**
+   * Stream offset of the first byte not yet parsed: bytes before it are final (their records are in
+   * the batches taken so far); bytes from it on belong to an item still incomplete.
+   */
+  get parsedOffset(): number {
+    return this.consumed;
+  }
+
+  /** True once the device state (FULL sections / EOF) has begun: the rest carries no RAM records. */
+  get inDeviceState(): boolean {
+    return this.state === St.Suffix;
+  }
+
   /** Returns the prefix once, right after the push that completed it. */
   takePrefix(): StreamPrefix | undefined {
     const p = this.prefixPending;
@@ -510,7 +523,7 @@ export class MigStreamParser {
         batch.push({ block: cur, offset, kind: 'zero' });
         nZero++;
       } else {
-        batch.push({ block: cur, offset, kind: 'page', data: b.subarray(p + hlen, p + hlen + PAGE_SIZE) });
+        batch.push({ block: cur, offset, kind: 'page', data: b.subarray(p + hlen, p + hlen + PAGE_SIZE), at: base + p + hlen });
         nPage++;
       }
       p += total;
