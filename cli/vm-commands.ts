@@ -50,7 +50,7 @@ function hydrateRate(v: boolean | string | undefined): number | undefined {
 const HYDRATE_HELP = 'copy the snapshot disks into local overlays in the background (optionally at most this many MiB/s)';
 
 /** The environment a supervisor needs to open the same repository without prompting. */
-async function supervisorEnv(g: GlobalOptions): Promise<NodeJS.ProcessEnv> {
+export async function supervisorEnv(g: GlobalOptions): Promise<NodeJS.ProcessEnv> {
   const env: NodeJS.ProcessEnv = { ...process.env, VMSNAP_REPO: repoLocation(g) };
   try {
     const backend = await openBackendAt(repoLocation(g));
@@ -182,6 +182,25 @@ async function withRepoIfPinned(g: GlobalOptions, fn: (open: () => Promise<Repos
     const opened = repo ? await (repo as Promise<Repository>).catch(() => null) : null;
     if (opened) await opened.close();
   }
+}
+
+/** Deletes a VM that is not running and its disks, releasing their pins (`vm rm`, a finished `migrate`). */
+export async function removeStoppedVm(g: GlobalOptions, name: string): Promise<void> {
+  const paths = vmPaths(dataDir(), name);
+  // A VM whose vm.json is damaged can still be removed: only its folder must exist.
+  if (!(await fsp.stat(paths.dir).catch(() => null))) await loadDefinition(dataDir(), name);
+  const procs = await vmProcesses(paths, name);
+  if ((await isRunning(paths)) || procs.supervisor || procs.qemus.length) throw new UsageError(`VM ${name} is running: stop it first (\`vmsnap vm stop ${name}\`)`);
+  // Its disks' pins go first: a VM removed while they stay would keep its snapshots until
+  // `pins rm`. An unreachable repository must not keep the VM, so those pins stay, named.
+  await withRepoIfPinned(g, (open) =>
+    unpinDisks(name, open, (disk, pin, err) =>
+      console.error(
+        `vmsnap: warning: disk ${disk} of VM ${name} pins snapshot ${shortId(pin.snapshot)} and the repository could not be reached to release it (${err.message}); the pin stays and keeps that snapshot: remove it with \`vmsnap pins rm ${pin.pin}\``,
+      ),
+    ),
+  );
+  await fsp.rm(paths.dir, { recursive: true, force: true });
 }
 
 export function registerVmCommands(program: Command, globals: Globals): void {
@@ -354,21 +373,7 @@ export function registerVmCommands(program: Command, globals: Globals): void {
   vm.command('rm <name>')
     .description('delete a VM and its disks (its snapshots stay in the repository)')
     .action(async (name: string) => {
-      const paths = vmPaths(dataDir(), name);
-      // A VM whose vm.json is damaged can still be removed: only its folder must exist.
-      if (!(await fsp.stat(paths.dir).catch(() => null))) await loadDefinition(dataDir(), name);
-      const procs = await vmProcesses(paths, name);
-      if ((await isRunning(paths)) || procs.supervisor || procs.qemus.length) throw new UsageError(`VM ${name} is running: stop it first (\`vmsnap vm stop ${name}\`)`);
-      // Its disks' pins go first: a VM removed while they stay would keep its snapshots until
-      // `pins rm`. An unreachable repository must not keep the VM, so those pins stay, named.
-      await withRepoIfPinned(globals(), (open) =>
-        unpinDisks(name, open, (disk, pin, err) =>
-          console.error(
-            `vmsnap: warning: disk ${disk} of VM ${name} pins snapshot ${shortId(pin.snapshot)} and the repository could not be reached to release it (${err.message}); the pin stays and keeps that snapshot: remove it with \`vmsnap pins rm ${pin.pin}\``,
-          ),
-        ),
-      );
-      await fsp.rm(paths.dir, { recursive: true, force: true });
+      await removeStoppedVm(globals(), name);
       if (!globals().json) console.log(`removed VM ${name}`);
     });
 

@@ -17,11 +17,13 @@
  * buffered beyond the chunks not yet fully handed out, so the relay's memory is bounded by the
  * chunk size its caller reads with.
  *
+ * `onRecord` sees every RAM record (PAGE and ZERO) in stream order, e.g. to keep the final image.
+ *
  * Piece lifetime: `raw` buffers and `page.data` are views into the input chunks (or the parser's
  * private buffer for a straddling page); they are valid until the next `push`.
  */
 import { MigStreamParser } from './parser.js';
-import { PAGE_SIZE, type PageRecord, type StreamTail } from './format.js';
+import { PAGE_SIZE, type PageRecord, type StreamPrefix, type StreamTail } from './format.js';
 
 export type RelayPiece = { kind: 'raw'; bytes: Buffer } | { kind: 'page'; record: PageRecord & { data: Buffer; at: number } };
 
@@ -42,6 +44,11 @@ export class MigStreamRelay {
     return this.parser.stats;
   }
 
+  /** The stream's prefix (RAM block list) once parsed. */
+  get prefix(): StreamPrefix | undefined {
+    return this.parser.streamPrefix;
+  }
+
   /** True once device state began: no page can be cut any more (the rest is forwarded as is). */
   get inDeviceState(): boolean {
     return this.parser.inDeviceState;
@@ -51,10 +58,11 @@ export class MigStreamRelay {
    * Parses `chunk` and hands out its pieces: `cut(record)` decides, for each PAGE record in stream
    * order, whether its data becomes a `page` piece (true) or stays inside a `raw` one.
    */
-  push(chunk: Buffer, cut: (record: PageRecord) => boolean, out: (piece: RelayPiece) => void): void {
+  push(chunk: Buffer, cut: (record: PageRecord) => boolean, out: (piece: RelayPiece) => void, onRecord?: (record: PageRecord) => void): void {
     this.held.push(chunk);
     this.parser.push(chunk);
     for (const rec of this.parser.takeBatch()) {
+      onRecord?.(rec);
       if (rec.kind !== 'page' || rec.data === undefined || rec.at === undefined) continue;
       if (!cut(rec)) continue;
       this.emitRaw(rec.at, out);

@@ -4,7 +4,8 @@
  * leaves behind may name a pid the kernel has since given to a stranger.
  *
  *   supervisor   the pid in run/supervisor.pid, counted only while that process really is this
- *                VM's supervisor (its command line is `… __supervise <name> …`)
+ *                VM's supervisor (its command line is `… __supervise <name> …`, or the `receive`
+ *                worker `… __receive-one` that received the VM)
  *   qemus        every live process whose command line names this VM's QMP socket — the QEMU of
  *                the running VM, and any QEMU a dead supervisor left behind
  *
@@ -39,7 +40,10 @@ export function isSupervisorOf(pid: number, name: string): boolean {
   const argv = cmdline(pid);
   if (!argv) return false;
   const i = argv.indexOf('__supervise');
-  return i >= 0 && argv[i + 1] === name;
+  // A `receive` worker becomes the supervisor of the VM it received (migration/incoming.ts); it
+  // cannot name the VM on its command line (unknown when it started), so the pid file naming it —
+  // written by that worker, exclusively — is the claim.
+  return (i >= 0 && argv[i + 1] === name) || argv.includes('__receive-one');
 }
 
 /** Live processes whose command line names `runDir`'s QMP socket (QEMU, or its wrapper before exec). */

@@ -40,6 +40,9 @@ import { diskDir, loadDefinition, loadState, parseDefinition, saveState, vmPaths
 import { UserFacingError } from '../util/errors.js';
 import { resolveForVm } from './selectors.js';
 import { RestoreDataError, verifyRestoreData } from './restore-check.js';
+import { migrateOut, type MigrateOptions, type MigrateResult, type MigrateTarget } from '../migration/outgoing.js';
+import { DepartureRecorder } from '../migration/departure.js';
+import type { PageRecord } from '../migstream/index.js';
 
 export class VmOperationError extends UserFacingError {
   override readonly name = 'VmOperationError';
@@ -120,6 +123,17 @@ export interface RuntimeOptions {
    */
   hydrate?: number;
   log?: (msg: string) => void;
+  /**
+   * Start QEMU waiting for an incoming migration (-incoming defer), paused (-S): the guest runs
+   * only when the migration's COMMIT says so (src/migration/incoming.ts).
+   */
+  incoming?: boolean;
+}
+
+export interface MigrateOutcome extends MigrateResult {
+  /** The snapshot of the guest's state at departure, kept here for the return trip (or null). */
+  departure: string | null;
+  departureError?: string;
 }
 
 export class VmRuntime {
@@ -178,7 +192,7 @@ export class VmRuntime {
         const ref = opts.restore;
         await r.write('restore', () => rt!.restoreLocked(ref, { fromOtherVm: !!opts.restoreFromOtherVm }, r));
       }
-      else await rt.launch(false);
+      else await rt.launch(!!opts.incoming, !!opts.incoming);
       rt.startHydration();
       return rt;
     } catch (err) {
@@ -189,6 +203,103 @@ export class VmRuntime {
       }
       throw err;
     }
+  }
+
+  /** A VM whose QEMU waits, paused, for an incoming migration (its volumes already exist). */
+  static startIncoming(opts: Omit<RuntimeOptions, 'incoming' | 'restore'>): Promise<VmRuntime> {
+    return VmRuntime.start({ ...opts, incoming: true });
+  }
+
+  /**
+   * Moves the running guest to another host (src/migration/outgoing.ts). On success the guest
+   * runs there and QEMU here is stopped in `postmigrate`; with `departure`, its final state is
+   * then stored here as a snapshot (tag `departed`), so a later return trip sends only what
+   * changed. On failure the guest runs on here.
+   */
+  migrate(target: MigrateTarget, o: MigrateOptions & { departure: boolean }): Promise<MigrateOutcome> {
+    return this.exclusive(async () => {
+      const q = this.liveQemu('migrate');
+      const recorder = o.departure ? new DepartureRecorder(this.paths.runDir) : undefined;
+      try {
+        return await this.migrateLocked(q, target, { ...o, ...(recorder ? { recorder } : {}) });
+      } finally {
+        await recorder?.dispose();
+      }
+    });
+  }
+
+  private async migrateLocked(q: QemuProcess, target: MigrateTarget, o: MigrateOptions & { departure: boolean }): Promise<MigrateOutcome> {
+    {
+      const res = await migrateOut(
+        {
+          definition: this.def,
+          qmp: q.qmp,
+          qemu: { version: `${q.version.major}.${q.version.minor}.${q.version.micro}`, machine: q.machine, accel: q.accel },
+          volumes: this.volumes,
+          runDir: this.paths.runDir,
+        },
+        target,
+        o,
+      );
+      let departure: string | null = null;
+      let departureError: string | undefined;
+      if (o.recorder) {
+        try {
+          departure = await this.storeDeparture(q, o.recorder, `state when it moved to ${target.host}:${target.port}`);
+        } catch (err) {
+          departureError = (err as Error).message;
+          this.log(`departure snapshot failed: ${departureError}`);
+        }
+      }
+      return { ...res, departure, ...(departureError ? { departureError } : {}) };
+    }
+  }
+
+  /**
+   * Stores the state the guest left with: the RAM the migration relayed (departure.ts) and the
+   * volumes, whose guest no longer writes (QEMU is in postmigrate). A snapshot like a live take's,
+   * restorable here, and the holdings a return trip is measured against.
+   */
+  private async storeDeparture(q: QemuProcess, rec: DepartureRecorder, message: string): Promise<string> {
+    if (!rec.prefix || !rec.tail) throw new Error('the migration stream was not recorded');
+    const repo = await this.repo();
+    const step = stepper('take');
+    return repo.write('take', async () => {
+      const state = await loadState(this.opts.dataDir, this.def.name);
+      const parent = state.lastSnapshot ? await repo.readSnapshot(state.lastSnapshot).catch(() => null) : null;
+      for (const [name, v] of this.volumes) ensureParentChunks(v, repo, parentDisk(parent, name) ?? v.parent);
+      for (const v of this.volumes.values()) v.freeze();
+      const w = new RamStreamWriter(repo, { spillDir: this.paths.runDir });
+      const streams: StreamRecord[] = [];
+      try {
+        w.onPrefix(rec.prefix!);
+        let batch: PageRecord[] = [];
+        for await (const p of rec.pages()) {
+          batch.push(p.kind === 'page' ? { ...p, data: Buffer.from(p.data!) } : p);
+          if (batch.length >= 256) {
+            await w.onPages(batch);
+            batch = [];
+          }
+        }
+        if (batch.length) await w.onPages(batch);
+        streams.push(...(await w.metaStreams(rec.tail!)), ...w.streams());
+      } finally {
+        await w.close();
+      }
+      const { snap } = await commitSnapshot(repo, this.opts.dataDir, this.def, parent, streams, { tags: ['departed'], message }, step, {
+        meta: {
+          type: 'live',
+          runState: 'running',
+          qemuVersion: `${q.version.major}.${q.version.minor}.${q.version.micro}`,
+          machine: q.machine,
+          accel: q.accel,
+          memoryMiB: this.def.memoryMiB,
+          cpus: this.def.cpus,
+        },
+        withVolume: (name, fn) => fn(this.volumes.get(name)!),
+      });
+      return snap.id;
+    });
   }
 
   private async launch(incoming: boolean, paused = false): Promise<QemuProcess> {

@@ -28,7 +28,9 @@ import * as net from 'node:net';
 import * as path from 'node:path';
 import { readTail } from '../util/fs.js';
 import { projectRoot } from '../util/project.js';
-import { VmRuntime, type RestoreResult, type RuntimeStatus, type TakeOptions, type TakeResult } from './runtime.js';
+import { VmRuntime, type MigrateOutcome, type RestoreResult, type RuntimeStatus, type TakeOptions, type TakeResult } from './runtime.js';
+import type { MigrateTarget } from '../migration/outgoing.js';
+import { loadOrCreateIdentity } from '../migration/identity.js';
 import { vmPaths, type VmPaths } from './config.js';
 import { isSupervisorOf, vmProcesses, waitExited } from './processes.js';
 import type { Repository } from '../store/repository.js';
@@ -48,13 +50,23 @@ export interface SupervisorOps {
   pause: { args: NoArgs; result: null };
   resume: { args: NoArgs; result: null };
   stop: { args: NoArgs; result: { stopping: true } };
+  /** Moves the guest to another host; progress arrives as event lines before the reply. */
+  migrate: { args: { target: MigrateTarget; options: MigrateRequestOptions }; result: MigrateOutcome };
+  'migrate-cancel': { args: NoArgs; result: { cancelled: boolean } };
+}
+
+export interface MigrateRequestOptions {
+  maxDowntimeMs?: number;
+  timeoutMs?: number;
+  compress?: 'auto' | 'zstd' | 'lz4' | 'none';
+  departure: boolean;
 }
 export type SupervisorOp = keyof SupervisorOps;
 export type SupervisorRequest<K extends SupervisorOp = SupervisorOp> = K extends SupervisorOp ? { op: K } & SupervisorOps[K]['args'] : never;
 
 type Reply = { ok: true; result: unknown } | { ok: false; error: ErrorRecord };
 
-const OPS: ReadonlySet<string> = new Set<SupervisorOp>(['status', 'take', 'restore', 'pause', 'resume', 'stop']);
+const OPS: ReadonlySet<string> = new Set<SupervisorOp>(['status', 'take', 'restore', 'pause', 'resume', 'stop', 'migrate', 'migrate-cancel']);
 
 export async function runSupervisor(opts: { dataDir: string; name: string; restore?: string; restoreFromOtherVm?: boolean; hydrate?: number; openRepo: () => Promise<Repository> }): Promise<void> {
   const paths = vmPaths(opts.dataDir, opts.name);
@@ -68,13 +80,23 @@ export async function runSupervisor(opts: { dataDir: string; name: string; resto
     await fsp.rm(paths.supervisorPid, { force: true });
     throw err;
   }
-  // Requests being answered: when QEMU dies under a `take`, its error reply must still reach the
-  // CLI before this process exits (otherwise it only sees the connection close).
-  const inflight = new Set<Promise<void>>();
-  const server = net.createServer((sock) => handle(rt, sock, log, () => void shutdown(), inflight));
+  await serveRuntime(rt, paths, opts.dataDir, log);
+}
+
+/**
+ * Serves a running VM's requests until QEMU exits or `stop`, then exits the process. Used by the
+ * supervisor a `vm start` spawns and by the worker an incoming migration became (its pid file is
+ * already claimed).
+ */
+export async function serveRuntime(rt: VmRuntime, paths: VmPaths, dataDir: string, log: (m: string) => void): Promise<never> {
+  const ctx: HandlerContext = { rt, dataDir, log, stop: () => void shutdown(), inflight: new Set(), migration: null };
+  // Requests being answered (ctx.inflight): when QEMU dies under a `take`, its error reply must
+  // still reach the CLI before this process exits (otherwise it only sees the connection close).
+  const inflight = ctx.inflight;
+  const server = net.createServer((sock) => handle(ctx, sock));
   await fsp.rm(paths.supervisorSocket, { force: true });
   await new Promise<void>((res, rej) => server.once('error', rej).listen(paths.supervisorSocket, () => res()));
-  log(`supervisor ready for ${opts.name}`);
+  log(`supervisor ready for ${rt.def.name}`);
   // One shutdown, awaited by every caller: rt.shutdown() resolves rt.ended, and a second caller
   // returning early let the CLI exit before the pid file was removed (a stale pid file stayed).
   let stopping: Promise<void> | null = null;
@@ -92,6 +114,17 @@ export async function runSupervisor(opts: { dataDir: string; name: string; resto
   process.on('SIGINT', () => void shutdown());
   await rt.ended;
   await shutdown();
+  return process.exit(0);
+}
+
+interface HandlerContext {
+  rt: VmRuntime;
+  dataDir: string;
+  log: (m: string) => void;
+  stop: () => void;
+  inflight: Set<Promise<void>>;
+  /** The migration in progress (one at a time: the runtime serialises it with take/restore). */
+  migration: AbortController | null;
 }
 
 /**
@@ -123,7 +156,8 @@ async function refuseLeftovers(paths: VmPaths, name: string): Promise<void> {
   }
 }
 
-function handle(rt: VmRuntime, sock: net.Socket, log: (m: string) => void, stop: () => void, inflight: Set<Promise<void>>): void {
+function handle(ctx: HandlerContext, sock: net.Socket): void {
+  const { log, inflight } = ctx;
   let buf = '';
   sock.setEncoding('utf8');
   sock.on('error', () => undefined);
@@ -141,7 +175,14 @@ function handle(rt: VmRuntime, sock: net.Socket, log: (m: string) => void, stop:
       try {
         const req = parseRequest(line);
         log(`request ${req.op}`);
-        reply = { ok: true, result: await dispatch(rt, req, stop) };
+        // Events (a migration's progress) go out as lines before the reply.
+        const event = (e: unknown): void => {
+          if (!sock.destroyed) sock.write(JSON.stringify({ event: e }) + '\n');
+        };
+        // The client going away mid-migration (Ctrl-C missed, kill -9 of `vmsnap migrate`) cancels
+        // it: nobody would learn where the guest ended up otherwise.
+        if (req.op === 'migrate') sock.once('close', () => ctx.migration?.abort());
+        reply = { ok: true, result: await dispatch(ctx, req, event) };
       } catch (err) {
         const e = err as Error;
         log(`error: ${e.stack ?? e.message}`);
@@ -172,11 +213,19 @@ export function parseRequest(line: string): SupervisorRequest {
   }
   if (r.op === 'take' && (typeof r.options !== 'object' || r.options === null)) throw new SupervisorError('take: options missing');
   if (r.op === 'restore' && typeof r.snapshot !== 'string') throw new SupervisorError('restore: snapshot missing');
+  if (r.op === 'migrate') {
+    const m = v as { target?: { host?: unknown; port?: unknown; fingerprint?: unknown }; options?: unknown };
+    const t = m.target;
+    if (!t || typeof t.host !== 'string' || typeof t.port !== 'number' || typeof t.fingerprint !== 'string' || typeof m.options !== 'object' || m.options === null) {
+      throw new SupervisorError('migrate: target or options missing');
+    }
+  }
   return r as SupervisorRequest;
 }
 
 /** The result of each request, with the type SupervisorOps gives it. */
-async function dispatch(rt: VmRuntime, req: SupervisorRequest, stop: () => void): Promise<SupervisorOps[SupervisorOp]['result']> {
+async function dispatch(ctx: HandlerContext, req: SupervisorRequest, event: (e: unknown) => void): Promise<SupervisorOps[SupervisorOp]['result']> {
+  const { rt, stop } = ctx;
   switch (req.op) {
     case 'status':
       return rt.status();
@@ -193,6 +242,25 @@ async function dispatch(rt: VmRuntime, req: SupervisorRequest, stop: () => void)
     case 'stop':
       setImmediate(stop);
       return { stopping: true };
+    case 'migrate': {
+      if (ctx.migration) throw new SupervisorError(`VM ${rt.def.name} is already being migrated`);
+      const abort = new AbortController();
+      ctx.migration = abort;
+      try {
+        const identity = await loadOrCreateIdentity(ctx.dataDir);
+        const r = await rt.migrate(req.target, { ...req.options, identity, signal: abort.signal, onEvent: event });
+        // The guest runs on the destination: this QEMU (postmigrate) and supervisor end here.
+        setImmediate(stop);
+        return r;
+      } finally {
+        ctx.migration = null;
+      }
+    }
+    case 'migrate-cancel': {
+      const m = ctx.migration;
+      m?.abort();
+      return { cancelled: m !== null };
+    }
   }
 }
 
@@ -201,7 +269,12 @@ async function dispatch(rt: VmRuntime, req: SupervisorRequest, stop: () => void)
  * it is not running or does not answer, and the supervisor's own error rebuilt as a RemoteError
  * (same name, message, step, user-facing and retryable verdicts) when the request failed there.
  */
-export async function callSupervisor<K extends SupervisorOp>(paths: VmPaths, req: SupervisorRequest<K>, timeoutMs = 600_000): Promise<SupervisorOps[K]['result']> {
+export async function callSupervisor<K extends SupervisorOp>(
+  paths: VmPaths,
+  req: SupervisorRequest<K>,
+  timeoutMs = 600_000,
+  onEvent?: (e: unknown) => void,
+): Promise<SupervisorOps[K]['result']> {
   type T = SupervisorOps[K]['result'];
   if (!existsSync(paths.supervisorSocket)) throw new SupervisorError(`VM ${path.basename(paths.dir)} is not running`);
   return new Promise<T>((resolve, reject) => {
@@ -213,7 +286,19 @@ export async function callSupervisor<K extends SupervisorOp>(paths: VmPaths, req
     }, timeoutMs);
     sock.setEncoding('utf8');
     sock.on('connect', () => sock.write(JSON.stringify(req) + '\n'));
-    sock.on('data', (d: string) => (buf += d));
+    sock.on('data', (d: string) => {
+      buf += d;
+      // Event lines (`{"event":…}`) precede the reply, which is the last line.
+      for (let nl = buf.indexOf('\n'); nl >= 0 && buf.startsWith('{"event"'); nl = buf.indexOf('\n')) {
+        const line = buf.slice(0, nl);
+        buf = buf.slice(nl + 1);
+        try {
+          onEvent?.((JSON.parse(line) as { event: unknown }).event);
+        } catch {
+          // a damaged progress line is dropped; the reply decides the outcome
+        }
+      }
+    });
     sock.on('error', (err: NodeJS.ErrnoException) => {
       clearTimeout(timer);
       reject(new SupervisorError(err.code === 'ECONNREFUSED' || err.code === 'ENOENT' ? `VM ${path.basename(paths.dir)} is not running` : `supervisor: ${err.message}`));

@@ -1,0 +1,92 @@
+/**
+ * The guest's state at departure, kept on the source for the return trip.
+ *
+ * After a migration QEMU refuses to migrate again ("paused due to previous migration"), so the
+ * final RAM cannot be captured from it. The relay, though, sees every RAM record QEMU sends, and
+ * the last record of each page is its final content: the recorder writes each one into an image
+ * file (one region per RAM block, sparse: a page never sent non-zero stays a hole), and keeps the
+ * stream's prefix and device state. Once the destination runs the guest, the image is stored as a
+ * snapshot with the volumes (whose guest is stopped), off the critical path of the move.
+ */
+import { closeSync, openSync, writeSync, constants as fsc } from 'node:fs';
+import { promises as fsp } from 'node:fs';
+import * as path from 'node:path';
+import { randomBytes } from 'node:crypto';
+import { PAGE_SIZE, type PageRecord, type RebuildPage, type StreamPrefix, type StreamTail } from '../migstream/index.js';
+import { isAllZero } from '../store/hash.js';
+
+const ZERO_PAGE = Buffer.alloc(PAGE_SIZE);
+
+export class DepartureRecorder {
+  private fd: number | null = null;
+  private bases: number[] = [];
+  /** One bit per page: written non-zero at some point (a later ZERO record must then overwrite it). */
+  private nonZero: Uint8Array = new Uint8Array(0);
+  prefix: StreamPrefix | null = null;
+  tail: StreamTail | null = null;
+  readonly file: string;
+
+  constructor(dir: string) {
+    this.file = path.join(dir, `departure-${randomBytes(6).toString('hex')}.ram`);
+  }
+
+  /** Called for every RAM record, in stream order (synchronously: the page data is a view). */
+  record(prefix: StreamPrefix | undefined, rec: PageRecord): void {
+    if (!prefix) return;
+    if (this.fd === null) {
+      this.prefix = prefix;
+      let b = 0;
+      this.bases = prefix.blocks.map((x) => {
+        const at = b;
+        b += x.usedLength;
+        return at;
+      });
+      this.nonZero = new Uint8Array(Math.ceil(b / PAGE_SIZE / 8));
+      this.fd = openSync(this.file, fsc.O_CREAT | fsc.O_EXCL | fsc.O_RDWR | fsc.O_NOFOLLOW, 0o600);
+    }
+    const pos = this.bases[rec.block]! + rec.offset;
+    const page = pos / PAGE_SIZE;
+    const bit = 1 << (page & 7);
+    if (rec.kind === 'page' && rec.data) {
+      writeSync(this.fd, rec.data, 0, PAGE_SIZE, pos);
+      this.nonZero[page >>> 3]! |= bit;
+    } else if (this.nonZero[page >>> 3]! & bit) {
+      writeSync(this.fd, ZERO_PAGE, 0, PAGE_SIZE, pos);
+      this.nonZero[page >>> 3]! &= ~bit;
+    }
+  }
+
+  finish(tail: StreamTail): void {
+    this.tail = tail;
+  }
+
+  /** The final RAM, page by page in block order, for a RamStreamWriter. */
+  async *pages(): AsyncGenerator<PageRecord> {
+    if (!this.prefix) return;
+    const fh = await fsp.open(this.file, 'r');
+    try {
+      const buf = Buffer.allocUnsafe(1 << 20);
+      for (let bi = 0; bi < this.prefix.blocks.length; bi++) {
+        const len = this.prefix.blocks[bi]!.usedLength;
+        for (let off = 0; off < len; off += buf.length) {
+          const n = Math.min(buf.length, len - off);
+          const { bytesRead } = await fh.read(buf, 0, n, this.bases[bi]! + off);
+          buf.fill(0, bytesRead, n);
+          for (let p = 0; p < n; p += PAGE_SIZE) {
+            const data = buf.subarray(p, p + PAGE_SIZE);
+            if (isAllZero(data)) yield { block: bi, offset: off + p, kind: 'zero' };
+            else yield { block: bi, offset: off + p, kind: 'page', data };
+          }
+        }
+      }
+    } finally {
+      await fh.close();
+    }
+  }
+
+  async dispose(): Promise<void> {
+    if (this.fd !== null) closeSync(this.fd);
+    this.fd = null;
+    await fsp.rm(this.file, { force: true });
+  }
+}

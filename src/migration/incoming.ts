@@ -1,0 +1,479 @@
+/**
+ * The destination side of a live migration: one worker process per incoming connection (spawned
+ * by `vmsnap receive`, receiver.ts), which becomes the VM's supervisor once the guest runs here —
+ * the process that received the volumes and started QEMU keeps owning them, as a supervisor must.
+ *
+ * It follows the receiver state machine of protocol.ts. Until COMMIT, everything it creates is
+ * provisional and removed on any failure: the VM directory carries an `incoming` marker (with this
+ * process's pid) from its creation until the guest runs, so `vm start` refuses it and a marker
+ * whose process is gone (kill -9) is swept by the next `receive`.
+ */
+import { promises as fsp, constants as fsc, existsSync } from 'node:fs';
+import type { FileHandle } from 'node:fs/promises';
+import * as net from 'node:net';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import { createHash } from 'node:crypto';
+import { acceptServerChannel, FrameError, type SecureChannel } from './channel.js';
+import { listPeers, type HostIdentity } from './identity.js';
+import {
+  BLOCK_HASH_BYTES,
+  jsonBody,
+  MigrationError,
+  MSG,
+  PAGE_HASH_BYTES,
+  parseJsonBody,
+  readDiskMessage,
+  receiverNext,
+  type MigrationPhase,
+  type MigrationRequest,
+  type PreflightReply,
+  type ReceiverState,
+} from './protocol.js';
+import { chooseHeldSnapshot, loadHoldings, noHoldings, releaseHoldings, type Holdings } from './holdings.js';
+import { decode } from '../store/codec.js';
+import { PAGE_SIZE } from '../migstream/index.js';
+import type { Repository } from '../store/repository.js';
+import { detectQemu } from '../hypervisor/qemu.js';
+import { Volume } from '../cow/volume.js';
+import { cloneVolume } from '../cow/snapshot.js';
+import { releaseBasePin, readBasePin } from '../cow/base-pin.js';
+import { repositoryPinner } from '../store/pins.js';
+import { checkVmPathsFit, diskDir, parseDefinition, saveDefinition, saveState, vmPaths, type VmDefinition, type VmPaths } from '../vm/config.js';
+import { VmRuntime } from '../vm/runtime.js';
+import { processAlive } from '../util/process.js';
+
+export const INCOMING_MARKER = 'incoming';
+
+/** Devices that cannot move with a guest, by the QEMU argument that adds them. */
+const UNMIGRATABLE: ReadonlyArray<[RegExp, string]> = [
+  [/vfio/i, 'a VFIO passthrough device (its state lives in the host hardware)'],
+  [/vhost-user-fs|virtiofs/i, 'a virtiofs share (its files are on the source host)'],
+  [/virgl|gl=on/i, 'virgl 3D acceleration (GPU state cannot migrate)'],
+];
+
+export interface IncomingOptions {
+  dataDir: string;
+  identity: HostIdentity;
+  openRepo: () => Promise<Repository>;
+  log: (msg: string) => void;
+}
+
+/** What the worker hands back once the guest runs here: the runtime to serve as its supervisor. */
+export interface Received {
+  runtime: VmRuntime;
+  paths: VmPaths;
+}
+
+class Refusal extends Error {}
+
+/** Serves one incoming connection to its end: the guest running here, or nothing left behind. */
+export async function receiveOne(sock: net.Socket, o: IncomingOptions): Promise<Received | null> {
+  const peers = await listPeers(o.dataDir);
+  let ch: SecureChannel;
+  try {
+    ch = await acceptServerChannel(sock, {
+      identity: o.identity,
+      authorize: (fp) => (peers.some((p) => p.fingerprint === fp) ? true : `host key ${fp} is not paired with this host (run \`vmsnap peer add\` here)`),
+    });
+  } catch (err) {
+    o.log(`refused a connection from ${sock.remoteAddress ?? '?'}: ${(err as Error).message}`);
+    sock.destroy();
+    return null;
+  }
+  const peer = peers.find((p) => p.fingerprint === ch.peerFingerprint)!;
+  o.log(`connection from ${peer.name} (${sock.remoteAddress ?? '?'})`);
+  // An object, not a `let`: the state changes inside `next`, which TypeScript's narrowing cannot see.
+  const sm: { state: ReceiverState } = { state: 'AwaitRequest' };
+  let phase: MigrationPhase = 'preflight';
+  let paths: VmPaths | null = null;
+  let created = false;
+  let rt: VmRuntime | null = null;
+  let holdings: Holdings = noHoldings();
+  let repo: Repository | null = null;
+  const next = async (): Promise<{ type: number; body: Buffer }> => {
+    const m = await ch.receive();
+    if (m === null) throw new MigrationError(phase, 'the source closed the connection', true);
+    sm.state = receiverNext(sm.state, m.type);
+    if (sm.state === 'Discarded') throw new MigrationError(phase, `the source aborted: ${String(parseJsonBody<{ message?: string }>(m.body, 'ABORT').message)}`, true);
+    return m;
+  };
+  try {
+    const reqMsg = await next();
+    const req = checkRequest(parseJsonBody<MigrationRequest>(reqMsg.body, 'REQUEST'));
+    paths = vmPaths(o.dataDir, req.vm);
+    let pre: { reply: PreflightReply; def: VmDefinition };
+    try {
+      pre = await preflight(req, o.dataDir, paths);
+    } catch (err) {
+      if (!(err instanceof Refusal)) throw err;
+      o.log(`refused ${req.vm} from ${peer.name}: ${err.message}`);
+      await ch.send(MSG.REFUSE, jsonBody({ message: err.message }));
+      await ch.close();
+      return null;
+    }
+    // The VM's directory is ours from here: created exclusively, marked incoming.
+    await fsp.mkdir(path.dirname(paths.dir), { recursive: true, mode: 0o700 });
+    try {
+      await fsp.mkdir(paths.dir, { mode: 0o700 });
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === 'EEXIST') throw new MigrationError('preflight', `a VM named ${req.vm} already exists on the destination`, false);
+      throw err;
+    }
+    created = true;
+    await fsp.writeFile(path.join(paths.dir, INCOMING_MARKER), `${process.pid}\n`, { mode: 0o600 });
+    await fsp.mkdir(paths.runDir, { recursive: true, mode: 0o700 });
+    await fsp.writeFile(paths.supervisorPid, String(process.pid), { flag: 'wx', mode: 0o600 });
+
+    repo = await o.openRepo();
+    const held = req.wantHaves ? await chooseHeldSnapshot(repo, req.vm, req.disks) : null;
+    const usable = held && req.disks.every((d) => d.blockSize === repo!.chunkSize) ? held : null;
+    await fsp.mkdir(paths.disksDir, { recursive: true, mode: 0o700 });
+    for (const d of req.disks) {
+      const dir = diskDir(paths, d.name);
+      const base = usable?.streams.find((x) => x.kind === 'disk' && x.name === d.name);
+      const v = base
+        ? await cloneVolume(dir, base, { store: repo, pin: { pinner: repositoryPinner(repo, o.dataDir), snapshot: usable!.id, holder: `${req.vm}/${d.name}` } })
+        : await Volume.create(dir, { size: d.size, blockSize: d.blockSize });
+      await v.close();
+    }
+    const needFiles = req.files.map((f, i) => ({ f, i })).filter(({ f }) => !pre.def[f.role] || pre.def[f.role] !== f.path).map(({ i }) => i);
+    pre.reply.base = usable?.id ?? null;
+    pre.reply.needFiles = needFiles;
+    await saveDefinition(o.dataDir, pre.def);
+    await saveState(o.dataDir, req.vm, { lastSnapshot: usable?.id ?? null });
+    await ch.send(MSG.PREFLIGHT, jsonBody(pre.reply));
+
+    phase = 'files';
+    const files = new Map<number, FileHandle>();
+    try {
+      for (;;) {
+        const m = await next();
+        if (m.type === MSG.FILE_END) break;
+        const idx = m.body[0]!;
+        if (!needFiles.includes(idx)) throw new FrameError('record', `file #${idx} was not asked for`);
+        let fh = files.get(idx);
+        if (!fh) {
+          const f = req.files[idx]!;
+          const dest = path.join(paths.dir, f.role);
+          fh = await fsp.open(dest, fsc.O_CREAT | fsc.O_EXCL | fsc.O_WRONLY | fsc.O_NOFOLLOW, 0o600);
+          files.set(idx, fh);
+          pre.def[f.role] = dest;
+        }
+        await fh.write(m.body.subarray(1));
+      }
+    } finally {
+      for (const fh of files.values()) await fh.close();
+    }
+    for (const idx of needFiles) {
+      const f = req.files[idx]!;
+      const got = await sha256File(pre.def[f.role]!);
+      if (got !== f.sha256) throw new MigrationError('files', `${f.role} arrived damaged (sha256 ${got}, expected ${f.sha256})`, true);
+    }
+    if (needFiles.length) await saveDefinition(o.dataDir, pre.def);
+
+    phase = 'haves';
+    holdings = await loadHoldings(repo, usable, req.disks, paths.runDir);
+    await sendHoldings(ch, holdings, req);
+    o.log(`${req.vm}: holding ${holdings.pages.size} pages and ${usable ? 'disks of ' + usable.id.slice(0, 12) : 'no disks'}`);
+
+    // QEMU waits for the stream, paused (-S): it runs only on COMMIT.
+    phase = 'ram';
+    const runtime = await VmRuntime.startIncoming({ dataDir: o.dataDir, name: req.vm, openRepo: () => Promise.resolve(repo!), log: o.log });
+    rt = runtime;
+    const q = runtime.qemu!;
+    const inSock = path.join(paths.runDir, 'mig-in.sock');
+    await q.qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'events', state: true }] });
+    await q.qmp.execute('migrate-incoming', { uri: `unix:${inSock}`, 'exit-on-error': false });
+    const qemuIn = await connectUnix(inSock);
+    const volumes = req.disks.map((d) => runtime.volumes.get(d.name)!);
+
+    phase = 'disk';
+    let qemuBytes = 0;
+    for (;;) {
+      const m = await next();
+      switch (m.type) {
+        case MSG.DISK_DATA:
+        case MSG.DISK_ZERO:
+        case MSG.DISK_REF: {
+          phase = 'disk';
+          const d = readDiskMessage(m.type, m.body);
+          const v = volumes[d.disk];
+          if (!v) throw new FrameError('record', `disk #${d.disk} does not exist`);
+          const bs = v.blockSize;
+          if (d.kind === 'zero') {
+            if (d.block + d.count > Math.ceil(v.size / bs)) throw new FrameError('record', 'zero run beyond the disk');
+            await v.writeZeroes(d.block * bs, Math.min(d.count * bs, v.size - d.block * bs));
+          } else {
+            const len = v.blockLen(d.block);
+            const data = d.kind === 'data' ? decode(d.codec, d.payload, len) : await repo.getChunk(heldChunkId(holdings, d.hash), len);
+            await v.write(d.block * bs, data);
+          }
+          break;
+        }
+        case MSG.RAM_RAW: {
+          phase = 'ram';
+          if (m.body.length < 5) throw new FrameError('record', 'malformed RAM_RAW');
+          const bytes = decode(m.body[0]!, m.body.subarray(5), m.body.readUInt32BE(1));
+          qemuBytes += bytes.length;
+          await writeAll(qemuIn, bytes);
+          break;
+        }
+        case MSG.RAM_REF: {
+          phase = 'ram';
+          if (m.body.length % PAGE_HASH_BYTES) throw new FrameError('record', 'malformed RAM_REF');
+          const pages = await readHeldPages(holdings, m.body);
+          qemuBytes += pages.length;
+          await writeAll(qemuIn, pages);
+          break;
+        }
+        case MSG.RAM_END:
+          qemuIn.end();
+          break;
+        case MSG.SENT_ALL:
+          break;
+      }
+      if (sm.state === 'AwaitCommit') break;
+    }
+
+    phase = 'switchover';
+    for (const v of volumes) await v.flush();
+    await waitLoaded(q.qmp);
+    o.log(`${req.vm}: guest state loaded (${qemuBytes} stream bytes), waiting for COMMIT`);
+    await ch.send(MSG.READY);
+
+    phase = 'commit';
+    await next(); // COMMIT (the state machine accepts nothing else)
+    await q.qmp.execute('cont');
+    const st = await q.qmp.execute<{ status: string }>('query-status');
+    await fsp.rm(path.join(paths.dir, INCOMING_MARKER), { force: true });
+    await ch.send(MSG.RUNNING, jsonBody({ state: st.status }));
+    await ch.close();
+    await releaseHoldings(holdings);
+    o.log(`${req.vm}: running here (${st.status})`);
+    return { runtime, paths };
+  } catch (err) {
+    const e = err as Error;
+    o.log(`incoming migration failed in phase ${phase}: ${e.stack ?? e.message}`);
+    if (sm.state !== 'Running') {
+      await ch.send(MSG.ABORT, jsonBody({ phase, message: `destination: ${e.message}` })).catch(() => undefined);
+      ch.destroy();
+      await discard(rt, paths, created, repo, o, holdings);
+    }
+    throw err;
+  }
+}
+
+function checkRequest(r: MigrationRequest): MigrationRequest {
+  const ok =
+    typeof r.vm === 'string' &&
+    typeof r.definition === 'object' &&
+    r.definition !== null &&
+    Array.isArray(r.disks) &&
+    r.disks.every((d) => typeof d.name === 'string' && Number.isSafeInteger(d.size) && Number.isSafeInteger(d.blockSize) && d.size > 0 && d.blockSize > 0) &&
+    Array.isArray(r.files) &&
+    r.files.length <= 8 &&
+    typeof r.memoryMiB === 'number' &&
+    typeof r.qemu === 'object';
+  if (!ok) throw new FrameError('record', 'malformed REQUEST message');
+  return r;
+}
+
+/** Whether this host can run the guest; a Refusal names why not, before anything is created. */
+async function preflight(req: MigrationRequest, dataDir: string, paths: VmPaths): Promise<{ reply: PreflightReply; def: VmDefinition }> {
+  try {
+    checkVmPathsFit(dataDir, req.vm);
+  } catch (err) {
+    throw new Refusal((err as Error).message);
+  }
+  if (existsSync(paths.dir)) throw new Refusal(`a VM named ${req.vm} already exists on this host`);
+  let def: VmDefinition;
+  try {
+    def = parseDefinition(JSON.stringify(req.definition), 'the migration request');
+  } catch (err) {
+    throw new Refusal(`the VM definition is not usable here: ${(err as Error).message}`);
+  }
+  if (def.name !== req.vm) throw new Refusal('the VM definition names another VM');
+  for (const a of def.qemuArgs) {
+    for (const [re, what] of UNMIGRATABLE) if (re.test(a)) throw new Refusal(`the guest has ${what}; it cannot be migrated live (stop it and use \`migrate --cold\`)`);
+  }
+  if (def.qemuArgs.length) throw new Refusal(`the VM has extra QEMU arguments (${def.qemuArgs.join(' ')}), which may name host resources of the source; live migration refuses them`);
+  const qemu = await detectQemu().catch((err: Error) => {
+    throw new Refusal(`no usable QEMU here: ${err.message}`);
+  });
+  const [srcMajor, srcMinor] = req.qemu.version.split('.').map(Number);
+  if (qemu.version.major !== srcMajor || qemu.version.minor !== srcMinor) {
+    throw new Refusal(`the source runs QEMU ${req.qemu.version}, this host has ${qemu.version.major}.${qemu.version.minor}.${qemu.version.micro}: the migration stream is only checked between equal QEMU versions`);
+  }
+  if (req.cpu.model === 'host') {
+    const here = await fsp.readFile('/proc/cpuinfo', 'utf8').catch(() => '');
+    const flags = /^flags\s*:\s*(.*)$/m.exec(here)?.[1] ?? '';
+    if (createHash('sha256').update(flags).digest('hex').slice(0, 16) !== req.cpu.flagsDigest) {
+      throw new Refusal(`the guest uses the source's CPU as is (host-passthrough, ${req.cpu.hostModel}) and this host's CPU differs; it cannot resume here`);
+    }
+  }
+  const memAvail = await availableMemory();
+  if (memAvail !== null && memAvail < req.memoryMiB * 1024 * 1024 + (256 << 20)) {
+    throw new Refusal(`the guest needs ${req.memoryMiB} MiB of memory and this host has ${Math.floor(memAvail / 1048576)} MiB available`);
+  }
+  const fs = await fsp.statfs(dataDir).catch(() => null);
+  if (fs) {
+    const free = fs.bavail * fs.bsize;
+    const need = req.allocatedBytes + req.files.reduce((a, f) => a + f.size, 0) + (64 << 20);
+    if (free < need) throw new Refusal(`the disks need up to ${Math.ceil(need / 1048576)} MiB and ${dataDir} has ${Math.floor(free / 1048576)} MiB free`);
+  }
+  // Kernel/initrd: reused when this host has the same file at the same path, else sent.
+  for (const f of req.files) {
+    const same = existsSync(f.path) && (await sha256File(f.path).catch(() => '')) === f.sha256;
+    if (!same) def[f.role] = undefined;
+  }
+  return { reply: { base: null, needFiles: [], qemuVersion: `${qemu.version.major}.${qemu.version.minor}.${qemu.version.micro}`, accel: 'auto' }, def: { ...def, created: def.created } };
+}
+
+async function availableMemory(): Promise<number | null> {
+  const m = /^MemAvailable:\s+(\d+) kB/m.exec(await fsp.readFile('/proc/meminfo', 'utf8').catch(() => ''));
+  return m ? Number(m[1]) * 1024 : os.freemem();
+}
+
+async function sha256File(p: string): Promise<string> {
+  const h = createHash('sha256');
+  const fh = await fsp.open(p, fsc.O_RDONLY | fsc.O_NOFOLLOW);
+  try {
+    for await (const c of fh.createReadStream()) h.update(c as Buffer);
+  } finally {
+    await fh.close().catch(() => undefined);
+  }
+  return h.digest('hex');
+}
+
+async function sendHoldings(ch: SecureChannel, h: Holdings, req: MigrationRequest): Promise<void> {
+  if (h.pages.size) {
+    const per = (1 << 20) / PAGE_HASH_BYTES;
+    let batch: Buffer[] = [];
+    for (const key of h.pages.keys()) {
+      batch.push(Buffer.from(key, 'latin1'));
+      if (batch.length === per) {
+        await ch.send(MSG.HAVE_RAM, Buffer.concat(batch));
+        batch = [];
+      }
+    }
+    if (batch.length) await ch.send(MSG.HAVE_RAM, Buffer.concat(batch));
+  }
+  if (h.plainBlockIds) {
+    const per = ((1 << 20) - 6) / BLOCK_HASH_BYTES;
+    for (let di = 0; di < req.disks.length; di++) {
+      const s = h.disks.get(req.disks[di]!.name);
+      if (!s) continue;
+      const n = s.chunks.length / BLOCK_HASH_BYTES;
+      for (let first = 0; first < n; first += per) {
+        const k = Math.min(per, n - first);
+        const head = Buffer.alloc(6);
+        head.writeUInt16BE(di, 0);
+        head.writeUInt32BE(first, 2);
+        await ch.send(MSG.HAVE_DISK, Buffer.concat([head, s.chunks.subarray(first * BLOCK_HASH_BYTES, (first + k) * BLOCK_HASH_BYTES)]));
+      }
+    }
+  }
+  await ch.send(MSG.HAVE_END);
+}
+
+/** A referenced block's chunk id: the hash itself (plain ids), after checking it is one we advertised. */
+function heldChunkId(h: Holdings, hash: Buffer): Buffer {
+  if (!h.plainBlockIds) throw new FrameError('record', 'a disk reference, but this host advertised no disk blocks');
+  if (!h.blockSet) {
+    h.blockSet = new Set();
+    for (const s of h.disks.values()) for (let i = 0; i < s.chunks.length; i += BLOCK_HASH_BYTES) h.blockSet.add(s.chunks.toString('latin1', i, i + BLOCK_HASH_BYTES));
+  }
+  if (!h.blockSet.has(hash.toString('latin1'))) throw new FrameError('record', 'a disk reference to a block this host did not advertise');
+  return hash;
+}
+
+async function readHeldPages(h: Holdings, hashes: Buffer): Promise<Buffer> {
+  const n = hashes.length / PAGE_HASH_BYTES;
+  const out = Buffer.allocUnsafe(n * PAGE_SIZE);
+  if (!h.pageFile) throw new FrameError('record', 'a page reference, but this host advertised no pages');
+  const reads: Promise<unknown>[] = [];
+  for (let i = 0; i < n; i++) {
+    const pos = h.pages.get(hashes.toString('latin1', i * PAGE_HASH_BYTES, (i + 1) * PAGE_HASH_BYTES));
+    if (pos === undefined) throw new FrameError('record', 'a page reference to a page this host did not advertise');
+    reads.push(h.pageFile.handle.read(out, i * PAGE_SIZE, PAGE_SIZE, pos));
+    if (reads.length >= 64) await Promise.all(reads.splice(0));
+  }
+  await Promise.all(reads);
+  return out;
+}
+
+function connectUnix(p: string): Promise<net.Socket> {
+  return new Promise((resolve, reject) => {
+    const s = net.connect(p);
+    s.once('connect', () => resolve(s));
+    s.once('error', reject);
+  });
+}
+
+function writeAll(s: net.Socket, b: Buffer): Promise<void> {
+  if (s.destroyed) return Promise.reject(new Error('QEMU closed its incoming migration socket'));
+  if (s.write(b)) return Promise.resolve();
+  return new Promise((resolve, reject) => {
+    const done = (err?: Error) => {
+      s.off('drain', ok);
+      s.off('close', closed);
+      if (err) reject(err);
+      else resolve();
+    };
+    const ok = () => done();
+    const closed = () => done(new Error('QEMU closed its incoming migration socket'));
+    s.once('drain', ok);
+    s.once('close', closed);
+  });
+}
+
+interface IncomingInfo {
+  status?: string;
+  'error-desc'?: string;
+}
+
+/** Waits until QEMU has loaded the whole stream (paused, -S); its own error if it failed. */
+async function waitLoaded(qmp: { execute<T>(cmd: string, args?: Record<string, unknown>): Promise<T> }): Promise<void> {
+  const deadline = Date.now() + 120_000;
+  for (;;) {
+    const m = await qmp.execute<IncomingInfo>('query-migrate');
+    if (m.status === 'completed') return;
+    if (m.status === 'failed' || m.status === 'cancelled') throw new Error(`QEMU could not load the guest state: ${m['error-desc'] ?? m.status}`);
+    if (Date.now() > deadline) throw new Error(`QEMU did not finish loading the guest state within 120 s (status ${m.status ?? '?'})`);
+    await new Promise((r) => setTimeout(r, 5));
+  }
+}
+
+/** Removes everything an unfinished incoming migration created here. */
+async function discard(rt: VmRuntime | null, paths: VmPaths | null, created: boolean, repo: Repository | null, o: IncomingOptions, h: Holdings): Promise<void> {
+  await releaseHoldings(h).catch(() => undefined);
+  if (rt) await rt.shutdown().catch(() => undefined);
+  if (!paths || !created) return;
+  if (repo) {
+    for (const disk of await fsp.readdir(paths.disksDir).catch(() => [] as string[])) {
+      const dir = diskDir(paths, disk);
+      if (await readBasePin(dir).catch(() => null)) await releaseBasePin(dir, repositoryPinner(repo, o.dataDir)).catch(() => undefined);
+    }
+  }
+  await fsp.rm(paths.dir, { recursive: true, force: true });
+}
+
+/**
+ * Removes VM directories left by incoming migrations whose worker died (kill -9, power loss): the
+ * marker names a pid that is no longer alive. Returns the VMs removed.
+ */
+export async function sweepAbandonedIncoming(dataDir: string, repo: Repository | null, log: (m: string) => void): Promise<string[]> {
+  const removed: string[] = [];
+  const vmsDir = path.join(dataDir, 'vms');
+  for (const name of await fsp.readdir(vmsDir).catch(() => [] as string[])) {
+    const marker = path.join(vmsDir, name, INCOMING_MARKER);
+    const pid = Number((await fsp.readFile(marker, 'utf8').catch(() => '')).trim());
+    if (!pid || processAlive(pid)) continue;
+    const paths = vmPaths(dataDir, name);
+    await discard(null, paths, true, repo, { dataDir, identity: null as unknown as HostIdentity, openRepo: () => Promise.reject(new Error('unused')), log }, noHoldings());
+    log(`removed ${name}: an incoming migration into it was interrupted (worker pid ${pid} is gone)`);
+    removed.push(name);
+  }
+  return removed;
+}

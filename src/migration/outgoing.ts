@@ -1,0 +1,707 @@
+/**
+ * The source side of a live migration (protocol.ts has the sequence diagram). It runs inside the
+ * VM's supervisor, which owns the QEMU and the volumes being moved.
+ *
+ * Three streams share one channel, each with its own pace:
+ *   - RAM: QEMU migrates into a unix socket we listen on; one loop reads it, cuts it
+ *     (MigStreamRelay) and sends each piece before reading on. No queue between QEMU and the
+ *     link: when the link is slow, `send` waits, we stop reading, QEMU's writes block, and QEMU's
+ *     own bandwidth estimate sees the link as it is (../shared/README.md "Relayed live
+ *     migration": an unbounded queue let QEMU "complete" and then kept the guest paused 10.9 s).
+ *   - disks: a named dirty bitmap per volume ('migration', cow/dirty-bitmap.ts) starts with every
+ *     block marked; rounds drain it while the guest runs; the last round runs after QEMU has
+ *     stopped the guest (migration completed), when no write can come any more.
+ *   - control: a reader loop takes the destination's messages (ABORT, READY, RUNNING).
+ *
+ * What QEMU cannot know: referenced and compressed pages cost the link less than QEMU counts, so
+ * its estimate of the final copy is too optimistic and it switches over with too much left (2.6×
+ * the downtime limit, measured). We measure the link ourselves (bytes the channel wrote per
+ * second) and set `avail-switchover-bandwidth` to it while we dedup or compress.
+ *
+ * Failure before COMMIT → QEMU's migration is cancelled (or, if it had completed, the guest is
+ * resumed with `cont`), an ABORT goes to the destination, and the guest runs on here. After COMMIT
+ * without RUNNING, the guest stays paused here: the destination may be running it.
+ */
+import * as net from 'node:net';
+import * as path from 'node:path';
+import { promises as fsp, createReadStream } from 'node:fs';
+import { createHash, randomBytes } from 'node:crypto';
+import { blake3 } from '@napi-rs/blake-hash';
+import { MigStreamRelay, PAGE_SIZE, type PageRecord, type RelayPiece } from '../migstream/index.js';
+import type { DepartureRecorder } from './departure.js';
+import type { QmpClient } from '../hypervisor/qmp.js';
+import type { Volume } from '../cow/volume.js';
+import type { DirtyBitmap } from '../cow/dirty-bitmap.js';
+import { CODECS, encode, type CodecId } from '../store/codec.js';
+import { isZeroBuffer } from '../cow/chunk-store.js';
+import { openClientChannel, type SecureChannel, type Message } from './channel.js';
+import type { HostIdentity } from './identity.js';
+import {
+  BLOCK_HASH_BYTES,
+  diskHeader,
+  jsonBody,
+  MigrationError,
+  MigrationRefusedError,
+  MSG,
+  PAGE_HASH_BYTES,
+  parseJsonBody,
+  type AbortMessage,
+  type FileOffer,
+  type MigrationPhase,
+  type MigrationRequest,
+  type PreflightReply,
+} from './protocol.js';
+import { pageHash } from './holdings.js';
+import type { VmDefinition } from '../vm/config.js';
+
+export interface SourceVm {
+  definition: VmDefinition;
+  qmp: QmpClient;
+  qemu: { version: string; machine: string; accel: string };
+  volumes: ReadonlyMap<string, Volume>;
+  runDir: string;
+}
+
+export interface MigrateTarget {
+  host: string;
+  port: number;
+  /** The destination's pinned key fingerprint (`vmsnap peer add`). */
+  fingerprint: string;
+}
+
+export interface MigrateOptions {
+  identity: HostIdentity;
+  /** The guest pause allowed at most, ms; the downtime limit starts lower and rises to it. */
+  maxDowntimeMs?: number;
+  /** Abort (guest keeps running here) when not converged by then, ms. */
+  timeoutMs?: number;
+  compress?: 'auto' | 'zstd' | 'lz4' | 'none';
+  signal?: AbortSignal;
+  onEvent?: (e: MigrationEvent) => void;
+  /** Keeps the final RAM as it is relayed (departure.ts), for a snapshot of the state at departure. */
+  recorder?: DepartureRecorder;
+}
+
+export interface MigrationEvent {
+  phase: MigrationPhase | 'done';
+  /** QEMU's dirty-sync count: the RAM round. */
+  round: number;
+  diskRound: number;
+  ramTransferred: number;
+  ramRemaining: number;
+  /** Bytes per second the guest dirties (QEMU's estimate). */
+  dirtyRate: number;
+  /** Bytes per second the link carries (measured here). */
+  linkRate: number;
+  /** Bytes written to the link so far. */
+  bytesSent: number;
+  /** Bytes not sent thanks to references, zero blocks and compression. */
+  bytesSaved: number;
+  /** Rough time to completion at the current rates, ms (null when unknown / not converging). */
+  etaMs: number | null;
+  downtimeLimitMs: number;
+}
+
+export interface MigrateResult {
+  totalMs: number;
+  /** QEMU's downtime figure (source side: ends when the source wrote its last byte). */
+  qemuDowntimeMs: number | null;
+  /** Source stop (QMP STOP event) to the destination's RUNNING reply: the pause the guest saw, at most. */
+  pauseMs: number | null;
+  bytesSent: number;
+  bytesSaved: number;
+  qemuBytes: number;
+  ramRefs: number;
+  diskBlocksSent: number;
+  diskBlocksSkipped: number;
+  rounds: number;
+  base: string | null;
+}
+
+interface MigrationInfo {
+  status?: string;
+  'error-desc'?: string;
+  'total-time'?: number;
+  downtime?: number;
+  ram?: { transferred?: number; remaining?: number; 'dirty-pages-rate'?: number; 'dirty-sync-count'?: number; mbps?: number };
+}
+
+const RECORD_PAYLOAD = 1 << 20;
+const RAW_BATCH = 256 << 10;
+
+/** Reads the destination's messages; waiters take the ones they expect, ABORT fails them all. */
+class Inbox {
+  private queue: Message[] = [];
+  private waiter: (() => void) | null = null;
+  private failure: Error | null = null;
+  private done = false;
+
+  constructor(private readonly ch: SecureChannel) {}
+
+  run(onAbort: (e: Error) => void): void {
+    void (async () => {
+      try {
+        for (;;) {
+          const m = await this.ch.receive();
+          if (m === null) throw new Error('the destination closed the connection');
+          if (m.type === MSG.ABORT) {
+            const a = parseJsonBody<AbortMessage>(m.body, 'ABORT');
+            throw new MigrationError(a.phase ?? 'ram', `the destination aborted: ${String(a.message)}`, false);
+          }
+          this.queue.push(m);
+          this.wake();
+        }
+      } catch (err) {
+        if (this.done) return;
+        this.failure = err as Error;
+        onAbort(this.failure);
+        this.wake();
+      }
+    })();
+  }
+
+  private wake(): void {
+    const w = this.waiter;
+    this.waiter = null;
+    w?.();
+  }
+
+  stop(): void {
+    this.done = true;
+  }
+
+  async expect(type: number, what: string, timeoutMs: number): Promise<Message> {
+    const deadline = Date.now() + timeoutMs;
+    for (;;) {
+      const m = this.queue.shift();
+      if (m) {
+        if (m.type !== type) throw new Error(`the destination sent message 0x${m.type.toString(16)} while ${what} was expected`);
+        return m;
+      }
+      if (this.failure) throw this.failure;
+      const left = deadline - Date.now();
+      if (left <= 0) throw new Error(`no ${what} from the destination within ${timeoutMs} ms`);
+      await new Promise<void>((resolve) => {
+        const t = setTimeout(resolve, left);
+        this.waiter = () => {
+          clearTimeout(t);
+          resolve();
+        };
+      });
+    }
+  }
+}
+
+/** Connects, authenticates the destination by its pinned key, and returns the channel. */
+export async function connectToPeer(target: MigrateTarget, identity: HostIdentity, timeoutMs = 15_000): Promise<SecureChannel> {
+  const sock = await new Promise<net.Socket>((resolve, reject) => {
+    const s = net.connect({ host: target.host, port: target.port });
+    const t = setTimeout(() => {
+      s.destroy();
+      reject(new MigrationError('connect', `no connection to ${target.host}:${target.port} within ${timeoutMs} ms`, true));
+    }, timeoutMs);
+    s.once('connect', () => {
+      clearTimeout(t);
+      s.setNoDelay(true);
+      resolve(s);
+    });
+    s.once('error', (err) => {
+      clearTimeout(t);
+      reject(new MigrationError('connect', `cannot connect to ${target.host}:${target.port}: ${err.message}`, true, 'source', { cause: err }));
+    });
+  });
+  return openClientChannel(sock, {
+    identity,
+    authorize: (fp) => (fp === target.fingerprint ? true : `the host at ${target.host}:${target.port} presented key ${fp}, not the paired ${target.fingerprint}`),
+  });
+}
+
+async function fileOffers(def: VmDefinition): Promise<FileOffer[]> {
+  const out: FileOffer[] = [];
+  for (const role of ['kernel', 'initrd'] as const) {
+    const p = def[role];
+    if (!p) continue;
+    const st = await fsp.stat(p);
+    const h = createHash('sha256');
+    for await (const c of createReadStream(p)) h.update(c as Buffer);
+    out.push({ role, path: p, size: st.size, sha256: h.digest('hex') });
+  }
+  return out;
+}
+
+/** Moves a running guest to the destination. Resolves once the destination runs it. */
+export async function migrateOut(vm: SourceVm, target: MigrateTarget, o: MigrateOptions): Promise<MigrateResult> {
+  const t0 = performance.now();
+  const maxDowntime = o.maxDowntimeMs ?? 300;
+  const timeoutMs = o.timeoutMs ?? 600_000;
+  let phase: MigrationPhase = 'connect';
+  let ch: SecureChannel | null = null;
+  let inbox: Inbox | null = null;
+  let committed = false;
+  let qemuStarted = false;
+  const bitmaps = new Map<string, DirtyBitmap>();
+  const abort = new AbortController();
+  const fail = (e: Error) => abort.abort(e);
+  o.signal?.addEventListener('abort', () => fail(new MigrationError(phase, 'cancelled', false)), { once: true });
+  const aborted = (): void => {
+    if (abort.signal.aborted) throw abort.signal.reason as Error;
+  };
+  const stats = { bytesSaved: 0, qemuBytes: 0, ramRefs: 0, diskSent: 0, diskSkipped: 0, diskRound: 0, round: 0 };
+  let linkRate = 0;
+  let downtimeLimit = Math.min(maxDowntime, 300);
+  let stopAt: number | null = null;
+  let lastInfo: MigrationInfo = {};
+  const emit = (p: MigrationPhase | 'done'): void => {
+    const ram = lastInfo.ram ?? {};
+    const remaining = ram.remaining ?? 0;
+    o.onEvent?.({
+      phase: p,
+      round: ram['dirty-sync-count'] ?? 0,
+      diskRound: stats.diskRound,
+      ramTransferred: ram.transferred ?? 0,
+      ramRemaining: remaining,
+      dirtyRate: (ram['dirty-pages-rate'] ?? 0) * PAGE_SIZE,
+      linkRate,
+      bytesSent: ch?.bytesSent ?? 0,
+      bytesSaved: stats.bytesSaved,
+      etaMs: linkRate > 0 && remaining > 0 ? Math.round((remaining / linkRate) * 1000) : null,
+      downtimeLimitMs: downtimeLimit,
+    });
+  };
+  const onStop = (): void => {
+    stopAt ??= performance.now();
+  };
+  vm.qmp.events.on('STOP', onStop);
+  try {
+    const files = await fileOffers(vm.definition);
+    ch = await connectToPeer(target, o.identity);
+    const chan = ch;
+    phase = 'preflight';
+    emit(phase);
+    const volumes = [...vm.volumes.entries()];
+    const req: MigrationRequest = {
+      vm: vm.definition.name,
+      definition: vm.definition as unknown as Record<string, unknown>,
+      qemu: vm.qemu,
+      cpu: await cpuIdentity(vm.qemu.accel),
+      memoryMiB: vm.definition.memoryMiB,
+      disks: volumes.map(([name, v]) => ({ name, size: v.size, blockSize: v.blockSize })),
+      allocatedBytes: volumes.reduce((a, [, v]) => a + v.info().overlayBlocks * v.blockSize, 0),
+      files,
+      wantHaves: true,
+    };
+    await chan.send(MSG.REQUEST, jsonBody(req));
+    const first = await chan.receive();
+    if (first === null) throw new Error('the destination closed the connection during pre-flight');
+    if (first.type === MSG.REFUSE) throw new MigrationRefusedError(String(parseJsonBody<{ message: string }>(first.body, 'REFUSE').message));
+    if (first.type !== MSG.PREFLIGHT) throw new Error(`unexpected message 0x${first.type.toString(16)} during pre-flight`);
+    const pre = parseJsonBody<PreflightReply>(first.body, 'PREFLIGHT');
+
+    phase = 'files';
+    for (const idx of pre.needFiles ?? []) {
+      const f = files[idx];
+      if (!f) throw new Error(`the destination asked for file #${idx}, which was not offered`);
+      for await (const c of createReadStream(f.path, { highWaterMark: RECORD_PAYLOAD })) {
+        aborted();
+        await chan.send(MSG.FILE_DATA, Buffer.concat([Buffer.from([idx]), c as Buffer]));
+      }
+    }
+    await chan.send(MSG.FILE_END);
+
+    phase = 'haves';
+    emit(phase);
+    const heldPages = new Set<string>();
+    const heldBlocks = new Map<number, Buffer>();
+    const heldBlockSet = new Set<string>();
+    for (;;) {
+      const m = await chan.receive();
+      if (m === null) throw new Error('the destination closed the connection while sending what it holds');
+      if (m.type === MSG.HAVE_END) break;
+      if (m.type === MSG.ABORT) throw new MigrationError('haves', `the destination aborted: ${parseJsonBody<AbortMessage>(m.body, 'ABORT').message}`, false);
+      if (m.type === MSG.HAVE_RAM) {
+        if (m.body.length % PAGE_HASH_BYTES) throw new Error('malformed HAVE_RAM');
+        for (let i = 0; i < m.body.length; i += PAGE_HASH_BYTES) heldPages.add(m.body.toString('latin1', i, i + PAGE_HASH_BYTES));
+      } else if (m.type === MSG.HAVE_DISK) {
+        if (m.body.length < 6 || (m.body.length - 6) % BLOCK_HASH_BYTES) throw new Error('malformed HAVE_DISK');
+        const disk = m.body.readUInt16BE(0);
+        const firstBlock = m.body.readUInt32BE(2);
+        const v = volumes[disk];
+        if (!v) throw new Error(`HAVE_DISK for unknown disk #${disk}`);
+        const blocks = Math.ceil(v[1].size / v[1].blockSize);
+        let ids = heldBlocks.get(disk);
+        if (!ids) heldBlocks.set(disk, (ids = Buffer.alloc(blocks * BLOCK_HASH_BYTES)));
+        const n = (m.body.length - 6) / BLOCK_HASH_BYTES;
+        if (firstBlock + n > blocks) throw new Error('HAVE_DISK beyond the disk');
+        m.body.copy(ids, firstBlock * BLOCK_HASH_BYTES, 6);
+        for (let i = 0; i < n; i++) heldBlockSet.add(m.body.toString('latin1', 6 + i * BLOCK_HASH_BYTES, 6 + (i + 1) * BLOCK_HASH_BYTES));
+      } else throw new Error(`unexpected message 0x${m.type.toString(16)} while receiving what the destination holds`);
+    }
+    inbox = new Inbox(chan);
+    inbox.run(fail);
+
+    let codec: CodecId = pickCodec(o.compress ?? 'auto', 0);
+
+    // ------------------------------------------------------------------ disks, round 1 and on
+    phase = 'disk';
+    emit(phase);
+    const sentOnce = new Map<number, Uint8Array>();
+    volumes.forEach(([name, v], i) => {
+      v.removeDirtyBitmap('migration');
+      bitmaps.set(name, v.addDirtyBitmap('migration', { all: true }));
+      sentOnce.set(i, new Uint8Array(Math.ceil(v.size / v.blockSize)));
+    });
+    const diskRound = async (): Promise<number> => {
+      let n = 0;
+      stats.diskRound++;
+      for (let di = 0; di < volumes.length; di++) {
+        const [name, v] = volumes[di]!;
+        const blocks = bitmaps.get(name)!.drain();
+        n += blocks.length;
+        await sendBlocks(chan, di, v, blocks, heldBlocks.get(di) ?? null, heldBlockSet, sentOnce.get(di)!, codec, stats, aborted);
+      }
+      return n;
+    };
+    await diskRound();
+
+    // ------------------------------------------------------------------ RAM (and disk rounds beside it)
+    phase = 'ram';
+    emit(phase);
+    const sockPath = path.join(vm.runDir, `mig-out-${randomBytes(6).toString('hex')}.sock`);
+    const server = net.createServer();
+    await new Promise<void>((res, rej) => server.once('error', rej).listen(sockPath, () => res()));
+    let conn: net.Socket | null = null;
+    let ramDone = false;
+    try {
+      const accepted = new Promise<net.Socket>((res) => server.once('connection', res));
+      const compressing = (): boolean => codec !== CODECS.none || heldPages.size > 0;
+      await vm.qmp.execute('migrate-set-capabilities', {
+        capabilities: [
+          { capability: 'background-snapshot', state: false },
+          { capability: 'events', state: true },
+          { capability: 'auto-converge', state: true },
+        ],
+      });
+      await vm.qmp.execute('migrate-set-parameters', {
+        'max-bandwidth': 64 * 1024 * 1024 * 1024,
+        'downtime-limit': downtimeLimit,
+        'avail-switchover-bandwidth': 0,
+      });
+      await vm.qmp.execute('migrate', { uri: `unix:${sockPath}` });
+      qemuStarted = true;
+      conn = await Promise.race([accepted, new Promise<never>((_, rej) => abort.signal.addEventListener('abort', () => rej(abort.signal.reason as Error), { once: true }))]);
+
+      // Progress, link rate and the convergence autopilot.
+      const deadline = Date.now() + timeoutMs;
+      let lastBytes = chan.bytesSent;
+      let lastT = performance.now();
+      const remainingAtSync: number[] = [];
+      let lastSync = 0;
+      let switchoverBw = 0;
+      const poll = (async () => {
+        while (!ramDone && !abort.signal.aborted) {
+          await new Promise((r) => setTimeout(r, 250));
+          if (ramDone) return;
+          let st: MigrationInfo;
+          try {
+            st = await vm.qmp.execute<MigrationInfo>('query-migrate');
+          } catch (err) {
+            fail(new MigrationError('ram', `QEMU stopped answering: ${(err as Error).message}`, false));
+            return;
+          }
+          lastInfo = st;
+          if (st.status === 'failed' || st.status === 'cancelled') {
+            fail(new MigrationError('ram', `QEMU reports the migration ${st.status}: ${st['error-desc'] ?? 'no reason given'}`, true));
+            return;
+          }
+          const now = performance.now();
+          const rate = ((chan.bytesSent - lastBytes) * 1000) / Math.max(1, now - lastT);
+          lastBytes = chan.bytesSent;
+          lastT = now;
+          if (rate > 0) linkRate = linkRate === 0 ? rate : linkRate * 0.6 + rate * 0.4;
+          codec = pickCodec(o.compress ?? 'auto', linkRate);
+          // QEMU counts the bytes it writes; the link carries fewer when we dedup or compress.
+          if (compressing() && linkRate > 0 && Math.abs(linkRate - switchoverBw) > switchoverBw * 0.1) {
+            switchoverBw = Math.round(linkRate);
+            await vm.qmp.execute('migrate-set-parameters', { 'avail-switchover-bandwidth': switchoverBw }).catch(() => undefined);
+          }
+          const sync = st.ram?.['dirty-sync-count'] ?? 0;
+          if (sync > lastSync) {
+            lastSync = sync;
+            remainingAtSync.push(st.ram?.remaining ?? 0);
+            const k = remainingAtSync.length;
+            // Rounds no longer shrink: allow a longer pause, in bounded steps, up to --max-downtime.
+            if (k >= 3 && remainingAtSync[k - 1]! > remainingAtSync[k - 3]! * 0.9 && downtimeLimit < maxDowntime) {
+              downtimeLimit = Math.min(maxDowntime, Math.round(downtimeLimit * 1.5));
+              await vm.qmp.execute('migrate-set-parameters', { 'downtime-limit': downtimeLimit }).catch(() => undefined);
+            }
+          }
+          if (Date.now() > deadline) {
+            fail(new MigrationError('ram', `did not converge within ${Math.round(timeoutMs / 1000)} s (the guest dirties memory faster than the link carries it); the guest keeps running here`, true));
+            return;
+          }
+          emit('ram');
+        }
+      })();
+
+      const diskLoop = (async () => {
+        while (!ramDone && !abort.signal.aborted) {
+          await new Promise((r) => setTimeout(r, 200));
+          if (ramDone || abort.signal.aborted) return;
+          let dirty = 0;
+          for (const b of bitmaps.values()) dirty += b.count;
+          if (dirty > 0) await diskRound();
+        }
+      })();
+      diskLoop.catch(fail);
+
+      const relay = new MigStreamRelay();
+      await relayRam(conn, chan, relay, heldPages, () => codec, stats, abort.signal, o.recorder);
+      const tail = relay.finish();
+      o.recorder?.finish(tail);
+      stats.qemuBytes = relay.bytes;
+      ramDone = true;
+      await poll;
+      await diskLoop;
+      aborted();
+      // QEMU has written everything and closed: wait for it to say so (its guest is stopped).
+      for (;;) {
+        const st = await vm.qmp.execute<MigrationInfo>('query-migrate');
+        lastInfo = st;
+        if (st.status === 'completed') break;
+        if (st.status === 'failed' || st.status === 'cancelled') throw new Error(`QEMU reports the migration ${st.status}: ${st['error-desc'] ?? ''}`);
+        await new Promise((r) => setTimeout(r, 10));
+      }
+      await chan.send(MSG.RAM_END);
+    } finally {
+      ramDone = true;
+      conn?.destroy();
+      server.close();
+      await fsp.rm(sockPath, { force: true });
+    }
+
+    // ------------------------------------------------------------------ switchover
+    phase = 'switchover';
+    emit(phase);
+    await diskRound();
+    await chan.send(MSG.SENT_ALL, jsonBody({ qemuBytes: stats.qemuBytes, ramRefs: stats.ramRefs, diskBlocks: stats.diskSent }));
+    await inbox.expect(MSG.READY, 'READY', 120_000);
+    aborted();
+    phase = 'commit';
+    committed = true;
+    await chan.send(MSG.COMMIT);
+    await inbox.expect(MSG.RUNNING, 'RUNNING', 60_000);
+    const tRunning = performance.now();
+    inbox.stop();
+    await chan.close();
+    emit('done');
+    return {
+      totalMs: performance.now() - t0,
+      qemuDowntimeMs: lastInfo.downtime ?? null,
+      pauseMs: stopAt !== null ? tRunning - stopAt : null,
+      bytesSent: chan.bytesSent,
+      bytesSaved: stats.bytesSaved,
+      qemuBytes: stats.qemuBytes,
+      ramRefs: stats.ramRefs,
+      diskBlocksSent: stats.diskSent,
+      diskBlocksSkipped: stats.diskSkipped,
+      rounds: lastInfo.ram?.['dirty-sync-count'] ?? 0,
+      base: pre.base,
+    };
+  } catch (err) {
+    const e = abort.signal.aborted && !(err instanceof MigrationError) && !(err instanceof MigrationRefusedError) ? (abort.signal.reason as Error) : (err as Error);
+    inbox?.stop();
+    if (committed) {
+      ch?.destroy();
+      throw new MigrationError(
+        'commit',
+        `the destination was told to run the guest but did not confirm (${e.message}); the guest stays paused here. ` +
+          `Check the destination: if the VM runs there, remove it here; if not, \`vmsnap vm resume ${vm.definition.name}\` here.`,
+        false,
+        'unknown',
+        { cause: e },
+      );
+    }
+    if (ch) {
+      await ch.send(MSG.ABORT, jsonBody({ phase, message: e.message })).catch(() => undefined);
+      ch.destroy();
+    }
+    if (qemuStarted) await cancelAndResume(vm.qmp);
+    if (e instanceof MigrationError || e instanceof MigrationRefusedError) throw e;
+    const retryable = (e as { retryable?: boolean }).retryable ?? true;
+    throw new MigrationError(phase, e.message, retryable, 'source', { cause: e });
+  } finally {
+    vm.qmp.events.off('STOP', onStop);
+    // auto-converge stays set in QEMU otherwise, and a later take's background snapshot refuses it.
+    if (qemuStarted) await vm.qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'auto-converge', state: false }] }).catch(() => undefined);
+    for (const [name, v] of vm.volumes) if (bitmaps.has(name)) v.removeDirtyBitmap('migration');
+  }
+}
+
+function pickCodec(choice: 'auto' | 'zstd' | 'lz4' | 'none', linkRate: number): CodecId {
+  if (choice === 'none') return CODECS.none;
+  if (choice === 'zstd') return CODECS.zstd;
+  if (choice === 'lz4') return CODECS.lz4;
+  // zstd saves more bytes per CPU second on a slow link; lz4 keeps up with a fast one.
+  return linkRate > 0 && linkRate < 40e6 ? CODECS.zstd : CODECS.lz4;
+}
+
+/** Cancels QEMU's migration and makes sure the guest runs again here. */
+async function cancelAndResume(qmp: QmpClient): Promise<void> {
+  await qmp.execute('migrate_cancel').catch(() => undefined);
+  const deadline = Date.now() + 30_000;
+  while (Date.now() < deadline) {
+    const st = await qmp.execute<MigrationInfo>('query-migrate').catch(() => ({ status: 'unknown' }) as MigrationInfo);
+    if (st.status !== 'active' && st.status !== 'device' && st.status !== 'cancelling' && st.status !== 'pre-switchover' && st.status !== 'setup') break;
+    await new Promise((r) => setTimeout(r, 20));
+  }
+  const run = await qmp.execute<{ status: string }>('query-status').catch(() => ({ status: 'unknown' }));
+  if (run.status !== 'running') await qmp.execute('cont').catch(() => undefined);
+}
+
+async function cpuIdentity(accel: string): Promise<MigrationRequest['cpu']> {
+  const info = await fsp.readFile('/proc/cpuinfo', 'utf8').catch(() => '');
+  const model = /^model name\s*:\s*(.*)$/m.exec(info)?.[1] ?? 'unknown';
+  const flags = /^flags\s*:\s*(.*)$/m.exec(info)?.[1] ?? '';
+  return { model: accel === 'kvm' ? 'host' : 'default', hostModel: model, flagsDigest: createHash('sha256').update(flags).digest('hex').slice(0, 16) };
+}
+
+/** The relay loop: one read, its pieces sent, then the next read (backpressure end to end). */
+async function relayRam(
+  conn: net.Socket,
+  ch: SecureChannel,
+  relay: MigStreamRelay,
+  held: ReadonlySet<string>,
+  codec: () => CodecId,
+  stats: { bytesSaved: number; ramRefs: number },
+  signal: AbortSignal,
+  recorder?: DepartureRecorder,
+): Promise<void> {
+  const onRecord = recorder ? (rec: PageRecord) => recorder.record(relay.prefix, rec) : undefined;
+  let raw: Buffer[] = [];
+  let rawLen = 0;
+  let refs: Buffer[] = [];
+  let lastHash: Buffer | null = null;
+  const flushRaw = async (): Promise<void> => {
+    if (rawLen === 0) return;
+    const bytes = raw.length === 1 ? raw[0]! : Buffer.concat(raw, rawLen);
+    raw = [];
+    rawLen = 0;
+    const enc = encode(codec(), bytes, 1);
+    const head = Buffer.allocUnsafe(5);
+    head[0] = enc.codec;
+    head.writeUInt32BE(bytes.length, 1);
+    stats.bytesSaved += bytes.length - enc.data.length;
+    await ch.send(MSG.RAM_RAW, Buffer.concat([head, enc.data]));
+  };
+  const flushRefs = async (): Promise<void> => {
+    if (refs.length === 0) return;
+    const body = Buffer.concat(refs);
+    refs = [];
+    await ch.send(MSG.RAM_REF, body);
+  };
+  // A push's pieces are views valid only until the next push: raw bytes are copied, pages become
+  // their hash (computed once, in `cut`).
+  const pending: ({ raw: Buffer } | { ref: Buffer })[] = [];
+  const cut = held.size
+    ? (rec: { data?: Buffer }) => {
+        lastHash = pageHash(rec.data!);
+        return held.has(lastHash.toString('latin1'));
+      }
+    : () => false;
+  for await (const chunk of conn) {
+    if (signal.aborted) throw signal.reason as Error;
+    relay.push(
+      chunk as Buffer,
+      cut,
+      (p: RelayPiece) => {
+        if (p.kind === 'raw') pending.push({ raw: p.bytes });
+        else pending.push({ ref: lastHash! });
+      },
+      onRecord,
+    );
+    for (const p of pending) {
+      if ('raw' in p) {
+        if (refs.length) await flushRefs();
+        raw.push(p.raw);
+        rawLen += p.raw.length;
+        if (rawLen >= RAW_BATCH) await flushRaw();
+      } else {
+        if (rawLen) await flushRaw();
+        refs.push(p.ref);
+        stats.ramRefs++;
+        stats.bytesSaved += PAGE_SIZE - PAGE_HASH_BYTES;
+        if (refs.length >= 4096) await flushRefs();
+      }
+    }
+    pending.length = 0;
+    // More of the stream already waiting: batch it into the same record (fewer seals and writes);
+    // otherwise send now, so nothing lingers while QEMU waits on us.
+    if (conn.readableLength > 0 && rawLen < RAW_BATCH && refs.length < 4096) continue;
+    await flushRefs();
+    await flushRaw();
+  }
+  await flushRefs();
+  await flushRaw();
+}
+
+/** Sends one round of a disk's blocks: zero runs, same-as-base skipped (first time only), refs, data. */
+async function sendBlocks(
+  ch: SecureChannel,
+  disk: number,
+  v: Volume,
+  blocks: Uint32Array,
+  heldIds: Buffer | null,
+  heldSet: ReadonlySet<string>,
+  sentOnce: Uint8Array,
+  codec: CodecId,
+  stats: { bytesSaved: number; diskSent: number; diskSkipped: number },
+  aborted: () => void,
+): Promise<void> {
+  const bs = v.blockSize;
+  const buf = Buffer.allocUnsafe(bs);
+  let zeroStart = -1;
+  let zeroCount = 0;
+  const flushZeros = async (): Promise<void> => {
+    if (zeroCount === 0) return;
+    await ch.send(MSG.DISK_ZERO, diskHeader('zero', disk, zeroStart, zeroCount));
+    zeroCount = 0;
+  };
+  for (const b of blocks) {
+    aborted();
+    const len = v.blockLen(b);
+    const view = buf.subarray(0, len);
+    const ext = v.extents(b * bs, len, 1)[0];
+    const isZero = ext !== undefined && ext.flags === 3;
+    if (!isZero) await v.read(b * bs, len, view);
+    if (isZero || isZeroBuffer(view)) {
+      if (zeroCount > 0 && zeroStart + zeroCount === b) zeroCount++;
+      else {
+        await flushZeros();
+        zeroStart = b;
+        zeroCount = 1;
+      }
+      stats.bytesSaved += len;
+      sentOnce[b] = 1;
+      continue;
+    }
+    await flushZeros();
+    const hash = blake3(view);
+    if (heldIds && !sentOnce[b] && hash.equals(heldIds.subarray(b * BLOCK_HASH_BYTES, (b + 1) * BLOCK_HASH_BYTES))) {
+      stats.diskSkipped++;
+      stats.bytesSaved += len;
+      sentOnce[b] = 1;
+      continue;
+    }
+    sentOnce[b] = 1;
+    if (heldSet.has(hash.toString('latin1'))) {
+      await ch.send(MSG.DISK_REF, Buffer.concat([diskHeader('ref', disk, b, 0), hash]));
+      stats.bytesSaved += len - BLOCK_HASH_BYTES;
+      continue;
+    }
+    const enc = encode(codec, view, 1);
+    stats.bytesSaved += len - enc.data.length;
+    stats.diskSent++;
+    await ch.send(MSG.DISK_DATA, Buffer.concat([diskHeader('data', disk, b, enc.codec), enc.data]));
+  }
+  await flushZeros();
+}

@@ -1,0 +1,72 @@
+/**
+ * Two "hosts" for migration tests: two VM labs (data directory + repository each), paired with
+ * each other, and a `vmsnap receive` run on either. On loopback by default; the netns tests put
+ * each host in its own network namespace.
+ */
+import { spawn, type ChildProcess } from 'node:child_process';
+import { createInterface } from 'node:readline';
+import { BIN } from '../helpers/cli.js';
+import { VmLab } from '../helpers/vm.js';
+
+export interface Receiving {
+  proc: ChildProcess;
+  port: number;
+  fingerprint: string;
+  stop(): Promise<void>;
+}
+
+/** Starts `vmsnap receive --listen HOST:0` for `lab` (optionally through a wrapper, e.g. `ip netns exec`). */
+export async function startReceive(lab: VmLab, host = '127.0.0.1', wrap: string[] = []): Promise<Receiving> {
+  const cmd = [...wrap, process.execPath, BIN, '--json', 'receive', '--listen', `${host}:0`];
+  const proc = spawn(cmd[0]!, cmd.slice(1), { env: { ...process.env, ...lab.env }, stdio: ['ignore', 'pipe', 'pipe'] });
+  let stderr = '';
+  proc.stderr!.on('data', (d: Buffer) => (stderr += d.toString()));
+  const first = await new Promise<string>((resolve, reject) => {
+    const rl = createInterface({ input: proc.stdout! });
+    rl.once('line', resolve);
+    proc.once('exit', (code) => reject(new Error(`vmsnap receive exited ${code}: ${stderr}`)));
+  });
+  const j = JSON.parse(first) as { listening: string; fingerprint: string };
+  const port = Number(j.listening.split(':').pop());
+  return {
+    proc,
+    port,
+    fingerprint: j.fingerprint,
+    stop: async () => {
+      if (proc.exitCode !== null) return;
+      proc.kill('SIGTERM');
+      await new Promise((r) => proc.once('exit', r));
+    },
+  };
+}
+
+/** Pairs two labs both ways (each pins the other's key); `aAddr` is where B reaches A's receive. */
+export async function pair(a: VmLab, b: VmLab, names: { a: string; b: string }, addrs: { a?: string; b?: string } = {}): Promise<void> {
+  const fa = (await a.ok(['peer', 'id'])).stdout.trim();
+  const fb = (await b.ok(['peer', 'id'])).stdout.trim();
+  await a.ok(['peer', 'add', names.b, '--fingerprint', fb, ...(addrs.b ? ['--address', addrs.b] : [])]);
+  await b.ok(['peer', 'add', names.a, '--fingerprint', fa, ...(addrs.a ? ['--address', addrs.a] : [])]);
+}
+
+export interface MigrateJson {
+  vm: string;
+  destination: string;
+  totalMs: number;
+  pauseMs: number | null;
+  qemuDowntimeMs: number | null;
+  bytesSent: number;
+  bytesSaved: number;
+  qemuBytes: number;
+  ramRefs: number;
+  diskBlocksSent: number;
+  diskBlocksSkipped: number;
+  base: string | null;
+  departure: string | null;
+  departureError?: string;
+}
+
+/** The final JSON object of `migrate --json` (event lines precede it). */
+export function migrateResult(stdout: string): MigrateJson {
+  const rest = stdout.split('\n').filter((l) => !l.startsWith('{"event"'));
+  return JSON.parse(rest.join('\n')) as MigrateJson;
+}
