@@ -29,7 +29,7 @@ describe('vmsnap migrate / receive (loopback)', () => {
 
   it('moves a running guest and back: zero errors on both trips, the return trip sends only what changed', async () => {
     // A desktop-like workload: a few MB/s of memory writes, so each trip converges in a few rounds.
-    await a.createLinuxVm(VM, { rate: 250, memMiB: 32 });
+    await a.createLinuxVm(VM, { rate: 100, memMiB: 32, diskRate: 20 });
     await a.start(VM);
     const before = await a.waitLines(VM, 10);
     const rb = await startReceive(b);
