@@ -89,7 +89,7 @@ export function registerMigrateCommands(program: Command, globals: Globals): voi
       }
       if (!dest) throw new UsageError('migrate: name the destination (HOST[:PORT] or a paired host), or give --cancel');
       const options = migrateOptions(o);
-      const target = await resolveTarget(dest, o.pair);
+      const { target, pinOnSuccess } = await resolveTarget(dest, o.pair);
       if (!(await isRunning(paths))) throw new UsageError(`VM ${name} is not running: live migration moves a running guest (start it, or use \`vmsnap copy\` for its snapshots)`);
       const render = progressRenderer(g, name);
       // Ctrl-C cancels the migration (the guest keeps running here) instead of leaving it behind.
@@ -102,6 +102,8 @@ export function registerMigrateCommands(program: Command, globals: Globals): voi
         process.off('SIGINT', onSigint);
         render.end();
       }
+      // The key proved itself in the handshake of a migration that worked: now it is pinned.
+      if (pinOnSuccess) await addPeer(dataDir(), pinOnSuccess).catch((err: Error) => console.error(`vmsnap: warning: could not pin ${pinOnSuccess.fingerprint}: ${err.message}`));
       // The supervisor stops its QEMU (postmigrate) and exits; then the VM goes unless kept.
       const procs = await vmProcesses(paths, name);
       await waitExited([procs.supervisor, ...procs.qemus].filter((p): p is number => typeof p === 'number'), 60_000);
@@ -129,15 +131,18 @@ function migrateOptions(o: MigrateFlags): MigrateRequestOptions {
   return { maxDowntimeMs, timeoutMs: timeoutS * 1000, compress: o.compress as MigrateRequestOptions['compress'], departure: o.departureSnapshot };
 }
 
-/** A peer name, or HOST[:PORT] whose key is pinned (by `peer add` or `--pair` now). */
-async function resolveTarget(dest: string, pair: string | undefined): Promise<MigrateTarget> {
+/**
+ * A peer name, or HOST[:PORT] whose key is pinned (`peer add`), or given now (`--pair`: used for
+ * this connection, pinned only once a migration with it has worked — a mistyped key must not stay).
+ */
+async function resolveTarget(dest: string, pair: string | undefined): Promise<{ target: MigrateTarget; pinOnSuccess?: Omit<Peer, 'added'> }> {
   const peers = await listPeers(dataDir());
   const byName = peers.find((p) => p.name === dest);
   if (byName) {
     if (!byName.address) throw new UsageError(`paired host ${dest} has no address: give HOST[:PORT], or \`vmsnap peer add ${dest} --fingerprint … --address HOST:PORT\``);
     const a = parseHostPort(byName.address, byName.address, `address of ${dest}`);
     if (pair && pair !== byName.fingerprint) throw new UsageError(`--pair ${pair} differs from the key pinned for ${dest} (${byName.fingerprint}); \`vmsnap peer rm ${dest}\` first if its key really changed`);
-    return { ...a, fingerprint: byName.fingerprint };
+    return { target: { ...a, fingerprint: byName.fingerprint } };
   }
   const a = parseHostPort(dest, '', 'destination');
   if (!a.host) throw new UsageError(`destination ${JSON.stringify(dest)} names no host`);
@@ -145,7 +150,7 @@ async function resolveTarget(dest: string, pair: string | undefined): Promise<Mi
   const known: Peer | undefined = peers.find((p) => p.address === addr || p.address === a.host);
   if (known) {
     if (pair && pair !== known.fingerprint) throw new UsageError(`--pair ${pair} differs from the key pinned for ${addr} (peer ${known.name}: ${known.fingerprint})`);
-    return { ...a, fingerprint: known.fingerprint };
+    return { target: { ...a, fingerprint: known.fingerprint } };
   }
   if (!pair) {
     throw new UsageError(
@@ -154,9 +159,9 @@ async function resolveTarget(dest: string, pair: string | undefined): Promise<Mi
   }
   if (!isFingerprint(pair)) throw new UsageError(`--pair ${JSON.stringify(pair)} is not a key fingerprint (SHA256:… as \`vmsnap peer id\` prints it)`);
   // Already paired under a name (the address was not recorded, or changed): that pin is the trust.
-  if (peers.some((p) => p.fingerprint === pair)) return { ...a, fingerprint: pair };
-  await addPeer(dataDir(), { name: a.host.replace(/[^A-Za-z0-9._-]/g, '-'), fingerprint: pair, address: addr });
-  return { ...a, fingerprint: pair };
+  if (peers.some((p) => p.fingerprint === pair)) return { target: { ...a, fingerprint: pair } };
+  const name = a.host.replace(/[^A-Za-z0-9._-]/g, '-');
+  return { target: { ...a, fingerprint: pair }, pinOnSuccess: { name: peers.some((p) => p.name === name) ? `${name}-${a.port}` : name, fingerprint: pair, address: addr } };
 }
 
 /** Progress on a terminal, phase lines otherwise, JSON event lines with --json. */

@@ -70,3 +70,30 @@ export function migrateResult(stdout: string): MigrateJson {
   const rest = stdout.split('\n').filter((l) => !l.startsWith('{"event"'));
   return JSON.parse(rest.join('\n')) as MigrateJson;
 }
+
+export interface Running {
+  proc: ChildProcess;
+  done: Promise<{ code: number | null; signal: NodeJS.Signals | null; stdout: string; stderr: string }>;
+}
+
+/** Starts a vmsnap command for `lab` without waiting for it (to kill or cancel it midway). */
+export function spawnVmsnap(lab: VmLab, args: string[]): Running {
+  const proc = spawn(process.execPath, [BIN, ...args], { env: { ...process.env, ...lab.env }, stdio: ['ignore', 'pipe', 'pipe'] });
+  let stdout = '';
+  let stderr = '';
+  proc.stdout!.on('data', (d: Buffer) => (stdout += d.toString()));
+  proc.stderr!.on('data', (d: Buffer) => (stderr += d.toString()));
+  const done = new Promise<{ code: number | null; signal: NodeJS.Signals | null; stdout: string; stderr: string }>((resolve) =>
+    proc.once('close', (code, signal) => resolve({ code, signal, stdout, stderr })),
+  );
+  return { proc, done };
+}
+
+/** Waits until `check()` is true (polling), or fails naming `what`. */
+export async function until(check: () => boolean | Promise<boolean>, what: string, timeoutMs = 120_000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!(await check())) {
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 50));
+  }
+}
