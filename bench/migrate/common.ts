@@ -1,0 +1,449 @@
+/**
+ * bench/migrate, shared part: one scenario, any migration method, the same measurements.
+ *
+ * A scenario is the Linux fixture guest (self-checking memory workload + raw disk workload on
+ * /dev/vda, disk pre-filled with random data) running on host A of a NetnsPair, moved to host B
+ * over a veth shaped to --link-mbit (both directions: a symmetric home link). The method is a
+ * `MigrationMethod`:
+ *
+ *   startSource(ctx)     starts the guest on A (ctx.guest says what to run) and returns its console
+ *   migrate(ctx, src)    moves it to B; resolves once the guest RUNS on B, with B's console
+ *   (cleanup)            nothing: the harness kills every process left in either namespace and
+ *                        removes the run's directory, whatever happened
+ *
+ * and `runScenario` measures, identically for every method:
+ *   total_s      wall time of migrate() (the method's first step to the guest running on B)
+ *   pause_ms     the guest's own view of its freeze: wall gap between the last status line from A
+ *                and the first from B, minus the guest's uptime step between those two lines (its
+ *                CLOCK_MONOTONIC does not advance while QEMU is stopped); ±~20 ms
+ *   link bytes   veth counters of both ends before and after migrate() (A→B and B→A, all traffic)
+ *   verdict      after --watch-s on B: errors=0, disk_errors=0, no VMSNAP-ERROR line, gen went on
+ *
+ * Status lines come every 200 ms of guest time (`fixtures/guest/README.md`); the consoles are read
+ * with their arrival time stamped (a unix-socket console as bytes arrive; a file console by polling
+ * every 10 ms, for methods whose QEMU writes its serial to a log file).
+ */
+import { spawnSync } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import { existsSync, promises as fsp } from 'node:fs';
+import * as net from 'node:net';
+import { loadavg } from 'node:os';
+import * as path from 'node:path';
+import { guestArtifacts, parseErrorLines, parseStatusLines, type GuestStatus } from '../../fixtures/guest/index.js';
+import { NetnsPair, type LinkCounters, type Side } from '../../test/helpers/netns.js';
+import { benchRoot, fmt, table } from '../common/measure.js';
+
+export const GiB = 1 << 30;
+export const MiB = 1 << 20;
+/** Where the pre-written random data starts on the disk: past the guest's 16 MiB workload area. */
+const DATA_START = 32 * MiB;
+const DATA_CHUNK = 1 * MiB;
+
+export interface ScenarioParams {
+  /** Guest RAM. */
+  memMiB: number;
+  /** Guest memory workload area (`vmsnap.mem`). */
+  workloadMiB: number;
+  /** Pages (4 KiB) the guest rewrites per second (`vmsnap.rate`). */
+  rate: number;
+  /** Disk records (4 KiB, O_DIRECT) the guest writes per second (`vmsnap.disk_rate`). */
+  diskRate: number;
+  diskGiB: number;
+  /** Random data pre-written on the disk (spread over it in 1 MiB extents). */
+  dataGiB: number;
+  /** Link rate, both directions (tc tbf on each sender side); 0 = unshaped veth. */
+  linkMbit: number;
+  /** Seconds the guest runs on A (after its first status lines) before the move. */
+  warmS: number;
+  /** Seconds the guest is watched on B after the move. */
+  watchS: number;
+  /** A method gives up (and must leave the guest running on A) after this many seconds. */
+  timeoutS: number;
+}
+
+export const DEFAULT_PARAMS: ScenarioParams = {
+  memMiB: 1024,
+  workloadMiB: 256,
+  rate: 12800,
+  diskRate: 100,
+  diskGiB: 4,
+  dataGiB: 1,
+  linkMbit: 1000,
+  warmS: 5,
+  watchS: 4,
+  timeoutS: 300,
+};
+
+export class BenchUsageError extends Error {
+  override readonly name = 'BenchUsageError';
+}
+
+/** The ScenarioParams flags (`--mem-mib 1024 --rate 12800 …`) plus `--runs`; unknown flags are errors. */
+export function parseScenarioArgs(argv: readonly string[], extra: Record<string, string> = {}): { params: ScenarioParams; runs: number; extra: Record<string, string> } {
+  const flags: Record<string, keyof ScenarioParams> = {
+    '--mem-mib': 'memMiB', '--workload-mib': 'workloadMiB', '--rate': 'rate', '--disk-rate': 'diskRate',
+    '--disk-gib': 'diskGiB', '--data-gib': 'dataGiB', '--link-mbit': 'linkMbit', '--warm-s': 'warmS',
+    '--watch-s': 'watchS', '--timeout-s': 'timeoutS',
+  };
+  const params = { ...DEFAULT_PARAMS };
+  const ex = { ...extra };
+  let runs = 1;
+  for (let i = 0; i < argv.length; i += 2) {
+    const k = argv[i]!;
+    const v = argv[i + 1];
+    if (v === undefined) throw new BenchUsageError(`${k} needs a value`);
+    if (k in ex) {
+      ex[k] = v;
+      continue;
+    }
+    const n = Number(v);
+    if (!Number.isFinite(n) || n < 0) throw new BenchUsageError(`${k} wants a number >= 0, got ${JSON.stringify(v)}`);
+    if (k === '--runs') runs = Math.max(1, Math.floor(n));
+    else if (flags[k]) params[flags[k]] = n;
+    else throw new BenchUsageError(`unknown option ${k} (known: --runs ${[...Object.keys(flags), ...Object.keys(ex)].join(' ')})`);
+  }
+  if (params.dataGiB * GiB + DATA_START > params.diskGiB * GiB) throw new BenchUsageError(`--data-gib ${params.dataGiB} does not fit a ${params.diskGiB} GiB disk`);
+  if (params.workloadMiB + 64 > params.memMiB) throw new BenchUsageError(`--workload-mib ${params.workloadMiB} needs --mem-mib of at least ${params.workloadMiB + 64}`);
+  return { params, runs, extra: ex };
+}
+
+// ---------------------------------------------------------------------------------------- console
+
+export interface TimedStatus extends GuestStatus {
+  /** performance.now() when the line arrived. */
+  at: number;
+}
+
+/** A guest serial console read as timestamped lines (a unix socket QEMU serves, or a log file). */
+export class Console {
+  private text = '';
+  private readonly stamps: Array<{ at: number; end: number }> = [];
+  private closer: () => void = () => undefined;
+
+  /** Connects to QEMU's `-chardev socket,server=on,wait=off` (retrying until it exists). */
+  static async socket(file: string, timeoutMs = 30_000): Promise<Console> {
+    const c = new Console();
+    const deadline = Date.now() + timeoutMs;
+    for (;;) {
+      try {
+        const sock = await new Promise<net.Socket>((resolve, reject) => {
+          const s = net.connect(file, () => resolve(s));
+          s.once('error', reject);
+        });
+        sock.on('data', (b: Buffer) => c.push(b.toString('latin1')));
+        sock.on('error', () => undefined);
+        c.closer = () => sock.destroy();
+        return c;
+      } catch (e) {
+        if (Date.now() > deadline) throw new Error(`console ${file}: ${(e as Error).message}`);
+        await sleep(20);
+      }
+    }
+  }
+
+  /** Follows a serial log file from `fromByte` on, polling every 10 ms (the stamps' resolution). */
+  static file(file: string, fromByte = 0): Console {
+    const c = new Console();
+    let pos = fromByte;
+    let busy = false;
+    const timer = setInterval(() => {
+      if (busy) return;
+      busy = true;
+      void (async () => {
+        try {
+          const fh = await fsp.open(file, 'r');
+          try {
+            const buf = Buffer.alloc(1 << 16);
+            for (;;) {
+              const { bytesRead } = await fh.read(buf, 0, buf.length, pos);
+              if (!bytesRead) break;
+              pos += bytesRead;
+              c.push(buf.subarray(0, bytesRead).toString('latin1'));
+            }
+          } finally {
+            await fh.close();
+          }
+        } catch {
+          /* not there yet */
+        } finally {
+          busy = false;
+        }
+      })();
+    }, 10);
+    c.closer = () => clearInterval(timer);
+    return c;
+  }
+
+  private push(s: string): void {
+    this.text += s;
+    this.stamps.push({ at: performance.now(), end: this.text.length });
+  }
+
+  /** Arrival time of the byte at `offset`. */
+  private arrival(offset: number): number {
+    for (const s of this.stamps) if (s.end > offset) return s.at;
+    return performance.now();
+  }
+
+  statuses(): TimedStatus[] {
+    const out: TimedStatus[] = [];
+    const re = /VMSNAP-STATUS [^\r\n]*\r?\n/g;
+    for (const m of this.text.matchAll(re)) {
+      const st = parseStatusLines(m[0])[0];
+      if (st) out.push({ ...st, at: this.arrival((m.index ?? 0) + m[0].length - 1) });
+    }
+    return out;
+  }
+
+  errorLines(): string[] {
+    return parseErrorLines(this.text).map((e) => e.detail);
+  }
+
+  tail(n = 5): string {
+    return this.text.split('\n').slice(-n).join('\n');
+  }
+
+  async waitStatuses(n: number, timeoutMs: number, what: string): Promise<TimedStatus[]> {
+    const deadline = Date.now() + timeoutMs;
+    for (;;) {
+      const st = this.statuses();
+      if (st.length >= n) return st;
+      if (Date.now() > deadline) throw new Error(`${what}: ${st.length} of ${n} status lines after ${timeoutMs} ms; console tail:\n${this.tail()}`);
+      await sleep(50);
+    }
+  }
+
+  close(): void {
+    this.closer();
+  }
+}
+
+export const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
+
+// ------------------------------------------------------------------------------------------- disk
+
+/**
+ * A raw disk of `diskGiB` with `dataGiB` of random data in 1 MiB extents spread evenly from 32 MiB
+ * on (the guest's disk workload uses the first 16 MiB). Built once per size under the bench root
+ * and copied (sparse) for each run: generating a GiB of random data costs more than copying it.
+ */
+export async function sourceDisk(p: ScenarioParams, dest: string): Promise<void> {
+  const dir = path.join(benchRoot(), 'migrate-templates');
+  await fsp.mkdir(dir, { recursive: true });
+  const tpl = path.join(dir, `disk-${p.diskGiB}g-data-${p.dataGiB}g.raw`);
+  if (!existsSync(tpl)) {
+    const tmp = `${tpl}.${process.pid}.tmp`;
+    const fh = await fsp.open(tmp, 'w');
+    try {
+      await fh.truncate(p.diskGiB * GiB);
+      const chunks = Math.round((p.dataGiB * GiB) / DATA_CHUNK);
+      const stride = chunks ? Math.floor((p.diskGiB * GiB - DATA_START) / chunks / DATA_CHUNK) * DATA_CHUNK : 0;
+      for (let i = 0; i < chunks; i++) await fh.write(randomBytes(DATA_CHUNK), 0, DATA_CHUNK, DATA_START + i * stride);
+      await fh.sync();
+    } finally {
+      await fh.close();
+    }
+    await fsp.rename(tmp, tpl);
+  }
+  const r = spawnSync('cp', ['--sparse=always', '--reflink=auto', tpl, dest]);
+  if (r.status !== 0) throw new Error(`cp ${tpl}: ${r.stderr.toString()}`);
+}
+
+/** A blank (sparse) raw disk of the scenario's size: a destination's mirror target. */
+export async function blankDisk(p: ScenarioParams, dest: string): Promise<void> {
+  const fh = await fsp.open(dest, 'w');
+  await fh.truncate(p.diskGiB * GiB);
+  await fh.close();
+}
+
+// ------------------------------------------------------------------------------------------- qemu
+
+/** What the source guest is: the same for every method. */
+export interface GuestSpec {
+  kernel: string;
+  initrd: string;
+  /** Kernel command line (console, workload parameters). */
+  append: string;
+  memMiB: number;
+  /** The source disk image (raw), already filled. */
+  disk: string;
+}
+
+export function guestSpec(p: ScenarioParams, disk: string): GuestSpec {
+  const a = guestArtifacts();
+  const append = ['console=ttyS0', 'quiet', `vmsnap.mem=${p.workloadMiB}`, `vmsnap.rate=${p.rate}`, 'vmsnap.disk=/dev/vda', `vmsnap.disk_rate=${p.diskRate}`].join(' ');
+  return { kernel: a.kernel, initrd: a.initrd, append, memMiB: p.memMiB, disk };
+}
+
+export interface QemuSockets {
+  qmp: string;
+  serial: string;
+}
+
+/**
+ * The QEMU command line of the fixture guest with its disk as node `disk0` (file → raw), serial on
+ * a unix socket and QMP on another; `extra` is appended (e.g. `-incoming defer -S`).
+ */
+export function qemuArgv(g: GuestSpec, disk: string, s: QemuSockets, extra: readonly string[] = []): string[] {
+  return [
+    '-accel', 'tcg', '-machine', 'pc', '-m', String(g.memMiB), '-nodefaults', '-no-user-config', '-display', 'none',
+    '-kernel', g.kernel, '-initrd', g.initrd, '-append', g.append,
+    '-chardev', `socket,id=s0,path=${s.serial},server=on,wait=off`, '-serial', 'chardev:s0',
+    '-qmp', `unix:${s.qmp},server=on,wait=off`,
+    '-blockdev', JSON.stringify({ driver: 'raw', 'node-name': 'disk0', file: { driver: 'file', filename: disk } }),
+    '-device', 'virtio-blk-pci,drive=disk0,id=vda',
+    ...extra,
+  ];
+}
+
+// ------------------------------------------------------------------------------------- scenario
+
+export interface ScenarioContext {
+  pair: NetnsPair;
+  params: ScenarioParams;
+  /** This run's scratch directory (removed after the run). */
+  dir: string;
+  guest: GuestSpec;
+}
+
+export interface SourceGuest {
+  console: Console;
+}
+
+export interface MigrationOutcome {
+  /** The destination guest's console (the harness waits on it for the first status line). */
+  console: Console;
+  /** QEMU's own figures, where the method has them. */
+  qemu?: { downtimeMs?: number; totalMs?: number; setupMs?: number; ramTransferred?: number; dirtySyncs?: number; mbps?: number };
+  /** Anything else the method wants in its RESULT line. */
+  details?: Record<string, unknown>;
+}
+
+export interface MigrationMethod {
+  name: string;
+  startSource(ctx: ScenarioContext): Promise<SourceGuest>;
+  /** Resolves once the guest runs on B; throws (guest still on A) when it cannot. */
+  migrate(ctx: ScenarioContext, src: SourceGuest): Promise<MigrationOutcome>;
+}
+
+export interface ScenarioResult {
+  method: string;
+  run: number;
+  ok: boolean;
+  error?: string;
+  params: ScenarioParams;
+  totalS: number;
+  pauseMs: number;
+  qemuDowntimeMs: number | null;
+  linkBytesAtoB: number;
+  linkBytesBtoA: number;
+  genSrcLast: number | null;
+  genDstFirst: number | null;
+  dstErrors: number | null;
+  dstDiskErrors: number | null;
+  errorLines: string[];
+  loadavg1: number;
+  details?: Record<string, unknown>;
+  qemu?: MigrationOutcome['qemu'];
+}
+
+async function counters(pair: NetnsPair): Promise<Record<Side, LinkCounters>> {
+  return { a: await pair.counters('a'), b: await pair.counters('b') };
+}
+
+/**
+ * One run of `method` on a fresh pair of hosts: start the guest on A, let it warm up, migrate, watch
+ * it on B, measure. Whatever happens, every process in either namespace is killed and the run's
+ * directory removed before this returns. A failed run is a result with ok=false and the error.
+ */
+export async function runScenario(method: MigrationMethod, params: ScenarioParams, run: number): Promise<ScenarioResult> {
+  const root = path.join(benchRoot(), 'migrate');
+  await fsp.mkdir(root, { recursive: true });
+  const dir = await fsp.mkdtemp(path.join(root, `${method.name}-`));
+  const res: ScenarioResult = {
+    method: method.name, run, ok: false, params, totalS: NaN, pauseMs: NaN, qemuDowntimeMs: null,
+    linkBytesAtoB: NaN, linkBytesBtoA: NaN, genSrcLast: null, genDstFirst: null, dstErrors: null, dstDiskErrors: null,
+    errorLines: [], loadavg1: loadavg()[0] ?? NaN,
+  };
+  let pair: NetnsPair | undefined;
+  const consoles: Console[] = [];
+  try {
+    const shape = params.linkMbit > 0 ? { a: { rateMbit: params.linkMbit }, b: { rateMbit: params.linkMbit } } : {};
+    pair = await NetnsPair.create({ shape });
+    const srcDisk = path.join(dir, 'source.raw');
+    await sourceDisk(params, srcDisk);
+    const ctx: ScenarioContext = { pair, params, dir, guest: guestSpec(params, srcDisk) };
+    const src = await method.startSource(ctx);
+    consoles.push(src.console);
+    // Stamping a large workload area takes a while under TCG before the first status line.
+    await src.console.waitStatuses(3, 180_000, 'source guest boot');
+    await sleep(params.warmS * 1000);
+    const before = await counters(pair);
+    const t0 = performance.now();
+    const out = await method.migrate(ctx, src);
+    res.totalS = (performance.now() - t0) / 1000;
+    consoles.push(out.console);
+    const after = await counters(pair);
+    res.linkBytesAtoB = after.a.txBytes - before.a.txBytes;
+    res.linkBytesBtoA = after.b.txBytes - before.b.txBytes;
+    res.qemu = out.qemu;
+    res.qemuDowntimeMs = out.qemu?.downtimeMs ?? null;
+    res.details = out.details;
+    await out.console.waitStatuses(1, 60_000, 'destination guest');
+    await sleep(params.watchS * 1000);
+    const s = src.console.statuses();
+    const d = out.console.statuses();
+    const lastSrc = s[s.length - 1];
+    const firstDst = d[0];
+    const lastDst = d[d.length - 1];
+    if (!lastSrc || !firstDst || !lastDst) throw new Error('no status lines to compare');
+    res.pauseMs = Math.round(firstDst.at - lastSrc.at - (firstDst.uptimeMs - lastSrc.uptimeMs));
+    res.genSrcLast = lastSrc.gen;
+    res.genDstFirst = firstDst.gen;
+    res.dstErrors = lastDst.errors;
+    res.dstDiskErrors = lastDst.diskErrors;
+    res.errorLines = [...src.console.errorLines(), ...out.console.errorLines()].slice(0, 10);
+    const problems: string[] = [];
+    if (lastDst.errors !== 0) problems.push(`destination errors=${lastDst.errors}`);
+    if (lastDst.diskErrors !== 0) problems.push(`destination disk_errors=${lastDst.diskErrors}`);
+    if (res.errorLines.length) problems.push(`VMSNAP-ERROR lines: ${res.errorLines.join(' | ')}`);
+    if (firstDst.gen < lastSrc.gen) problems.push(`generation went back: ${lastSrc.gen} on A, ${firstDst.gen} first on B`);
+    if (lastDst.gen <= firstDst.gen && params.rate > 0) problems.push('the workload did not go on on B');
+    if (d.length < params.watchS * 2) problems.push(`only ${d.length} status lines on B in ${params.watchS} s`);
+    if (problems.length) throw new Error(problems.join('; '));
+    res.ok = true;
+  } catch (e) {
+    res.error = (e as Error).message;
+  } finally {
+    for (const c of consoles) c.close();
+    // Kills every QEMU (and anything else) still inside either namespace, by pid.
+    if (pair) await pair.destroy().catch((e: Error) => (res.error = `${res.error ?? ''}; cleanup: ${e.message}`));
+    await fsp.rm(dir, { recursive: true, force: true });
+  }
+  return res;
+}
+
+/** Runs `method` `runs` times and prints one `RESULT {json}` line per run and a table at the end. */
+export async function runBench(method: MigrationMethod, params: ScenarioParams, runs: number): Promise<ScenarioResult[]> {
+  console.log(`# ${method.name}: ${JSON.stringify(params)}`);
+  console.log(`# guest dirties ${fmt((params.rate * 4096) / 1e6)} MB/s of RAM; link ${params.linkMbit ? `${params.linkMbit} Mbit/s = ${fmt((params.linkMbit * 1e6) / 8 / 1e6)} MB/s` : 'unshaped'}`);
+  const results: ScenarioResult[] = [];
+  for (let i = 0; i < runs; i++) {
+    const r = await runScenario(method, params, i);
+    results.push(r);
+    console.log(`RESULT ${JSON.stringify(r)}`);
+  }
+  console.log(resultTable(results));
+  return results;
+}
+
+export function resultTable(rs: readonly ScenarioResult[]): string {
+  return table(
+    ['method', 'run', 'link Mbit', 'ok', 'total s', 'pause ms (guest)', 'downtime ms (QEMU)', 'MB A→B', 'MB B→A', 'error'],
+    rs.map((r) => [
+      r.method, String(r.run), String(r.params.linkMbit), r.ok ? 'yes' : 'NO', fmt(r.totalS, 2), fmt(r.pauseMs, 0),
+      r.qemuDowntimeMs === null ? '–' : String(r.qemuDowntimeMs), fmt(r.linkBytesAtoB / 1e6, 1), fmt(r.linkBytesBtoA / 1e6, 1),
+      (r.error ?? '').slice(0, 80),
+    ]),
+  );
+}
