@@ -227,6 +227,35 @@ export const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeou
  * on (the guest's disk workload uses the first 16 MiB). Built once per size under the bench root
  * and copied (sparse) for each run: generating a GiB of random data costs more than copying it.
  */
+/** Offsets of the 1 MiB random-data extents on a scenario's source disk. */
+function dataExtents(p: ScenarioParams): number[] {
+  const chunks = Math.round((p.dataGiB * GiB) / DATA_CHUNK);
+  const stride = chunks ? Math.floor((p.diskGiB * GiB - DATA_START) / chunks / DATA_CHUNK) * DATA_CHUNK : 0;
+  return Array.from({ length: chunks }, (_, i) => DATA_START + i * stride);
+}
+
+/**
+ * Compares the pre-written data extents (which the guest never writes) of two raw images; returns
+ * how many differ. The guest checks only its own workload records, so this is what shows that the
+ * rest of the disk arrived.
+ */
+export async function compareDataExtents(p: ScenarioParams, a: string, b: string): Promise<number> {
+  const [fa, fb] = [await fsp.open(a, 'r'), await fsp.open(b, 'r')];
+  try {
+    const [x, y] = [Buffer.alloc(DATA_CHUNK), Buffer.alloc(DATA_CHUNK)];
+    let bad = 0;
+    for (const off of dataExtents(p)) {
+      await fa.read(x, 0, DATA_CHUNK, off);
+      await fb.read(y, 0, DATA_CHUNK, off);
+      if (!x.equals(y)) bad++;
+    }
+    return bad;
+  } finally {
+    await fa.close();
+    await fb.close();
+  }
+}
+
 export async function sourceDisk(p: ScenarioParams, dest: string): Promise<void> {
   const dir = path.join(benchRoot(), 'migrate-templates');
   await fsp.mkdir(dir, { recursive: true });
@@ -236,9 +265,7 @@ export async function sourceDisk(p: ScenarioParams, dest: string): Promise<void>
     const fh = await fsp.open(tmp, 'w');
     try {
       await fh.truncate(p.diskGiB * GiB);
-      const chunks = Math.round((p.dataGiB * GiB) / DATA_CHUNK);
-      const stride = chunks ? Math.floor((p.diskGiB * GiB - DATA_START) / chunks / DATA_CHUNK) * DATA_CHUNK : 0;
-      for (let i = 0; i < chunks; i++) await fh.write(randomBytes(DATA_CHUNK), 0, DATA_CHUNK, DATA_START + i * stride);
+      for (const off of dataExtents(p)) await fh.write(randomBytes(DATA_CHUNK), 0, DATA_CHUNK, off);
       await fh.sync();
     } finally {
       await fh.close();
@@ -317,6 +344,11 @@ export interface MigrationOutcome {
   qemu?: { downtimeMs?: number; totalMs?: number; setupMs?: number; ramTransferred?: number; dirtySyncs?: number; mbps?: number };
   /** Anything else the method wants in its RESULT line. */
   details?: Record<string, unknown>;
+  /**
+   * The destination's disk as a raw image readable once its QEMU is gone (when the method has one):
+   * the harness then compares the pre-written data with the source's (`diskDataMismatches`).
+   */
+  destinationDisk?: string;
 }
 
 export interface MigrationMethod {
@@ -341,6 +373,8 @@ export interface ScenarioResult {
   genDstFirst: number | null;
   dstErrors: number | null;
   dstDiskErrors: number | null;
+  /** Pre-written 1 MiB data extents that differ on B (null: the method exposes no raw image). */
+  diskDataMismatches: number | null;
   errorLines: string[];
   loadavg1: number;
   details?: Record<string, unknown>;
@@ -362,15 +396,16 @@ export async function runScenario(method: MigrationMethod, params: ScenarioParam
   const dir = await fsp.mkdtemp(path.join(root, `${method.name}-`));
   const res: ScenarioResult = {
     method: method.name, run, ok: false, params, totalS: NaN, pauseMs: NaN, qemuDowntimeMs: null,
-    linkBytesAtoB: NaN, linkBytesBtoA: NaN, genSrcLast: null, genDstFirst: null, dstErrors: null, dstDiskErrors: null,
+    linkBytesAtoB: NaN, linkBytesBtoA: NaN, genSrcLast: null, genDstFirst: null, dstErrors: null, dstDiskErrors: null, diskDataMismatches: null,
     errorLines: [], loadavg1: loadavg()[0] ?? NaN,
   };
   let pair: NetnsPair | undefined;
+  let destinationDisk: string | undefined;
+  const srcDisk = path.join(dir, 'source.raw');
   const consoles: Console[] = [];
   try {
     const shape = params.linkMbit > 0 ? { a: { rateMbit: params.linkMbit }, b: { rateMbit: params.linkMbit } } : {};
     pair = await NetnsPair.create({ shape });
-    const srcDisk = path.join(dir, 'source.raw');
     await sourceDisk(params, srcDisk);
     const ctx: ScenarioContext = { pair, params, dir, guest: guestSpec(params, srcDisk) };
     const src = await method.startSource(ctx);
@@ -389,6 +424,7 @@ export async function runScenario(method: MigrationMethod, params: ScenarioParam
     res.qemu = out.qemu;
     res.qemuDowntimeMs = out.qemu?.downtimeMs ?? null;
     res.details = out.details;
+    destinationDisk = out.destinationDisk;
     await out.console.waitStatuses(1, 60_000, 'destination guest');
     await sleep(params.watchS * 1000);
     const s = src.console.statuses();
@@ -418,6 +454,13 @@ export async function runScenario(method: MigrationMethod, params: ScenarioParam
     for (const c of consoles) c.close();
     // Kills every QEMU (and anything else) still inside either namespace, by pid.
     if (pair) await pair.destroy().catch((e: Error) => (res.error = `${res.error ?? ''}; cleanup: ${e.message}`));
+    if (destinationDisk) {
+      res.diskDataMismatches = await compareDataExtents(params, srcDisk, destinationDisk).catch(() => null);
+      if (res.diskDataMismatches !== 0) {
+        res.ok = false;
+        res.error = `${res.error ? `${res.error}; ` : ''}${res.diskDataMismatches ?? 'unreadable'} data extents differ on B`;
+      }
+    }
     await fsp.rm(dir, { recursive: true, force: true });
   }
   return res;

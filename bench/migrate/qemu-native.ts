@@ -206,6 +206,7 @@ export function nativeMethod(profile: Profile): MigrationMethod {
           downtimeMs: last.downtime, totalMs: last['total-time'], setupMs: last['setup-time'],
           ramTransferred: ram?.transferred, dirtySyncs: ram?.['dirty-sync-count'], mbps: ram?.mbps,
         },
+        destinationDisk: tgtDisk,
         details: { profile, phases, mirrorBytes: mirrorLen, downtimeLimits: limits, xbzrle: last['xbzrle-cache'] },
       };
     },
