@@ -3,7 +3,7 @@
  * the way Proxmox (PVE/QemuMigrate.pm) and libvirt (qemu_migration.c) do it, between two network
  * namespaces. The measurements are bench/migrate/common.ts's, shared with any other method.
  *
- *   npx tsx bench/migrate/qemu-native.ts [--profile proxmox|libvirt] [--link-mbit 1000] [--runs 1]
+ *   npx tsx bench/migrate/qemu-native.ts [--profile proxmox|libvirt|proxmox,libvirt] [--link-mbit 1000] [--runs 1]
  *        [--mem-mib 1024] [--workload-mib 256] [--rate 12800] [--disk-gib 4] [--data-gib 1] ...
  *
  * Sequence (source QEMU in A, destination QEMU in B):
@@ -53,6 +53,7 @@ interface MigrateInfo {
   'error-desc'?: string;
   ram?: { transferred: number; remaining: number; total: number; mbps: number; 'dirty-sync-count': number; 'dirty-pages-rate'?: number };
   'xbzrle-cache'?: { bytes: number; pages: number; 'cache-miss-rate': number };
+  'cpu-throttle-percentage'?: number;
 }
 
 interface BlockJobInfo {
@@ -151,11 +152,20 @@ export function nativeMethod(profile: Profile): MigrationMethod {
       let stalled = 0;
       let nextCheck = performance.now() + 1000;
       const limits: Array<[number, number]> = [[0, downtimeLimit]];
+      // [ms, remaining MB, Mbit/s, dirty MB/s, syncs, throttle %], one every 5 s (also on stderr).
+      const trace: number[][] = [];
+      let nextTrace = performance.now() + 5000;
       try {
         last = await poll('migration completed', p.timeoutS * 1000 - ms(), async () => {
           const st = await a.qmp.execute<MigrateInfo>('query-migrate');
           if (st.status === 'completed') return st;
           if (st.status === 'failed' || st.status === 'cancelled') throw new Error(`migration ${st.status}: ${st['error-desc'] ?? ''}`);
+          if (st.ram && performance.now() >= nextTrace) {
+            nextTrace += 5000;
+            const row = [ms(), Math.round(st.ram.remaining / 1e6), Math.round(st.ram.mbps), Math.round(((st.ram['dirty-pages-rate'] ?? 0) * 4096) / 1e5) / 10, st.ram['dirty-sync-count'], st['cpu-throttle-percentage'] ?? 0];
+            trace.push(row);
+            process.stderr.write(`  ${(row[0]! / 1000).toFixed(0)} s: remaining ${row[1]} MB, ${row[2]} Mbit/s, dirty ${row[3]} MB/s, ${row[4]} syncs, throttle ${row[5]}%\n`);
+          }
           if (profile === 'proxmox' && st.ram && performance.now() >= nextCheck) {
             nextCheck += 1000;
             const rem = st.ram.remaining;
@@ -182,7 +192,7 @@ export function nativeMethod(profile: Profile): MigrationMethod {
           return s.status === 'running' ? true : undefined;
         }).catch(() => undefined);
         const why = ram ? `remaining ${(ram.remaining / 1e6).toFixed(0)} MB, ${ram.mbps.toFixed(0)} Mbit/s, dirty ${(((ram['dirty-pages-rate'] ?? 0) * 4096) / 1e6).toFixed(1)} MB/s, ${ram['dirty-sync-count']} syncs, downtime-limit ${downtimeLimit} ms` : '';
-        throw new Error(`${(e as Error).message.includes('not within') ? 'did not converge' : (e as Error).message} (${why})`);
+        throw new Error(`${(e as Error).message.includes('not within') ? 'did not converge' : (e as Error).message} (${why}; trace ${JSON.stringify(trace)})`);
       }
       phases.migrate_completed_ms = ms();
 
@@ -207,7 +217,7 @@ export function nativeMethod(profile: Profile): MigrationMethod {
           ramTransferred: ram?.transferred, dirtySyncs: ram?.['dirty-sync-count'], mbps: ram?.mbps,
         },
         destinationDisk: tgtDisk,
-        details: { profile, phases, mirrorBytes: mirrorLen, downtimeLimits: limits, xbzrle: last['xbzrle-cache'] },
+        details: { profile, phases, mirrorBytes: mirrorLen, downtimeLimits: limits, throttlePct: last['cpu-throttle-percentage'] ?? 0, xbzrle: last['xbzrle-cache'], trace },
       };
     },
   };
@@ -215,9 +225,9 @@ export function nativeMethod(profile: Profile): MigrationMethod {
 
 async function main(): Promise<void> {
   const { params, runs, extra } = parseScenarioArgs(process.argv.slice(2), { '--profile': 'proxmox' });
-  const profile = extra['--profile'];
-  if (profile !== 'proxmox' && profile !== 'libvirt') throw new BenchUsageError(`--profile wants proxmox or libvirt, got ${profile}`);
-  const results = await runBench(nativeMethod(profile), params, runs);
+  const profiles = (extra['--profile'] ?? '').split(',');
+  for (const pr of profiles) if (pr !== 'proxmox' && pr !== 'libvirt') throw new BenchUsageError(`--profile wants proxmox, libvirt or both (proxmox,libvirt), got ${pr}`);
+  const results = await runBench(profiles.map((pr) => nativeMethod(pr as Profile)), params, runs);
   process.exitCode = results.every((r) => r.ok) ? 0 : 1;
 }
 
