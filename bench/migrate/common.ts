@@ -438,7 +438,7 @@ export async function runScenario(method: MigrationMethod, params: ScenarioParam
     await src.console.waitStatuses(3, 180_000, 'source guest boot');
     await sleep(params.warmS * 1000);
     // The rate the guest really achieves (TCG may fall short of --rate): page rewrites per guest second.
-    const warm = src.console.statuses().slice(2);
+    const warm = src.console.statuses().slice(1);
     const w0 = warm[0];
     const w1 = warm[warm.length - 1];
     if (w0 && w1 && w1.uptimeMs > w0.uptimeMs) res.guestPagesPerS = Math.round(((w1.gen - w0.gen) * 1000) / (w1.uptimeMs - w0.uptimeMs));
