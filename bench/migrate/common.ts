@@ -34,7 +34,7 @@ import * as net from 'node:net';
 import { loadavg } from 'node:os';
 import * as path from 'node:path';
 import { guestArtifacts, parseErrorLines, parseStatusLines, type GuestStatus } from '../../fixtures/guest/index.js';
-import { NetnsPair, type LinkCounters, type Side } from '../../test/helpers/netns.js';
+import { NetnsPair, type Side } from '../../test/helpers/netns.js';
 import { benchRoot, fmt, table } from '../common/measure.js';
 
 export const GiB = 1 << 30;
@@ -67,8 +67,10 @@ export interface ScenarioParams {
   warmS: number;
   /** Seconds the guest is watched on B after the move. */
   watchS: number;
-  /** A method gives up (and must leave the guest running on A) after this many seconds. */
+  /** A method gives up (and must leave the guest running on its source) after this many seconds. */
   timeoutS: number;
+  /** 1: after the watch on B, move the guest back to A (the evening trip home) and measure that too. */
+  returnTrip: number;
 }
 
 export const DEFAULT_PARAMS: ScenarioParams = {
@@ -83,6 +85,7 @@ export const DEFAULT_PARAMS: ScenarioParams = {
   warmS: 5,
   watchS: 6,
   timeoutS: 300,
+  returnTrip: 0,
 };
 
 export class BenchUsageError extends Error {
@@ -94,7 +97,7 @@ export function parseScenarioArgs(argv: readonly string[], extra: Record<string,
   const flags: Record<string, keyof ScenarioParams> = {
     '--mem-mib': 'memMiB', '--workload-mib': 'workloadMiB', '--rate': 'rate', '--sweep-ms': 'sweepMs', '--disk-rate': 'diskRate',
     '--disk-gib': 'diskGiB', '--data-gib': 'dataGiB', '--link-mbit': 'linkMbit', '--warm-s': 'warmS',
-    '--watch-s': 'watchS', '--timeout-s': 'timeoutS',
+    '--watch-s': 'watchS', '--timeout-s': 'timeoutS', '--return-trip': 'returnTrip',
   };
   const params = { ...DEFAULT_PARAMS };
   const ex = { ...extra };
@@ -354,9 +357,16 @@ export interface SourceGuest {
   console: Console;
 }
 
+/** One move: leg 0 is A→B; with --return-trip 1, leg 1 brings the guest back B→A. */
+export interface Leg {
+  index: number;
+  from: Side;
+  to: Side;
+}
+
 export interface MigrationOutcome {
-  /** The destination guest's console (the harness waits on it for the first status line). */
-  console: Console;
+  /** The guest as it now runs on `leg.to`: its console, and the handle a next leg starts from. */
+  guest: SourceGuest;
   /** QEMU's own figures, where the method has them. */
   qemu?: { downtimeMs?: number; totalMs?: number; setupMs?: number; ramTransferred?: number; dirtySyncs?: number; mbps?: number };
   /** Anything else the method wants in its RESULT line. */
@@ -370,14 +380,17 @@ export interface MigrationOutcome {
 
 export interface MigrationMethod {
   name: string;
+  /** Starts the guest on A. */
   startSource(ctx: ScenarioContext): Promise<SourceGuest>;
-  /** Resolves once the guest runs on B; throws (guest still on A) when it cannot. */
-  migrate(ctx: ScenarioContext, src: SourceGuest): Promise<MigrationOutcome>;
+  /** Resolves once the guest runs on `leg.to`; throws (guest still on `leg.from`) when it cannot. */
+  migrate(ctx: ScenarioContext, src: SourceGuest, leg: Leg): Promise<MigrationOutcome>;
 }
 
 export interface ScenarioResult {
   method: string;
   run: number;
+  /** "A→B", or "B→A" for the return trip. */
+  leg: string;
   ok: boolean;
   error?: string;
   params: ScenarioParams;
@@ -385,127 +398,166 @@ export interface ScenarioResult {
   pauseMs: number;
   pauseAdjacentMs: number;
   qemuDowntimeMs: number | null;
-  linkBytesAtoB: number;
-  linkBytesBtoA: number;
+  /** Bytes the leg's source end sent (its veth tx), and what came back. */
+  linkBytesSent: number;
+  linkBytesBack: number;
   genSrcLast: number | null;
   genDstFirst: number | null;
   dstErrors: number | null;
   dstDiskErrors: number | null;
-  /** Pre-written 1 MiB data extents that differ on B (null: the method exposes no raw image). */
+  /** Pre-written 1 MiB data extents that differ on the destination (null: no raw image exposed). */
   diskDataMismatches: number | null;
   errorLines: string[];
-  /** Pages per second the guest actually rewrote on A before the move (TCG may fall short of --rate). */
+  /** Page rewrites per guest second on the source over the 5 s before the move (TCG may fall short of --rate). */
   guestPagesPerS: number | null;
   loadavg1: number;
   timeline?: { srcLast: number[][]; dstFirst: number[][]; migrateReturnedMs: number };
   details?: Record<string, unknown>;
   qemu?: MigrationOutcome['qemu'];
-  /** Where the two consoles were saved. */
+  /** Where the consoles were saved. */
   consoleLogs?: string;
 }
 
-async function counters(pair: NetnsPair): Promise<Record<Side, LinkCounters>> {
-  return { a: await pair.counters('a'), b: await pair.counters('b') };
+const HOST: Record<Side, string> = { a: 'A', b: 'B' };
+
+/** Runs in progress, torn down by a SIGINT/SIGTERM (Ctrl-C during a long bench). */
+const active = new Map<string, { pair?: NetnsPair }>();
+let signalsHooked = false;
+function hookSignals(): void {
+  if (signalsHooked) return;
+  signalsHooked = true;
+  for (const sig of ['SIGINT', 'SIGTERM'] as const) {
+    process.once(sig, () => {
+      console.error(`${sig}: removing ${active.size} run(s) in progress`);
+      void Promise.allSettled([...active].map(async ([dir, r]) => {
+        await r.pair?.destroy();
+        await fsp.rm(dir, { recursive: true, force: true });
+      })).then(() => process.exit(130));
+    });
+  }
+}
+
+/** Moves the guest once and measures the move; throws (after filling what it could) when the move or the guest's check fails. */
+async function runLeg(method: MigrationMethod, ctx: ScenarioContext, src: SourceGuest, leg: Leg, res: ScenarioResult): Promise<MigrationOutcome> {
+  const { pair, params } = ctx;
+  const pre = src.console.statuses();
+  const lastPre = pre[pre.length - 1];
+  const win = pre.filter((x) => lastPre && x.uptimeMs >= lastPre.uptimeMs - 5000);
+  const [w0, w1] = [win[0], win[win.length - 1]];
+  if (w0 && w1 && w1.uptimeMs > w0.uptimeMs) res.guestPagesPerS = Math.round(((w1.gen - w0.gen) * 1000) / (w1.uptimeMs - w0.uptimeMs));
+  const before = { from: await pair.counters(leg.from), to: await pair.counters(leg.to) };
+  const t0 = performance.now();
+  const out = await method.migrate(ctx, src, leg);
+  res.totalS = (performance.now() - t0) / 1000;
+  const after = { from: await pair.counters(leg.from), to: await pair.counters(leg.to) };
+  res.linkBytesSent = after.from.txBytes - before.from.txBytes;
+  res.linkBytesBack = after.to.txBytes - before.to.txBytes;
+  res.qemu = out.qemu;
+  res.qemuDowntimeMs = out.qemu?.downtimeMs ?? null;
+  res.details = out.details;
+  const dst = out.guest.console;
+  await dst.waitStatuses(1, 60_000, `guest on ${HOST[leg.to]}`);
+  await sleep(params.watchS * 1000);
+  const s = src.console.statuses();
+  const d = dst.statuses();
+  const lastSrc = s[s.length - 1];
+  const firstDst = d[0];
+  const lastDst = d[d.length - 1];
+  if (!lastSrc || !firstDst || !lastDst) throw new Error('no status lines to compare');
+  res.pauseAdjacentMs = Math.round(firstDst.at - lastSrc.at - (firstDst.uptimeMs - lastSrc.uptimeMs));
+  const offset = (xs: TimedStatus[]) => Math.min(...xs.map((x) => x.at - x.uptimeMs));
+  res.pauseMs = Math.round(offset(d) - offset(s.filter((x) => x.uptimeMs >= lastSrc.uptimeMs - 10_000)));
+  // [ms since migrate() began, guest uptime ms, gen] around the switch: where a pause came from.
+  const line = (x: TimedStatus) => [Math.round(x.at - t0), x.uptimeMs, x.gen];
+  res.timeline = { srcLast: s.slice(-3).map(line), dstFirst: d.slice(0, 5).map(line), migrateReturnedMs: Math.round(res.totalS * 1000) };
+  res.genSrcLast = lastSrc.gen;
+  res.genDstFirst = firstDst.gen;
+  res.dstErrors = lastDst.errors;
+  res.dstDiskErrors = lastDst.diskErrors;
+  res.errorLines = [...src.console.errorLines(), ...dst.errorLines()].slice(0, 10);
+  const problems: string[] = [];
+  const to = HOST[leg.to];
+  if (lastDst.errors !== 0) problems.push(`errors=${lastDst.errors} on ${to}`);
+  if (lastDst.diskErrors !== 0) problems.push(`disk_errors=${lastDst.diskErrors} on ${to}`);
+  if (res.errorLines.length) problems.push(`VMSNAP-ERROR lines: ${res.errorLines.join(' | ')}`);
+  if (firstDst.gen < lastSrc.gen) problems.push(`generation went back: ${lastSrc.gen} last on ${HOST[leg.from]}, ${firstDst.gen} first on ${to}`);
+  if (lastDst.gen <= firstDst.gen && params.rate > 0) problems.push(`the workload did not go on on ${to}`);
+  // A saturated guest prints late, so only ask that the destination said something more than once.
+  if (d.length < 3) problems.push(`only ${d.length} status lines on ${to} in ${params.watchS} s`);
+  if (problems.length) throw new Error(problems.join('; '));
+  res.ok = true;
+  return out;
 }
 
 /**
- * One run of `method` on a fresh pair of hosts: start the guest on A, let it warm up, migrate, watch
- * it on B, measure. Whatever happens, every process in either namespace is killed and the run's
- * directory removed before this returns. A failed run is a result with ok=false and the error.
+ * One run of `method` on a fresh pair of hosts: start the guest on A, let it warm up, move it to B
+ * and watch it there (and with --return-trip 1, move it back and watch it on A), measuring each
+ * move. Whatever happens, every process in either namespace is killed and the run's directory
+ * removed before this returns. A failed move is a result with ok=false and the error; a return
+ * trip is only tried after a good first move.
  */
-export async function runScenario(method: MigrationMethod, params: ScenarioParams, run: number): Promise<ScenarioResult> {
+export async function runScenario(method: MigrationMethod, params: ScenarioParams, run: number): Promise<ScenarioResult[]> {
   const root = path.join(benchRoot(), 'migrate');
   await fsp.mkdir(root, { recursive: true });
   const dir = await fsp.mkdtemp(path.join(root, `${method.name}-`));
-  const res: ScenarioResult = {
-    method: method.name, run, ok: false, params, totalS: NaN, pauseMs: NaN, pauseAdjacentMs: NaN, qemuDowntimeMs: null,
-    linkBytesAtoB: NaN, linkBytesBtoA: NaN, genSrcLast: null, genDstFirst: null, dstErrors: null, dstDiskErrors: null, diskDataMismatches: null,
-    errorLines: [], guestPagesPerS: null, loadavg1: loadavg()[0] ?? NaN,
-  };
+  const legs: Leg[] = [{ index: 0, from: 'a', to: 'b' }, ...(params.returnTrip ? [{ index: 1, from: 'b' as const, to: 'a' as const }] : [])];
+  const results: ScenarioResult[] = legs.map((l) => ({
+    method: method.name, run, leg: `${HOST[l.from]}→${HOST[l.to]}`, ok: false, params, totalS: NaN, pauseMs: NaN, pauseAdjacentMs: NaN,
+    qemuDowntimeMs: null, linkBytesSent: NaN, linkBytesBack: NaN, genSrcLast: null, genDstFirst: null, dstErrors: null,
+    dstDiskErrors: null, diskDataMismatches: null, errorLines: [], guestPagesPerS: null, loadavg1: NaN,
+  }));
   let pair: NetnsPair | undefined;
-  let destinationDisk: string | undefined;
+  const disks: Array<string | undefined> = [];
   const srcDisk = path.join(dir, 'source.raw');
   const consoles: Console[] = [];
-  let t0 = performance.now();
+  let leg = 0;
+  const live: { pair?: NetnsPair } = {};
+  hookSignals();
+  active.set(dir, live);
   try {
     const shape = params.linkMbit > 0 ? { a: { rateMbit: params.linkMbit }, b: { rateMbit: params.linkMbit } } : {};
-    pair = await NetnsPair.create({ shape });
+    pair = live.pair = await NetnsPair.create({ shape });
     await sourceDisk(params, srcDisk);
     const ctx: ScenarioContext = { pair, params, dir, guest: guestSpec(params, srcDisk) };
-    const src = await method.startSource(ctx);
-    consoles.push(src.console);
+    let guest = await method.startSource(ctx);
+    consoles.push(guest.console);
     // Stamping a large workload area takes a while under TCG before the first status line.
-    await src.console.waitStatuses(3, 180_000, 'source guest boot');
+    await guest.console.waitStatuses(3, 180_000, 'guest boot on A');
     await sleep(params.warmS * 1000);
-    // The rate the guest really achieves (TCG may fall short of --rate): page rewrites per guest second.
-    const warm = src.console.statuses().slice(1);
-    const w0 = warm[0];
-    const w1 = warm[warm.length - 1];
-    if (w0 && w1 && w1.uptimeMs > w0.uptimeMs) res.guestPagesPerS = Math.round(((w1.gen - w0.gen) * 1000) / (w1.uptimeMs - w0.uptimeMs));
-    const before = await counters(pair);
-    t0 = performance.now();
-    const out = await method.migrate(ctx, src);
-    res.totalS = (performance.now() - t0) / 1000;
-    consoles.push(out.console);
-    const after = await counters(pair);
-    res.linkBytesAtoB = after.a.txBytes - before.a.txBytes;
-    res.linkBytesBtoA = after.b.txBytes - before.b.txBytes;
-    res.qemu = out.qemu;
-    res.qemuDowntimeMs = out.qemu?.downtimeMs ?? null;
-    res.details = out.details;
-    destinationDisk = out.destinationDisk;
-    await out.console.waitStatuses(1, 60_000, 'destination guest');
-    await sleep(params.watchS * 1000);
-    const s = src.console.statuses();
-    const d = out.console.statuses();
-    const lastSrc = s[s.length - 1];
-    const firstDst = d[0];
-    const lastDst = d[d.length - 1];
-    if (!lastSrc || !firstDst || !lastDst) throw new Error('no status lines to compare');
-    res.pauseAdjacentMs = Math.round(firstDst.at - lastSrc.at - (firstDst.uptimeMs - lastSrc.uptimeMs));
-    const offset = (xs: TimedStatus[]) => Math.min(...xs.map((x) => x.at - x.uptimeMs));
-    res.pauseMs = Math.round(offset(d) - offset(s.filter((x) => x.uptimeMs >= lastSrc.uptimeMs - 10_000)));
-    // [ms since migrate() began, guest uptime ms, gen] around the switch: where a pause came from.
-    const line = (x: TimedStatus) => [Math.round(x.at - t0), x.uptimeMs, x.gen];
-    res.timeline = { srcLast: s.slice(-3).map(line), dstFirst: d.slice(0, 5).map(line), migrateReturnedMs: Math.round(res.totalS * 1000) };
-    res.genSrcLast = lastSrc.gen;
-    res.genDstFirst = firstDst.gen;
-    res.dstErrors = lastDst.errors;
-    res.dstDiskErrors = lastDst.diskErrors;
-    res.errorLines = [...src.console.errorLines(), ...out.console.errorLines()].slice(0, 10);
-    const problems: string[] = [];
-    if (lastDst.errors !== 0) problems.push(`destination errors=${lastDst.errors}`);
-    if (lastDst.diskErrors !== 0) problems.push(`destination disk_errors=${lastDst.diskErrors}`);
-    if (res.errorLines.length) problems.push(`VMSNAP-ERROR lines: ${res.errorLines.join(' | ')}`);
-    if (firstDst.gen < lastSrc.gen) problems.push(`generation went back: ${lastSrc.gen} on A, ${firstDst.gen} first on B`);
-    if (lastDst.gen <= firstDst.gen && params.rate > 0) problems.push('the workload did not go on on B');
-    // A saturated guest prints late, so only ask that B said something more than once.
-    if (d.length < 3) problems.push(`only ${d.length} status lines on B in ${params.watchS} s`);
-    if (problems.length) throw new Error(problems.join('; '));
-    res.ok = true;
+    for (; leg < legs.length; leg++) {
+      results[leg]!.loadavg1 = loadavg()[0] ?? NaN;
+      const out = await runLeg(method, ctx, guest, legs[leg]!, results[leg]!);
+      disks[leg] = out.destinationDisk;
+      guest = out.guest;
+      consoles.push(guest.console);
+    }
   } catch (e) {
-    res.error = (e as Error).message;
+    const r = results[leg];
+    if (r) r.error = (e as Error).message;
   } finally {
     // The consoles outlive the run directory, for looking into a surprising figure afterwards.
     const logs = path.join(root, 'consoles');
     await fsp.mkdir(logs, { recursive: true });
     for (const [i, c] of consoles.entries()) {
       c.close();
-      await fsp.writeFile(path.join(logs, `${path.basename(dir)}-${i === 0 ? 'source' : 'destination'}.txt`), c.content);
+      await fsp.writeFile(path.join(logs, `${path.basename(dir)}-${i}-${i % 2 ? 'B' : 'A'}.txt`), c.content);
     }
-    res.consoleLogs = path.join(logs, `${path.basename(dir)}-*.txt`);
+    for (const r of results) r.consoleLogs = path.join(logs, `${path.basename(dir)}-*.txt`);
     // Kills every QEMU (and anything else) still inside either namespace, by pid.
-    if (pair) await pair.destroy().catch((e: Error) => (res.error = `${res.error ?? ''}; cleanup: ${e.message}`));
-    if (destinationDisk) {
-      res.diskDataMismatches = await compareDataExtents(params, srcDisk, destinationDisk).catch(() => null);
-      if (res.diskDataMismatches !== 0) {
-        res.ok = false;
-        res.error = `${res.error ? `${res.error}; ` : ''}${res.diskDataMismatches ?? 'unreadable'} data extents differ on B`;
+    if (pair) await pair.destroy().catch((e: Error) => (results[0]!.error = `${results[0]!.error ?? ''}; cleanup: ${e.message}`));
+    for (const [i, d] of disks.entries()) {
+      const r = results[i]!;
+      if (!d) continue;
+      r.diskDataMismatches = await compareDataExtents(params, srcDisk, d).catch(() => null);
+      if (r.diskDataMismatches !== 0) {
+        r.ok = false;
+        r.error = `${r.error ? `${r.error}; ` : ''}${r.diskDataMismatches ?? 'unreadable'} data extents differ after the move`;
       }
     }
     await fsp.rm(dir, { recursive: true, force: true });
+    active.delete(dir);
   }
-  return res;
+  return results;
 }
 
 /**
@@ -519,9 +571,10 @@ export async function runBench(methods: readonly MigrationMethod[], params: Scen
   const results: ScenarioResult[] = [];
   for (let i = 0; i < runs; i++) {
     for (const m of methods) {
-      const r = await runScenario(m, params, i);
-      results.push(r);
-      console.log(`RESULT ${JSON.stringify(r)}`);
+      for (const r of await runScenario(m, params, i)) {
+        results.push(r);
+        console.log(`RESULT ${JSON.stringify(r)}`);
+      }
     }
   }
   console.log(resultTable(results));
@@ -530,10 +583,10 @@ export async function runBench(methods: readonly MigrationMethod[], params: Scen
 
 export function resultTable(rs: readonly ScenarioResult[]): string {
   return table(
-    ['method', 'run', 'link Mbit', 'guest pages/s', 'ok', 'total s', 'pause ms (guest)', 'pause ms (adjacent)', 'downtime ms (QEMU)', 'MB A→B', 'MB B→A', 'error'],
+    ['method', 'run', 'leg', 'link Mbit', 'guest pages/s', 'ok', 'total s', 'pause ms (guest)', 'pause ms (adjacent)', 'downtime ms (QEMU)', 'MB sent', 'MB back', 'error'],
     rs.map((r) => [
-      r.method, String(r.run), String(r.params.linkMbit), r.guestPagesPerS === null ? '–' : String(r.guestPagesPerS), r.ok ? 'yes' : 'NO', fmt(r.totalS, 2), fmt(r.pauseMs, 0), fmt(r.pauseAdjacentMs, 0),
-      r.qemuDowntimeMs === null ? '–' : String(r.qemuDowntimeMs), fmt(r.linkBytesAtoB / 1e6, 1), fmt(r.linkBytesBtoA / 1e6, 1),
+      r.method, String(r.run), r.leg, String(r.params.linkMbit), r.guestPagesPerS === null ? '–' : String(r.guestPagesPerS), r.ok ? 'yes' : 'NO', fmt(r.totalS, 2), fmt(r.pauseMs, 0), fmt(r.pauseAdjacentMs, 0),
+      r.qemuDowntimeMs === null ? '–' : String(r.qemuDowntimeMs), fmt(r.linkBytesSent / 1e6, 1), fmt(r.linkBytesBack / 1e6, 1),
       (r.error ?? '').slice(0, 80),
     ]),
   );

@@ -28,7 +28,7 @@
  */
 import * as path from 'node:path';
 import { QmpClient } from '../../src/hypervisor/qmp.js';
-import { BenchUsageError, blankDisk, Console, parseScenarioArgs, qemuArgv, runBench, sleep, type MigrationMethod, type MigrationOutcome, type ScenarioContext, type SourceGuest } from './common.js';
+import { BenchUsageError, blankDisk, Console, parseScenarioArgs, qemuArgv, runBench, sleep, type Leg, type MigrationMethod, type MigrationOutcome, type ScenarioContext, type SourceGuest } from './common.js';
 import type { NetnsPair, Side } from '../../test/helpers/netns.js';
 import { openSync, closeSync } from 'node:fs';
 
@@ -100,13 +100,14 @@ export function nativeMethod(profile: Profile): MigrationMethod {
       return src;
     },
 
-    async migrate(ctx: ScenarioContext, src: SourceGuest): Promise<MigrationOutcome> {
+    async migrate(ctx: ScenarioContext, src: SourceGuest, leg: Leg): Promise<MigrationOutcome> {
+      // `a` is the leg's source and `b` its destination, whichever hosts they are.
       const a = srcOf.get(src)!;
       const { pair, params: p, dir } = ctx;
-      const B = pair.addr.b;
-      const tgtDisk = path.join(dir, 'target.raw');
+      const B = pair.addr[leg.to];
+      const tgtDisk = path.join(dir, `leg${leg.index}-target.raw`);
       await blankDisk(p, tgtDisk);
-      const b = await startQemu(pair, 'b', dir, 'destination', (s) => qemuArgv(ctx.guest, tgtDisk, s, ['-incoming', 'defer', '-S']));
+      const b = await startQemu(pair, leg.to, dir, `leg${leg.index}-destination`, (s) => qemuArgv(ctx.guest, tgtDisk, s, ['-incoming', 'defer', '-S']));
       const t0 = performance.now();
       const ms = () => Math.round(performance.now() - t0);
       const phases: Record<string, number> = {};
@@ -207,11 +208,14 @@ export function nativeMethod(profile: Profile): MigrationMethod {
       await b.qmp.execute('cont');
       await poll('destination running', 30_000, async () => ((await b.qmp.execute<{ status: string }>('query-status')).status === 'running' ? true : undefined), 10);
       phases.destination_running_ms = ms();
+      // The source has done its part: it quits, as the tools stop it after a successful move.
+      await a.qmp.execute('quit').catch(() => undefined);
       a.qmp.close();
-      b.qmp.close();
+      const guest = { console: b.console };
+      srcOf.set(guest, b);
       const ram = last.ram;
       return {
-        console: b.console,
+        guest,
         qemu: {
           downtimeMs: last.downtime, totalMs: last['total-time'], setupMs: last['setup-time'],
           ramTransferred: ram?.transferred, dirtySyncs: ram?.['dirty-sync-count'], mbps: ram?.mbps,
