@@ -367,6 +367,12 @@ export interface Leg {
 export interface MigrationOutcome {
   /** The guest as it now runs on `leg.to`: its console, and the handle a next leg starts from. */
   guest: SourceGuest;
+  /**
+   * Host-side freeze, where the method can see it: from the source QEMU's last STOP event to the
+   * destination's RESUME (QMP event timestamps, host wall clock). Independent of the guest's load,
+   * unlike the pause read from its console.
+   */
+  freezeMs?: number;
   /** QEMU's own figures, where the method has them. */
   qemu?: { downtimeMs?: number; totalMs?: number; setupMs?: number; ramTransferred?: number; dirtySyncs?: number; mbps?: number };
   /** Anything else the method wants in its RESULT line. */
@@ -397,6 +403,7 @@ export interface ScenarioResult {
   totalS: number;
   pauseMs: number;
   pauseAdjacentMs: number;
+  freezeMs: number | null;
   qemuDowntimeMs: number | null;
   /** Bytes the leg's source end sent (its veth tx), and what came back. */
   linkBytesSent: number;
@@ -454,6 +461,7 @@ async function runLeg(method: MigrationMethod, ctx: ScenarioContext, src: Source
   res.linkBytesBack = after.to.txBytes - before.to.txBytes;
   res.qemu = out.qemu;
   res.qemuDowntimeMs = out.qemu?.downtimeMs ?? null;
+  res.freezeMs = out.freezeMs ?? null;
   res.details = out.details;
   const dst = out.guest.console;
   await dst.waitStatuses(1, 60_000, `guest on ${HOST[leg.to]}`);
@@ -503,7 +511,7 @@ export async function runScenario(method: MigrationMethod, params: ScenarioParam
   const legs: Leg[] = [{ index: 0, from: 'a', to: 'b' }, ...(params.returnTrip ? [{ index: 1, from: 'b' as const, to: 'a' as const }] : [])];
   const results: ScenarioResult[] = legs.map((l) => ({
     method: method.name, run, leg: `${HOST[l.from]}→${HOST[l.to]}`, ok: false, params, totalS: NaN, pauseMs: NaN, pauseAdjacentMs: NaN,
-    qemuDowntimeMs: null, linkBytesSent: NaN, linkBytesBack: NaN, genSrcLast: null, genDstFirst: null, dstErrors: null,
+    freezeMs: null, qemuDowntimeMs: null, linkBytesSent: NaN, linkBytesBack: NaN, genSrcLast: null, genDstFirst: null, dstErrors: null,
     dstDiskErrors: null, diskDataMismatches: null, errorLines: [], guestPagesPerS: null, loadavg1: NaN,
   }));
   let pair: NetnsPair | undefined;
@@ -583,9 +591,9 @@ export async function runBench(methods: readonly MigrationMethod[], params: Scen
 
 export function resultTable(rs: readonly ScenarioResult[]): string {
   return table(
-    ['method', 'run', 'leg', 'link Mbit', 'guest pages/s', 'ok', 'total s', 'pause ms (guest)', 'pause ms (adjacent)', 'downtime ms (QEMU)', 'MB sent', 'MB back', 'error'],
+    ['method', 'run', 'leg', 'link Mbit', 'guest pages/s', 'ok', 'total s', 'pause ms (guest)', 'pause ms (adjacent)', 'freeze ms (QMP)', 'downtime ms (QEMU)', 'MB sent', 'MB back', 'error'],
     rs.map((r) => [
-      r.method, String(r.run), r.leg, String(r.params.linkMbit), r.guestPagesPerS === null ? '–' : String(r.guestPagesPerS), r.ok ? 'yes' : 'NO', fmt(r.totalS, 2), fmt(r.pauseMs, 0), fmt(r.pauseAdjacentMs, 0),
+      r.method, String(r.run), r.leg, String(r.params.linkMbit), r.guestPagesPerS === null ? '–' : String(r.guestPagesPerS), r.ok ? 'yes' : 'NO', fmt(r.totalS, 2), fmt(r.pauseMs, 0), fmt(r.pauseAdjacentMs, 0), r.freezeMs === null ? '–' : String(r.freezeMs),
       r.qemuDowntimeMs === null ? '–' : String(r.qemuDowntimeMs), fmt(r.linkBytesSent / 1e6, 1), fmt(r.linkBytesBack / 1e6, 1),
       (r.error ?? '').slice(0, 80),
     ]),

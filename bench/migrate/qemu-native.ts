@@ -27,7 +27,7 @@
  * reported failed ("did not converge").
  */
 import * as path from 'node:path';
-import { QmpClient } from '../../src/hypervisor/qmp.js';
+import { QmpClient, type QmpEvent } from '../../src/hypervisor/qmp.js';
 import { BenchUsageError, blankDisk, Console, parseScenarioArgs, qemuArgv, runBench, sleep, type Leg, type MigrationMethod, type MigrationOutcome, type ScenarioContext, type SourceGuest } from './common.js';
 import type { NetnsPair, Side } from '../../test/helpers/netns.js';
 import { openSync, closeSync } from 'node:fs';
@@ -111,6 +111,13 @@ export function nativeMethod(profile: Profile): MigrationMethod {
       const t0 = performance.now();
       const ms = () => Math.round(performance.now() - t0);
       const phases: Record<string, number> = {};
+      // QEMU stamps its events with the host's wall clock: the source's last STOP and the
+      // destination's RESUME bound the time no vCPU ran anywhere, whatever the guest's own load.
+      const evUs = (e: QmpEvent) => e.timestamp.seconds * 1e6 + e.timestamp.microseconds;
+      let stopUs = NaN;
+      let resumeUs = NaN;
+      a.qmp.events.on('STOP', (e: QmpEvent) => (stopUs = evUs(e)));
+      b.qmp.events.on('RESUME', (e: QmpEvent) => (resumeUs = evUs(e)));
 
       // Capabilities must agree on both ends (xbzrle pages are only decoded when both have it on).
       const caps = profile === 'proxmox' ? ['auto-converge', 'xbzrle'] : [];
@@ -208,6 +215,7 @@ export function nativeMethod(profile: Profile): MigrationMethod {
       await b.qmp.execute('cont');
       await poll('destination running', 30_000, async () => ((await b.qmp.execute<{ status: string }>('query-status')).status === 'running' ? true : undefined), 10);
       phases.destination_running_ms = ms();
+      if (Number.isNaN(resumeUs)) await b.qmp.waitEvent('RESUME', () => true, 5000).then((e) => (resumeUs = evUs(e))).catch(() => undefined);
       // The source has done its part: it quits, as the tools stop it after a successful move.
       await a.qmp.execute('quit').catch(() => undefined);
       a.qmp.close();
@@ -216,6 +224,7 @@ export function nativeMethod(profile: Profile): MigrationMethod {
       const ram = last.ram;
       return {
         guest,
+        freezeMs: Math.round((resumeUs - stopUs) / 1000),
         qemu: {
           downtimeMs: last.downtime, totalMs: last['total-time'], setupMs: last['setup-time'],
           ramTransferred: ram?.transferred, dirtySyncs: ram?.['dirty-sync-count'], mbps: ram?.mbps,
