@@ -44,6 +44,8 @@ import { VmRuntime } from '../vm/runtime.js';
 import { processAlive } from '../util/process.js';
 
 export const INCOMING_MARKER = 'incoming';
+/** Silence from the source, once it sends, that ends the migration (overridable for tests). */
+const IDLE_TIMEOUT_MS = Number(process.env.VMSNAP_MIGRATION_IDLE_MS) || 30_000;
 
 /** Devices that cannot move with a guest, by the QEMU argument that adds them. */
 const UNMIGRATABLE: ReadonlyArray<[RegExp, string]> = [
@@ -177,6 +179,9 @@ export async function receiveOne(sock: net.Socket, o: IncomingOptions): Promise<
     await sendHoldings(ch, holdings, req);
     o.log(`${req.vm}: holding ${holdings.pages.size} pages and ${usable ? 'disks of ' + usable.id.slice(0, 12) : 'no disks'}`);
 
+    // From here the source sends steadily until COMMIT; silence means a dead link or source, and a
+    // cut link never errors on its own. Until COMMIT, a silent source means: discard.
+    sock.setTimeout(IDLE_TIMEOUT_MS, () => sock.destroy(new Error(`nothing from the source for ${IDLE_TIMEOUT_MS / 1000} s`)));
     // QEMU waits for the stream, paused (-S): it runs only on COMMIT.
     phase = 'ram';
     const runtime = await VmRuntime.startIncoming({ dataDir: o.dataDir, name: req.vm, openRepo: () => Promise.resolve(repo!), log: o.log });
@@ -244,6 +249,7 @@ export async function receiveOne(sock: net.Socket, o: IncomingOptions): Promise<
 
     phase = 'commit';
     await next(); // COMMIT (the state machine accepts nothing else)
+    sock.setTimeout(0);
     await q.qmp.execute('cont');
     const st = await q.qmp.execute<{ status: string }>('query-status');
     await fsp.rm(path.join(paths.dir, INCOMING_MARKER), { force: true });

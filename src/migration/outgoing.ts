@@ -78,6 +78,8 @@ export interface MigrateOptions {
   compress?: 'auto' | 'zstd' | 'lz4' | 'none';
   signal?: AbortSignal;
   onEvent?: (e: MigrationEvent) => void;
+  /** Fail when nothing crosses the link for this long while sending (a cut cable never errors), ms. */
+  stallTimeoutMs?: number;
   /** Keeps the final RAM as it is relayed (departure.ts), for a snapshot of the state at departure. */
   recorder?: DepartureRecorder;
 }
@@ -240,6 +242,7 @@ export async function migrateOut(vm: SourceVm, target: MigrateTarget, o: Migrate
   let committed = false;
   let qemuStarted = false;
   const bitmaps = new Map<string, DirtyBitmap>();
+  let watchdog: NodeJS.Timeout | undefined;
   const abort = new AbortController();
   const fail = (e: Error) => abort.abort(e);
   o.signal?.addEventListener('abort', () => fail(new MigrationError(phase, 'cancelled', false)), { once: true });
@@ -276,6 +279,23 @@ export async function migrateOut(vm: SourceVm, target: MigrateTarget, o: Migrate
     const files = await fileOffers(vm.definition);
     ch = await connectToPeer(target, o.identity);
     const chan = ch;
+    // A send blocked on a dead link waits forever: an abort closes the channel under it.
+    abort.signal.addEventListener('abort', () => {
+      if (!committed) chan.destroy();
+    }, { once: true });
+    // TCP over a cut link neither fails nor progresses for many minutes: watch progress instead.
+    const stallMs = o.stallTimeoutMs ?? (Number(process.env.VMSNAP_MIGRATION_STALL_MS) || 20_000);
+    let lastMoved = -1;
+    let lastMoveAt = Date.now();
+    watchdog = setInterval(() => {
+      const moved = chan.bytesSent + chan.bytesReceived;
+      if (moved !== lastMoved) {
+        lastMoved = moved;
+        lastMoveAt = Date.now();
+      } else if (!committed && (phase === 'files' || phase === 'disk' || phase === 'ram') && Date.now() - lastMoveAt > stallMs) {
+        fail(new MigrationError(phase, `the link stalled: nothing crossed it for ${Math.round(stallMs / 1000)} s`, true));
+      }
+    }, 1000);
     phase = 'preflight';
     emit(phase);
     const volumes = [...vm.volumes.entries()];
@@ -530,6 +550,7 @@ export async function migrateOut(vm: SourceVm, target: MigrateTarget, o: Migrate
     const retryable = (e as { retryable?: boolean }).retryable ?? true;
     throw new MigrationError(phase, e.message, retryable, 'source', { cause: e });
   } finally {
+    clearInterval(watchdog);
     vm.qmp.events.off('STOP', onStop);
     // auto-converge stays set in QEMU otherwise, and a later take's background snapshot refuses it.
     if (qemuStarted) await vm.qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'auto-converge', state: false }] }).catch(() => undefined);
