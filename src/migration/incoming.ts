@@ -43,7 +43,6 @@ import { checkVmPathsFit, diskDir, parseDefinition, saveDefinition, saveState, v
 import { VmRuntime } from '../vm/runtime.js';
 import { processAlive } from '../util/process.js';
 
-export const INCOMING_MARKER = 'incoming';
 /** Silence from the source, once it sends, that ends the migration (overridable for tests). */
 const IDLE_TIMEOUT_MS = Number(process.env.VMSNAP_MIGRATION_IDLE_MS) || 30_000;
 
@@ -123,7 +122,7 @@ export async function receiveOne(sock: net.Socket, o: IncomingOptions): Promise<
       throw err;
     }
     created = true;
-    await fsp.writeFile(path.join(paths.dir, INCOMING_MARKER), `${process.pid}\n`, { mode: 0o600 });
+    await fsp.writeFile(paths.incomingMarker, `${process.pid}\n`, { mode: 0o600 });
     await fsp.mkdir(paths.runDir, { recursive: true, mode: 0o700 });
     await fsp.writeFile(paths.supervisorPid, String(process.pid), { flag: 'wx', mode: 0o600 });
 
@@ -252,7 +251,7 @@ export async function receiveOne(sock: net.Socket, o: IncomingOptions): Promise<
     sock.setTimeout(0);
     await q.qmp.execute('cont');
     const st = await q.qmp.execute<{ status: string }>('query-status');
-    await fsp.rm(path.join(paths.dir, INCOMING_MARKER), { force: true });
+    await fsp.rm(paths.incomingMarker, { force: true });
     await ch.send(MSG.RUNNING, jsonBody({ state: st.status }));
     await ch.close();
     await releaseHoldings(holdings);
@@ -473,7 +472,12 @@ export async function sweepAbandonedIncoming(dataDir: string, repo: Repository |
   const removed: string[] = [];
   const vmsDir = path.join(dataDir, 'vms');
   for (const name of await fsp.readdir(vmsDir).catch(() => [] as string[])) {
-    const marker = path.join(vmsDir, name, INCOMING_MARKER);
+    let marker: string;
+    try {
+      marker = vmPaths(dataDir, name).incomingMarker;
+    } catch {
+      continue; // not a VM name vmsnap would create: not ours to remove
+    }
     const pid = Number((await fsp.readFile(marker, 'utf8').catch(() => '')).trim());
     if (!pid || processAlive(pid)) continue;
     const paths = vmPaths(dataDir, name);

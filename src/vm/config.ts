@@ -60,6 +60,8 @@ export interface VmPaths {
   supervisorPid: string;
   serialLog: string;
   qemuLog: string;
+  /** Present (holding the worker's pid) while the VM arrives by live migration (migration/incoming.ts). */
+  incomingMarker: string;
 }
 
 export function vmPaths(dataDir: string, name: string): VmPaths {
@@ -78,6 +80,7 @@ export function vmPaths(dataDir: string, name: string): VmPaths {
     supervisorPid: path.join(runDir, 'supervisor.pid'),
     serialLog: path.join(runDir, 'serial.log'),
     qemuLog: path.join(runDir, 'qemu.log'),
+    incomingMarker: path.join(dir, 'incoming'),
   };
 }
 

@@ -335,6 +335,7 @@ export interface VmStatus extends Partial<Omit<RuntimeStatus, 'state'>> {
 }
 
 export async function vmStatus(paths: VmPaths, name: string): Promise<VmStatus> {
+  if (existsSync(paths.incomingMarker)) return { state: 'incoming', pid: null, problem: 'arriving by live migration: it runs once the migration commits' };
   const fromSupervisor = await callSupervisor(paths, { op: 'status' }, 5000).catch(() => null);
   const procs = await vmProcesses(paths, name);
   if (fromSupervisor) {
@@ -388,6 +389,8 @@ export async function spawnSupervisor(
   const paths = vmPaths(dataDir, name);
   await fsp.mkdir(paths.runDir, { recursive: true, mode: 0o700 });
   if (await isRunning(paths)) throw new SupervisorError(`VM ${name} is already running`);
+  const incoming = await fsp.readFile(paths.incomingMarker, 'utf8').catch(() => null);
+  if (incoming !== null) throw new SupervisorError(`VM ${name} is still arriving by live migration (worker pid ${incoming.trim()}); it runs once the migration commits, or disappears if it fails`);
   const procs = await vmProcesses(paths, name);
   if (procs.supervisor) throw new SupervisorError(`VM ${name}: its supervisor (pid ${procs.supervisor}) is alive but does not answer; \`vmsnap vm stop ${name}\` ends it (log: ${paths.supervisorLog})`);
   await refuseLeftovers(paths, name);
