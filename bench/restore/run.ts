@@ -21,7 +21,7 @@ import { promises as fsp, readFileSync, existsSync } from 'node:fs';
 import { loadavg } from 'node:os';
 import * as path from 'node:path';
 import { benchRoot, check, freshDir, fmt, median, table, argNum, arg, MiB } from '../common/measure.js';
-import { buildCli, REPO_ROOT } from '../common/vmsnap-cli.js';
+import { REPO_ROOT, vmCli } from '../common/vmsnap-cli.js';
 import { guestArtifacts, parseStatusLines, type GuestStatus } from '../../fixtures/guest/index.js';
 import { launchQemu, type QemuProcess } from '../../src/hypervisor/qemu.js';
 
@@ -92,16 +92,7 @@ async function firstLineAfter(serialLog: string, op: () => Promise<unknown>, mod
 
 async function vmsnapRounds(root: string): Promise<Row[]> {
   const g = guestArtifacts();
-  const cliMain = await buildCli(root, 'build-restore');
-  const buildDir = path.dirname(path.dirname(cliMain));
-  await fsp.mkdir(path.join(buildDir, 'bin'), { recursive: true });
-  await fsp.writeFile(path.join(buildDir, 'bin', 'vmsnap.js'), "import '../cli/main.js';\n");
-  const dataDir = await freshDir(root, 'restore-data');
-  const repo = await freshDir(root, 'restore-repo');
-  await fsp.rm(repo, { recursive: true });
-  const env = { ...process.env, VMSNAP_DATA_DIR: dataDir, VMSNAP_REPO: repo };
-  const cli = (args: string[]): Promise<string> => check(process.execPath, [cliMain, ...args], { env });
-  await cli(['init']);
+  const { cli, dataDir } = await vmCli(root, 'restore');
   await cli(['vm', 'create', 'bench', '--memory', `${memoryMiB}M`, '--disk', '256M', '--accel', 'tcg', '--kernel', g.kernel, '--initrd', g.initrd, '--append', append]);
   const serial = path.join(dataDir, 'vms', 'bench', 'run', 'serial.log');
   const rows: Row[] = [];

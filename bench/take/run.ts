@@ -32,7 +32,7 @@ import { closeSync, existsSync, openSync, readSync, fstatSync, promises as fsp }
 import { loadavg } from 'node:os';
 import * as path from 'node:path';
 import { benchRoot, check, freshDir, fmt, median, table, MiB } from '../common/measure.js';
-import { buildCli, REPO_ROOT } from '../common/vmsnap-cli.js';
+import { REPO_ROOT, vmCli } from '../common/vmsnap-cli.js';
 import { guestArtifacts, parseErrorLines, parseStatusLines } from '../../fixtures/guest/index.js';
 import { launchQemu, type QemuProcess } from '../../src/hypervisor/qemu.js';
 import { QmpClient, type QmpEvent } from '../../src/hypervisor/qmp.js';
@@ -292,17 +292,7 @@ function workload(o: Options): Workload {
 
 async function runVmsnap(o: Options, root: string, log: (s: string) => void): Promise<{ rows: TakeRow[]; tail: SerialTail; rate: { hostRate: number; guestRate: number }; overall: { hostRate: number; guestRate: number }; errors: string }> {
   const g = guestArtifacts();
-  const cliMain = await buildCli(root, 'build-take');
-  // The supervisor re-executes <install root>/bin/vmsnap.js: give the bench build its own.
-  const buildDir = path.dirname(path.dirname(cliMain));
-  await fsp.mkdir(path.join(buildDir, 'bin'), { recursive: true });
-  await fsp.writeFile(path.join(buildDir, 'bin', 'vmsnap.js'), "import '../cli/main.js';\n");
-  const dataDir = await freshDir(root, 'take-data');
-  const repo = await freshDir(root, 'take-repo');
-  await fsp.rm(repo, { recursive: true });
-  const env = { ...process.env, VMSNAP_DATA_DIR: dataDir, VMSNAP_REPO: repo };
-  const cli = (args: string[]): Promise<string> => check(process.execPath, [cliMain, ...args], { env });
-  await cli(['init']);
+  const { cli, dataDir } = await vmCli(root, 'take');
   const runDir = path.join(dataDir, 'vms', 'bench', 'run');
   const eventSock = path.join(runDir, 'bench-qmp.sock');
   await cli([
