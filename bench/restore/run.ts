@@ -17,7 +17,7 @@
  * peer restores RAM and device state only: its disk is copied back from a copy made at save time,
  * before the clock starts (not timed; vmsnap and loadvm restore the disk inside their figure).
  */
-import { promises as fsp, readFileSync, existsSync } from 'node:fs';
+import { promises as fsp, readFileSync, existsSync, statSync } from 'node:fs';
 import { loadavg } from 'node:os';
 import * as path from 'node:path';
 import { benchRoot, check, freshDir, fmt, median, table, argNum, arg, MiB } from '../common/measure.js';
@@ -66,17 +66,20 @@ async function waitLines(serialLog: string, from: number, n: number, timeoutMs =
 async function firstLineAfter(serialLog: string, op: () => Promise<unknown>, mode: 'truncates' | 'continues'): Promise<{ at: number; opMs: number; result: unknown }> {
   const before = statuses(serialLog);
   const lastUptime = before.at(-1)?.uptimeMs ?? Infinity;
+  const size = (): number => (existsSync(serialLog) ? statSync(serialLog).size : 0);
+  // A restored guest resumes at the same point every time, so its lines cannot tell one restore
+  // from the last: the console file shrinking (truncated by the new QEMU) does.
+  let prevSize = size();
+  let truncated = before.length === 0;
   let at = NaN;
   let stop = false;
   const poll = (async () => {
     while (!stop || Number.isNaN(at)) {
+      const now = size();
+      if (now < prevSize) truncated = true;
+      prevSize = now;
       const s = statuses(serialLog);
-      const fresh =
-        mode === 'continues'
-          ? s.slice(before.length).some((x) => x.uptimeMs < lastUptime)
-          : before.length === 0
-            ? s.length > 0 // a new console file
-            : s.length > 0 && s.length < before.length && s[0]!.uptimeMs !== before[0]!.uptimeMs;
+      const fresh = mode === 'continues' ? s.slice(before.length).some((x) => x.uptimeMs < lastUptime) : truncated && s.length > 0;
       if (fresh && Number.isNaN(at)) at = performance.now();
       if (stop && !Number.isNaN(at)) return;
       await sleep(2);
@@ -104,7 +107,9 @@ async function vmsnapRounds(root: string): Promise<Row[]> {
     for (let i = 1; i <= rounds; i++) {
       await sleep(3000);
       const r = await firstLineAfter(serial, () => cli(['--json', 'restore', 'bench', snap]), 'truncates');
-      const res = JSON.parse(r.result as string) as { loadMs: number; runState: string };
+      const res = JSON.parse(r.result as string) as { loadMs: number; runState: string; timeline?: { at: number; what: string }[] };
+      const tl0 = res.timeline?.[0]?.at ?? 0;
+      if (res.timeline) log(`  steps: ${res.timeline.map((e) => `${e.what} +${(e.at - tl0).toFixed(0)}`).join(', ')}`);
       const s = await waitLines(serial, 0, 20);
       const last = s.at(-1)!;
       rows.push({ tool: 'vmsnap restore', i, wallMs: r.opMs, runningMs: r.at, loadMs: res.loadMs, errors: last.errors + last.diskErrors });

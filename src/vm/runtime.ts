@@ -46,7 +46,7 @@ import { diskDir, loadDefinition, loadState, parseDefinition, saveState, vmPaths
 import { UserFacingError } from '../util/errors.js';
 import { resolveForVm } from './selectors.js';
 import { RestoreDataError, verifyRestoreData } from './restore-check.js';
-import { eventTimeMs, StopPointCut } from './stop-point-cut.js';
+import { eventTimeMs, nowMs, StopPointCut } from './stop-point-cut.js';
 import { TakeTimeline, type TakeEvent } from './take-timeline.js';
 
 export class VmOperationError extends UserFacingError {
@@ -122,7 +122,10 @@ export interface RuntimeStatus {
 export interface RestoreResult {
   snapshot: string;
   runState: string;
+  /** Old QEMU killed → new QEMU running the snapshot (the guest runs nothing in between), ms. */
   loadMs: number;
+  /** Each step of the restore with its time (ms since the epoch), for profiling (issue 13). */
+  timeline: TakeEvent[];
 }
 
 export interface RuntimeOptions {
@@ -528,6 +531,9 @@ export class VmRuntime {
 
   private async restoreLocked(ref: string, o: { fromOtherVm: boolean }, repo: Repository): Promise<RestoreResult> {
     const step = stepper('restore');
+    const timeline: TakeEvent[] = [];
+    const mark = (what: string): void => void timeline.push({ at: nowMs(), what, by: 'vmsnap' });
+    mark('restore started');
     const snap = await step('finding the snapshot', () => resolveForVm(repo, ref, this.def.name, o));
     // Everything is checked and read before anything changes: a refused restore leaves the VM as it
     // was (restore-check.ts says what is read and why disks are only checked for presence).
@@ -543,6 +549,7 @@ export class VmRuntime {
       await verifyRestoreData(repo, snap, r?.ram ?? [], disks);
       return r;
     });
+    mark('snapshot data verified');
     const t0 = performance.now();
     await this.stopHydration();
     if (this.qemu && !this.qemu.hasExited) {
@@ -557,7 +564,9 @@ export class VmRuntime {
     // The new QEMU starts paused (-S) and loads RAM and device state while the disks still hold
     // what they held: if loading fails, the VM stops with its disks as they were. The disks are
     // reset only once the guest state is in, and the guest runs only after that.
+    mark('old QEMU killed');
     const q = await step('starting QEMU', () => this.launch(ram !== null, true));
+    mark('new QEMU started');
     let runState = 'paused';
     let disksReset = false;
     let current = 'loading RAM and device state';
@@ -565,6 +574,7 @@ export class VmRuntime {
       if (ram) {
         const stream = buildStream(ram.prefix, ramPages(repo, ram.ram), ram.suffix, { commands: ram.commands });
         runState = (await restoreFromStream(q.qmp, stream, { qemuLog: q.paths.qemuLog })).runState;
+        mark('RAM and device state loaded');
       }
       for (const [name, v] of this.volumes) {
         current = `resetting disk ${name}`;
@@ -576,6 +586,7 @@ export class VmRuntime {
           v.restoreBase(disks.find((d) => d.name === name)! as DiskStream),
         );
       }
+      mark('disks reset');
       current = 'resuming the guest';
       if ((snap.meta.type === 'disk-only' || snap.meta.runState === 'running') && runState !== 'running') {
         await q.qmp.execute('cont');
@@ -590,7 +601,8 @@ export class VmRuntime {
     }
     await saveState(this.opts.dataDir, this.def.name, { lastSnapshot: snap.id });
     if (this.qemu === q && this.hydration === null && this.volumes.size && !this.stopping) this.startHydration();
-    return { snapshot: snap.id, runState, loadMs: performance.now() - t0 };
+    mark('guest running');
+    return { snapshot: snap.id, runState, loadMs: performance.now() - t0, timeline };
   }
 
   /** Stops QEMU (quit, then kill), closes NBD and the volumes. */
