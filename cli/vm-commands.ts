@@ -86,8 +86,11 @@ function printTake(r: TakeResult, json: boolean): void {
   if (r.note) console.log(`note: ${r.note}`);
   console.log(
     `snapshot ${shortId(r.snapshot)} taken in ${(r.durationMs / 1000).toFixed(2)} s` +
-      (r.diskOnly ? ' (disk only)' : `; guest paused ${r.pauseMs.toFixed(1)} ms (QEMU downtime ${r.qemuDowntimeMs ?? '?'} ms)`),
+      (r.diskOnly ? ' (disk only)' : `; guest paused ${r.pauseMs.toFixed(1)} ms (${r.pauseSource === 'qemu-events' ? 'QEMU STOP→RESUME' : 'stop sent→cont answered'}; QEMU downtime ${r.qemuDowntimeMs ?? '?'} ms)`),
   );
+  if (!r.diskOnly && r.setupMs !== null) {
+    console.log(`  QEMU setup ${r.setupMs.toFixed(1)} ms ${r.setupInPause ? 'inside the pause' : 'with the guest running'}; background save ${r.saveMs === null ? '?' : (r.saveMs / 1000).toFixed(2)} s after the pause`);
+  }
   console.log(`  new ${humanBytes(r.newBytes)}, stored ${humanBytes(r.storedBytes)} after compression${r.ramBytes ? `, RAM ${humanBytes(r.ramBytes)} (${humanBytes(r.dedupBytes)} deduplicated)` : ''}`);
   for (const [name, d] of Object.entries(r.disks)) console.log(`  ${name}: ${d.dirtyBlocks} dirty blocks, ${humanBytes(d.newBytes)} new (${d.mode})`);
 }

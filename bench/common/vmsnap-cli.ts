@@ -6,7 +6,7 @@
 import { promises as fsp, existsSync } from 'node:fs';
 import * as path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { check } from './measure.js';
+import { check, freshDir } from './measure.js';
 
 export const REPO_ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
 
@@ -27,4 +27,23 @@ export async function buildCli(root: string, name: string): Promise<string> {
   const main = path.join(out, 'cli/main.js');
   if (!existsSync(main)) throw new Error(`tsc did not produce ${main}`);
   return main;
+}
+
+/**
+ * A CLI build that can run VMs — the supervisor re-executes `<install root>/bin/vmsnap.js`, so the
+ * build gets its own — with a fresh data directory and an initialised repository under `root`.
+ * `cli` runs one command as a user does and resolves with its stdout.
+ */
+export async function vmCli(root: string, name: string): Promise<{ cli: (args: string[]) => Promise<string>; dataDir: string; repo: string }> {
+  const cliMain = await buildCli(root, `build-${name}`);
+  const buildDir = path.dirname(path.dirname(cliMain));
+  await fsp.mkdir(path.join(buildDir, 'bin'), { recursive: true });
+  await fsp.writeFile(path.join(buildDir, 'bin', 'vmsnap.js'), "import '../cli/main.js';\n");
+  const dataDir = await freshDir(root, `${name}-data`);
+  const repo = await freshDir(root, `${name}-repo`);
+  await fsp.rm(repo, { recursive: true });
+  const env = { ...process.env, VMSNAP_DATA_DIR: dataDir, VMSNAP_REPO: repo };
+  const cli = (args: string[]): Promise<string> => check(process.execPath, [cliMain, ...args], { env });
+  await cli(['init']);
+  return { cli, dataDir, repo };
 }

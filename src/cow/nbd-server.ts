@@ -238,6 +238,12 @@ export class NbdServer {
   private readonly waits = { count: 0 };
   /** Errors caught per connection (never thrown): for logs and tests. */
   readonly connectionErrors: string[] = [];
+  /**
+   * Called synchronously immediately before any request that changes an export (write, trim,
+   * write-zeroes) reaches its target, on every connection. A take uses it to look at QEMU's
+   * events first, so that its disk cut falls exactly between two requests (vm/stop-point-cut.ts).
+   */
+  beforeChange: (() => void) | null = null;
 
   addExport(name: string, target: NbdTarget, opts: NbdExportOptions = {}): void {
     if (Buffer.byteLength(name) > 4096) throw new NbdServerError(`export name is longer than 4096 bytes`);
@@ -308,7 +314,7 @@ export class NbdServer {
     sock.setNoDelay(true);
     sock.on('close', () => this.sockets.delete(sock));
     sock.on('error', () => undefined);
-    const conn = new Connection(sock, this.exports, this.waits);
+    const conn = new Connection(sock, this.exports, this.waits, () => this.beforeChange?.());
     this.live++;
     this.connections.add(conn);
     conn
@@ -347,6 +353,7 @@ class Connection {
     private readonly sock: net.Socket,
     private readonly exports: Map<string, ExportEntry>,
     private readonly waits: { count: number },
+    private readonly beforeChange: () => void,
   ) {
     this.reader = new SocketReader(sock);
   }
@@ -617,7 +624,7 @@ class Connection {
             const data = length ? await this.reader.readv(length) : [];
             if (e.readOnly) this.replyError(cookie, EPERM, 'export is read-only');
             else if (!inRange) this.replyError(cookie, ENOSPC, `write past the end of the ${t.size}-byte export`);
-            else this.spawn(this.run1(cookie, true, () => t.write(offset, data, fua)));
+            else this.spawn(this.run1(cookie, true, () => (this.beforeChange(), t.write(offset, data, fua))));
             break;
           }
           case CMD_DISC:
@@ -629,12 +636,12 @@ class Connection {
           case CMD_TRIM:
             if (e.readOnly) this.replyError(cookie, EPERM, 'export is read-only');
             else if (!inRange) this.replyError(cookie, EINVAL, `trim past the end of the ${t.size}-byte export`);
-            else this.spawn(this.run1(cookie, true, () => t.trim(offset, length, fua)));
+            else this.spawn(this.run1(cookie, true, () => (this.beforeChange(), t.trim(offset, length, fua))));
             break;
           case CMD_WRITE_ZEROES:
             if (e.readOnly) this.replyError(cookie, EPERM, 'export is read-only');
             else if (!inRange) this.replyError(cookie, ENOSPC, `write-zeroes past the end of the ${t.size}-byte export`);
-            else this.spawn(this.run1(cookie, true, () => t.writeZeroes(offset, length, { fua, noHole: (flags & CMD_FLAG_NO_HOLE) !== 0 })));
+            else this.spawn(this.run1(cookie, true, () => (this.beforeChange(), t.writeZeroes(offset, length, { fua, noHole: (flags & CMD_FLAG_NO_HOLE) !== 0 }))));
             break;
           case CMD_BLOCK_STATUS:
             if (!this.structured || this.metaExport !== name) this.replyError(cookie, EINVAL, 'no metadata context was negotiated');

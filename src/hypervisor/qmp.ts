@@ -16,6 +16,7 @@
  * every event waiter rejects at once with QmpClosedError, instead of hanging until its timeout.
  */
 import { EventEmitter } from 'node:events';
+import { readSync } from 'node:fs';
 import * as net from 'node:net';
 
 export class QmpError extends Error {
@@ -222,6 +223,48 @@ export class QmpClient {
       this.events.on(name, onEvent);
       this.events.on('close', onClose);
     });
+  }
+
+  /**
+   * Whether readPendingSync can see the socket (its file descriptor is reachable: Node on a unix
+   * socket). Callers that depend on it for ordering must check it first.
+   */
+  get canReadPendingSync(): boolean {
+    return this.fd() !== undefined;
+  }
+
+  /**
+   * Reads, synchronously, everything QEMU has written to the socket so far and handles it as if it
+   * had arrived normally (events are emitted, replies resolve) before returning.
+   *
+   * Why: QEMU writes an event into this socket before it goes on (the write is a plain send on the
+   * emitting thread). After this call, every event QEMU emitted before the call began has been
+   * seen — an ordering guarantee across sockets that the event loop does not give (it may hand us
+   * another socket's later data first). The take relies on it to place its disk cut exactly
+   * (vm/stop-point-cut.ts). QEMU's JSON output is ASCII (it escapes everything else), so bytes and
+   * characters coincide and a read may split a message anywhere.
+   */
+  readPendingSync(): void {
+    const fd = this.fd();
+    if (fd === undefined || this.closedReason !== undefined) return;
+    const b = Buffer.allocUnsafe(64 * 1024);
+    for (;;) {
+      let n: number;
+      try {
+        n = readSync(fd, b, 0, b.length, null);
+      } catch (e) {
+        const code = (e as NodeJS.ErrnoException).code;
+        if (code === 'EAGAIN' || code === 'EWOULDBLOCK') return;
+        throw e;
+      }
+      if (n === 0) return; // end of stream: the socket's own 'close' reports it
+      this.onData(b.toString('latin1', 0, n));
+    }
+  }
+
+  private fd(): number | undefined {
+    const fd = (this.sock as unknown as { _handle?: { fd?: number } })._handle?.fd;
+    return typeof fd === 'number' && fd >= 0 ? fd : undefined;
   }
 
   /** Closes the connection; pending commands reject with QmpClosedError. */

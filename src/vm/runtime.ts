@@ -5,17 +5,23 @@
  *
  * Taking a live snapshot — how RAM, devices and disks are made to agree on one instant:
  *
- *   t0  QMP stop            QEMU pauses the vCPUs, drains in-flight block requests and flushes
- *                           every disk: each guest write issued so far has reached our NBD server
- *   t1  freeze volumes      in memory, O(1): later writes belong to the next generation
- *   t2  QMP migrate         (capability background-snapshot) QEMU saves device state and arms
- *                           userfaultfd write-protection while the guest is still paused
- *   t3  first RAM record    QEMU sends RAM only after write tracking is armed…
- *   t4  QMP cont            …so the guest may run again: every later guest write to RAM is
- *                           first copied into the stream by QEMU
+ *       flush volumes       with the guest running: QEMU's stop-time flush then has little to do
+ *   t0  QMP migrate         (capability background-snapshot) with the guest running: QEMU
+ *                           populates and registers guest RAM for write-protection (its setup,
+ *                           seconds on a fresh 1 GiB QEMU) while the guest runs on
+ *   t1  QEMU: STOP          it pauses the vCPUs, drains in-flight disk requests (each answered by
+ *                           our NBD server) and flushes every disk, saves device state, arms
+ *                           userfaultfd write-protection
+ *   t2  QEMU: RESUME        the guest runs again; every later guest write to RAM is first copied
+ *                           into the stream by QEMU
+ *   t2' disks cut           the volumes are frozen when RESUME is seen, before any later disk
+ *                           request executes (stop-point-cut.ts says why that is exact)
  *   RAM streams in while the guest runs; then the frozen disk generations are written out.
- * RAM, device state and disks all describe t0..t4, when the guest executed nothing. The guest
- * pause is t4 - t0, reported by `take`.
+ * RAM, device state and disks all describe t1..t2, when the guest executed nothing. The guest pause
+ * is t2 - t1 by QEMU's own event timestamps, reported by `take` with the setup and the background
+ * save (take-timeline.ts). A paused guest, a disk-only take (no migration) or a QMP socket that
+ * cannot be read synchronously fall back to vmsnap pausing the guest first (`stop`, freeze,
+ * `migrate`, `cont` at the first RAM record), which puts QEMU's setup inside the pause.
  *
  * Restore: kill QEMU, make each volume's base the snapshot's disk stream (dropping its overlay),
  * start a fresh QEMU with -incoming defer, feed it a stream rebuilt from the stored RAM and device
@@ -43,6 +49,8 @@ import { RestoreDataError, verifyRestoreData } from './restore-check.js';
 import { migrateOut, type MigrateOptions, type MigrateResult, type MigrateTarget } from '../migration/outgoing.js';
 import { DepartureRecorder } from '../migration/departure.js';
 import type { PageRecord } from '../migstream/index.js';
+import { eventTimeMs, nowMs, StopPointCut } from './stop-point-cut.js';
+import { TakeTimeline, type TakeEvent } from './take-timeline.js';
 
 export class VmOperationError extends UserFacingError {
   override readonly name = 'VmOperationError';
@@ -79,8 +87,20 @@ export interface TakeResult {
   parent: string | null;
   diskOnly: boolean;
   note?: string;
-  /** Guest paused (stop … cont), ms, measured by vmsnap around its QMP commands. */
+  /**
+   * Guest paused, ms. With pauseSource 'qemu-events' (a running guest: QEMU pauses it itself): from
+   * QEMU's STOP to its RESUME event, by QEMU's timestamps. With 'vmsnap' (disk-only takes, or no
+   * synchronous QMP reads): vmsnap's `stop` sent → `cont` answered. 0 for a guest that was paused.
+   */
   pauseMs: number;
+  pauseSource: 'qemu-events' | 'vmsnap';
+  /** QEMU's migration setup (ms; null for disk-only) and whether the guest was paused during it. */
+  setupMs: number | null;
+  setupInPause: boolean | null;
+  /** The background save after the pause: guest running again → RAM and device state stored (ms). */
+  saveMs: number | null;
+  /** Every step of the take in time order (take-timeline.ts). */
+  timeline: TakeEvent[];
   /** QEMU's own downtime figure for the background snapshot (ms). */
   qemuDowntimeMs: number | null;
   durationMs: number;
@@ -105,7 +125,10 @@ export interface RuntimeStatus {
 export interface RestoreResult {
   snapshot: string;
   runState: string;
+  /** Old QEMU killed → new QEMU running the snapshot (the guest runs nothing in between), ms. */
   loadMs: number;
+  /** Each step of the restore with its time (ms since the epoch), for profiling (issue 13). */
+  timeline: TakeEvent[];
 }
 
 export interface RuntimeOptions {
@@ -429,20 +452,20 @@ export class VmRuntime {
     const parent = state.lastSnapshot ? await repo.readSnapshot(state.lastSnapshot).catch(() => null) : null;
     const runState = (await q.qmp.execute<{ status: string }>('query-status')).status;
     const wasRunning = runState === 'running';
+    const timeline = new TakeTimeline(q.qmp);
     let resumed: Promise<void> | null = wasRunning ? null : Promise.resolve();
     let tStop = 0;
     let tCont = 0;
-    let tFrozen = 0;
     // Idempotent, and never awaited from inside the stream sink: `cont` runs VM-state notifiers that
     // write to write-protected guest RAM; QEMU's migration thread resolves those faults only while
     // it can write the stream, i.e. while we keep reading it. Awaiting `cont` before reading on
     // would deadlock once the socket buffer fills.
     const resume = (): Promise<void> => {
       resumed ??= (async () => {
-        const tFirst = performance.now();
+        timeline.mark('cont sent');
         await q.qmp.execute('cont');
         tCont = performance.now();
-        if (process.env.VMSNAP_DEBUG_TAKE) this.log(`take timeline: stop→frozen ${(tFrozen - tStop).toFixed(1)} ms, →first page ${(tFirst - tStop).toFixed(1)} ms, →cont ${(tCont - tStop).toFixed(1)} ms`);
+        timeline.mark('cont answered');
       })();
       return resumed;
     };
@@ -450,45 +473,86 @@ export class VmRuntime {
     const streams: StreamRecord[] = [];
     let ramWriter: RamStreamWriter | null = null;
     let qemuDowntimeMs: number | null = null;
+    let cut: StopPointCut | null = null;
+    let pauseMs = 0;
     const diskOnly = !!opts.diskOnly;
     // Decided before the freeze: a disk whose parent chunks were pruned is read whole this time.
     for (const [name, v] of this.volumes) {
       const missing = ensureParentChunks(v, repo, parentDisk(parent, name) ?? v.parent);
       if (missing) this.log(`disk ${name}: ${missing} chunk(s) of its last snapshot are gone (forgotten and pruned): reading the whole disk`);
     }
+    const freezeAll = (): void => {
+      for (const v of this.volumes.values()) v.freeze();
+      timeline.mark('disks cut');
+    };
     try {
-      const pauseAndFreeze = async () => {
-        // `stop` makes QEMU flush every disk (NBD FLUSH → fdatasync of data and journal here) while
-        // the guest is paused; flushing first, with the guest running, leaves that flush only the
-        // last few milliseconds of writes (bench/take: stop alone took 2-98 ms, once 634 ms).
-        if (wasRunning) await step('flushing disks', () => Promise.all([...this.volumes.values()].map((v) => v.flush())));
+      // `stop` (ours or QEMU's) makes QEMU flush every disk (NBD FLUSH → fdatasync of data and
+      // journal here) while the guest is paused; flushing first, with the guest running, leaves that
+      // flush only the last few milliseconds of writes (bench/take: stop alone took 2-98 ms, once 634 ms).
+      if (wasRunning) await step('flushing disks', () => Promise.all([...this.volumes.values()].map((v) => v.flush())));
+      // A running guest is paused by QEMU itself, after the migration setup, and the disks are cut
+      // at that stop (stop-point-cut.ts): the setup never runs inside the pause.
+      if (wasRunning && !diskOnly) cut = StopPointCut.arm(q.qmp, this.nbd, freezeAll);
+      // Otherwise (a paused guest, a disk-only take, or a QMP socket we cannot read synchronously)
+      // vmsnap pauses the guest and cuts the disks before anything else.
+      const pauseAndFreeze = async (): Promise<void> => {
+        if (cut) return timeline.mark('migrate sent');
         tStop = performance.now();
-        if (wasRunning) await step('pausing the guest', () => q.qmp.execute('stop'));
-        for (const v of this.volumes.values()) v.freeze();
-        tFrozen = performance.now();
+        if (wasRunning) {
+          timeline.mark('stop sent');
+          await step('pausing the guest', () => q.qmp.execute('stop'));
+        }
+        freezeAll();
+        if (!diskOnly) timeline.mark('migrate sent');
       };
       if (diskOnly) {
         await pauseAndFreeze();
         await resume();
       } else {
-        ramWriter = new RamStreamWriter(repo, { onFirstPage: () => void resume().catch(() => undefined), spillDir: this.paths.runDir });
+        const onFirstPage = (): void => {
+          timeline.mark('first RAM record');
+          if (!cut) void resume().catch(() => undefined);
+        };
+        ramWriter = new RamStreamWriter(repo, { onFirstPage, spillDir: this.paths.runDir });
         const cap = await step('capturing RAM and device state', () =>
           captureSnapshot(q.qmp, ramWriter!, { socketDir: this.paths.runDir, beforeMigrate: pauseAndFreeze }),
         );
-        await resume();
+        timeline.mark('RAM and device state saved');
+        if (cut) {
+          if (cut.error) throw new VmOperationError('take', 'cutting the disks at QEMU\'s stop', `reading QEMU's events failed: ${cut.error.message}`, { cause: cut.error });
+          if (!cut.done || !cut.stop || !cut.resume) {
+            throw new VmOperationError('take', 'cutting the disks at QEMU\'s stop', `QEMU finished the snapshot without pausing and resuming the guest (STOP ${cut.stop ? 'seen' : 'not seen'}, RESUME ${cut.resume ? 'seen' : 'not seen'}): no consistent disk cut, no snapshot saved`);
+          }
+          pauseMs = eventTimeMs(cut.resume) - eventTimeMs(cut.stop);
+        } else {
+          await resume();
+        }
         qemuDowntimeMs = cap.qemu.downtimeMs ?? null;
         streams.push(...(await step('storing device state', () => ramWriter!.metaStreams(cap.tail))), ...ramWriter.streams());
       }
     } catch (err) {
+      cut?.disarm();
       await ramWriter?.close();
       // Whatever failed, the guest runs on: it must never stay paused because a snapshot failed.
       if (wasRunning) {
-        // A failed `cont` above must not leave the guest paused: try once more.
-        await resume().catch(() => q.qmp.execute('cont').catch(() => undefined));
+        if (cut) {
+          // QEMU resumes the guest itself when its snapshot fails; make sure of it.
+          const st = await q.qmp.execute<{ status: string }>('query-status').catch(() => null);
+          if (st && st.status !== 'running') await q.qmp.execute('cont').catch(() => undefined);
+        } else {
+          // A failed `cont` above must not leave the guest paused: try once more.
+          await resume().catch(() => q.qmp.execute('cont').catch(() => undefined));
+        }
       }
+      timeline.close();
       this.dropRepo(repo);
       throw await explainQemuExit(q, err);
     }
+    cut?.disarm();
+    if (!cut && wasRunning) pauseMs = tCont - tStop;
+    const events = timeline.close();
+    const phases = timeline.phases();
+    if (process.env.VMSNAP_DEBUG_TAKE) this.log(`take timeline: ${timeline.summary()}`);
     await ramWriter?.close();
     try {
       const { snap, disks } = await commitSnapshot(repo, this.opts.dataDir, this.def, parent, streams, opts, step, {
@@ -512,7 +576,10 @@ export class VmRuntime {
         snapshot: snap.id,
         parent: parent?.id ?? null,
         diskOnly,
-        pauseMs: wasRunning ? tCont - tStop : 0,
+        pauseMs,
+        pauseSource: cut ? 'qemu-events' : 'vmsnap',
+        ...phases,
+        timeline: events,
         qemuDowntimeMs,
         durationMs: performance.now() - t0,
         ramBytes,
@@ -575,6 +642,9 @@ export class VmRuntime {
 
   private async restoreLocked(ref: string, o: { fromOtherVm: boolean }, repo: Repository): Promise<RestoreResult> {
     const step = stepper('restore');
+    const timeline: TakeEvent[] = [];
+    const mark = (what: string): void => void timeline.push({ at: nowMs(), what, by: 'vmsnap' });
+    mark('restore started');
     const snap = await step('finding the snapshot', () => resolveForVm(repo, ref, this.def.name, o));
     // Everything is checked and read before anything changes: a refused restore leaves the VM as it
     // was (restore-check.ts says what is read and why disks are only checked for presence).
@@ -590,6 +660,7 @@ export class VmRuntime {
       await verifyRestoreData(repo, snap, r?.ram ?? [], disks);
       return r;
     });
+    mark('snapshot data verified');
     const t0 = performance.now();
     await this.stopHydration();
     if (this.qemu && !this.qemu.hasExited) {
@@ -604,7 +675,9 @@ export class VmRuntime {
     // The new QEMU starts paused (-S) and loads RAM and device state while the disks still hold
     // what they held: if loading fails, the VM stops with its disks as they were. The disks are
     // reset only once the guest state is in, and the guest runs only after that.
+    mark('old QEMU killed');
     const q = await step('starting QEMU', () => this.launch(ram !== null, true));
+    mark('new QEMU started');
     let runState = 'paused';
     let disksReset = false;
     let current = 'loading RAM and device state';
@@ -612,6 +685,7 @@ export class VmRuntime {
       if (ram) {
         const stream = buildStream(ram.prefix, ramPages(repo, ram.ram), ram.suffix, { commands: ram.commands });
         runState = (await restoreFromStream(q.qmp, stream, { qemuLog: q.paths.qemuLog })).runState;
+        mark('RAM and device state loaded');
       }
       for (const [name, v] of this.volumes) {
         current = `resetting disk ${name}`;
@@ -623,6 +697,7 @@ export class VmRuntime {
           v.restoreBase(disks.find((d) => d.name === name)! as DiskStream),
         );
       }
+      mark('disks reset');
       current = 'resuming the guest';
       if ((snap.meta.type === 'disk-only' || snap.meta.runState === 'running') && runState !== 'running') {
         await q.qmp.execute('cont');
@@ -637,7 +712,8 @@ export class VmRuntime {
     }
     await saveState(this.opts.dataDir, this.def.name, { lastSnapshot: snap.id });
     if (this.qemu === q && this.hydration === null && this.volumes.size && !this.stopping) this.startHydration();
-    return { snapshot: snap.id, runState, loadMs: performance.now() - t0 };
+    mark('guest running');
+    return { snapshot: snap.id, runState, loadMs: performance.now() - t0, timeline };
   }
 
   /** Stops QEMU (quit, then kill), closes NBD and the volumes. */
@@ -806,6 +882,11 @@ async function takeStoppedLocked(dataDir: string, name: string, repo: Repository
     diskOnly: true,
     note: notes.join('; '),
     pauseMs: 0,
+    pauseSource: 'vmsnap',
+    setupMs: null,
+    setupInPause: null,
+    saveMs: null,
+    timeline: [],
     qemuDowntimeMs: null,
     durationMs: performance.now() - t0,
     ramBytes: 0,
