@@ -6,12 +6,13 @@
  * over a veth shaped to --link-mbit (both directions: a symmetric home link). The method is a
  * `MigrationMethod`:
  *
- *   startSource(ctx)     starts the guest on A (ctx.guest says what to run) and returns its console
- *   migrate(ctx, src)    moves it to B; resolves once the guest RUNS on B, with B's console
- *   (cleanup)            nothing: the harness kills every process left in either namespace and
- *                        removes the run's directory, whatever happened
+ *   startSource(ctx)         starts the guest on A (ctx.guest says what to run), returns its console
+ *   migrate(ctx, src, leg)   moves it leg.from → leg.to (A→B; with --return-trip 1 then B→A);
+ *                            resolves once the guest RUNS there, with its console there
+ *   (cleanup)                nothing: the harness kills every process left in either namespace
+ *                            and removes the run's directory, whatever happened
  *
- * and `runScenario` measures, identically for every method:
+ * and `runScenario` measures each leg identically for every method:
  *   total_s      wall time of migrate() (the method's first step to the guest running on B)
  *   pause_ms     the guest's own view of its freeze. Its CLOCK_MONOTONIC stops while QEMU is
  *                stopped, so (arrival wall time − printed uptime) of its status lines jumps by
@@ -20,8 +21,10 @@
  *                estimate takes the least-delayed line on each side: min over B's lines minus
  *                min over A's last 10 s of lines. pause_adjacent_ms is the simpler estimate from
  *                the reference relay (last A line, first B line), which counts both lines' latency.
- *   link bytes   veth counters of both ends before and after migrate() (A→B and B→A, all traffic)
- *   verdict      after --watch-s on B: errors=0, disk_errors=0, no VMSNAP-ERROR line, gen went on
+ *   freeze_ms    host-side, when the method reports it: source STOP → destination RESUME (QMP stamps)
+ *   link bytes   veth tx counters of the leg's two ends before and after migrate() (all traffic)
+ *   verdict      after --watch-s on B: errors=0, disk_errors=0, no VMSNAP-ERROR line, gen went on,
+ *                and (when the method exposes B's raw image) every pre-written data extent equal
  *
  * Status lines come every 200 ms of guest time (`fixtures/guest/README.md`); the consoles are read
  * with their arrival time stamped (a unix-socket console as bytes arrive; a file console by polling
