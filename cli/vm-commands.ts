@@ -5,7 +5,6 @@ import { assertInside } from '../src/util/fs.js';
 import type { Command } from 'commander';
 import { Volume } from '../src/cow/volume.js';
 import { processAlive } from '../src/util/process.js';
-import { parseSize } from '../src/util/size.js';
 import { cloneVolume } from '../src/cow/snapshot.js';
 import { readBasePin, releaseBasePin, type BasePin } from '../src/cow/base-pin.js';
 import { repositoryPinner } from '../src/store/pins.js';
@@ -14,19 +13,19 @@ import { checkTags } from '../src/store/manifest.js';
 import type { Repository } from '../src/store/repository.js';
 import { DEFAULT_CHUNK_SIZE } from '../src/store/format.js';
 import { loadBytes } from '../src/vm/ram-store.js';
+import { buildDefinition, checkIso, cloneDefinition, writeNewVm, type DiskSource } from '../src/vm/create.js';
+import { setMedium } from '../src/vm/media.js';
+import { loadNvram } from '../src/vm/nvram.js';
 import {
   diskDir,
   listVms,
   loadDefinition,
   loadState,
-  newDefinition,
   parseDefinition,
-  saveDefinition,
   saveState,
   checkVmPathsFit,
   VmConfigError,
   vmPaths,
-  type DiskDef,
   type VmDefinition,
 } from '../src/vm/config.js';
 import { callSupervisor, forceStop, isRunning, runSupervisor, spawnSupervisor, SupervisorError, vmStatus } from '../src/vm/supervisor.js';
@@ -92,7 +91,7 @@ function printTake(r: TakeResult, json: boolean): void {
   for (const [name, d] of Object.entries(r.disks)) console.log(`  ${name}: ${d.dirtyBlocks} dirty blocks, ${humanBytes(d.newBytes)} new (${d.mode})`);
 }
 
-async function createDisks(def: VmDefinition, sources: { def: DiskDef; from?: string }[], g: GlobalOptions): Promise<void> {
+async function createDisks(def: VmDefinition, sources: DiskSource[], g: GlobalOptions): Promise<void> {
   const paths = vmPaths(dataDir(), def.name);
   // Nothing is written through a symlink planted in the data folder (docs/security.md).
   await assertInside(dataDir(), paths.dir);
@@ -189,58 +188,69 @@ export function registerVmCommands(program: Command, globals: Globals): void {
 
   vm.command('create <name>')
     .description('define a VM (disks are vmsnap copy-on-write volumes)')
-    .option('--memory <size>', 'guest memory (e.g. 256M, 1G)', '256M')
+    .option('--memory <size>', 'guest memory (e.g. 256M, 4G)', '256M')
     .option('--cpus <n>', 'vCPUs', '1')
     .option('--disk <size>', 'add an empty disk of this size (repeatable)', collect, [] as string[])
-    .option('--disk-from <file|snap>', 'add a disk with the contents of a raw image file or a snapshot disk (repeatable)', collect, [] as string[])
+    .option('--disk-from <file|snap>', 'add a disk with the contents of an image file (raw, qcow2, vmdk, vdi, vhdx, ...) or a snapshot disk (repeatable)', collect, [] as string[])
+    .option('--cdrom <iso>', 'an ISO in the CD-ROM drive (boots when the disks do not: install from it, then `vm eject`)')
+    .option('--firmware <f>', 'bios or uefi (OVMF, with the VM\'s own variables)', 'bios')
+    .option('--net <mode>', 'user (NAT through QEMU, no root) or none', 'user')
+    .option('--forward <[proto:]host:guest>', 'forward a host port (on 127.0.0.1 unless an address is given) to a guest port, e.g. tcp:8080:80 (repeatable)', collect, [] as string[])
     .option('--kernel <file>', 'boot this kernel (or multiboot ELF) directly')
     .option('--initrd <file>', 'initial ramdisk')
     .option('--append <cmdline>', 'kernel command line')
     .option('--display <d>', 'none, gtk or vnc', 'none')
     .option('--accel <a>', 'auto, kvm or tcg', 'auto')
     .option('--qemu-arg <arg>', 'extra QEMU argument (repeatable)', collect, [] as string[])
-    .action(async (name: string, o: { memory: string; cpus: string; disk: string[]; diskFrom: string[]; kernel?: string; initrd?: string; append?: string; display: string; accel: string; qemuArg: string[] }) => {
+    .action(async (name: string, o: { memory: string; cpus: string; disk: string[]; diskFrom: string[]; cdrom?: string; firmware: string; net: string; forward: string[]; kernel?: string; initrd?: string; append?: string; display: string; accel: string; qemuArg: string[] }) => {
       const g = globals();
       const paths = vmPaths(dataDir(), name);
       if (await fsp.stat(paths.config).catch(() => null)) throw new UsageError(`VM ${name} already exists`);
       checkVmPathsFit(dataDir(), name);
-      const memory = parseSize(o.memory.match(/^\d+$/) ? `${o.memory}M` : o.memory, '--memory');
-      const abs = async (f: string | undefined, what: string) => {
-        if (f === undefined) return undefined;
-        const p = (await import('node:path')).resolve(f);
-        if (!(await fsp.stat(p).catch(() => null))) throw new UsageError(`${what} ${f} does not exist`);
-        return p;
-      };
-      const sources: { def: DiskDef; from?: string }[] = [];
-      o.disk.forEach((s) => sources.push({ def: { name: `disk${sources.length}`, size: parseSize(s, '--disk') } }));
-      o.diskFrom.forEach((f) => sources.push({ def: { name: `disk${sources.length}`, size: 1 }, from: f }));
-      for (const s of sources) if (s.from && (await fsp.stat(s.from).catch(() => null))) s.def.size = (await fsp.stat(s.from)).size || 1;
-      const kernel = await abs(o.kernel, 'kernel');
-      const initrd = await abs(o.initrd, 'initrd');
-      const def = newDefinition({
+      const { def, disks } = await buildDefinition({
         name,
-        memoryMiB: Math.round(memory / (1 << 20)),
-        cpus: Number(o.cpus),
-        ...(kernel ? { kernel } : {}),
-        ...(initrd ? { initrd } : {}),
+        memory: o.memory,
+        cpus: o.cpus,
+        disks: o.disk,
+        diskFrom: o.diskFrom,
+        ...(o.kernel !== undefined ? { kernel: o.kernel } : {}),
+        ...(o.initrd !== undefined ? { initrd: o.initrd } : {}),
         ...(o.append !== undefined ? { append: o.append } : {}),
-        display: o.display as VmDefinition['display'],
-        accel: o.accel as VmDefinition['accel'],
+        ...(o.cdrom !== undefined ? { cdrom: o.cdrom } : {}),
+        firmware: o.firmware,
+        net: o.net,
+        forwards: o.forward,
+        display: o.display,
+        accel: o.accel,
         qemuArgs: o.qemuArg,
-        disks: sources.map((s) => s.def),
       });
       await fsp.mkdir(paths.dir, { recursive: true, mode: 0o700 });
       try {
-        await createDisks(def, sources, g);
-        await saveDefinition(dataDir(), def);
+        await createDisks(def, disks, g);
+        await writeNewVm(dataDir(), def);
       } catch (err) {
         await withRepoIfPinned(g, (open) => unpinDisks(def.name, open)).catch(() => undefined); // a stale pin is safe: `pins rm`
         await fsp.rm(paths.dir, { recursive: true, force: true });
         throw err;
       }
       if (g.json) printJson(def);
-      else console.log(`created VM ${name}: ${def.memoryMiB} MiB, ${def.cpus} vCPU, ${def.disks.map((d) => `${d.name} ${humanBytes(d.size)}`).join(', ') || 'no disks'}`);
+      else console.log(`created VM ${name}: ${def.memoryMiB} MiB, ${def.cpus} vCPU, ${def.disks.map((d) => `${d.name} ${humanBytes(d.size)}`).join(', ') || 'no disks'}${def.cdrom ? `, CD-ROM ${def.cdrom}` : ''}, ${def.firmware}, network ${def.net?.mode ?? 'none'}`);
     });
+
+  /** `vm eject` / `vm insert`: a running VM's drive changes through its supervisor, which also updates the definition. */
+  const setCdrom = async (name: string, medium: string | null) => {
+    const paths = vmPaths(dataDir(), name);
+    await loadDefinition(dataDir(), name);
+    if (await isRunning(paths)) await callSupervisor(paths, { op: 'media', medium });
+    else await setMedium(dataDir(), name, medium);
+    if (!globals().json) console.log(medium === null ? `VM ${name}: CD-ROM drive empty` : `VM ${name}: ${medium} in the CD-ROM drive`);
+  };
+  vm.command('eject <name>')
+    .description('empty the CD-ROM drive (at once if the VM runs)')
+    .action((name: string) => setCdrom(name, null));
+  vm.command('insert <name> <iso>')
+    .description('put an ISO in the CD-ROM drive (at once if the VM runs)')
+    .action(async (name: string, iso: string) => setCdrom(name, await checkIso(iso)));
 
   vm.command('start <name>')
     .description('start a VM (its supervisor keeps disks served while it runs)')
@@ -441,7 +451,8 @@ export function registerVmCommands(program: Command, globals: Globals): void {
         snapId = snap.id;
         const cfg = snap.streams.find((s) => s.name === 'vm-config');
         if (!cfg) throw new UsageError(`snapshot ${shortId(snap.id)} is not a VM snapshot (no vm-config stream)`);
-        const def = { ...parseDefinition(await loadBytes(repo, cfg), `snapshot ${shortId(snap.id)}`), name: newName, created: new Date().toISOString() };
+        const { def, droppedForwards } = cloneDefinition(parseDefinition(await loadBytes(repo, cfg), `snapshot ${shortId(snap.id)}`), newName);
+        for (const f of droppedForwards) console.error(`vmsnap: note: port forward ${f.proto}:${f.hostPort}:${f.guestPort} of VM ${snap.vm} is not copied into ${newName} (the host port is that VM's)`);
         // Extra QEMU arguments may name host resources (a socket, a file, a port) that belong to
         // the source VM: copied silently, the clone would take them over.
         if (o.qemuArg.length) def.qemuArgs = o.qemuArg;
@@ -464,7 +475,7 @@ export function registerVmCommands(program: Command, globals: Globals): void {
             if (!s) throw new UsageError(`snapshot ${shortId(snap.id)} has no disk ${d.name}`);
             await (await cloneVolume(diskDir(paths, d.name), s, { store: repo, pin: diskPin(repo, snap.id, newName, d.name) })).close();
           }
-          await saveDefinition(dataDir(), def);
+          await writeNewVm(dataDir(), def, (await loadNvram(repo, snap)) ?? undefined);
           await saveState(dataDir(), newName, { lastSnapshot: null });
         } catch (err) {
           await unpinDisks(def.name, () => Promise.resolve(repo)).catch(() => undefined); // a stale pin is safe: `pins rm`

@@ -40,6 +40,11 @@ import { diskDir, loadDefinition, loadState, parseDefinition, saveState, vmPaths
 import { UserFacingError } from '../util/errors.js';
 import { resolveForVm } from './selectors.js';
 import { RestoreDataError, verifyRestoreData } from './restore-check.js';
+import { launchDevices } from './devices.js';
+import { changeMedium } from './media.js';
+import { loadNvram, storeNvram } from './nvram.js';
+import { writeNvram } from './create.js';
+import { deviceShapeDifferences } from './devices.js';
 
 export class VmOperationError extends UserFacingError {
   override readonly name = 'VmOperationError';
@@ -206,6 +211,7 @@ export class VmRuntime {
       ...(this.def.initrd ? { initrd: this.def.initrd } : {}),
       ...(this.def.append !== undefined ? { append: this.def.append } : {}),
       disks: this.def.disks.map((d) => ({ socketPath: this.paths.nbdSocket, exportName: d.name })),
+      ...(await launchDevices(this.def, this.paths)),
       incomingDefer: incoming,
       paused,
       extraArgs: [...display, ...this.def.qemuArgs],
@@ -295,6 +301,11 @@ export class VmRuntime {
       const after = (await q.qmp.execute<{ status: string }>('query-status')).status;
       if (after !== 'running') throw new VmOperationError('resume', 'resuming the guest', `QEMU reports the guest ${after}, not running`);
     });
+  }
+
+  /** The CD-ROM drive's medium, changed in the running QEMU and in the definition (media.ts). */
+  changeMedium(medium: string | null): Promise<void> {
+    return this.exclusive(() => changeMedium(this.liveQemu('media').qmp, this.opts.dataDir, this.def, medium));
   }
 
   private liveQemu(op: string): QemuProcess {
@@ -479,6 +490,7 @@ export class VmRuntime {
       await verifyRestoreData(repo, snap, r?.ram ?? [], disks);
       return r;
     });
+    const nvram = await step('reading the firmware variables', () => loadNvram(repo, snap));
     const t0 = performance.now();
     await this.stopHydration();
     if (this.qemu && !this.qemu.hasExited) {
@@ -490,6 +502,8 @@ export class VmRuntime {
     // executing finish, before the new QEMU connects and long before any disk is reset (a write
     // landing after the reset would corrupt the restore).
     await step('disconnecting the old disks', () => this.nbd.disconnectClients());
+    // The firmware variables are the snapshot's before the new QEMU opens them.
+    if (nvram) await step('restoring the firmware variables', () => writeNvram(this.opts.dataDir, this.def, nvram));
     // The new QEMU starts paused (-S) and loads RAM and device state while the disks still hold
     // what they held: if loading fails, the VM stops with its disks as they were. The disks are
     // reset only once the guest state is in, and the guest runs only after that.
@@ -585,6 +599,7 @@ export async function checkRestorable(repo: Repository, snap: Snapshot, def: VmD
   const disksT = taken.disks.map((d) => `${d.name}:${d.size}`).join(',');
   const disksD = def.disks.map((d) => `${d.name}:${d.size}`).join(',');
   if (disksT !== disksD) problems.push(`disks [${disksT}] vs [${disksD}]`);
+  problems.push(...deviceShapeDifferences(taken, def));
   if (problems.length) throw new Error(`snapshot ${snap.id.slice(0, 12)} was taken of a VM of a different shape (${problems.join('; ')})`);
   const qv = String(snap.meta.qemuVersion ?? '');
   const major = Number(/^(\d+)\./.exec(qv)?.[1] ?? NaN);
@@ -645,6 +660,7 @@ async function commitSnapshot(
     disks[d.name] = r.stats;
     streams.push({ name: d.name, kind: 'disk', size: r.stream.size, chunkSize: r.stream.chunkSize, chunks: r.stream.chunks });
   }
+  streams.push(...(await step('storing the firmware variables', () => storeNvram(repo, dataDir, def))));
   streams.push(await storeBytes(repo, 'vm-config', 'config', Buffer.from(JSON.stringify(def))));
   const snap = await step('committing the snapshot', () =>
     repo.saveSnapshot({

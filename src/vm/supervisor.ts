@@ -48,13 +48,15 @@ export interface SupervisorOps {
   pause: { args: NoArgs; result: null };
   resume: { args: NoArgs; result: null };
   stop: { args: NoArgs; result: { stopping: true } };
+  /** The CD-ROM drive's medium (an absolute ISO path, or null: empty). */
+  media: { args: { medium: string | null }; result: null };
 }
 export type SupervisorOp = keyof SupervisorOps;
 export type SupervisorRequest<K extends SupervisorOp = SupervisorOp> = K extends SupervisorOp ? { op: K } & SupervisorOps[K]['args'] : never;
 
 type Reply = { ok: true; result: unknown } | { ok: false; error: ErrorRecord };
 
-const OPS: ReadonlySet<string> = new Set<SupervisorOp>(['status', 'take', 'restore', 'pause', 'resume', 'stop']);
+const OPS: ReadonlySet<string> = new Set<SupervisorOp>(['status', 'take', 'restore', 'pause', 'resume', 'stop', 'media']);
 
 export async function runSupervisor(opts: { dataDir: string; name: string; restore?: string; restoreFromOtherVm?: boolean; hydrate?: number; openRepo: () => Promise<Repository> }): Promise<void> {
   const paths = vmPaths(opts.dataDir, opts.name);
@@ -166,12 +168,13 @@ export function parseRequest(line: string): SupervisorRequest {
   } catch {
     throw new SupervisorError('malformed request (not JSON)');
   }
-  const r = v as { op?: unknown; options?: unknown; snapshot?: unknown; fromOtherVm?: unknown } | null;
+  const r = v as { op?: unknown; options?: unknown; snapshot?: unknown; fromOtherVm?: unknown; medium?: unknown } | null;
   if (typeof r !== 'object' || r === null || typeof r.op !== 'string' || !OPS.has(r.op)) {
     throw new SupervisorError(`unknown request ${JSON.stringify(r?.op ?? null)}`);
   }
   if (r.op === 'take' && (typeof r.options !== 'object' || r.options === null)) throw new SupervisorError('take: options missing');
   if (r.op === 'restore' && typeof r.snapshot !== 'string') throw new SupervisorError('restore: snapshot missing');
+  if (r.op === 'media' && r.medium !== null && typeof r.medium !== 'string') throw new SupervisorError('media: medium missing');
   return r as SupervisorRequest;
 }
 
@@ -193,6 +196,9 @@ async function dispatch(rt: VmRuntime, req: SupervisorRequest, stop: () => void)
     case 'stop':
       setImmediate(stop);
       return { stopping: true };
+    case 'media':
+      await rt.changeMedium(req.medium);
+      return null;
   }
 }
 
