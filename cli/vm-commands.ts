@@ -83,6 +83,8 @@ async function checkedRestoreTarget(g: GlobalOptions, name: string, ref: string,
 function printTake(r: TakeResult, json: boolean): void {
   if (json) return printJson(r);
   if (r.note) console.log(`note: ${r.note}`);
+  if (r.quiesce?.warning) console.error(`vmsnap: warning: ${r.quiesce.warning}`);
+  else if (r.quiesce) console.log(`guest file systems frozen (${r.quiesce.frozen}) for the snapshot and thawed (${r.quiesce.thawed})`);
   console.log(
     `snapshot ${shortId(r.snapshot)} taken in ${(r.durationMs / 1000).toFixed(2)} s` +
       (r.diskOnly ? ' (disk only)' : `; guest paused ${r.pauseMs.toFixed(1)} ms (QEMU downtime ${r.qemuDowntimeMs ?? '?'} ms)`),
@@ -388,17 +390,18 @@ export function registerVmCommands(program: Command, globals: Globals): void {
     .option('-m, --message <text>', 'a note stored with the snapshot')
     .option('--tag <tag>', 'tag (repeatable)', collect, [] as string[])
     .option('--disk-only', 'crash-consistent disks only, no RAM')
-    .option('--quiesce', 'ask qemu-guest-agent to freeze guest filesystems first')
+    .option('--quiesce', "freeze the guest's file systems through qemu-guest-agent for the snapshot (a warning if no agent answers)")
     .action(async (name: string, o: { message?: string; tag: string[]; diskOnly?: boolean; quiesce?: boolean }) => {
       const g = globals();
       checkTags(o.tag);
       await loadDefinition(dataDir(), name);
-      if (o.quiesce) throw new UsageError('--quiesce needs a qemu-guest-agent channel, which vmsnap VMs do not have yet');
       const paths = vmPaths(dataDir(), name);
-      const opts = { ...(o.message !== undefined ? { message: o.message } : {}), tags: o.tag, diskOnly: !!o.diskOnly };
+      const opts = { ...(o.message !== undefined ? { message: o.message } : {}), tags: o.tag, diskOnly: !!o.diskOnly, quiesce: !!o.quiesce };
       let r: TakeResult;
       if (await isRunning(paths)) r = await callSupervisor(paths, { op: 'take', options: opts });
       else {
+        // A stopped guest's file systems are as its shutdown left them: nothing to freeze.
+        if (o.quiesce) console.error(`vmsnap: note: VM ${name} is not running: --quiesce has nothing to freeze`);
         const repo = await openRepository(g);
         try {
           r = await takeStopped(dataDir(), name, repo, opts);
@@ -418,7 +421,7 @@ export function registerVmCommands(program: Command, globals: Globals): void {
       await loadDefinition(dataDir(), name);
       const paths = vmPaths(dataDir(), name);
       const fromOtherVm = !!o.fromOtherVm;
-      let r: { snapshot: string; runState: string; loadMs?: number };
+      let r: { snapshot: string; runState: string; loadMs?: number; guest?: { warning?: string } };
       if (await isRunning(paths)) r = await callSupervisor(paths, { op: 'restore', snapshot: ref, fromOtherVm });
       else {
         // Resolve and check first, so a bad reference fails before anything starts.
@@ -427,6 +430,7 @@ export function registerVmCommands(program: Command, globals: Globals): void {
         const st = await callSupervisor(paths, { op: 'status' });
         r = { snapshot: ref, runState: st.state };
       }
+      if (r.guest?.warning) console.error(`vmsnap: warning: ${r.guest.warning}`);
       if (g.json) printJson(r);
       else console.log(`VM ${name} restored to ${shortId(r.snapshot)}: ${r.runState}${r.loadMs !== undefined ? ` (loaded in ${r.loadMs.toFixed(0)} ms)` : ''}`);
     });

@@ -45,3 +45,4 @@ for src in src/*/native/*.addon.c; do
 done
 if [ -x fixtures/guest/build.sh ]; then bash fixtures/guest/build.sh; fi
 if [ -x fixtures/guest/build-iso.sh ]; then bash fixtures/guest/build-iso.sh; fi
+if [ -x fixtures/guest/build-agent.sh ]; then bash fixtures/guest/build-agent.sh; fi

@@ -45,6 +45,7 @@ import { changeMedium } from './media.js';
 import { loadNvram, storeNvram } from './nvram.js';
 import { writeNvram } from './create.js';
 import { deviceShapeDifferences } from './devices.js';
+import { freezeGuest, resyncGuest, type GuestResync, type QuiesceReport } from './quiesce.js';
 
 export class VmOperationError extends UserFacingError {
   override readonly name = 'VmOperationError';
@@ -74,6 +75,8 @@ export interface TakeOptions {
   message?: string;
   tags?: string[];
   diskOnly?: boolean;
+  /** Freeze the guest's file systems through its agent around the disks' point in time (quiesce.ts). */
+  quiesce?: boolean;
 }
 
 export interface TakeResult {
@@ -91,6 +94,8 @@ export interface TakeResult {
   storedBytes: number;
   dedupBytes: number;
   disks: Record<string, SnapshotStats>;
+  /** With --quiesce: what the guest agent froze and thawed, or why not. */
+  quiesce?: QuiesceReport;
 }
 
 /** What a running VM reports about itself (`vm show`, `vm ls`). */
@@ -108,6 +113,8 @@ export interface RestoreResult {
   snapshot: string;
   runState: string;
   loadMs: number;
+  /** The guest agent's clock set (and thaw) after a restore that left the guest running. */
+  guest?: GuestResync;
 }
 
 export interface RuntimeOptions {
@@ -133,6 +140,8 @@ export class VmRuntime {
   private qemuBin: QemuBinary | null = null;
   private busy: Promise<unknown> = Promise.resolve();
   private stopping = false;
+  /** Set during a --quiesce take: thaws the guest once the take's `cont` ran. */
+  private thawOnResume: (() => Promise<unknown>) | null = null;
   private hydration: { abort: AbortController; done: number; total: number; finished: boolean; running: Promise<void> } | null = null;
   /** Resolves when QEMU exits without being asked to by restore. */
   readonly ended: Promise<void>;
@@ -181,7 +190,8 @@ export class VmRuntime {
       if (opts.restore !== undefined) {
         const r = repo!;
         const ref = opts.restore;
-        await r.write('restore', () => rt!.restoreLocked(ref, { fromOtherVm: !!opts.restoreFromOtherVm }, r));
+        const res = await r.write('restore', () => rt!.restoreLocked(ref, { fromOtherVm: !!opts.restoreFromOtherVm }, r));
+        if (res.runState === 'running') void resyncGuest(rt.agentSocket()).then((g) => rt!.log(`after the restore: ${g.warning ?? `guest clock set${g.thawed ? `, ${g.thawed} file system(s) thawed` : ''}`}`));
       }
       else await rt.launch(false);
       rt.startHydration();
@@ -303,6 +313,10 @@ export class VmRuntime {
     });
   }
 
+  private agentSocket(): string | null {
+    return this.def.agent ? this.paths.agentSocket : null;
+  }
+
   /** The CD-ROM drive's medium, changed in the running QEMU and in the definition (media.ts). */
   changeMedium(medium: string | null): Promise<void> {
     return this.exclusive(() => changeMedium(this.liveQemu('media').qmp, this.opts.dataDir, this.def, medium));
@@ -316,8 +330,17 @@ export class VmRuntime {
   take(opts: TakeOptions = {}): Promise<TakeResult> {
     return this.exclusive(async () => {
       const repo = await stepper('take')('opening the repository', () => this.repo());
-      // A write session from the first RAM page stored to the manifest: prune waits (docs/locks.md).
-      return repo.write('take', () => this.takeLocked(opts, repo));
+      // --quiesce: frozen before the disks' point in time, thawed as soon as the guest runs again.
+      const q = opts.quiesce ? await freezeGuest(this.agentSocket()) : null;
+      this.thawOnResume = q ? q.thaw : null;
+      try {
+        // A write session from the first RAM page stored to the manifest: prune waits (docs/locks.md).
+        const r = await repo.write('take', () => this.takeLocked(opts, repo));
+        return q ? { ...r, quiesce: await q.thaw() } : r;
+      } finally {
+        this.thawOnResume = null;
+        await q?.thaw();
+      }
     });
   }
 
@@ -342,6 +365,7 @@ export class VmRuntime {
         const tFirst = performance.now();
         await q.qmp.execute('cont');
         tCont = performance.now();
+        void this.thawOnResume?.();
         if (process.env.VMSNAP_DEBUG_TAKE) this.log(`take timeline: stop→frozen ${(tFrozen - tStop).toFixed(1)} ms, →first page ${(tFirst - tStop).toFixed(1)} ms, →cont ${(tCont - tStop).toFixed(1)} ms`);
       })();
       return resumed;
@@ -469,7 +493,10 @@ export class VmRuntime {
       // A shared lock for the restore's span: no prune may delete what it is reading and loading
       // (the snapshot is pinned only when the disks are reset, after RAM is in), and the session
       // begins by catching up with the repository (docs/locks.md).
-      return repo.write('restore', () => this.restoreLocked(ref, o, repo));
+      const r = await repo.write('restore', () => this.restoreLocked(ref, o, repo));
+      // The guest resumed at the snapshot's moment: its clock is set to now (quiesce.ts).
+      if (r.runState === 'running') r.guest = await resyncGuest(this.agentSocket());
+      return r;
     });
   }
 
