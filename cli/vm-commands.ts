@@ -16,6 +16,9 @@ import { loadBytes } from '../src/vm/ram-store.js';
 import { buildDefinition, checkIso, cloneDefinition, writeNewVm, type DiskSource } from '../src/vm/create.js';
 import { setMedium } from '../src/vm/media.js';
 import { loadNvram } from '../src/vm/nvram.js';
+import { viewTarget } from '../src/vm/viewer.js';
+import { spawn } from 'node:child_process';
+import * as path from 'node:path';
 import {
   diskDir,
   listVms,
@@ -201,7 +204,7 @@ export function registerVmCommands(program: Command, globals: Globals): void {
     .option('--kernel <file>', 'boot this kernel (or multiboot ELF) directly')
     .option('--initrd <file>', 'initial ramdisk')
     .option('--append <cmdline>', 'kernel command line')
-    .option('--display <d>', 'none, gtk or vnc', 'none')
+    .option('--display <d>', 'none, spice, vnc (both on a unix socket: `vm view`) or gtk (a window); with a VGA adapter and a USB tablet', 'none')
     .option('--accel <a>', 'auto, kvm or tcg', 'auto')
     .option('--qemu-arg <arg>', 'extra QEMU argument (repeatable)', collect, [] as string[])
     .action(async (name: string, o: { memory: string; cpus: string; disk: string[]; diskFrom: string[]; cdrom?: string; firmware: string; net: string; forward: string[]; kernel?: string; initrd?: string; append?: string; display: string; accel: string; qemuArg: string[] }) => {
@@ -253,6 +256,33 @@ export function registerVmCommands(program: Command, globals: Globals): void {
   vm.command('insert <name> <iso>')
     .description('put an ISO in the CD-ROM drive (at once if the VM runs)')
     .action(async (name: string, iso: string) => setCdrom(name, await checkIso(iso)));
+
+  vm.command('view <name>')
+    .description('open the screen of a running VM with remote-viewer (virt-viewer), or print its address')
+    .option('--print', 'only print the address')
+    .action(async (name: string, o: { print?: boolean }) => {
+      const def = await loadDefinition(dataDir(), name);
+      const paths = vmPaths(dataDir(), name);
+      const t = await viewTarget(def, paths);
+      if (!(await isRunning(paths))) throw new SupervisorError(`VM ${name} is not running`);
+      if (globals().json) return printJson(t);
+      if (o.print || !t.viewer) {
+        console.log(t.address);
+        if (!o.print) console.error('vmsnap: note: remote-viewer not found (Debian package virt-viewer); open the address above with a VNC/SPICE viewer');
+        return;
+      }
+      spawn(t.viewer, [t.address], { detached: true, stdio: 'ignore' }).unref();
+      console.log(`opened ${t.address} with ${t.viewer}`);
+    });
+
+  vm.command('screendump <name> <file>')
+    .description("save a running VM's screen as a PNG file")
+    .action(async (name: string, file: string) => {
+      await loadDefinition(dataDir(), name);
+      const out = path.resolve(file);
+      await callSupervisor(vmPaths(dataDir(), name), { op: 'screendump', file: out });
+      if (!globals().json) console.log(`screen of VM ${name} saved to ${out}`);
+    });
 
   vm.command('start <name>')
     .description('start a VM (its supervisor keeps disks served while it runs)')

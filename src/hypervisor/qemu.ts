@@ -154,6 +154,11 @@ export interface QemuLaunchOptions {
   net?: { mac: string; forwards: readonly QemuPortForward[] };
   /** A virtio-serial channel named org.qemu.guest_agent.0 on this unix socket (QEMU listens). */
   agentSocket?: string;
+  /**
+   * A screen: a VGA adapter and a USB tablet, shown by QEMU's own window (gtk) or served on a unix
+   * socket (vnc, spice — with the spice-vdagent channel for clipboard and resize).
+   */
+  screen?: { kind: 'gtk' } | { kind: 'vnc' | 'spice'; socket: string };
   /** Start with `-incoming defer` (a restore target, loads via migrate-incoming). */
   incomingDefer?: boolean;
   /** Start paused (-S). */
@@ -272,12 +277,24 @@ function desktopArgs(o: QemuLaunchOptions): string[] {
     // romfile= : no iPXE option ROM, so a VM with nothing to boot does not sit in a network boot.
     argv.push('-netdev', `user,id=net0${fwd}`, '-device', `virtio-net-pci,netdev=net0,id=nic0,mac=${o.net.mac},romfile=`);
   }
+  if (o.agentSocket || o.screen?.kind === 'spice') argv.push('-device', 'virtio-serial-pci,id=vser0');
   if (o.agentSocket) {
     argv.push(
-      '-device', 'virtio-serial-pci,id=vser0',
       '-chardev', `socket,id=qga0,path=${optVal(o.agentSocket)},server=on,wait=off`,
       '-device', `virtserialport,bus=vser0.0,chardev=qga0,name=${GUEST_AGENT_CHANNEL}`,
     );
+  }
+  if (o.screen) {
+    argv.push('-device', 'VGA,id=video0', '-device', 'qemu-xhci,id=xhci0', '-device', 'usb-tablet,bus=xhci0.0,id=tablet0');
+    if (o.screen.kind === 'gtk') argv.push('-display', 'gtk');
+    else if (o.screen.kind === 'vnc') argv.push('-vnc', `unix:${optVal(o.screen.socket)}`);
+    else {
+      argv.push(
+        '-spice', `unix=on,addr=${optVal(o.screen.socket)},disable-ticketing=on`,
+        '-chardev', 'spicevmc,id=vdagent0,name=vdagent',
+        '-device', 'virtserialport,bus=vser0.0,chardev=vdagent0,name=com.redhat.spice.0',
+      );
+    }
   }
   return argv;
 }

@@ -13,7 +13,8 @@
  *            "firmware"?: "bios"|"uefi", "firmwareCode"?: path,     (absent: bios)
  *            "cdrom"?: path|null,                                   (absent: no CD-ROM drive; null: empty drive)
  *            "net"?: { "mode": "user"|"none", "mac", "forwards": [{ "proto", "hostAddr", "hostPort", "guestPort" }] },
- *            "agent"?: true }                                       (the guest agent channel)
+ *            "agent"?: true,                                        (the guest agent channel)
+ *            "video"?: true }                                       (VGA + USB tablet [+ spice-vdagent channel])
  * Every field after "created" is optional so that definitions written before it still load; an
  * absent field means the device is absent, because a snapshot's device state only loads into a
  * QEMU with the same devices (`vm create` writes them all for new VMs: src/vm/create.ts).
@@ -63,7 +64,7 @@ export interface VmDefinition {
   kernel?: string;
   initrd?: string;
   append?: string;
-  display: 'none' | 'gtk' | 'vnc';
+  display: 'none' | 'gtk' | 'vnc' | 'spice';
   qemuArgs: string[];
   disks: DiskDef[];
   created: string;
@@ -73,6 +74,12 @@ export interface VmDefinition {
   cdrom?: string | null;
   net?: NetDef;
   agent?: boolean;
+  /**
+   * A VGA adapter and a USB tablet (absolute pointer), and with spice the spice-vdagent channel
+   * (clipboard, resize): set at create when the display is not none. Absent in definitions from
+   * before it, whose display is kept as it was (a QEMU display without a video device).
+   */
+  video?: boolean;
 }
 
 export interface VmState {
@@ -151,7 +158,7 @@ export function validateDefinition(d: VmDefinition): VmDefinition {
   if (!Number.isInteger(d.memoryMiB) || d.memoryMiB < 16 || d.memoryMiB > 1 << 20) throw new VmConfigError(`memory must be between 16 MiB and 1 TiB, got ${d.memoryMiB} MiB`);
   if (!Number.isInteger(d.cpus) || d.cpus < 1 || d.cpus > 64) throw new VmConfigError(`cpus must be between 1 and 64, got ${d.cpus}`);
   if (!['auto', 'kvm', 'tcg'].includes(d.accel)) throw new VmConfigError(`accel must be auto, kvm or tcg, got ${d.accel}`);
-  if (!['none', 'gtk', 'vnc'].includes(d.display)) throw new VmConfigError(`display must be none, gtk or vnc, got ${d.display}`);
+  if (!['none', 'gtk', 'vnc', 'spice'].includes(d.display)) throw new VmConfigError(`display must be none, spice, vnc or gtk, got ${d.display}`);
   const names = new Set<string>();
   for (const disk of d.disks) {
     checkName('disk name', disk.name);

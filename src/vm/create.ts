@@ -161,6 +161,7 @@ export async function buildDefinition(r: CreateRequest): Promise<CreatePlan> {
     cdrom: cdrom ?? null,
     net: netDef,
     agent: true,
+    ...(r.display !== 'none' ? { video: true } : {}),
   });
   // Last: the ports are probed after every cheaper check passed.
   await checkPortsFree(forwards);

@@ -12,7 +12,12 @@ import type { QemuLaunchOptions } from '../hypervisor/qemu.js';
 import { checkPortsFree } from './create.js';
 import { VmConfigError, type VmDefinition, type VmPaths } from './config.js';
 
-export type DeviceOptions = Pick<QemuLaunchOptions, 'firmware' | 'cdrom' | 'net' | 'agentSocket'>;
+export type DeviceOptions = Pick<QemuLaunchOptions, 'firmware' | 'cdrom' | 'net' | 'agentSocket' | 'screen'> & { displayArgs?: string[] };
+
+/** Where a VM's screen is served (vnc, spice), or null. */
+export function screenSocket(def: VmDefinition, paths: VmPaths): string | null {
+  return def.display === 'vnc' || def.display === 'spice' ? `${paths.runDir}/${def.display}.sock` : null;
+}
 
 export async function launchDevices(def: VmDefinition, paths: VmPaths): Promise<DeviceOptions> {
   const o: DeviceOptions = {};
@@ -32,6 +37,10 @@ export async function launchDevices(def: VmDefinition, paths: VmPaths): Promise<
     o.net = { mac: def.net.mac, forwards: def.net.forwards };
   }
   if (def.agent) o.agentSocket = paths.agentSocket;
+  const socket = screenSocket(def, paths);
+  if (def.video && def.display !== 'none') o.screen = def.display === 'gtk' ? { kind: 'gtk' } : { kind: def.display, socket: socket! };
+  // A definition from before `video`: its display exactly as it was launched then.
+  else if (!def.video && def.display !== 'none') o.displayArgs = def.display === 'vnc' ? ['-display', `vnc=unix:${socket}`] : ['-display', 'gtk'];
   return o;
 }
 
@@ -45,6 +54,7 @@ export function deviceShapeDifferences(taken: VmDefinition, def: VmDefinition): 
     'CD-ROM drive': d.cdrom === undefined ? 'none' : 'present',
     network: d.net?.mode ?? 'none',
     'guest agent channel': d.agent ? 'present' : 'none',
+    'video adapter': d.video ? (d.display === 'spice' ? 'present (spice)' : 'present') : 'none',
   });
   const [a, b] = [shape(taken), shape(def)];
   return (Object.keys(a) as (keyof typeof a)[]).filter((k) => a[k] !== b[k]).map((k) => `${k} ${a[k]} vs ${b[k]}`);

@@ -36,7 +36,7 @@ import { chooseAccel, detectQemu, dieWithParent, launchQemu, SUPPORTED_QEMU, typ
 import { captureSnapshot, restoreFromStream } from '../hypervisor/snapshot.js';
 import { buildStream } from '../migstream/index.js';
 import { loadBytes, loadStoredRam, ramPages, RamStreamWriter, storeBytes } from './ram-store.js';
-import { diskDir, loadDefinition, loadState, parseDefinition, saveState, vmPaths, type VmDefinition, type VmPaths } from './config.js';
+import { VmConfigError, diskDir, loadDefinition, loadState, parseDefinition, saveState, vmPaths, type VmDefinition, type VmPaths } from './config.js';
 import { UserFacingError } from '../util/errors.js';
 import { resolveForVm } from './selectors.js';
 import { RestoreDataError, verifyRestoreData } from './restore-check.js';
@@ -209,7 +209,7 @@ export class VmRuntime {
   private async launch(incoming: boolean, paused = false): Promise<QemuProcess> {
     this.qemuBin ??= await detectQemu();
     const accel = await chooseAccel({ force: this.def.accel, guestRunsUnderKvm: isBareMetal(this.def) });
-    const display = this.def.display === 'none' ? [] : this.def.display === 'vnc' ? ['-display', 'vnc=unix:' + this.paths.runDir + '/vnc.sock'] : ['-display', 'gtk'];
+    const { displayArgs, ...devices } = await launchDevices(this.def, this.paths);
     const q = await launchQemu({
       qemu: this.qemuBin,
       runDir: this.paths.runDir,
@@ -221,10 +221,10 @@ export class VmRuntime {
       ...(this.def.initrd ? { initrd: this.def.initrd } : {}),
       ...(this.def.append !== undefined ? { append: this.def.append } : {}),
       disks: this.def.disks.map((d) => ({ socketPath: this.paths.nbdSocket, exportName: d.name })),
-      ...(await launchDevices(this.def, this.paths)),
+      ...devices,
       incomingDefer: incoming,
       paused,
-      extraArgs: [...display, ...this.def.qemuArgs],
+      extraArgs: [...(displayArgs ?? []), ...this.def.qemuArgs],
     });
     this.qemu = q;
     void q.exited.then(() => {
@@ -315,6 +315,14 @@ export class VmRuntime {
 
   private agentSocket(): string | null {
     return this.def.agent ? this.paths.agentSocket : null;
+  }
+
+  /** The guest's screen, as QEMU shows it, into a PNG file. */
+  screendump(file: string): Promise<void> {
+    return this.exclusive(async () => {
+      if (!this.def.video) throw new VmConfigError(`VM ${this.def.name} has no video adapter (it was created with --display none)`);
+      await this.liveQemu('screendump').qmp.execute('screendump', { filename: file, format: 'png' });
+    });
   }
 
   /** The CD-ROM drive's medium, changed in the running QEMU and in the definition (media.ts). */

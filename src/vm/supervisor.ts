@@ -50,13 +50,15 @@ export interface SupervisorOps {
   stop: { args: NoArgs; result: { stopping: true } };
   /** The CD-ROM drive's medium (an absolute ISO path, or null: empty). */
   media: { args: { medium: string | null }; result: null };
+  /** The guest's screen as a PNG file at this absolute path (written by QEMU). */
+  screendump: { args: { file: string }; result: null };
 }
 export type SupervisorOp = keyof SupervisorOps;
 export type SupervisorRequest<K extends SupervisorOp = SupervisorOp> = K extends SupervisorOp ? { op: K } & SupervisorOps[K]['args'] : never;
 
 type Reply = { ok: true; result: unknown } | { ok: false; error: ErrorRecord };
 
-const OPS: ReadonlySet<string> = new Set<SupervisorOp>(['status', 'take', 'restore', 'pause', 'resume', 'stop', 'media']);
+const OPS: ReadonlySet<string> = new Set<SupervisorOp>(['status', 'take', 'restore', 'pause', 'resume', 'stop', 'media', 'screendump']);
 
 export async function runSupervisor(opts: { dataDir: string; name: string; restore?: string; restoreFromOtherVm?: boolean; hydrate?: number; openRepo: () => Promise<Repository> }): Promise<void> {
   const paths = vmPaths(opts.dataDir, opts.name);
@@ -168,13 +170,14 @@ export function parseRequest(line: string): SupervisorRequest {
   } catch {
     throw new SupervisorError('malformed request (not JSON)');
   }
-  const r = v as { op?: unknown; options?: unknown; snapshot?: unknown; fromOtherVm?: unknown; medium?: unknown } | null;
+  const r = v as { op?: unknown; options?: unknown; snapshot?: unknown; fromOtherVm?: unknown; medium?: unknown; file?: unknown } | null;
   if (typeof r !== 'object' || r === null || typeof r.op !== 'string' || !OPS.has(r.op)) {
     throw new SupervisorError(`unknown request ${JSON.stringify(r?.op ?? null)}`);
   }
   if (r.op === 'take' && (typeof r.options !== 'object' || r.options === null)) throw new SupervisorError('take: options missing');
   if (r.op === 'restore' && typeof r.snapshot !== 'string') throw new SupervisorError('restore: snapshot missing');
   if (r.op === 'media' && r.medium !== null && typeof r.medium !== 'string') throw new SupervisorError('media: medium missing');
+  if (r.op === 'screendump' && (typeof r.file !== 'string' || !path.isAbsolute(r.file))) throw new SupervisorError('screendump: an absolute file path is needed');
   return r as SupervisorRequest;
 }
 
@@ -198,6 +201,9 @@ async function dispatch(rt: VmRuntime, req: SupervisorRequest, stop: () => void)
       return { stopping: true };
     case 'media':
       await rt.changeMedium(req.medium);
+      return null;
+    case 'screendump':
+      await rt.screendump(req.file);
       return null;
   }
 }

@@ -8,6 +8,8 @@
  *  - a forwarded host port is listened on by the VM's QEMU
  *  - UEFI: boots the ISO through OVMF; the variables file is the snapshot's after restore (a change
  *    made after the snapshot is gone), and a clone starts with it
+ *  - display: a VGA adapter and a USB tablet, vnc on a unix socket (`vm view`); a screendump after
+ *    restore equals the one at the snapshot (a fresh boot's differs)
  *  - MAC: stable in the definition, a clone gets another; the clone does not take the source's forwards
  *  - bad input: a missing ISO, a taken forwarded port, OVMF missing, a bad --forward → clear
  *    errors and no VM left behind; a definition from before these devices still loads and gets none
@@ -16,7 +18,7 @@ import { existsSync, promises as fsp, readFileSync, writeFileSync } from 'node:f
 import * as net from 'node:net';
 import * as path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { guestIso } from '../../fixtures/guest/index.js';
+import { guestArtifacts, guestIso } from '../../fixtures/guest/index.js';
 import { VmLab, last, type ShowJson } from '../helpers/vm.js';
 import { vmsnap, type RunResult } from '../helpers/cli.js';
 import type { VmDefinition } from '../../src/vm/config.js';
@@ -147,6 +149,45 @@ describe('desktop guests: CD-ROM, firmware, network', () => {
     lab.adopt('efi2');
     expect(readFileSync(vmPaths(lab.dataDir, 'efi2').nvram).equals(atSnapshot)).toBe(true);
     await lab.ok(['vm', 'stop', 'efi']);
+  }, 400_000);
+
+  it('shows a screen (VGA, USB tablet, vnc on a unix socket) that a restore puts back as it was at the snapshot', async () => {
+    const a = guestArtifacts();
+    // The kernel logs to the screen (tty0) with timestamps: a fresh boot's screen differs from the snapshot's.
+    // No blinking cursor (it would make two dumps of one screen differ).
+    await lab.ok([
+      'vm', 'create', 'scr', '--memory', '256M', '--net', 'none', '--display', 'vnc', '--accel', 'tcg',
+      '--kernel', a.kernel, '--initrd', a.initrd, '--append', 'console=tty0 console=ttyS0 vt.global_cursor_default=0 vmsnap.mem=16 vmsnap.rate=500',
+    ]);
+    lab.adopt('scr');
+    await lab.start('scr');
+    await lab.waitLines('scr', 3, 120_000);
+    const argv = qemuArgv(lab, 'scr').join(' ');
+    for (const d of ['VGA,id=video0', 'usb-tablet', `unix:${path.join(lab.runDir('scr'), 'vnc.sock')}`]) expect(argv).toContain(d);
+    const view = await lab.json<{ address: string }>(['vm', 'view', 'scr', '--print']);
+    expect(view.address).toBe(`vnc+unix://${path.join(lab.runDir('scr'), 'vnc.sock')}`);
+    const shot = async (tag: string) => {
+      const f = path.join(lab.root, `screen-${tag}.png`);
+      await lab.ok(['vm', 'screendump', 'scr', f]);
+      return readFileSync(f);
+    };
+    // The snapshot's screen: the same just before and just after the take (no late kernel line in between).
+    let atSnapshot: Buffer | null = null;
+    let snapshot = '';
+    for (let i = 0; i < 5 && !atSnapshot; i++) {
+      const s1 = await shot(`before${i}`);
+      snapshot = (await lab.json<{ snapshot: string }>(['take', 'scr'])).snapshot;
+      if (s1.equals(await shot(`after${i}`))) atSnapshot = s1;
+    }
+    expect(atSnapshot, 'a take with a steady screen around it').not.toBeNull();
+    expect(atSnapshot!.subarray(1, 4).toString()).toBe('PNG');
+    await lab.ok(['vm', 'stop', 'scr']);
+    await lab.start('scr');
+    await lab.waitLines('scr', 3, 120_000);
+    expect((await shot('fresh')).equals(atSnapshot!), 'a fresh boot shows another screen').toBe(false);
+    await lab.ok(['restore', 'scr', snapshot]);
+    expect((await shot('restored')).equals(atSnapshot!), 'after restore the screen is the snapshot\'s').toBe(true);
+    await lab.ok(['vm', 'stop', 'scr']);
   }, 400_000);
 
   it('keeps a VM\'s MAC, gives a clone a new one, and does not copy its forwarded ports', async () => {
