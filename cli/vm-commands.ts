@@ -13,7 +13,8 @@ import { checkTags } from '../src/store/manifest.js';
 import type { Repository } from '../src/store/repository.js';
 import { DEFAULT_CHUNK_SIZE } from '../src/store/format.js';
 import { loadBytes } from '../src/vm/ram-store.js';
-import { buildDefinition, checkIso, cloneDefinition, writeNewVm, type DiskSource } from '../src/vm/create.js';
+import { buildDefinition, checkIso, cloneDefinition, writeNewVm, type CreateRequest, type DiskSource } from '../src/vm/create.js';
+import { planLibvirtImport } from '../src/vm/libvirt.js';
 import { setMedium } from '../src/vm/media.js';
 import { loadNvram } from '../src/vm/nvram.js';
 import { viewTarget } from '../src/vm/viewer.js';
@@ -147,6 +148,33 @@ async function createDisks(def: VmDefinition, sources: DiskSource[], g: GlobalOp
   }
 }
 
+async function refuseExisting(name: string): Promise<void> {
+  if (await fsp.stat(vmPaths(dataDir(), name).config).catch(() => null)) throw new UsageError(`VM ${name} already exists`);
+  checkVmPathsFit(dataDir(), name);
+}
+
+/**
+ * `vm create` and `vm import`: the definition checked and built (src/vm/create.ts), disks created,
+ * then the definition written; any failure removes the VM folder (no half-created VM).
+ */
+async function createVm(g: GlobalOptions, req: CreateRequest, extra: { mac?: string; nvram?: Buffer; notMapped?: string[] } = {}): Promise<void> {
+  await refuseExisting(req.name);
+  const paths = vmPaths(dataDir(), req.name);
+  const { def, disks } = await buildDefinition(req);
+  if (extra.mac && def.net) def.net.mac = extra.mac;
+  await fsp.mkdir(paths.dir, { recursive: true, mode: 0o700 });
+  try {
+    await createDisks(def, disks, g);
+    await writeNewVm(dataDir(), def, extra.nvram);
+  } catch (err) {
+    await withRepoIfPinned(g, (open) => unpinDisks(def.name, open)).catch(() => undefined); // a stale pin is safe: `pins rm`
+    await fsp.rm(paths.dir, { recursive: true, force: true });
+    throw err;
+  }
+  if (g.json) printJson(extra.notMapped ? { ...def, notMapped: extra.notMapped } : def);
+  else console.log(`created VM ${def.name}: ${def.memoryMiB} MiB, ${def.cpus} vCPU, ${def.disks.map((d) => `${d.name} ${humanBytes(d.size)}`).join(', ') || 'no disks'}${def.cdrom ? `, CD-ROM ${def.cdrom}` : ''}, ${def.firmware}, network ${def.net?.mode ?? 'none'}`);
+}
+
 /** Pin options for a VM disk cloned from a snapshot (held as "<vm>/<disk>"). */
 function diskPin(repo: Repository, snapshot: string, vm: string, disk: string) {
   return { pinner: repositoryPinner(repo, dataDir()), snapshot, holder: `${vm}/${disk}` };
@@ -208,11 +236,7 @@ export function registerVmCommands(program: Command, globals: Globals): void {
     .option('--accel <a>', 'auto, kvm or tcg', 'auto')
     .option('--qemu-arg <arg>', 'extra QEMU argument (repeatable)', collect, [] as string[])
     .action(async (name: string, o: { memory: string; cpus: string; disk: string[]; diskFrom: string[]; cdrom?: string; firmware: string; net: string; forward: string[]; kernel?: string; initrd?: string; append?: string; display: string; accel: string; qemuArg: string[] }) => {
-      const g = globals();
-      const paths = vmPaths(dataDir(), name);
-      if (await fsp.stat(paths.config).catch(() => null)) throw new UsageError(`VM ${name} already exists`);
-      checkVmPathsFit(dataDir(), name);
-      const { def, disks } = await buildDefinition({
+      await createVm(globals(), {
         name,
         memory: o.memory,
         cpus: o.cpus,
@@ -229,17 +253,18 @@ export function registerVmCommands(program: Command, globals: Globals): void {
         accel: o.accel,
         qemuArgs: o.qemuArg,
       });
-      await fsp.mkdir(paths.dir, { recursive: true, mode: 0o700 });
-      try {
-        await createDisks(def, disks, g);
-        await writeNewVm(dataDir(), def);
-      } catch (err) {
-        await withRepoIfPinned(g, (open) => unpinDisks(def.name, open)).catch(() => undefined); // a stale pin is safe: `pins rm`
-        await fsp.rm(paths.dir, { recursive: true, force: true });
-        throw err;
-      }
-      if (g.json) printJson(def);
-      else console.log(`created VM ${name}: ${def.memoryMiB} MiB, ${def.cpus} vCPU, ${def.disks.map((d) => `${d.name} ${humanBytes(d.size)}`).join(', ') || 'no disks'}${def.cdrom ? `, CD-ROM ${def.cdrom}` : ''}, ${def.firmware}, network ${def.net?.mode ?? 'none'}`);
+    });
+
+  vm.command('import <name>')
+    .description('define a VM from an existing one: --libvirt DOMAIN.xml (the output of `virsh dumpxml`); its disk images are copied in')
+    .requiredOption('--libvirt <xml>', 'a libvirt domain XML file')
+    .action(async (name: string, o: { libvirt: string }) => {
+      const g = globals();
+      await refuseExisting(name);
+      const plan = await planLibvirtImport(name, o.libvirt);
+      // What was left out or changed is said before the (possibly long) disk copies.
+      for (const l of plan.notMapped) console.error(`vmsnap: not mapped: ${l}`);
+      await createVm(g, plan.request, { ...(plan.mac ? { mac: plan.mac } : {}), ...(plan.nvram ? { nvram: plan.nvram } : {}), notMapped: plan.notMapped });
     });
 
   /** `vm eject` / `vm insert`: a running VM's drive changes through its supervisor, which also updates the definition. */
