@@ -28,6 +28,7 @@ import type { VmDefinition } from '../../src/vm/config.js';
 import { launchDevices } from '../../src/vm/devices.js';
 import { parseDefinition, vmPaths } from '../../src/vm/config.js';
 import { buildQemuArgv } from '../../src/hypervisor/qemu.js';
+import { QmpClient } from '../../src/hypervisor/qmp.js';
 
 type DefJson = VmDefinition & ShowJson;
 
@@ -81,7 +82,20 @@ describe('desktop guests: CD-ROM, firmware, network', () => {
 
   it('boots a VM without --kernel from its CD (BIOS), forwards a host port, takes, restores, ejects and inserts', async () => {
     const port = await freePort();
-    await lab.ok(['vm', 'create', 'cd', '--memory', '256M', '--cpus', '1', '--disk', '64M', '--cdrom', iso, '--forward', `tcp:${port}:22`, '--accel', 'tcg']);
+    // A second QMP monitor for the test: what QEMU itself has in the drive.
+    const testQmp = path.join(lab.root, 'cd-test-qmp.sock');
+    await lab.ok(['vm', 'create', 'cd', '--memory', '256M', '--cpus', '1', '--disk', '64M', '--cdrom', iso, '--forward', `tcp:${port}:22`, '--accel', 'tcg', '--qemu-arg=-qmp', `--qemu-arg=unix:${testQmp},server=on,wait=off`]);
+    const medium = async (): Promise<string | null> => {
+      const q = await QmpClient.connect(testQmp, { timeoutMs: 10_000 });
+      try {
+        const blocks = await q.execute<{ device: string; qdev?: string; inserted?: { file: string } }[]>('query-block');
+        const cd = blocks.find((b) => (b.qdev ?? '').includes('cdrom0'));
+        if (!cd) throw new Error(`no cdrom0 in query-block: ${JSON.stringify(blocks)}`);
+        return cd.inserted?.file ?? null;
+      } finally {
+        q.close();
+      }
+    };
     lab.adopt('cd');
     const def = await lab.json<DefJson>(['vm', 'show', 'cd']);
     expect(def.firmware).toBe('bios');
@@ -113,10 +127,13 @@ describe('desktop guests: CD-ROM, firmware, network', () => {
     for (const s of post) expect(s.errors).toBe(0);
     expect(last(post).gen).toBeGreaterThan(post[0]!.gen);
 
+    expect(await medium()).toBe(iso);
     await lab.ok(['vm', 'eject', 'cd']);
     expect((await lab.json<DefJson>(['vm', 'show', 'cd'])).cdrom).toBeNull();
+    expect(await medium(), 'QEMU\'s drive is empty').toBeNull();
     await lab.ok(['vm', 'insert', 'cd', iso]);
     expect((await lab.json<DefJson>(['vm', 'show', 'cd'])).cdrom).toBe(iso);
+    expect(await medium()).toBe(iso);
     await lab.ok(['vm', 'eject', 'cd']);
     await lab.ok(['vm', 'stop', 'cd']);
     // Stopped: the next start has an empty drive (and nothing else to boot from than the blank disk).
