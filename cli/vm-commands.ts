@@ -5,7 +5,6 @@ import { assertInside } from '../src/util/fs.js';
 import type { Command } from 'commander';
 import { Volume } from '../src/cow/volume.js';
 import { processAlive } from '../src/util/process.js';
-import { parseSize } from '../src/util/size.js';
 import { cloneVolume } from '../src/cow/snapshot.js';
 import { readBasePin, releaseBasePin, type BasePin } from '../src/cow/base-pin.js';
 import { repositoryPinner } from '../src/store/pins.js';
@@ -14,19 +13,23 @@ import { checkTags } from '../src/store/manifest.js';
 import type { Repository } from '../src/store/repository.js';
 import { DEFAULT_CHUNK_SIZE } from '../src/store/format.js';
 import { loadBytes } from '../src/vm/ram-store.js';
+import { buildDefinition, checkIso, cloneDefinition, writeNewVm, type CreateRequest, type DiskSource } from '../src/vm/create.js';
+import { planLibvirtImport } from '../src/vm/libvirt.js';
+import { setMedium } from '../src/vm/media.js';
+import { loadNvram } from '../src/vm/nvram.js';
+import { viewTarget } from '../src/vm/viewer.js';
+import { spawn } from 'node:child_process';
+import * as path from 'node:path';
 import {
   diskDir,
   listVms,
   loadDefinition,
   loadState,
-  newDefinition,
   parseDefinition,
-  saveDefinition,
   saveState,
   checkVmPathsFit,
   VmConfigError,
   vmPaths,
-  type DiskDef,
   type VmDefinition,
 } from '../src/vm/config.js';
 import { callSupervisor, forceStop, isRunning, runSupervisor, spawnSupervisor, SupervisorError, vmStatus } from '../src/vm/supervisor.js';
@@ -84,6 +87,8 @@ async function checkedRestoreTarget(g: GlobalOptions, name: string, ref: string,
 function printTake(r: TakeResult, json: boolean): void {
   if (json) return printJson(r);
   if (r.note) console.log(`note: ${r.note}`);
+  if (r.quiesce?.warning) console.error(`vmsnap: warning: ${r.quiesce.warning}`);
+  else if (r.quiesce) console.log(`guest file systems frozen (${r.quiesce.frozen}) for the snapshot and thawed (${r.quiesce.thawed})`);
   console.log(
     `snapshot ${shortId(r.snapshot)} taken in ${(r.durationMs / 1000).toFixed(2)} s` +
       (r.diskOnly ? ' (disk only)' : `; guest paused ${r.pauseMs.toFixed(1)} ms (${r.pauseSource === 'qemu-events' ? 'QEMU STOP→RESUME' : 'stop sent→cont answered'}; QEMU downtime ${r.qemuDowntimeMs ?? '?'} ms)`),
@@ -95,7 +100,7 @@ function printTake(r: TakeResult, json: boolean): void {
   for (const [name, d] of Object.entries(r.disks)) console.log(`  ${name}: ${d.dirtyBlocks} dirty blocks, ${humanBytes(d.newBytes)} new (${d.mode})`);
 }
 
-async function createDisks(def: VmDefinition, sources: { def: DiskDef; from?: string }[], g: GlobalOptions): Promise<void> {
+async function createDisks(def: VmDefinition, sources: DiskSource[], g: GlobalOptions): Promise<void> {
   const paths = vmPaths(dataDir(), def.name);
   // Nothing is written through a symlink planted in the data folder (docs/security.md).
   await assertInside(dataDir(), paths.dir);
@@ -144,6 +149,33 @@ async function createDisks(def: VmDefinition, sources: { def: DiskDef; from?: st
   } finally {
     await repo?.close();
   }
+}
+
+async function refuseExisting(name: string): Promise<void> {
+  if (await fsp.stat(vmPaths(dataDir(), name).config).catch(() => null)) throw new UsageError(`VM ${name} already exists`);
+  checkVmPathsFit(dataDir(), name);
+}
+
+/**
+ * `vm create` and `vm import`: the definition checked and built (src/vm/create.ts), disks created,
+ * then the definition written; any failure removes the VM folder (no half-created VM).
+ */
+async function createVm(g: GlobalOptions, req: CreateRequest, extra: { mac?: string; nvram?: Buffer; notMapped?: string[] } = {}): Promise<void> {
+  await refuseExisting(req.name);
+  const paths = vmPaths(dataDir(), req.name);
+  const { def, disks } = await buildDefinition(req);
+  if (extra.mac && def.net) def.net.mac = extra.mac;
+  await fsp.mkdir(paths.dir, { recursive: true, mode: 0o700 });
+  try {
+    await createDisks(def, disks, g);
+    await writeNewVm(dataDir(), def, extra.nvram);
+  } catch (err) {
+    await withRepoIfPinned(g, (open) => unpinDisks(def.name, open)).catch(() => undefined); // a stale pin is safe: `pins rm`
+    await fsp.rm(paths.dir, { recursive: true, force: true });
+    throw err;
+  }
+  if (g.json) printJson(extra.notMapped ? { ...def, notMapped: extra.notMapped } : def);
+  else console.log(`created VM ${def.name}: ${def.memoryMiB} MiB, ${def.cpus} vCPU, ${def.disks.map((d) => `${d.name} ${humanBytes(d.size)}`).join(', ') || 'no disks'}${def.cdrom ? `, CD-ROM ${def.cdrom}` : ''}, ${def.firmware}, network ${def.net?.mode ?? 'none'}`);
 }
 
 /** Pin options for a VM disk cloned from a snapshot (held as "<vm>/<disk>"). */
@@ -211,57 +243,92 @@ export function registerVmCommands(program: Command, globals: Globals): void {
 
   vm.command('create <name>')
     .description('define a VM (disks are vmsnap copy-on-write volumes)')
-    .option('--memory <size>', 'guest memory (e.g. 256M, 1G)', '256M')
+    .option('--memory <size>', 'guest memory (e.g. 256M, 4G)', '256M')
     .option('--cpus <n>', 'vCPUs', '1')
     .option('--disk <size>', 'add an empty disk of this size (repeatable)', collect, [] as string[])
-    .option('--disk-from <file|snap>', 'add a disk with the contents of a raw image file or a snapshot disk (repeatable)', collect, [] as string[])
+    .option('--disk-from <file|snap>', 'add a disk with the contents of an image file (raw, qcow2, vmdk, vdi, vhdx, ...) or a snapshot disk (repeatable)', collect, [] as string[])
+    .option('--cdrom <iso>', 'an ISO in the CD-ROM drive (boots when the disks do not: install from it, then `vm eject`)')
+    .option('--firmware <f>', 'bios or uefi (OVMF, with the VM\'s own variables)', 'bios')
+    .option('--net <mode>', 'user (NAT through QEMU, no root) or none', 'user')
+    .option('--forward <[proto:]host:guest>', 'forward a host port (on 127.0.0.1 unless an address is given) to a guest port, e.g. tcp:8080:80 (repeatable)', collect, [] as string[])
     .option('--kernel <file>', 'boot this kernel (or multiboot ELF) directly')
     .option('--initrd <file>', 'initial ramdisk')
     .option('--append <cmdline>', 'kernel command line')
-    .option('--display <d>', 'none, gtk or vnc', 'none')
+    .option('--display <d>', 'none, spice, vnc (both on a unix socket: `vm view`) or gtk (a window); with a VGA adapter and a USB tablet', 'none')
     .option('--accel <a>', 'auto, kvm or tcg', 'auto')
     .option('--qemu-arg <arg>', 'extra QEMU argument (repeatable)', collect, [] as string[])
-    .action(async (name: string, o: { memory: string; cpus: string; disk: string[]; diskFrom: string[]; kernel?: string; initrd?: string; append?: string; display: string; accel: string; qemuArg: string[] }) => {
-      const g = globals();
-      const paths = vmPaths(dataDir(), name);
-      if (await fsp.stat(paths.config).catch(() => null)) throw new UsageError(`VM ${name} already exists`);
-      checkVmPathsFit(dataDir(), name);
-      const memory = parseSize(o.memory.match(/^\d+$/) ? `${o.memory}M` : o.memory, '--memory');
-      const abs = async (f: string | undefined, what: string) => {
-        if (f === undefined) return undefined;
-        const p = (await import('node:path')).resolve(f);
-        if (!(await fsp.stat(p).catch(() => null))) throw new UsageError(`${what} ${f} does not exist`);
-        return p;
-      };
-      const sources: { def: DiskDef; from?: string }[] = [];
-      o.disk.forEach((s) => sources.push({ def: { name: `disk${sources.length}`, size: parseSize(s, '--disk') } }));
-      o.diskFrom.forEach((f) => sources.push({ def: { name: `disk${sources.length}`, size: 1 }, from: f }));
-      for (const s of sources) if (s.from && (await fsp.stat(s.from).catch(() => null))) s.def.size = (await fsp.stat(s.from)).size || 1;
-      const kernel = await abs(o.kernel, 'kernel');
-      const initrd = await abs(o.initrd, 'initrd');
-      const def = newDefinition({
+    .action(async (name: string, o: { memory: string; cpus: string; disk: string[]; diskFrom: string[]; cdrom?: string; firmware: string; net: string; forward: string[]; kernel?: string; initrd?: string; append?: string; display: string; accel: string; qemuArg: string[] }) => {
+      await createVm(globals(), {
         name,
-        memoryMiB: Math.round(memory / (1 << 20)),
-        cpus: Number(o.cpus),
-        ...(kernel ? { kernel } : {}),
-        ...(initrd ? { initrd } : {}),
+        memory: o.memory,
+        cpus: o.cpus,
+        disks: o.disk,
+        diskFrom: o.diskFrom,
+        ...(o.kernel !== undefined ? { kernel: o.kernel } : {}),
+        ...(o.initrd !== undefined ? { initrd: o.initrd } : {}),
         ...(o.append !== undefined ? { append: o.append } : {}),
-        display: o.display as VmDefinition['display'],
-        accel: o.accel as VmDefinition['accel'],
+        ...(o.cdrom !== undefined ? { cdrom: o.cdrom } : {}),
+        firmware: o.firmware,
+        net: o.net,
+        forwards: o.forward,
+        display: o.display,
+        accel: o.accel,
         qemuArgs: o.qemuArg,
-        disks: sources.map((s) => s.def),
       });
-      await fsp.mkdir(paths.dir, { recursive: true, mode: 0o700 });
-      try {
-        await createDisks(def, sources, g);
-        await saveDefinition(dataDir(), def);
-      } catch (err) {
-        await withRepoIfPinned(g, (open) => unpinDisks(def.name, open)).catch(() => undefined); // a stale pin is safe: `pins rm`
-        await fsp.rm(paths.dir, { recursive: true, force: true });
-        throw err;
+    });
+
+  vm.command('import <name>')
+    .description('define a VM from an existing one: --libvirt DOMAIN.xml (the output of `virsh dumpxml`); its disk images are copied in')
+    .requiredOption('--libvirt <xml>', 'a libvirt domain XML file')
+    .action(async (name: string, o: { libvirt: string }) => {
+      const g = globals();
+      await refuseExisting(name);
+      const plan = await planLibvirtImport(name, o.libvirt);
+      // What was left out or changed is said before the (possibly long) disk copies.
+      for (const l of plan.notMapped) console.error(`vmsnap: not mapped: ${l}`);
+      await createVm(g, plan.request, { ...(plan.mac ? { mac: plan.mac } : {}), ...(plan.nvram ? { nvram: plan.nvram } : {}), notMapped: plan.notMapped });
+    });
+
+  /** `vm eject` / `vm insert`: a running VM's drive changes through its supervisor, which also updates the definition. */
+  const setCdrom = async (name: string, medium: string | null) => {
+    const paths = vmPaths(dataDir(), name);
+    await loadDefinition(dataDir(), name);
+    if (await isRunning(paths)) await callSupervisor(paths, { op: 'media', medium });
+    else await setMedium(dataDir(), name, medium);
+    if (!globals().json) console.log(medium === null ? `VM ${name}: CD-ROM drive empty` : `VM ${name}: ${medium} in the CD-ROM drive`);
+  };
+  vm.command('eject <name>')
+    .description('empty the CD-ROM drive (at once if the VM runs)')
+    .action((name: string) => setCdrom(name, null));
+  vm.command('insert <name> <iso>')
+    .description('put an ISO in the CD-ROM drive (at once if the VM runs)')
+    .action(async (name: string, iso: string) => setCdrom(name, await checkIso(iso)));
+
+  vm.command('view <name>')
+    .description('open the screen of a running VM with remote-viewer (virt-viewer), or print its address')
+    .option('--print', 'only print the address')
+    .action(async (name: string, o: { print?: boolean }) => {
+      const def = await loadDefinition(dataDir(), name);
+      const paths = vmPaths(dataDir(), name);
+      const t = await viewTarget(def, paths);
+      if (!(await isRunning(paths))) throw new SupervisorError(`VM ${name} is not running`);
+      if (globals().json) return printJson(t);
+      if (o.print || !t.viewer) {
+        console.log(t.address);
+        if (!o.print) console.error('vmsnap: note: remote-viewer not found (Debian package virt-viewer); open the address above with a VNC/SPICE viewer');
+        return;
       }
-      if (g.json) printJson(def);
-      else console.log(`created VM ${name}: ${def.memoryMiB} MiB, ${def.cpus} vCPU, ${def.disks.map((d) => `${d.name} ${humanBytes(d.size)}`).join(', ') || 'no disks'}`);
+      spawn(t.viewer, [t.address], { detached: true, stdio: 'ignore' }).unref();
+      console.log(`opened ${t.address} with ${t.viewer}`);
+    });
+
+  vm.command('screendump <name> <file>')
+    .description("save a running VM's screen as a PNG file")
+    .action(async (name: string, file: string) => {
+      await loadDefinition(dataDir(), name);
+      const out = path.resolve(file);
+      await callSupervisor(vmPaths(dataDir(), name), { op: 'screendump', file: out });
+      if (!globals().json) console.log(`screen of VM ${name} saved to ${out}`);
     });
 
   vm.command('start <name>')
@@ -386,17 +453,18 @@ export function registerVmCommands(program: Command, globals: Globals): void {
     .option('-m, --message <text>', 'a note stored with the snapshot')
     .option('--tag <tag>', 'tag (repeatable)', collect, [] as string[])
     .option('--disk-only', 'crash-consistent disks only, no RAM')
-    .option('--quiesce', 'ask qemu-guest-agent to freeze guest filesystems first')
+    .option('--quiesce', "freeze the guest's file systems through qemu-guest-agent for the snapshot (a warning if no agent answers)")
     .action(async (name: string, o: { message?: string; tag: string[]; diskOnly?: boolean; quiesce?: boolean }) => {
       const g = globals();
       checkTags(o.tag);
       await loadDefinition(dataDir(), name);
-      if (o.quiesce) throw new UsageError('--quiesce needs a qemu-guest-agent channel, which vmsnap VMs do not have yet');
       const paths = vmPaths(dataDir(), name);
-      const opts = { ...(o.message !== undefined ? { message: o.message } : {}), tags: o.tag, diskOnly: !!o.diskOnly };
+      const opts = { ...(o.message !== undefined ? { message: o.message } : {}), tags: o.tag, diskOnly: !!o.diskOnly, quiesce: !!o.quiesce };
       let r: TakeResult;
       if (await isRunning(paths)) r = await callSupervisor(paths, { op: 'take', options: opts });
       else {
+        // A stopped guest's file systems are as its shutdown left them: nothing to freeze.
+        if (o.quiesce) console.error(`vmsnap: note: VM ${name} is not running: --quiesce has nothing to freeze`);
         const repo = await openRepository(g);
         try {
           r = await takeStopped(dataDir(), name, repo, opts);
@@ -416,7 +484,7 @@ export function registerVmCommands(program: Command, globals: Globals): void {
       await loadDefinition(dataDir(), name);
       const paths = vmPaths(dataDir(), name);
       const fromOtherVm = !!o.fromOtherVm;
-      let r: { snapshot: string; runState: string; loadMs?: number };
+      let r: { snapshot: string; runState: string; loadMs?: number; guest?: { warning?: string } };
       if (await isRunning(paths)) r = await callSupervisor(paths, { op: 'restore', snapshot: ref, fromOtherVm });
       else {
         // Resolve and check first, so a bad reference fails before anything starts.
@@ -425,6 +493,7 @@ export function registerVmCommands(program: Command, globals: Globals): void {
         const st = await callSupervisor(paths, { op: 'status' });
         r = { snapshot: ref, runState: st.state };
       }
+      if (r.guest?.warning) console.error(`vmsnap: warning: ${r.guest.warning}`);
       if (g.json) printJson(r);
       else console.log(`VM ${name} restored to ${shortId(r.snapshot)}: ${r.runState}${r.loadMs !== undefined ? ` (loaded in ${r.loadMs.toFixed(0)} ms)` : ''}`);
     });
@@ -449,7 +518,8 @@ export function registerVmCommands(program: Command, globals: Globals): void {
         snapId = snap.id;
         const cfg = snap.streams.find((s) => s.name === 'vm-config');
         if (!cfg) throw new UsageError(`snapshot ${shortId(snap.id)} is not a VM snapshot (no vm-config stream)`);
-        const def = { ...parseDefinition(await loadBytes(repo, cfg), `snapshot ${shortId(snap.id)}`), name: newName, created: new Date().toISOString() };
+        const { def, droppedForwards } = cloneDefinition(parseDefinition(await loadBytes(repo, cfg), `snapshot ${shortId(snap.id)}`), newName);
+        for (const f of droppedForwards) console.error(`vmsnap: note: port forward ${f.proto}:${f.hostPort}:${f.guestPort} of VM ${snap.vm} is not copied into ${newName} (the host port is that VM's)`);
         // Extra QEMU arguments may name host resources (a socket, a file, a port) that belong to
         // the source VM: copied silently, the clone would take them over.
         if (o.qemuArg.length) def.qemuArgs = o.qemuArg;
@@ -472,7 +542,7 @@ export function registerVmCommands(program: Command, globals: Globals): void {
             if (!s) throw new UsageError(`snapshot ${shortId(snap.id)} has no disk ${d.name}`);
             await (await cloneVolume(diskDir(paths, d.name), s, { store: repo, pin: diskPin(repo, snap.id, newName, d.name) })).close();
           }
-          await saveDefinition(dataDir(), def);
+          await writeNewVm(dataDir(), def, (await loadNvram(repo, snap)) ?? undefined);
           await saveState(dataDir(), newName, { lastSnapshot: null });
         } catch (err) {
           await unpinDisks(def.name, () => Promise.resolve(repo)).catch(() => undefined); // a stale pin is safe: `pins rm`

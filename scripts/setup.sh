@@ -44,3 +44,5 @@ for src in src/*/native/*.addon.c; do
   fi
 done
 if [ -x fixtures/guest/build.sh ]; then bash fixtures/guest/build.sh; fi
+if [ -x fixtures/guest/build-iso.sh ]; then bash fixtures/guest/build-iso.sh; fi
+if [ -x fixtures/guest/build-agent.sh ]; then bash fixtures/guest/build-agent.sh; fi

@@ -143,12 +143,40 @@ export interface QemuLaunchOptions {
   initrd?: string;
   append?: string;
   disks?: NbdDisk[];
+  /** UEFI: OVMF's code image (read-only pflash 0) and this VM's own variables file (pflash 1). */
+  firmware?: { code: string; vars: string };
+  /**
+   * An IDE CD-ROM drive (id `cdrom0`), with `medium` in it or empty (null). It boots after the
+   * disks, so a blank disk falls through to the installer and an installed one boots itself.
+   */
+  cdrom?: { medium: string | null };
+  /** A virtio NIC on QEMU's user-mode network (slirp: NAT, no root), with host port forwards. */
+  net?: { mac: string; forwards: readonly QemuPortForward[] };
+  /** A virtio-serial channel named org.qemu.guest_agent.0 on this unix socket (QEMU listens). */
+  agentSocket?: string;
+  /**
+   * A screen: a VGA adapter and a USB tablet, shown by QEMU's own window (gtk) or served on a unix
+   * socket (vnc, spice — with the spice-vdagent channel for clipboard and resize).
+   */
+  screen?: { kind: 'gtk' } | { kind: 'vnc' | 'spice'; socket: string };
   /** Start with `-incoming defer` (a restore target, loads via migrate-incoming). */
   incomingDefer?: boolean;
   /** Start paused (-S). */
   paused?: boolean;
   extraArgs?: string[];
 }
+
+export interface QemuPortForward {
+  proto: 'tcp' | 'udp';
+  hostAddr: string;
+  hostPort: number;
+  guestPort: number;
+}
+
+/** The QOM id of the CD-ROM drive (QMP eject / blockdev-change-medium name it). */
+export const CDROM_ID = 'cdrom0';
+/** The virtio-serial port name qemu-guest-agent opens in the guest. */
+export const GUEST_AGENT_CHANNEL = 'org.qemu.guest_agent.0';
 
 export interface QemuPaths {
   qmpSocket: string;
@@ -211,12 +239,63 @@ export function buildQemuArgv(o: QemuLaunchOptions): string[] {
         cache: { direct: false, 'no-flush': false },
       }),
       '-device',
-      `virtio-blk-pci,drive=${node},id=vblk${i}`,
+      // A VM without -kernel boots from its disks first, in order (with -kernel, QEMU's linuxboot
+      // ROM has boot index 0 and the disks keep the argv they always had).
+      `virtio-blk-pci,drive=${node},id=vblk${i}${o.kernel ? '' : `,bootindex=${i}`}`,
     );
   });
+  argv.push(...desktopArgs(o));
   if (o.paused) argv.push('-S');
   if (o.incomingDefer) argv.push('-incoming', 'defer');
   argv.push(...(o.extraArgs ?? []));
+  return argv;
+}
+
+/** Firmware, CD-ROM, network and guest agent devices (each only when asked for). */
+function desktopArgs(o: QemuLaunchOptions): string[] {
+  const argv: string[] = [];
+  if (o.firmware) {
+    argv.push(
+      '-drive', `if=pflash,format=raw,unit=0,readonly=on,file=${optVal(o.firmware.code)}`,
+      '-drive', `if=pflash,format=raw,unit=1,file=${optVal(o.firmware.vars)}`,
+    );
+  }
+  if (o.cdrom) {
+    const boot = o.kernel ? '' : `,bootindex=${(o.disks ?? []).length}`;
+    if (o.cdrom.medium === null) argv.push('-device', `ide-cd,id=${CDROM_ID},bus=ide.1${boot}`);
+    else {
+      argv.push(
+        '-blockdev',
+        JSON.stringify({ driver: 'raw', 'node-name': 'cd0', 'read-only': true, file: { driver: 'file', filename: o.cdrom.medium, 'read-only': true } }),
+        '-device', `ide-cd,drive=cd0,id=${CDROM_ID},bus=ide.1${boot}`,
+      );
+    }
+  }
+  if (o.net) {
+    // Numbers and an IPv4 address: nothing to escape.
+    const fwd = o.net.forwards.map((f) => `,hostfwd=${f.proto}:${f.hostAddr}:${f.hostPort}-:${f.guestPort}`).join('');
+    // romfile= : no iPXE option ROM, so a VM with nothing to boot does not sit in a network boot.
+    argv.push('-netdev', `user,id=net0${fwd}`, '-device', `virtio-net-pci,netdev=net0,id=nic0,mac=${o.net.mac},romfile=`);
+  }
+  if (o.agentSocket || o.screen?.kind === 'spice') argv.push('-device', 'virtio-serial-pci,id=vser0');
+  if (o.agentSocket) {
+    argv.push(
+      '-chardev', `socket,id=qga0,path=${optVal(o.agentSocket)},server=on,wait=off`,
+      '-device', `virtserialport,bus=vser0.0,chardev=qga0,name=${GUEST_AGENT_CHANNEL}`,
+    );
+  }
+  if (o.screen) {
+    argv.push('-device', 'VGA,id=video0', '-device', 'qemu-xhci,id=xhci0', '-device', 'usb-tablet,bus=xhci0.0,id=tablet0');
+    if (o.screen.kind === 'gtk') argv.push('-display', 'gtk');
+    else if (o.screen.kind === 'vnc') argv.push('-vnc', `unix:${optVal(o.screen.socket)}`);
+    else {
+      argv.push(
+        '-spice', `unix=on,addr=${optVal(o.screen.socket)},disable-ticketing=on`,
+        '-chardev', 'spicevmc,id=vdagent0,name=vdagent',
+        '-device', 'virtserialport,bus=vser0.0,chardev=vdagent0,name=com.redhat.spice.0',
+      );
+    }
+  }
   return argv;
 }
 

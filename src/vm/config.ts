@@ -9,7 +9,17 @@
  *
  * vm.json: { "version": 1, "name", "memoryMiB", "cpus", "machine", "accel": "auto"|"kvm"|"tcg",
  *            "kernel"?, "initrd"?, "append"?, "display": "none"|"gtk"|"vnc", "qemuArgs": [],
- *            "disks": [{ "name": "disk0", "size": bytes }], "created" }
+ *            "disks": [{ "name": "disk0", "size": bytes }], "created",
+ *            "firmware"?: "bios"|"uefi", "firmwareCode"?: path,     (absent: bios)
+ *            "cdrom"?: path|null,                                   (absent: no CD-ROM drive; null: empty drive)
+ *            "net"?: { "mode": "user"|"none", "mac", "forwards": [{ "proto", "hostAddr", "hostPort", "guestPort" }] },
+ *            "agent"?: true,                                        (the guest agent channel)
+ *            "video"?: true }                                       (VGA + USB tablet [+ spice-vdagent channel])
+ * Every field after "created" is optional so that definitions written before it still load; an
+ * absent field means the device is absent, because a snapshot's device state only loads into a
+ * QEMU with the same devices (`vm create` writes them all for new VMs: src/vm/create.ts).
+ * A UEFI VM's variables live in <dir>/nvram.fd (copied from OVMF's template at create; stored in
+ * every snapshot as its `nvram` stream and put back by restore).
  * A snapshot stores vm.json as its `vm-config` stream, so `clone` and shape checks need nothing else.
  */
 import { promises as fsp } from 'node:fs';
@@ -28,6 +38,22 @@ export interface DiskDef {
   size: number;
 }
 
+export interface PortForward {
+  proto: 'tcp' | 'udp';
+  /** Host address QEMU listens on (127.0.0.1 unless given: a desktop VM is not served to the LAN by default). */
+  hostAddr: string;
+  hostPort: number;
+  guestPort: number;
+}
+
+export interface NetDef {
+  /** user: QEMU's user-mode network (NAT, no root); none: a NIC-less VM that still has a MAC for later. */
+  mode: 'user' | 'none';
+  /** Locally administered unicast (52:54:00:xx:xx:xx), fixed for the VM's life; a clone gets its own. */
+  mac: string;
+  forwards: PortForward[];
+}
+
 export interface VmDefinition {
   version: 1;
   name: string;
@@ -38,10 +64,22 @@ export interface VmDefinition {
   kernel?: string;
   initrd?: string;
   append?: string;
-  display: 'none' | 'gtk' | 'vnc';
+  display: 'none' | 'gtk' | 'vnc' | 'spice';
   qemuArgs: string[];
   disks: DiskDef[];
   created: string;
+  firmware?: 'bios' | 'uefi';
+  /** UEFI: the OVMF code image chosen at create (its variables template has the matching size). */
+  firmwareCode?: string;
+  cdrom?: string | null;
+  net?: NetDef;
+  agent?: boolean;
+  /**
+   * A VGA adapter and a USB tablet (absolute pointer), and with spice the spice-vdagent channel
+   * (clipboard, resize): set at create when the display is not none. Absent in definitions from
+   * before it, whose display is kept as it was (a QEMU display without a video device).
+   */
+  video?: boolean;
 }
 
 export interface VmState {
@@ -62,6 +100,10 @@ export interface VmPaths {
   qemuLog: string;
   /** Present (holding the worker's pid) while the VM arrives by live migration (migration/incoming.ts). */
   incomingMarker: string;
+  /** A UEFI VM's own variables (pflash 1). */
+  nvram: string;
+  /** The guest agent's virtio-serial channel (QEMU listens). */
+  agentSocket: string;
 }
 
 export function vmPaths(dataDir: string, name: string): VmPaths {
@@ -81,6 +123,8 @@ export function vmPaths(dataDir: string, name: string): VmPaths {
     serialLog: path.join(runDir, 'serial.log'),
     qemuLog: path.join(runDir, 'qemu.log'),
     incomingMarker: path.join(dir, 'incoming'),
+    nvram: path.join(dir, 'nvram.fd'),
+    agentSocket: path.join(runDir, 'agent.sock'),
   };
 }
 
@@ -117,7 +161,7 @@ export function validateDefinition(d: VmDefinition): VmDefinition {
   if (!Number.isInteger(d.memoryMiB) || d.memoryMiB < 16 || d.memoryMiB > 1 << 20) throw new VmConfigError(`memory must be between 16 MiB and 1 TiB, got ${d.memoryMiB} MiB`);
   if (!Number.isInteger(d.cpus) || d.cpus < 1 || d.cpus > 64) throw new VmConfigError(`cpus must be between 1 and 64, got ${d.cpus}`);
   if (!['auto', 'kvm', 'tcg'].includes(d.accel)) throw new VmConfigError(`accel must be auto, kvm or tcg, got ${d.accel}`);
-  if (!['none', 'gtk', 'vnc'].includes(d.display)) throw new VmConfigError(`display must be none, gtk or vnc, got ${d.display}`);
+  if (!['none', 'gtk', 'vnc', 'spice'].includes(d.display)) throw new VmConfigError(`display must be none, spice, vnc or gtk, got ${d.display}`);
   const names = new Set<string>();
   for (const disk of d.disks) {
     checkName('disk name', disk.name);
@@ -125,7 +169,27 @@ export function validateDefinition(d: VmDefinition): VmDefinition {
     names.add(disk.name);
     if (!Number.isSafeInteger(disk.size) || disk.size <= 0) throw new VmConfigError(`disk ${disk.name}: invalid size ${disk.size}`);
   }
+  if (d.firmware !== undefined && d.firmware !== 'bios' && d.firmware !== 'uefi') throw new VmConfigError(`firmware must be bios or uefi, got ${String(d.firmware)}`);
+  if (d.firmware === 'uefi' && typeof d.firmwareCode !== 'string') throw new VmConfigError('a UEFI VM names its OVMF code image (firmwareCode)');
+  if (d.cdrom !== undefined && d.cdrom !== null && typeof d.cdrom !== 'string') throw new VmConfigError('cdrom must be a path or null');
+  if (d.net !== undefined) validateNet(d.net);
   return d;
+}
+
+const MAC_RE = /^52:54:00(:[0-9a-f]{2}){3}$/;
+
+function validateNet(n: NetDef): void {
+  if (n.mode !== 'user' && n.mode !== 'none') throw new VmConfigError(`network must be user or none, got ${String(n.mode)}`);
+  if (!MAC_RE.test(n.mac)) throw new VmConfigError(`MAC address ${n.mac} is not of the form 52:54:00:xx:xx:xx`);
+  const seen = new Set<string>();
+  for (const f of n.forwards) {
+    if (f.proto !== 'tcp' && f.proto !== 'udp') throw new VmConfigError(`port forward protocol must be tcp or udp, got ${String(f.proto)}`);
+    for (const port of [f.hostPort, f.guestPort]) if (!Number.isInteger(port) || port < 1 || port > 65535) throw new VmConfigError(`port ${port} is not between 1 and 65535`);
+    const key = `${f.proto}:${f.hostAddr}:${f.hostPort}`;
+    if (seen.has(key)) throw new VmConfigError(`host port ${f.proto}:${f.hostPort} is forwarded twice`);
+    seen.add(key);
+  }
+  if (n.mode === 'none' && n.forwards.length) throw new VmConfigError('port forwards need a network (--net user)');
 }
 
 export function newDefinition(p: Partial<VmDefinition> & { name: string }): VmDefinition {

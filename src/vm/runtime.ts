@@ -42,7 +42,7 @@ import { chooseAccel, detectQemu, dieWithParent, launchQemu, SUPPORTED_QEMU, typ
 import { captureSnapshot, restoreFromStream } from '../hypervisor/snapshot.js';
 import { buildStream } from '../migstream/index.js';
 import { loadBytes, loadStoredRam, ramPages, RamStreamWriter, storeBytes } from './ram-store.js';
-import { diskDir, loadDefinition, loadState, parseDefinition, saveState, vmPaths, type VmDefinition, type VmPaths } from './config.js';
+import { VmConfigError, diskDir, loadDefinition, loadState, parseDefinition, saveState, vmPaths, type VmDefinition, type VmPaths } from './config.js';
 import { UserFacingError } from '../util/errors.js';
 import { resolveForVm } from './selectors.js';
 import { RestoreDataError, verifyRestoreData } from './restore-check.js';
@@ -51,6 +51,12 @@ import { DepartureRecorder } from '../migration/departure.js';
 import type { PageRecord } from '../migstream/index.js';
 import { eventTimeMs, nowMs, StopPointCut } from './stop-point-cut.js';
 import { TakeTimeline, type TakeEvent } from './take-timeline.js';
+import { launchDevices } from './devices.js';
+import { changeMedium } from './media.js';
+import { loadNvram, storeNvram } from './nvram.js';
+import { writeNvram } from './create.js';
+import { deviceShapeDifferences } from './devices.js';
+import { freezeGuest, resyncGuest, type GuestResync, type QuiesceReport } from './quiesce.js';
 
 export class VmOperationError extends UserFacingError {
   override readonly name = 'VmOperationError';
@@ -80,6 +86,8 @@ export interface TakeOptions {
   message?: string;
   tags?: string[];
   diskOnly?: boolean;
+  /** Freeze the guest's file systems through its agent around the disks' point in time (quiesce.ts). */
+  quiesce?: boolean;
 }
 
 export interface TakeResult {
@@ -109,6 +117,8 @@ export interface TakeResult {
   storedBytes: number;
   dedupBytes: number;
   disks: Record<string, SnapshotStats>;
+  /** With --quiesce: what the guest agent froze and thawed, or why not. */
+  quiesce?: QuiesceReport;
 }
 
 /** What a running VM reports about itself (`vm show`, `vm ls`). */
@@ -129,6 +139,8 @@ export interface RestoreResult {
   loadMs: number;
   /** Each step of the restore with its time (ms since the epoch), for profiling (issue 13). */
   timeline: TakeEvent[];
+  /** The guest agent's clock set (and thaw) after a restore that left the guest running. */
+  guest?: GuestResync;
 }
 
 export interface RuntimeOptions {
@@ -165,6 +177,8 @@ export class VmRuntime {
   private qemuBin: QemuBinary | null = null;
   private busy: Promise<unknown> = Promise.resolve();
   private stopping = false;
+  /** Set during a --quiesce take: thaws the guest once the take's `cont` ran. */
+  private thawOnResume: (() => Promise<unknown>) | null = null;
   private hydration: { abort: AbortController; done: number; total: number; finished: boolean; running: Promise<void> } | null = null;
   /** Resolves when QEMU exits without being asked to by restore. */
   readonly ended: Promise<void>;
@@ -213,7 +227,8 @@ export class VmRuntime {
       if (opts.restore !== undefined) {
         const r = repo!;
         const ref = opts.restore;
-        await r.write('restore', () => rt!.restoreLocked(ref, { fromOtherVm: !!opts.restoreFromOtherVm }, r));
+        const res = await r.write('restore', () => rt!.restoreLocked(ref, { fromOtherVm: !!opts.restoreFromOtherVm }, r));
+        if (res.runState === 'running') void resyncGuest(rt.agentSocket()).then((g) => rt!.log(`after the restore: ${g.warning ?? `guest clock set${g.thawed ? `, ${g.thawed} file system(s) thawed` : ''}`}`));
       }
       else await rt.launch(!!opts.incoming, !!opts.incoming);
       rt.startHydration();
@@ -328,7 +343,7 @@ export class VmRuntime {
   private async launch(incoming: boolean, paused = false): Promise<QemuProcess> {
     this.qemuBin ??= await detectQemu();
     const accel = await chooseAccel({ force: this.def.accel, guestRunsUnderKvm: isBareMetal(this.def) });
-    const display = this.def.display === 'none' ? [] : this.def.display === 'vnc' ? ['-display', 'vnc=unix:' + this.paths.runDir + '/vnc.sock'] : ['-display', 'gtk'];
+    const { displayArgs, ...devices } = await launchDevices(this.def, this.paths);
     const q = await launchQemu({
       qemu: this.qemuBin,
       runDir: this.paths.runDir,
@@ -340,9 +355,10 @@ export class VmRuntime {
       ...(this.def.initrd ? { initrd: this.def.initrd } : {}),
       ...(this.def.append !== undefined ? { append: this.def.append } : {}),
       disks: this.def.disks.map((d) => ({ socketPath: this.paths.nbdSocket, exportName: d.name })),
+      ...devices,
       incomingDefer: incoming,
       paused,
-      extraArgs: [...display, ...this.def.qemuArgs],
+      extraArgs: [...(displayArgs ?? []), ...this.def.qemuArgs],
     });
     this.qemu = q;
     void q.exited.then(() => {
@@ -431,6 +447,23 @@ export class VmRuntime {
     });
   }
 
+  private agentSocket(): string | null {
+    return this.def.agent ? this.paths.agentSocket : null;
+  }
+
+  /** The guest's screen, as QEMU shows it, into a PNG file. */
+  screendump(file: string): Promise<void> {
+    return this.exclusive(async () => {
+      if (!this.def.video) throw new VmConfigError(`VM ${this.def.name} has no video adapter (it was created with --display none)`);
+      await this.liveQemu('screendump').qmp.execute('screendump', { filename: file, format: 'png' });
+    });
+  }
+
+  /** The CD-ROM drive's medium, changed in the running QEMU and in the definition (media.ts). */
+  changeMedium(medium: string | null): Promise<void> {
+    return this.exclusive(() => changeMedium(this.liveQemu('media').qmp, this.opts.dataDir, this.def, medium));
+  }
+
   private liveQemu(op: string): QemuProcess {
     if (!this.qemu || this.qemu.hasExited) throw new VmOperationError('take', op, `VM ${this.def.name} is not running`);
     return this.qemu;
@@ -439,8 +472,17 @@ export class VmRuntime {
   take(opts: TakeOptions = {}): Promise<TakeResult> {
     return this.exclusive(async () => {
       const repo = await stepper('take')('opening the repository', () => this.repo());
-      // A write session from the first RAM page stored to the manifest: prune waits (docs/locks.md).
-      return repo.write('take', () => this.takeLocked(opts, repo));
+      // --quiesce: frozen before the disks' point in time, thawed as soon as the guest runs again.
+      const q = opts.quiesce ? await freezeGuest(this.agentSocket()) : null;
+      this.thawOnResume = q ? q.thaw : null;
+      try {
+        // A write session from the first RAM page stored to the manifest: prune waits (docs/locks.md).
+        const r = await repo.write('take', () => this.takeLocked(opts, repo));
+        return q ? { ...r, quiesce: await q.thaw() } : r;
+      } finally {
+        this.thawOnResume = null;
+        await q?.thaw();
+      }
     });
   }
 
@@ -466,6 +508,7 @@ export class VmRuntime {
         await q.qmp.execute('cont');
         tCont = performance.now();
         timeline.mark('cont answered');
+        void this.thawOnResume?.();
       })();
       return resumed;
     };
@@ -636,7 +679,10 @@ export class VmRuntime {
       // A shared lock for the restore's span: no prune may delete what it is reading and loading
       // (the snapshot is pinned only when the disks are reset, after RAM is in), and the session
       // begins by catching up with the repository (docs/locks.md).
-      return repo.write('restore', () => this.restoreLocked(ref, o, repo));
+      const r = await repo.write('restore', () => this.restoreLocked(ref, o, repo));
+      // The guest resumed at the snapshot's moment: its clock is set to now (quiesce.ts).
+      if (r.runState === 'running') r.guest = await resyncGuest(this.agentSocket());
+      return r;
     });
   }
 
@@ -661,6 +707,7 @@ export class VmRuntime {
       return r;
     });
     mark('snapshot data verified');
+    const nvram = await step('reading the firmware variables', () => loadNvram(repo, snap));
     const t0 = performance.now();
     await this.stopHydration();
     if (this.qemu && !this.qemu.hasExited) {
@@ -672,6 +719,8 @@ export class VmRuntime {
     // executing finish, before the new QEMU connects and long before any disk is reset (a write
     // landing after the reset would corrupt the restore).
     await step('disconnecting the old disks', () => this.nbd.disconnectClients());
+    // The firmware variables are the snapshot's before the new QEMU opens them.
+    if (nvram) await step('restoring the firmware variables', () => writeNvram(this.opts.dataDir, this.def, nvram));
     // The new QEMU starts paused (-S) and loads RAM and device state while the disks still hold
     // what they held: if loading fails, the VM stops with its disks as they were. The disks are
     // reset only once the guest state is in, and the guest runs only after that.
@@ -772,6 +821,7 @@ export async function checkRestorable(repo: Repository, snap: Snapshot, def: VmD
   const disksT = taken.disks.map((d) => `${d.name}:${d.size}`).join(',');
   const disksD = def.disks.map((d) => `${d.name}:${d.size}`).join(',');
   if (disksT !== disksD) problems.push(`disks [${disksT}] vs [${disksD}]`);
+  problems.push(...deviceShapeDifferences(taken, def));
   if (problems.length) throw new Error(`snapshot ${snap.id.slice(0, 12)} was taken of a VM of a different shape (${problems.join('; ')})`);
   const qv = String(snap.meta.qemuVersion ?? '');
   const major = Number(/^(\d+)\./.exec(qv)?.[1] ?? NaN);
@@ -832,6 +882,7 @@ async function commitSnapshot(
     disks[d.name] = r.stats;
     streams.push({ name: d.name, kind: 'disk', size: r.stream.size, chunkSize: r.stream.chunkSize, chunks: r.stream.chunks });
   }
+  streams.push(...(await step('storing the firmware variables', () => storeNvram(repo, dataDir, def))));
   streams.push(await storeBytes(repo, 'vm-config', 'config', Buffer.from(JSON.stringify(def))));
   const snap = await step('committing the snapshot', () =>
     repo.saveSnapshot({

@@ -53,6 +53,10 @@ export interface SupervisorOps {
   /** Moves the guest to another host; progress arrives as event lines before the reply. */
   migrate: { args: { target: MigrateTarget; options: MigrateRequestOptions }; result: MigrateOutcome };
   'migrate-cancel': { args: NoArgs; result: { cancelled: boolean } };
+  /** The CD-ROM drive's medium (an absolute ISO path, or null: empty). */
+  media: { args: { medium: string | null }; result: null };
+  /** The guest's screen as a PNG file at this absolute path (written by QEMU). */
+  screendump: { args: { file: string }; result: null };
 }
 
 export interface MigrateRequestOptions {
@@ -66,7 +70,7 @@ export type SupervisorRequest<K extends SupervisorOp = SupervisorOp> = K extends
 
 type Reply = { ok: true; result: unknown } | { ok: false; error: ErrorRecord };
 
-const OPS: ReadonlySet<string> = new Set<SupervisorOp>(['status', 'take', 'restore', 'pause', 'resume', 'stop', 'migrate', 'migrate-cancel']);
+const OPS: ReadonlySet<string> = new Set<SupervisorOp>(['status', 'take', 'restore', 'pause', 'resume', 'stop', 'migrate', 'migrate-cancel', 'media', 'screendump']);
 
 export async function runSupervisor(opts: { dataDir: string; name: string; restore?: string; restoreFromOtherVm?: boolean; hydrate?: number; openRepo: () => Promise<Repository> }): Promise<void> {
   const paths = vmPaths(opts.dataDir, opts.name);
@@ -207,7 +211,7 @@ export function parseRequest(line: string): SupervisorRequest {
   } catch {
     throw new SupervisorError('malformed request (not JSON)');
   }
-  const r = v as { op?: unknown; options?: unknown; snapshot?: unknown; fromOtherVm?: unknown } | null;
+  const r = v as { op?: unknown; options?: unknown; snapshot?: unknown; fromOtherVm?: unknown; medium?: unknown; file?: unknown } | null;
   if (typeof r !== 'object' || r === null || typeof r.op !== 'string' || !OPS.has(r.op)) {
     throw new SupervisorError(`unknown request ${JSON.stringify(r?.op ?? null)}`);
   }
@@ -220,6 +224,8 @@ export function parseRequest(line: string): SupervisorRequest {
       throw new SupervisorError('migrate: target or options missing');
     }
   }
+  if (r.op === 'media' && r.medium !== null && typeof r.medium !== 'string') throw new SupervisorError('media: medium missing');
+  if (r.op === 'screendump' && (typeof r.file !== 'string' || !path.isAbsolute(r.file))) throw new SupervisorError('screendump: an absolute file path is needed');
   return r as SupervisorRequest;
 }
 
@@ -261,6 +267,12 @@ async function dispatch(ctx: HandlerContext, req: SupervisorRequest, event: (e: 
       m?.abort();
       return { cancelled: m !== null };
     }
+    case 'media':
+      await rt.changeMedium(req.medium);
+      return null;
+    case 'screendump':
+      await rt.screendump(req.file);
+      return null;
   }
 }
 
