@@ -138,7 +138,7 @@ export async function receiveOne(sock: net.Socket, o: IncomingOptions): Promise<
         : await Volume.create(dir, { size: d.size, blockSize: d.blockSize });
       await v.close();
     }
-    const needFiles = req.files.map((f, i) => ({ f, i })).filter(({ f }) => !pre.def[f.role] || pre.def[f.role] !== f.path).map(({ i }) => i);
+    const needFiles = req.files.map((f, i) => ({ f, i })).filter(({ f }) => f.role === 'nvram' || !pre.def[f.role] || pre.def[f.role] !== f.path).map(({ i }) => i);
     pre.reply.base = usable?.id ?? null;
     pre.reply.needFiles = needFiles;
     await saveDefinition(o.dataDir, pre.def);
@@ -156,10 +156,10 @@ export async function receiveOne(sock: net.Socket, o: IncomingOptions): Promise<
         let fh = files.get(idx);
         if (!fh) {
           const f = req.files[idx]!;
-          const dest = path.join(paths.dir, f.role);
+          const dest = f.role === 'nvram' ? paths.nvram : path.join(paths.dir, f.role);
           fh = await fsp.open(dest, fsc.O_CREAT | fsc.O_EXCL | fsc.O_WRONLY | fsc.O_NOFOLLOW, 0o600);
           files.set(idx, fh);
-          pre.def[f.role] = dest;
+          if (f.role !== 'nvram') pre.def[f.role] = dest;
         }
         await fh.write(m.body.subarray(1));
       }
@@ -168,7 +168,7 @@ export async function receiveOne(sock: net.Socket, o: IncomingOptions): Promise<
     }
     for (const idx of needFiles) {
       const f = req.files[idx]!;
-      const got = await sha256File(pre.def[f.role]!);
+      const got = await sha256File(f.role === 'nvram' ? paths.nvram : pre.def[f.role]!);
       if (got !== f.sha256) throw new MigrationError('files', `${f.role} arrived damaged (sha256 ${got}, expected ${f.sha256})`, true);
     }
     if (needFiles.length) await saveDefinition(o.dataDir, pre.def);
@@ -278,6 +278,7 @@ function checkRequest(r: MigrationRequest): MigrationRequest {
     r.disks.every((d) => typeof d.name === 'string' && Number.isSafeInteger(d.size) && Number.isSafeInteger(d.blockSize) && d.size > 0 && d.blockSize > 0) &&
     Array.isArray(r.files) &&
     r.files.length <= 8 &&
+    r.files.every((f) => (f.role === 'kernel' || f.role === 'initrd' || f.role === 'nvram') && typeof f.path === 'string' && Number.isSafeInteger(f.size) && typeof f.sha256 === 'string') &&
     typeof r.memoryMiB === 'number' &&
     typeof r.qemu === 'object';
   if (!ok) throw new FrameError('record', 'malformed REQUEST message');
@@ -303,6 +304,11 @@ async function preflight(req: MigrationRequest, dataDir: string, paths: VmPaths)
     for (const [re, what] of UNMIGRATABLE) if (re.test(a)) throw new Refusal(`the guest has ${what}; it cannot be migrated live (stop it and use \`migrate --cold\`)`);
   }
   if (def.qemuArgs.length) throw new Refusal(`the VM has extra QEMU arguments (${def.qemuArgs.join(' ')}), which may name host resources of the source; live migration refuses them`);
+  if (def.firmware === 'uefi' && def.firmwareCode && !existsSync(def.firmwareCode)) {
+    throw new Refusal(`the guest boots UEFI from ${def.firmwareCode}, which this host does not have (install ovmf)`);
+  }
+  if (def.cdrom && !existsSync(def.cdrom)) throw new Refusal(`the guest's CD-ROM holds ${def.cdrom}, which this host does not have; eject it first (\`vmsnap vm eject ${def.name}\`)`);
+  if (def.net?.forwards?.length) throw new Refusal('the guest forwards host ports to itself; those belong to the source host (remove the forwards, or use a bridge)');
   const qemu = await detectQemu().catch((err: Error) => {
     throw new Refusal(`no usable QEMU here: ${err.message}`);
   });
@@ -329,6 +335,7 @@ async function preflight(req: MigrationRequest, dataDir: string, paths: VmPaths)
   }
   // Kernel/initrd: reused when this host has the same file at the same path, else sent.
   for (const f of req.files) {
+    if (f.role !== 'kernel' && f.role !== 'initrd') continue;
     const same = existsSync(f.path) && (await sha256File(f.path).catch(() => '')) === f.sha256;
     if (!same) def[f.role] = undefined;
   }

@@ -60,6 +60,8 @@ export interface SourceVm {
   qemu: { version: string; machine: string; accel: string };
   volumes: ReadonlyMap<string, Volume>;
   runDir: string;
+  /** A UEFI VM's variables file (its content also travels in the RAM stream; the file must exist there). */
+  nvramPath?: string;
 }
 
 export interface MigrateTarget {
@@ -218,10 +220,10 @@ export async function connectToPeer(target: MigrateTarget, identity: HostIdentit
   });
 }
 
-async function fileOffers(def: VmDefinition): Promise<FileOffer[]> {
+async function fileOffers(def: VmDefinition, nvramPath: string | undefined): Promise<FileOffer[]> {
   const out: FileOffer[] = [];
-  for (const role of ['kernel', 'initrd'] as const) {
-    const p = def[role];
+  for (const role of ['kernel', 'initrd', 'nvram'] as const) {
+    const p = role === 'nvram' ? (def.firmware === 'uefi' ? nvramPath : undefined) : def[role];
     if (!p) continue;
     const st = await fsp.stat(p);
     const h = createHash('sha256');
@@ -276,7 +278,7 @@ export async function migrateOut(vm: SourceVm, target: MigrateTarget, o: Migrate
   };
   vm.qmp.events.on('STOP', onStop);
   try {
-    const files = await fileOffers(vm.definition);
+    const files = await fileOffers(vm.definition, vm.nvramPath);
     ch = await connectToPeer(target, o.identity);
     const chan = ch;
     // A send blocked on a dead link waits forever: an abort closes the channel under it.

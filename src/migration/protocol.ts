@@ -114,7 +114,8 @@ export class MigrationRefusedError extends UserFacingError {
 }
 
 export interface FileOffer {
-  role: 'kernel' | 'initrd';
+  /** kernel/initrd: reused when the destination has the same file at the same path; nvram (a UEFI VM's variables) always sent. */
+  role: 'kernel' | 'initrd' | 'nvram';
   path: string;
   size: number;
   sha256: string;

@@ -275,6 +275,7 @@ export class VmRuntime {
           qemu: { version: `${q.version.major}.${q.version.minor}.${q.version.micro}`, machine: q.machine, accel: q.accel },
           volumes: this.volumes,
           runDir: this.paths.runDir,
+          nvramPath: this.paths.nvram,
         },
         target,
         o,
