@@ -7,22 +7,18 @@ import { Volume } from '../src/cow/volume.js';
 import { processAlive } from '../src/util/process.js';
 import { parseSize } from '../src/util/size.js';
 import { cloneVolume } from '../src/cow/snapshot.js';
-import { readBasePin, releaseBasePin, type BasePin } from '../src/cow/base-pin.js';
-import { repositoryPinner } from '../src/store/pins.js';
-import { NotFoundError, UsageError } from '../src/store/errors.js';
+import type { BasePin } from '../src/cow/base-pin.js';
+import { UsageError } from '../src/store/errors.js';
 import { checkTags } from '../src/store/manifest.js';
 import type { Repository } from '../src/store/repository.js';
 import { DEFAULT_CHUNK_SIZE } from '../src/store/format.js';
-import { loadBytes } from '../src/vm/ram-store.js';
 import {
   diskDir,
   listVms,
   loadDefinition,
   loadState,
   newDefinition,
-  parseDefinition,
   saveDefinition,
-  saveState,
   checkVmPathsFit,
   VmConfigError,
   vmPaths,
@@ -31,11 +27,12 @@ import {
 } from '../src/vm/config.js';
 import { callSupervisor, forceStop, isRunning, runSupervisor, spawnSupervisor, SupervisorError, vmStatus } from '../src/vm/supervisor.js';
 import { vmProcesses } from '../src/vm/processes.js';
-import { FROM_OTHER_VM_FLAG, resolveForVm, resolveUnscoped } from '../src/vm/selectors.js';
-import { checkRestorable, takeStopped, VmOperationError, type TakeResult } from '../src/vm/runtime.js';
-import { dataDir, openBackendAt, openRepository, password, repoLocation, type GlobalOptions } from './context.js';
+import { FROM_OTHER_VM_FLAG, resolveUnscoped } from '../src/vm/selectors.js';
+import type { TakeResult } from '../src/vm/runtime.js';
+import { dataDir, openRepository, supervisorEnv, vmOpsContext, type GlobalOptions } from './context.js';
+import { checkedRestoreTarget, cloneVm, diskPin as opsDiskPin, restoreVm, takeVm, unpinDisks as opsUnpinDisks } from '../src/ops/vm.js';
 import { humanBytes, printJson, shortId } from './output.js';
-import { resolveStreamRef } from './store-commands.js';
+import { resolveStreamRef } from '../src/ops/export.js';
 
 type Globals = () => GlobalOptions;
 const collect = (v: string, prev: string[]) => [...prev, v];
@@ -48,38 +45,6 @@ function hydrateRate(v: boolean | string | undefined): number | undefined {
   return Math.round(n * 1024 * 1024);
 }
 const HYDRATE_HELP = 'copy the snapshot disks into local overlays in the background (optionally at most this many MiB/s)';
-
-/** The environment a supervisor needs to open the same repository without prompting. */
-async function supervisorEnv(g: GlobalOptions): Promise<NodeJS.ProcessEnv> {
-  const env: NodeJS.ProcessEnv = { ...process.env, VMSNAP_REPO: repoLocation(g) };
-  try {
-    const backend = await openBackendAt(repoLocation(g));
-    const cfg = JSON.parse((await backend.get('config', 'config')).toString()) as { encryption: unknown };
-    if (cfg.encryption) env.VMSNAP_PASSWORD = await password(g, 'open');
-  } catch {
-    // No repository yet: the VM runs; `take` will say to run `vmsnap init`.
-  }
-  return env;
-}
-
-/**
- * Resolves a restore target of a VM that is not running (selectors.ts: `latest` is its own; another
- * VM's snapshot needs its id and --from-other-vm) and checks its shape, before anything starts.
- * Returns the full snapshot id.
- */
-async function checkedRestoreTarget(g: GlobalOptions, name: string, ref: string, fromOtherVm: boolean): Promise<string> {
-  const repo = await openRepository(g);
-  try {
-    const snap = await resolveForVm(repo, ref, name, { fromOtherVm });
-    if (!snap.streams.some((s) => s.name === 'vm-config')) throw new NotFoundError(`snapshot ${shortId(snap.id)} is not a VM snapshot`);
-    await checkRestorable(repo, snap, await loadDefinition(dataDir(), name)).catch((err: Error) => {
-      throw new VmOperationError('restore', 'checking the snapshot', err.message, { cause: err });
-    });
-    return snap.id;
-  } finally {
-    await repo.close();
-  }
-}
 
 function printTake(r: TakeResult, json: boolean): void {
   if (json) return printJson(r);
@@ -143,34 +108,14 @@ async function createDisks(def: VmDefinition, sources: { def: DiskDef; from?: st
   }
 }
 
-/** Pin options for a VM disk cloned from a snapshot (held as "<vm>/<disk>"). */
+/** Pin options for a VM disk cloned from a snapshot (src/ops/vm.ts), in this CLI's data folder. */
 function diskPin(repo: Repository, snapshot: string, vm: string, disk: string) {
-  return { pinner: repositoryPinner(repo, dataDir()), snapshot, holder: `${vm}/${disk}` };
+  return opsDiskPin(repo, dataDir(), snapshot, vm, disk);
 }
 
-/**
- * Releases the pins of a VM's disks (before the disks are removed). With `unreachable`, a pin the
- * repository cannot be reached to remove (it cannot be opened, or the delete fails) is left there
- * and reported instead of failing: it only keeps its snapshot until `vmsnap pins rm`.
- */
-/**
- * Releases the pins of a VM's disks, found by the disk folders themselves (so a VM whose vm.json is
- * damaged can still be removed without leaving its snapshots pinned).
- */
-async function unpinDisks(vmName: string, open: () => Promise<Repository>, unreachable?: (disk: string, pin: BasePin, err: Error) => void): Promise<void> {
-  const paths = vmPaths(dataDir(), vmName);
-  const disks = await fsp.readdir(paths.disksDir).catch(() => [] as string[]);
-  for (const disk of disks) {
-    const dir = diskDir(paths, disk);
-    const pin = await readBasePin(dir).catch(() => null);
-    if (!pin) continue;
-    try {
-      await releaseBasePin(dir, repositoryPinner(await open(), dataDir()));
-    } catch (err) {
-      if (!unreachable) throw err;
-      unreachable(disk, pin, err as Error);
-    }
-  }
+/** Releases the pins of a VM's disks (src/ops/vm.ts), in this CLI's data folder. */
+function unpinDisks(vmName: string, open: () => Promise<Repository>, unreachable?: (disk: string, pin: BasePin, err: Error) => void): Promise<void> {
+  return opsUnpinDisks(dataDir(), vmName, open, unreachable);
 }
 
 /** Runs `fn` with a repository opened only if some disk of `def` holds a pin (and closed after, if it opened). */
@@ -251,7 +196,7 @@ export function registerVmCommands(program: Command, globals: Globals): void {
       const g = globals();
       await loadDefinition(dataDir(), name);
       const hydrate = hydrateRate(o.hydrate);
-      const restore = o.restore !== undefined ? await checkedRestoreTarget(g, name, o.restore, !!o.fromOtherVm) : undefined;
+      const restore = o.restore !== undefined ? await checkedRestoreTarget(vmOpsContext(g), name, o.restore, !!o.fromOtherVm) : undefined;
       await spawnSupervisor(dataDir(), name, {
         env: await supervisorEnv(g),
         ...(restore ? { restore, restoreFromOtherVm: !!o.fromOtherVm } : {}),
@@ -384,18 +329,7 @@ export function registerVmCommands(program: Command, globals: Globals): void {
       checkTags(o.tag);
       await loadDefinition(dataDir(), name);
       if (o.quiesce) throw new UsageError('--quiesce needs a qemu-guest-agent channel, which vmsnap VMs do not have yet');
-      const paths = vmPaths(dataDir(), name);
-      const opts = { ...(o.message !== undefined ? { message: o.message } : {}), tags: o.tag, diskOnly: !!o.diskOnly };
-      let r: TakeResult;
-      if (await isRunning(paths)) r = await callSupervisor(paths, { op: 'take', options: opts });
-      else {
-        const repo = await openRepository(g);
-        try {
-          r = await takeStopped(dataDir(), name, repo, opts);
-        } finally {
-          await repo.close();
-        }
-      }
+      const r = await takeVm(vmOpsContext(g), name, { ...(o.message !== undefined ? { message: o.message } : {}), tags: o.tag, diskOnly: !!o.diskOnly });
       printTake(r, !!g.json);
     });
 
@@ -405,18 +339,7 @@ export function registerVmCommands(program: Command, globals: Globals): void {
     .option(FROM_OTHER_VM_FLAG, "allow <snapshot> to be another VM's (by id): its RAM, devices and disks replace this VM's")
     .action(async (name: string, ref: string, o: { fromOtherVm?: boolean }) => {
       const g = globals();
-      await loadDefinition(dataDir(), name);
-      const paths = vmPaths(dataDir(), name);
-      const fromOtherVm = !!o.fromOtherVm;
-      let r: { snapshot: string; runState: string; loadMs?: number };
-      if (await isRunning(paths)) r = await callSupervisor(paths, { op: 'restore', snapshot: ref, fromOtherVm });
-      else {
-        // Resolve and check first, so a bad reference fails before anything starts.
-        ref = await checkedRestoreTarget(g, name, ref, fromOtherVm);
-        await spawnSupervisor(dataDir(), name, { restore: ref, restoreFromOtherVm: fromOtherVm, env: await supervisorEnv(g) });
-        const st = await callSupervisor(paths, { op: 'status' });
-        r = { snapshot: ref, runState: st.state };
-      }
+      const r = await restoreVm(vmOpsContext(g), name, { snapshot: ref, fromOtherVm: !!o.fromOtherVm });
       if (g.json) printJson(r);
       else console.log(`VM ${name} restored to ${shortId(r.snapshot)}: ${r.runState}${r.loadMs !== undefined ? ` (loaded in ${r.loadMs.toFixed(0)} ms)` : ''}`);
     });
@@ -431,53 +354,9 @@ export function registerVmCommands(program: Command, globals: Globals): void {
     .action(async (ref: string, newName: string, o: { start: boolean; hydrate?: boolean | string; qemuArg: string[]; keepQemuArgs?: boolean }) => {
       const g = globals();
       const hydrate = hydrateRate(o.hydrate);
-      const paths = vmPaths(dataDir(), newName);
-      if (await fsp.stat(paths.config).catch(() => null)) throw new UsageError(`VM ${newName} already exists`);
-      checkVmPathsFit(dataDir(), newName);
-      const repo = await openRepository(g);
-      let snapId: string;
-      try {
-        const snap = await resolveUnscoped(repo, ref);
-        snapId = snap.id;
-        const cfg = snap.streams.find((s) => s.name === 'vm-config');
-        if (!cfg) throw new UsageError(`snapshot ${shortId(snap.id)} is not a VM snapshot (no vm-config stream)`);
-        const def = { ...parseDefinition(await loadBytes(repo, cfg), `snapshot ${shortId(snap.id)}`), name: newName, created: new Date().toISOString() };
-        // Extra QEMU arguments may name host resources (a socket, a file, a port) that belong to
-        // the source VM: copied silently, the clone would take them over.
-        if (o.qemuArg.length) def.qemuArgs = o.qemuArg;
-        else if (def.qemuArgs.length && !o.keepQemuArgs) {
-          throw new UsageError(
-            `VM ${snap.vm} was defined with extra QEMU arguments (${def.qemuArgs.join(' ')}), which may name sockets, files or ports it uses; ` +
-              `give the clone its own with --qemu-arg (repeatable), or copy them as they are with --keep-qemu-args`,
-          );
-        }
-        // Refuse before creating anything: a clone that cannot be restored must not leave a VM behind.
-        if (o.start) {
-          await checkRestorable(repo, snap, def).catch((err: Error) => {
-            throw new VmOperationError('restore', 'checking the snapshot', err.message, { cause: err });
-          });
-        }
-        await fsp.mkdir(paths.disksDir, { recursive: true, mode: 0o700 });
-        try {
-          for (const d of def.disks) {
-            const s = snap.streams.find((x) => x.name === d.name && x.kind === 'disk');
-            if (!s) throw new UsageError(`snapshot ${shortId(snap.id)} has no disk ${d.name}`);
-            await (await cloneVolume(diskDir(paths, d.name), s, { store: repo, pin: diskPin(repo, snap.id, newName, d.name) })).close();
-          }
-          await saveDefinition(dataDir(), def);
-          await saveState(dataDir(), newName, { lastSnapshot: null });
-        } catch (err) {
-          await unpinDisks(def.name, () => Promise.resolve(repo)).catch(() => undefined); // a stale pin is safe: `pins rm`
-          await fsp.rm(paths.dir, { recursive: true, force: true });
-          throw err;
-        }
-      } finally {
-        await repo.close();
-      }
-      // A clone is a new VM made from another's snapshot by definition: naming it was the confirmation.
-      if (o.start) await spawnSupervisor(dataDir(), newName, { restore: snapId, restoreFromOtherVm: true, env: await supervisorEnv(g), ...(hydrate !== undefined ? { hydrate } : {}) });
-      if (g.json) printJson({ vm: newName, snapshot: snapId, started: o.start });
-      else console.log(`VM ${newName} cloned from ${shortId(snapId)}${o.start ? ' and running' : ''}`);
+      const r = await cloneVm(vmOpsContext(g), { snapshot: ref, newVm: newName, start: o.start, qemuArgs: o.qemuArg, keepQemuArgs: !!o.keepQemuArgs, ...(hydrate !== undefined ? { hydrate } : {}) });
+      if (g.json) printJson(r);
+      else console.log(`VM ${newName} cloned from ${shortId(r.snapshot)}${r.started ? ' and running' : ''}`);
     });
 
   program
