@@ -17,9 +17,10 @@ import { registerVmCommands } from './vm-commands.js';
 import { registerCopyCommands } from './copy-commands.js';
 import { registerVolumeCommands } from './volume-commands.js';
 import { registerPeerCommands } from './peer-commands.js';
+import { registerAgentCommands } from './agent-commands.js';
 import { repositoryPinner } from '../src/store/pins.js';
 import { dataDir, enableBackendStats, openRepository, printBackendStats, warnSharedFolders } from './context.js';
-import { resolveStreamRef } from './store-commands.js';
+import { resolveStreamRef } from '../src/ops/export.js';
 import type { Repository } from '../src/store/repository.js';
 import type { GlobalOptions } from './context.js';
 
@@ -47,6 +48,7 @@ export function buildProgram(): Command {
   registerVmCommands(program, globals);
   registerCopyCommands(program, globals);
   registerPeerCommands(program, globals);
+  registerAgentCommands(program, globals);
   // A volume command opens the repository at most once (a clone resolves the snapshot and reads
   // chunks through the same one: one key derivation, one index load) and closes it when done.
   let volumeRepo: Promise<Repository> | null = null;
