@@ -72,10 +72,20 @@ async function withFleet<T>(url: string, fn: (f: Fleet) => Promise<T>): Promise<
 
 const log = (line: string) => process.stderr.write(`${new Date().toISOString()} ${line}\n`);
 
-/** Resolves when the process gets SIGINT or SIGTERM. */
+/**
+ * Resolves at the first SIGINT or SIGTERM; a second one ends the process at once. The handlers stay
+ * installed: a repository lock's own signal handler (src/store/lock.ts) then leaves the decision to
+ * this one instead of killing the process while it finishes its running jobs.
+ */
 function untilSignal(): Promise<string> {
   return new Promise((resolve) => {
-    for (const s of ['SIGINT', 'SIGTERM'] as const) process.once(s, () => resolve(s));
+    let seen = false;
+    const on = (s: NodeJS.Signals) => {
+      if (seen) process.exit(128 + (s === 'SIGINT' ? 2 : 15));
+      seen = true;
+      resolve(s);
+    };
+    for (const s of ['SIGINT', 'SIGTERM'] as const) process.on(s, on);
   });
 }
 

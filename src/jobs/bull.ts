@@ -73,13 +73,15 @@ function bullConnection(url: string): ConnectionOptions {
  */
 export async function connectRedis(url: string, timeoutMs = 5000): Promise<Redis> {
   const r = new Redis({ ...redisOptions(url), lazyConnect: true, maxRetriesPerRequest: 1, connectTimeout: timeoutMs, retryStrategy: () => null, enableOfflineQueue: false });
-  r.on('error', () => undefined); // reported through connect()'s rejection
+  // The socket's own error (ECONNREFUSED, ETIMEDOUT) says more than connect()'s "Connection is closed".
+  let socketError: Error | null = null;
+  r.on('error', (err: Error) => (socketError ??= err));
   try {
     await r.connect();
     await r.ping();
   } catch (err) {
     r.disconnect();
-    throw new RedisUnreachableError(`cannot reach Redis at ${url}: ${(err as Error).message}`, { cause: err });
+    throw new RedisUnreachableError(`cannot reach Redis at ${url}: ${(socketError ?? (err as Error)).message}`, { cause: err });
   }
   return r;
 }
