@@ -70,6 +70,17 @@ async function withFleet<T>(url: string, fn: (f: Fleet) => Promise<T>): Promise<
   }
 }
 
+function readToken(file: string): string {
+  let t: string;
+  try {
+    t = readFileSync(file, 'utf8').trim();
+  } catch (err) {
+    throw new UsageError(`cannot read the dashboard token file ${file}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`);
+  }
+  if (t.length < 16) throw new UsageError(`the dashboard token in ${file} is too short: use at least 16 characters`);
+  return t;
+}
+
 const log = (line: string) => process.stderr.write(`${new Date().toISOString()} ${line}\n`);
 
 /**
@@ -96,13 +107,17 @@ export function registerAgentCommands(program: Command, globals: Globals): void 
     .option('--redis <url>', 'Redis to take jobs from, e.g. redis://127.0.0.1:6379 (env VMSNAP_REDIS)')
     .option('--host-id <id>', "this host's id in the fleet (env VMSNAP_HOST_ID; default: the host name)")
     .option('--concurrency <n>', 'jobs at once (jobs of one VM always one at a time)', int('--concurrency'), 2)
-    .action(async (o: { redis?: string; hostId?: string; concurrency: number; dashboard?: string }) => {
+    .option('--dashboard <addr>', 'serve the dashboard at HOST:PORT (a loopback address unless a token is given)')
+    .option('--dashboard-token-file <file>', 'a file holding the token the dashboard requires (needed to bind other than loopback)')
+    .action(async (o: { redis?: string; hostId?: string; concurrency: number; dashboard?: string; dashboardTokenFile?: string }) => {
       const g = globals();
       const host = hostId(o);
       const url = redisUrl(o);
       const ctx = jobContext(g, host);
       const concurrency = Math.max(1, o.concurrency);
       const stops: (() => Promise<void>)[] = [];
+      // Read before anything starts: a bad token file or address must not leave an agent half up.
+      const token = o.dashboardTokenFile !== undefined ? readToken(o.dashboardTokenFile) : undefined;
       if (url) {
         // Reachability is checked once for a clear first line; later outages the worker rides out.
         await withFleet(url, async () => undefined);
@@ -122,6 +137,17 @@ export function registerAgentCommands(program: Command, globals: Globals): void 
         await agent.start();
         stops.push(() => agent.stop());
         log(`agent ${host}: running local schedules from ${new ScheduleFile(ctx.dataDir).file} (concurrency ${concurrency})`);
+      }
+      if (o.dashboard) {
+        try {
+          const { startDashboard } = await import('../src/jobs/dashboard.js');
+          const d = await startDashboard({ listen: o.dashboard, dataDir: ctx.dataDir, hostId: host, openRepo: ctx.openRepo, ...(token ? { token } : {}), ...(url ? { redisUrl: url } : {}) });
+          stops.push(() => d.close());
+          log(`dashboard at ${d.url}`);
+        } catch (err) {
+          for (const s of stops.reverse()) await s();
+          throw err;
+        }
       }
       const sig = await untilSignal();
       log(`${sig}: finishing running jobs`);

@@ -4,7 +4,7 @@
  * a handler throws keeps its verdicts (user-facing, retryable) for the runner to act on.
  */
 import type { Repository } from '../store/repository.js';
-import { takeVm, restoreVm, cloneVm, type VmOpsContext } from '../ops/vm.js';
+import { takeVm, restoreVm, cloneVm, withRepo, type VmOpsContext } from '../ops/vm.js';
 import { copyByRefs, syncRepos } from '../ops/copy.js';
 import { checkRepository, forgetSnapshots, pruneRepository } from '../ops/maintenance.js';
 import { importSnapshot } from '../ops/import.js';
@@ -29,15 +29,6 @@ export interface JobRun {
   /** The idempotency key in force: the spec's, or the job's id. */
   key: string;
   sink: ProgressSink;
-}
-
-async function withRepo<T>(ctx: JobContext, fn: (repo: Repository) => Promise<T>): Promise<T> {
-  const repo = await ctx.openRepo();
-  try {
-    return await fn(repo);
-  } finally {
-    await repo.close();
-  }
 }
 
 /** Runs a repository step: through the agent's gate, waiting out other processes' locks. */

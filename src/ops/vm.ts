@@ -31,7 +31,8 @@ export interface VmOpsContext {
 
 const short = (id: string) => id.slice(0, 12);
 
-async function withRepo<T>(ctx: VmOpsContext, fn: (repo: Repository) => Promise<T>): Promise<T> {
+/** Runs `fn` with the context's repository, closed afterwards whatever happened. */
+export async function withRepo<T>(ctx: Pick<VmOpsContext, 'openRepo'>, fn: (repo: Repository) => Promise<T>): Promise<T> {
   const repo = await ctx.openRepo();
   try {
     return await fn(repo);
