@@ -14,6 +14,7 @@ import type { BackendStats, StatsBackend } from '../src/store/backend/stats.js';
 import { Repository } from '../src/store/repository.js';
 import { UsageError } from '../src/store/errors.js';
 import { warnIfShared } from '../src/util/fs.js';
+import type { VmOpsContext } from '../src/ops/vm.js';
 
 export interface GlobalOptions {
   repo?: string;
@@ -184,4 +185,22 @@ export async function password(opts: GlobalOptions, purpose: 'open' | 'new'): Pr
 export async function openRepository(opts: GlobalOptions): Promise<Repository> {
   const backend = await openBackendAt(repoLocation(opts));
   return Repository.open(backend, { password: () => password(opts, 'open') });
+}
+
+/** The environment a supervisor needs to open the same repository without prompting. */
+export async function supervisorEnv(g: GlobalOptions): Promise<NodeJS.ProcessEnv> {
+  const env: NodeJS.ProcessEnv = { ...process.env, VMSNAP_REPO: repoLocation(g) };
+  try {
+    const backend = await openBackendAt(repoLocation(g));
+    const cfg = JSON.parse((await backend.get('config', 'config')).toString()) as { encryption: unknown };
+    if (cfg.encryption) env.VMSNAP_PASSWORD = await password(g, 'open');
+  } catch {
+    // No repository yet: the VM runs; `take` will say to run `vmsnap init`.
+  }
+  return env;
+}
+
+/** What the VM operations of src/ops/vm.ts need, from this command's settings. */
+export function vmOpsContext(g: GlobalOptions): VmOpsContext {
+  return { dataDir: dataDir(), openRepo: () => openRepository(g), supervisorEnv: () => supervisorEnv(g) };
 }

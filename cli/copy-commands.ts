@@ -7,12 +7,12 @@
  */
 import { readFileSync } from 'node:fs';
 import type { Command } from 'commander';
-import { Repository } from '../src/store/repository.js';
-import { copySnapshots, syncRepositories, type CopyReport } from '../src/store/copy.js';
-import { NotFoundError, UsageError } from '../src/store/errors.js';
+import type { Repository } from '../src/store/repository.js';
+import { UsageError } from '../src/store/errors.js';
+import { copyByRefs, openCopyTarget, syncRepos, type CopyReport } from '../src/ops/copy.js';
+import type { ProgressSink } from '../src/ops/progress.js';
 import { openBackendAt, openRepository, repoLocation, type GlobalOptions } from './context.js';
 import { humanBytes, printJson, shortId } from './output.js';
-import type { Snapshot } from '../src/store/manifest.js';
 
 type Globals = () => GlobalOptions;
 
@@ -34,22 +34,7 @@ function targetPassword(o: TargetOptions): string | undefined {
 }
 
 async function openTarget(o: TargetOptions, src: Repository): Promise<Repository> {
-  const backend = await openBackendAt(o.to);
-  const pw = targetPassword(o);
-  const open = () =>
-    Repository.open(backend, {
-      password: () => {
-        if (pw === undefined) throw new UsageError('the target repository is encrypted: give its password with --to-password-file or VMSNAP_TO_PASSWORD');
-        return Promise.resolve(pw);
-      },
-    });
-  try {
-    return await open();
-  } catch (err) {
-    if (!(err instanceof NotFoundError) || !o.init) throw err;
-    await Repository.init(backend, { chunkSize: src.chunkSize, codec: src.config.codec, ...(pw !== undefined ? { password: pw } : {}) });
-    return open();
-  }
+  return openCopyTarget(await openBackendAt(o.to), src, targetPassword(o), !!o.init);
 }
 
 async function openSource(g: GlobalOptions, location: string | undefined): Promise<Repository> {
@@ -76,9 +61,14 @@ function printReport(g: GlobalOptions, r: CopyReport, secs: number): void {
   );
 }
 
-function progressLine(g: GlobalOptions): ((p: { snapshot: string; chunksDone: number; chunksTotal: number; bytesSent: number }) => void) | undefined {
+/** A line on a terminal's stderr per progress event: the snapshot, its chunks, the bytes sent. */
+function progressLine(g: GlobalOptions): ProgressSink | undefined {
   if (g.quiet || g.json || !process.stderr.isTTY) return undefined;
-  return (p) => process.stderr.write(`\r${shortId(p.snapshot)}: ${p.chunksDone}/${p.chunksTotal} chunks, ${humanBytes(p.bytesSent)} sent   `);
+  return {
+    emit: (e) => {
+      if (e.type === 'progress') process.stderr.write(`\r${e.phase.replace(/^copying /, '')}: ${e.done}/${e.total ?? '?'} chunks, ${humanBytes(e.bytes ?? 0)} sent   `);
+    },
+  };
 }
 
 export function registerCopyCommands(program: Command, globals: Globals): void {
@@ -90,12 +80,7 @@ export function registerCopyCommands(program: Command, globals: Globals): void {
     .option('--init', 'create the target repository if it does not exist')
     .action(async (refs: string[], o: TargetOptions) => {
       const g = globals();
-      await transfer(g, undefined, o, async (src, dst, onProgress) => {
-        const snaps: Snapshot[] = [];
-        for (const ref of refs) snaps.push(await src.resolveSnapshot(ref));
-        const unique = [...new Map(snaps.map((s) => [s.id, s])).values()];
-        return copySnapshots(src, dst, unique, onProgress ? { onProgress } : {});
-      });
+      await transfer(g, undefined, o, (src, dst, sink) => copyByRefs(src, dst, { refs }, sink));
     });
 
   program
@@ -108,9 +93,7 @@ export function registerCopyCommands(program: Command, globals: Globals): void {
     .option('--init', 'create the target repository if it does not exist')
     .action(async (o: TargetOptions & { from?: string; vm?: string }) => {
       const g = globals();
-      await transfer(g, o.from ?? repoLocation(g), o, (src, dst, onProgress) =>
-        syncRepositories(src, dst, { ...(o.vm !== undefined ? { vm: o.vm } : {}), ...(onProgress ? { onProgress } : {}) }),
-      );
+      await transfer(g, o.from ?? repoLocation(g), o, (src, dst, sink) => syncRepos(src, dst, o.vm !== undefined ? { vm: o.vm } : {}, sink));
     });
 }
 
@@ -119,7 +102,7 @@ async function transfer(
   g: GlobalOptions,
   from: string | undefined,
   o: TargetOptions,
-  run: (src: Repository, dst: Repository, onProgress: ReturnType<typeof progressLine>) => Promise<CopyReport>,
+  run: (src: Repository, dst: Repository, sink: ProgressSink | undefined) => Promise<CopyReport>,
 ): Promise<void> {
   const src = await openSource(g, from);
   try {

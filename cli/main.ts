@@ -18,9 +18,10 @@ import { registerCopyCommands } from './copy-commands.js';
 import { registerVolumeCommands } from './volume-commands.js';
 import { registerPeerCommands } from './peer-commands.js';
 import { registerMigrateCommands } from './migrate-commands.js';
+import { registerAgentCommands } from './agent-commands.js';
 import { repositoryPinner } from '../src/store/pins.js';
 import { dataDir, enableBackendStats, openRepository, printBackendStats, warnSharedFolders } from './context.js';
-import { resolveStreamRef } from './store-commands.js';
+import { resolveStreamRef } from '../src/ops/export.js';
 import type { Repository } from '../src/store/repository.js';
 import type { GlobalOptions } from './context.js';
 
@@ -49,6 +50,7 @@ export function buildProgram(): Command {
   registerCopyCommands(program, globals);
   registerPeerCommands(program, globals);
   registerMigrateCommands(program, globals);
+  registerAgentCommands(program, globals);
   // A volume command opens the repository at most once (a clone resolves the snapshot and reads
   // chunks through the same one: one key derivation, one index load) and closes it when done.
   let volumeRepo: Promise<Repository> | null = null;

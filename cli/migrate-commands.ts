@@ -15,9 +15,9 @@ import type { MigrationEvent, MigrateTarget } from '../src/migration/outgoing.js
 import { callSupervisor, isRunning, serveRuntime, type MigrateRequestOptions } from '../src/vm/supervisor.js';
 import { loadDefinition, vmPaths } from '../src/vm/config.js';
 import { vmProcesses, waitExited } from '../src/vm/processes.js';
-import { dataDir, openRepository, type GlobalOptions } from './context.js';
+import { dataDir, openRepository, supervisorEnv, type GlobalOptions } from './context.js';
 import { humanBytes, printJson } from './output.js';
-import { removeStoppedVm, supervisorEnv } from './vm-commands.js';
+import { removeStoppedVm } from './vm-commands.js';
 
 type Globals = () => GlobalOptions;
 

@@ -1,6 +1,7 @@
 /** Output helpers: progress bars only on a terminal, JSON for machines, human sizes. */
 import cliProgress from 'cli-progress';
 import { UsageError } from '../src/store/errors.js';
+import type { ProgressEvent, ProgressSink } from '../src/ops/progress.js';
 
 export function humanBytes(n: number): string {
   const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB'];
@@ -75,4 +76,28 @@ export function errorJson(err: unknown, name: string | undefined, exitCode: numb
   if (typeof e.step === 'string') out.step = typeof e.operation === 'string' ? `${e.operation}: ${e.step}` : e.step;
   if (typeof e.retryable === 'boolean') out.retryable = e.retryable;
   return JSON.stringify({ error: out });
+}
+
+/**
+ * Renders an operation's ProgressEvents (src/ops/progress.ts) on stderr: byte progress as a bar
+ * (on a terminal, unless disabled), `info` messages as lines when not quiet, and warnings always as
+ * `vmsnap: warning: ...` (they ask the user to act, even under --json, whose stdout stays clean).
+ */
+export function progressSink(label: string, opts: { bar: boolean; info: boolean }): ProgressSink & { stop(): void } {
+  let bar: Progress | null = null;
+  return {
+    emit(e: ProgressEvent) {
+      if (e.type === 'message') {
+        if (e.level === 'warning') console.error(`vmsnap: warning: ${e.text}`);
+        else if (opts.info) console.error(e.text);
+        return;
+      }
+      if (e.type !== 'progress' || !opts.bar) return;
+      bar ??= progress(label, e.total ?? 0, true);
+      bar.update(e.done, e.total ?? undefined);
+    },
+    stop() {
+      bar?.stop();
+    },
+  };
 }

@@ -1,22 +1,18 @@
 /** Repository verbs: init, import, export, ls, show, diff, forget, prune, check, rebuild-index, unlock. */
-import { createReadStream } from 'node:fs';
-import { open as openFile, stat } from 'node:fs/promises';
-import { openOutputTarget } from '../src/util/output-target.js';
-import { refuseContainerImage } from '../src/util/image-format.js';
 import type { Command } from 'commander';
 import { Repository } from '../src/store/repository.js';
-import { ingestStream, exportStream } from '../src/store/streams.js';
-import { dataExtents } from '../src/util/sparse.js';
-import { WritebackAhead } from '../src/store/writeback.js';
-import { check, diffSnapshots, markLiveChunks, prune, rebuildIndex } from '../src/store/maintenance.js';
-import { applyRetention, keepHeld, type RetentionPolicy } from '../src/store/retention.js';
+import { diffSnapshots, rebuildIndex } from '../src/store/maintenance.js';
+import type { RetentionPolicy } from '../src/store/retention.js';
 import { removeStaleLocks } from '../src/store/lock.js';
-import { describePin, forgetUnpinned, listPins, removePin, type Pin } from '../src/store/pins.js';
-import { checkName, checkTags, summarize, type SnapshotSummary } from '../src/store/manifest.js';
-import { NotFoundError, OperationError, UsageError } from '../src/store/errors.js';
+import { describePin, listPins, removePin, type Pin } from '../src/store/pins.js';
+import { summarize, type SnapshotSummary, type StreamKind } from '../src/store/manifest.js';
+import { NotFoundError, UsageError } from '../src/store/errors.js';
 import { codecId, type CodecName } from '../src/store/codec.js';
+import { checkImportArgs, importSnapshot } from '../src/ops/import.js';
+import { exportSnapshot, resolveStreamRef } from '../src/ops/export.js';
+import { checkRepository, damagedCollector, forgetSnapshots, pruneRepository, repositoryStats } from '../src/ops/maintenance.js';
 import { loadFileConfig, openBackendAt, openRepository, password, repoLocation, type GlobalOptions } from './context.js';
-import { humanBytes, printJson, progress, shortId } from './output.js';
+import { humanBytes, printJson, progressSink, shortId } from './output.js';
 
 type Globals = () => GlobalOptions;
 
@@ -42,32 +38,7 @@ export function snapshotSummary(s: SnapshotSummary) {
   };
 }
 
-/** SNAP or SNAP:stream; the stream defaults to the snapshot's only stream, or its first disk. */
-export async function resolveStreamRef(repo: Repository, ref: string) {
-  const colon = ref.lastIndexOf(':');
-  let snapRef = ref;
-  let streamName: string | undefined;
-  if (colon > 0 && !ref.endsWith(':latest')) {
-    snapRef = ref.slice(0, colon);
-    streamName = ref.slice(colon + 1);
-  }
-  const snap = await repo.resolveSnapshot(snapRef);
-  const stream = streamName !== undefined ? snap.streams.find((s) => s.name === streamName) : snap.streams.length === 1 ? snap.streams[0] : snap.streams.find((s) => s.kind === 'disk');
-  if (!stream) {
-    throw new NotFoundError(
-      streamName !== undefined
-        ? `snapshot ${shortId(snap.id)} has no stream ${JSON.stringify(streamName)} (it has: ${snap.streams.map((s) => s.name).join(', ')})`
-        : `snapshot ${shortId(snap.id)} has several streams; name one as SNAP:STREAM (${snap.streams.map((s) => s.name).join(', ')})`,
-    );
-  }
-  return { snap, stream };
-}
-
-/** Collects manifests `listSnapshotSummaries` could not read (for ls and forget). */
-function damagedCollector() {
-  const list: { id: string; error: string }[] = [];
-  return { list, add: (id: string, err: Error) => void list.push({ id, error: err.message }) };
-}
+export { resolveStreamRef };
 
 export function registerStoreCommands(program: Command, globals: Globals): void {
   program
@@ -104,69 +75,21 @@ export function registerStoreCommands(program: Command, globals: Globals): void 
     .option('-m, --message <text>', 'a note stored with the snapshot')
     .action(async (file: string, o: { vm: string; tag: string[]; stream: string; kind: string; message?: string }) => {
       const g = globals();
-      checkName('VM name', o.vm);
-      checkName('stream name', o.stream);
-      checkTags(o.tag);
-      if (!['disk', 'file', 'ram', 'device', 'config'].includes(o.kind)) throw new UsageError(`unknown stream kind ${JSON.stringify(o.kind)}`);
-      let total = 0;
-      let regular = false;
-      if (file !== '-') {
-        try {
-          const st = await stat(file);
-          total = st.size;
-          regular = st.isFile();
-          if (st.isDirectory()) throw new UsageError(`cannot import ${file}: it is a directory (import takes a file, a disk image or - for stdin)`);
-        } catch (err) {
-          if (err instanceof UsageError) throw err;
-          throw new UsageError(`cannot read ${file}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`);
-        }
-      }
-      // A qcow2 (or other container) imported as a disk would store the container, not the disk.
-      if (regular && o.kind === 'disk') await refuseContainerImage(file);
+      const args = { source: file, vm: o.vm, tags: o.tag, stream: o.stream, kind: o.kind as StreamKind, ...(o.message !== undefined ? { message: o.message } : {}) };
+      await checkImportArgs(args);
       const repo = await openRepository(g);
-      const t0 = performance.now();
+      const sink = progressSink('import', { bar: !g.quiet && !g.json, info: false });
       try {
-        const snap = await repo.write('import', async () => {
-          // The parent is informational: an unrelated unreadable manifest (reported by `check`) must not block a backup.
-          const parent = (await repo.listSnapshotSummaries(() => undefined)).filter((s) => s.vm === o.vm).pop();
-          const bar = progress('import', total, !g.quiet && !g.json);
-          // A regular file is read in place, its holes skipped; anything else (stdin, a pipe, a device) as a stream.
-          const fh = regular ? await openFile(file, 'r') : undefined;
-          let res;
-          try {
-            const input = fh
-              ? { file: fh, size: total, extents: await dataExtents(file, total) }
-              : file === '-'
-                ? process.stdin
-                : createReadStream(file, { highWaterMark: 1 << 20 });
-            res = await ingestStream(repo, input, { name: o.stream, kind: o.kind as 'disk', onProgress: (n) => bar.update(n) });
-          } catch (err) {
-            // The repository's own failures are BackendErrors; a bare errno here is the input (EIO, EISDIR).
-            if (typeof (err as NodeJS.ErrnoException).code === 'string') throw new OperationError('import', `reading ${file === '-' ? 'stdin' : file}`, err);
-            throw err;
-          } finally {
-            await fh?.close();
-          }
-          bar.stop();
-          const s = await repo.saveSnapshot({
-            vm: o.vm,
-            tags: o.tag,
-            parent: parent?.id ?? null,
-            ...(o.message !== undefined ? { message: o.message } : {}),
-            meta: { source: file === '-' ? 'stdin' : file },
-            streams: [res.stream],
-          });
-          return { s, res };
-        });
-        const secs = (performance.now() - t0) / 1000;
-        const r = snap.res;
-        if (g.json) printJson({ snapshot: snap.s.id, size: r.stream.size, newChunks: r.newChunks, newBytes: r.newBytes, storedBytes: r.storedBytes, dedupChunks: r.dedupChunks, zeroChunks: r.zeroChunks, seconds: secs });
+        const r = await importSnapshot(repo, args, sink);
+        sink.stop();
+        if (g.json) printJson({ snapshot: r.snapshot, size: r.size, newChunks: r.newChunks, newBytes: r.newBytes, storedBytes: r.storedBytes, dedupChunks: r.dedupChunks, zeroChunks: r.zeroChunks, seconds: r.seconds });
         else
           console.log(
-            `snapshot ${shortId(snap.s.id)} saved: ${humanBytes(r.stream.size)} in ${secs.toFixed(2)} s, ` +
+            `snapshot ${shortId(r.snapshot)} saved: ${humanBytes(r.size)} in ${r.seconds.toFixed(2)} s, ` +
               `${humanBytes(r.newBytes)} new (${humanBytes(r.storedBytes)} stored), ${r.dedupChunks} chunks deduplicated, ${r.zeroChunks} zero`,
           );
       } finally {
+        sink.stop();
         await repo.close();
       }
     });
@@ -179,35 +102,14 @@ export function registerStoreCommands(program: Command, globals: Globals): void 
     .action(async (ref: string, target: string, o: { fsync: boolean; force?: boolean }) => {
       const g = globals();
       const repo = await openRepository(g);
+      // No bar over the bytes of a stdout export (the terminal is the output).
+      const sink = progressSink('export', { bar: !g.quiet && !g.json && target !== '-', info: false });
       try {
-        const { stream } = await resolveStreamRef(repo, ref);
-        // What the target is decides how it is written (src/util/output-target.ts): a device is
-        // written in place, a file through a private temp file, nothing through a planted link.
-        const out = await openOutputTarget(target, { size: stream.size, ...(o.force ? { force: true } : {}) });
-        const where = target === '-' ? 'to stdout' : target;
-        const bar = progress('export', stream.size, !g.quiet && !g.json && out.kind !== 'stdout');
-        try {
-          const writeback = o.fsync && out.kind !== 'stdout' && out.writingPath ? new WritebackAhead(out.writingPath) : null;
-          // A fresh file gets positional writes and keeps holes; everything else is written in
-          // order, zeros included (a device holds old data). Straight to the descriptor: no copy
-          // per group, and nothing buffered when the reader is slower than the export.
-          const dest = out.file ? { file: out.file } : { fd: out.fd! };
-          await exportStream(repo, stream, dest, (n) => {
-            bar.update(n);
-            writeback?.progress(n);
-          });
-          await writeback?.settle();
-          await out.commit({ fsync: o.fsync });
-        } catch (err) {
-          await out.abort();
-          // A failed write of the output (ENOSPC, EIO, EPIPE) is the user's disk, not a bug: one line, naming it.
-          if (typeof (err as NodeJS.ErrnoException).code === 'string') throw new OperationError('export', `writing ${where}`, err);
-          throw err;
-        } finally {
-          bar.stop();
-        }
-        if (!g.json && !g.quiet && out.kind !== 'stdout') console.log(`wrote ${humanBytes(stream.size)} to ${target}`);
+        const r = await exportSnapshot(repo, { ref, target, fsync: o.fsync, ...(o.force ? { force: true } : {}) }, sink);
+        sink.stop();
+        if (!g.json && !g.quiet && r.kind !== 'stdout') console.log(`wrote ${humanBytes(r.bytes)} to ${target}`);
       } finally {
+        sink.stop();
         await repo.close();
       }
     });
@@ -297,32 +199,18 @@ export function registerStoreCommands(program: Command, globals: Globals): void 
       const policy: RetentionPolicy = { last: o.keepLast, hourly: o.keepHourly, daily: o.keepDaily, weekly: o.keepWeekly, monthly: o.keepMonthly, yearly: o.keepYearly, tags: o.keepTag };
       const repo = await openRepository(g);
       try {
-        const session = await repo.beginWrite('forget');
-        let pinnedDecisions;
-        try {
-          // A damaged manifest's VM, time and tags are unknown: no policy can decide it, so it is
-          // kept (never deleted silently) and named.
-          const damaged = damagedCollector();
-          const snaps = (await repo.listSnapshotSummaries(damaged.add)).filter((s) => (!o.vm || s.vm === o.vm) && (!o.tag || s.tags.includes(o.tag)));
-          for (const d of damaged.list) console.error(`vmsnap: warning: skipped snapshot ${shortId(d.id)}: its manifest is damaged (${d.error}); forget keeps it, \`vmsnap check\` reports it`);
-          const decisions = applyRetention(snaps, policy, o.groupBy as 'vm');
-          // A snapshot a volume still reads (a pin) is kept whatever the policy says, and says why.
-          const doomed = decisions.flatMap((d) => d.remove.map((s) => s.id));
-          const pinned = o.dryRun ? await pinnedAmong(repo, doomed) : (await forgetUnpinned(repo, doomed)).pinned;
-          pinnedDecisions = decisions.map((d) => keepHeld(d, pinned));
-        } finally {
-          await session.end();
-        }
+        const sink = progressSink('forget', { bar: false, info: false });
+        const r = await forgetSnapshots(repo, { policy, groupBy: o.groupBy, ...(o.vm !== undefined ? { vm: o.vm } : {}), ...(o.tag !== undefined ? { tag: o.tag } : {}), dryRun: !!o.dryRun, prune: !!o.prune }, sink);
         if (g.json)
           printJson(
-            pinnedDecisions.map((d) => ({
+            r.decisions.map((d) => ({
               group: d.group,
               keep: d.keep.map((k) => ({ id: k.snapshot.id, reasons: k.reasons, ...(k.held ? { pins: k.held.map(pinJson) } : {}) })),
               remove: d.remove.map((s) => s.id),
             })),
           );
         else
-          for (const d of pinnedDecisions) {
+          for (const d of r.decisions) {
             console.log(`${d.group}: keep ${d.keep.length}, ${o.dryRun ? 'would remove' : 'removed'} ${d.remove.length}`);
             for (const k of d.keep) {
               console.log(`  keep   ${shortId(k.snapshot.id)} ${k.snapshot.time} (${k.reasons.join(', ')})`);
@@ -330,10 +218,8 @@ export function registerStoreCommands(program: Command, globals: Globals): void 
             }
             for (const s of d.remove) console.log(`  remove ${shortId(s.id)} ${s.time}`);
           }
-        if (o.prune && !o.dryRun) {
-          const st = await prune(repo);
-          if (!g.json) console.log(`pruned: ${st.packsDeleted} packs deleted, ${st.packsRepacked} repacked, ${humanBytes(st.bytesFreed)} freed`);
-        }
+        const st = r.pruned;
+        if (st && !g.json) console.log(`pruned: ${st.packsDeleted} packs deleted, ${st.packsRepacked} repacked, ${humanBytes(st.bytesFreed)} freed`);
       } finally {
         await repo.close();
       }
@@ -350,14 +236,13 @@ export function registerStoreCommands(program: Command, globals: Globals): void 
       if (!(frac >= 0 && frac <= 1)) throw new UsageError('--repack-below must be between 0 and 1');
       const repo = await openRepository(g);
       try {
-        const st = await prune(repo, { dryRun: !!o.dryRun, repackBelow: frac, onProgress: (m) => !g.json && !g.quiet && console.error(m) });
+        const st = await pruneRepository(repo, { dryRun: !!o.dryRun, repackBelow: frac }, progressSink('prune', { bar: false, info: !g.json && !g.quiet }));
         if (g.json) printJson(st);
         else
           console.log(
             `${o.dryRun ? 'would delete' : 'deleted'} ${st.packsDeleted} packs, repacked ${st.packsRepacked}, freed ${humanBytes(st.bytesFreed)}; ${st.snapshots} snapshots, ${st.liveChunks} live chunks` +
               (st.leftoversRemoved ? `; removed ${st.leftoversRemoved} leftovers of interrupted writes` : ''),
           );
-        if (st.leftoversError) console.error(`vmsnap: warning: leftovers of interrupted writes were not removed: ${st.leftoversError}`);
       } finally {
         await repo.close();
       }
@@ -371,8 +256,8 @@ export function registerStoreCommands(program: Command, globals: Globals): void 
       const g = globals();
       const repo = await openRepository(g);
       try {
-        const bar = progress('check', 0, !!o.readData && !g.quiet && !g.json);
-        const report = await check(repo, { readData: !!o.readData, onProgress: (d, t) => bar.update(d, t) });
+        const bar = progressSink('check', { bar: !!o.readData && !g.quiet && !g.json, info: false });
+        const report = await checkRepository(repo, { readData: !!o.readData }, bar);
         bar.stop();
         const errors = report.problems.filter((p) => p.severity === 'error');
         if (g.json) printJson(report);
@@ -460,17 +345,9 @@ export function registerStoreCommands(program: Command, globals: Globals): void 
       const g = globals();
       const repo = await openRepository(g);
       try {
-        let logical = 0;
-        const used = await markLiveChunks(repo.index, repo.eachSnapshot(), (s) => (logical += s.streams.reduce((b, st) => b + st.size, 0)));
-        let packBytes = 0;
-        let packs = 0;
-        for await (const o of repo.backend.list('packs')) {
-          packBytes += o.size;
-          packs++;
-        }
-        const r = { snapshots: used.snapshots, logicalBytes: logical, storedBytes: packBytes, packs, chunks: repo.index.size, liveChunks: used.count + used.missing.size, indexMemoryBytes: repo.index.memoryBytes };
+        const r = await repositoryStats(repo);
         if (g.json) printJson(r);
-        else console.log(`${r.snapshots} snapshots, ${humanBytes(logical)} logical, ${humanBytes(packBytes)} stored in ${packs} packs (${r.chunks} chunks, index ${humanBytes(r.indexMemoryBytes)} in memory)`);
+        else console.log(`${r.snapshots} snapshots, ${humanBytes(r.logicalBytes)} logical, ${humanBytes(r.storedBytes)} stored in ${r.packs} packs (${r.chunks} chunks, index ${humanBytes(r.indexMemoryBytes)} in memory)`);
       } finally {
         await repo.close();
       }
@@ -480,12 +357,3 @@ export function registerStoreCommands(program: Command, globals: Globals): void 
 function pinJson(p: Pin) {
   return { id: p.id, snapshot: p.snapshot, holder: p.holder, host: p.host, dataDir: p.dataDir, created: p.created };
 }
-
-/** Pins among `ids` (a dry run deletes nothing, so it only looks). */
-async function pinnedAmong(repo: Repository, ids: readonly string[]): Promise<Map<string, Pin[]>> {
-  const { pins } = await listPins(repo);
-  const out = new Map<string, Pin[]>();
-  for (const p of pins) if (ids.includes(p.snapshot)) out.set(p.snapshot, [...(out.get(p.snapshot) ?? []), p]);
-  return out;
-}
-

@@ -6,9 +6,8 @@ import type { Command } from 'commander';
 import { Volume } from '../src/cow/volume.js';
 import { processAlive } from '../src/util/process.js';
 import { cloneVolume } from '../src/cow/snapshot.js';
-import { readBasePin, releaseBasePin, type BasePin } from '../src/cow/base-pin.js';
-import { repositoryPinner } from '../src/store/pins.js';
-import { NotFoundError, UsageError } from '../src/store/errors.js';
+import type { BasePin } from '../src/cow/base-pin.js';
+import { UsageError } from '../src/store/errors.js';
 import { checkTags } from '../src/store/manifest.js';
 import type { Repository } from '../src/store/repository.js';
 import { DEFAULT_CHUNK_SIZE } from '../src/store/format.js';
@@ -34,11 +33,12 @@ import {
 } from '../src/vm/config.js';
 import { callSupervisor, forceStop, isRunning, runSupervisor, spawnSupervisor, SupervisorError, vmStatus } from '../src/vm/supervisor.js';
 import { vmProcesses } from '../src/vm/processes.js';
-import { FROM_OTHER_VM_FLAG, resolveForVm, resolveUnscoped } from '../src/vm/selectors.js';
+import { FROM_OTHER_VM_FLAG, resolveUnscoped } from '../src/vm/selectors.js';
 import { checkRestorable, takeStopped, VmOperationError, type TakeResult } from '../src/vm/runtime.js';
-import { dataDir, openBackendAt, openRepository, password, repoLocation, type GlobalOptions } from './context.js';
+import { dataDir, openRepository, supervisorEnv, vmOpsContext, type GlobalOptions } from './context.js';
+import { checkedRestoreTarget, diskPin as opsDiskPin, unpinDisks as opsUnpinDisks } from '../src/ops/vm.js';
 import { humanBytes, printJson, shortId } from './output.js';
-import { resolveStreamRef } from './store-commands.js';
+import { resolveStreamRef } from '../src/ops/export.js';
 
 type Globals = () => GlobalOptions;
 const collect = (v: string, prev: string[]) => [...prev, v];
@@ -52,37 +52,6 @@ function hydrateRate(v: boolean | string | undefined): number | undefined {
 }
 const HYDRATE_HELP = 'copy the snapshot disks into local overlays in the background (optionally at most this many MiB/s)';
 
-/** The environment a supervisor needs to open the same repository without prompting. */
-export async function supervisorEnv(g: GlobalOptions): Promise<NodeJS.ProcessEnv> {
-  const env: NodeJS.ProcessEnv = { ...process.env, VMSNAP_REPO: repoLocation(g) };
-  try {
-    const backend = await openBackendAt(repoLocation(g));
-    const cfg = JSON.parse((await backend.get('config', 'config')).toString()) as { encryption: unknown };
-    if (cfg.encryption) env.VMSNAP_PASSWORD = await password(g, 'open');
-  } catch {
-    // No repository yet: the VM runs; `take` will say to run `vmsnap init`.
-  }
-  return env;
-}
-
-/**
- * Resolves a restore target of a VM that is not running (selectors.ts: `latest` is its own; another
- * VM's snapshot needs its id and --from-other-vm) and checks its shape, before anything starts.
- * Returns the full snapshot id.
- */
-async function checkedRestoreTarget(g: GlobalOptions, name: string, ref: string, fromOtherVm: boolean): Promise<string> {
-  const repo = await openRepository(g);
-  try {
-    const snap = await resolveForVm(repo, ref, name, { fromOtherVm });
-    if (!snap.streams.some((s) => s.name === 'vm-config')) throw new NotFoundError(`snapshot ${shortId(snap.id)} is not a VM snapshot`);
-    await checkRestorable(repo, snap, await loadDefinition(dataDir(), name)).catch((err: Error) => {
-      throw new VmOperationError('restore', 'checking the snapshot', err.message, { cause: err });
-    });
-    return snap.id;
-  } finally {
-    await repo.close();
-  }
-}
 
 function printTake(r: TakeResult, json: boolean): void {
   if (json) return printJson(r);
@@ -180,32 +149,12 @@ async function createVm(g: GlobalOptions, req: CreateRequest, extra: { mac?: str
 
 /** Pin options for a VM disk cloned from a snapshot (held as "<vm>/<disk>"). */
 function diskPin(repo: Repository, snapshot: string, vm: string, disk: string) {
-  return { pinner: repositoryPinner(repo, dataDir()), snapshot, holder: `${vm}/${disk}` };
+  return opsDiskPin(repo, dataDir(), snapshot, vm, disk);
 }
 
-/**
- * Releases the pins of a VM's disks (before the disks are removed). With `unreachable`, a pin the
- * repository cannot be reached to remove (it cannot be opened, or the delete fails) is left there
- * and reported instead of failing: it only keeps its snapshot until `vmsnap pins rm`.
- */
-/**
- * Releases the pins of a VM's disks, found by the disk folders themselves (so a VM whose vm.json is
- * damaged can still be removed without leaving its snapshots pinned).
- */
-async function unpinDisks(vmName: string, open: () => Promise<Repository>, unreachable?: (disk: string, pin: BasePin, err: Error) => void): Promise<void> {
-  const paths = vmPaths(dataDir(), vmName);
-  const disks = await fsp.readdir(paths.disksDir).catch(() => [] as string[]);
-  for (const disk of disks) {
-    const dir = diskDir(paths, disk);
-    const pin = await readBasePin(dir).catch(() => null);
-    if (!pin) continue;
-    try {
-      await releaseBasePin(dir, repositoryPinner(await open(), dataDir()));
-    } catch (err) {
-      if (!unreachable) throw err;
-      unreachable(disk, pin, err as Error);
-    }
-  }
+/** Releases the pins of a VM's disks (src/ops/vm.ts), in this CLI's data folder. */
+function unpinDisks(vmName: string, open: () => Promise<Repository>, unreachable?: (disk: string, pin: BasePin, err: Error) => void): Promise<void> {
+  return opsUnpinDisks(dataDir(), vmName, open, unreachable);
 }
 
 /** Runs `fn` with a repository opened only if some disk of `def` holds a pin (and closed after, if it opened). */
@@ -340,7 +289,7 @@ export function registerVmCommands(program: Command, globals: Globals): void {
       const g = globals();
       await loadDefinition(dataDir(), name);
       const hydrate = hydrateRate(o.hydrate);
-      const restore = o.restore !== undefined ? await checkedRestoreTarget(g, name, o.restore, !!o.fromOtherVm) : undefined;
+      const restore = o.restore !== undefined ? await checkedRestoreTarget(vmOpsContext(g), name, o.restore, !!o.fromOtherVm) : undefined;
       await spawnSupervisor(dataDir(), name, {
         env: await supervisorEnv(g),
         ...(restore ? { restore, restoreFromOtherVm: !!o.fromOtherVm } : {}),
@@ -488,7 +437,7 @@ export function registerVmCommands(program: Command, globals: Globals): void {
       if (await isRunning(paths)) r = await callSupervisor(paths, { op: 'restore', snapshot: ref, fromOtherVm });
       else {
         // Resolve and check first, so a bad reference fails before anything starts.
-        ref = await checkedRestoreTarget(g, name, ref, fromOtherVm);
+        ref = await checkedRestoreTarget(vmOpsContext(g), name, ref, fromOtherVm);
         await spawnSupervisor(dataDir(), name, { restore: ref, restoreFromOtherVm: fromOtherVm, env: await supervisorEnv(g) });
         const st = await callSupervisor(paths, { op: 'status' });
         r = { snapshot: ref, runState: st.state };

@@ -13,10 +13,11 @@ missing=()
 # g++, make and python3: node-gyp builds the lz4 addon (and zstd-napi when no prebuilt binary fits)
 # during npm install. pgrep (procps): the VM tests' leak check. /usr/bin/time (time): the benchmarks.
 # ip, tc (iproute2): the migration tests' two hosts (test/helpers/netns.ts).
+# chromium: the dashboard test renders the page in a real headless browser (test/jobs/dashboard.test.ts).
 for bin in qemu-img:qemu nbdinfo:libnbd-bin nbdcopy:libnbd-bin redis-server:redis-server restic:restic cpio:cpio \
            gcc:gcc g++:g++ make:make python3:python3 pgrep:procps /usr/bin/time:time \
            zstd:zstd mkfs.ext4:e2fsprogs fio:fio nbdkit:nbdkit ip:iproute2 tc:iproute2 \
-           grub-mkrescue:grub-common xorriso:xorriso mformat:mtools qemu-ga:qemu-guest-agent; do
+           grub-mkrescue:grub-common xorriso:xorriso mformat:mtools qemu-ga:qemu-guest-agent chromium:chromium; do
   command -v "${bin%%:*}" >/dev/null 2>&1 || missing+=("${bin#*:}")
 done
 [ -x /bin/busybox ] && /bin/busybox --help 2>&1 | grep -q 'static' || dpkg -s busybox-static >/dev/null 2>&1 || missing+=(busybox-static)
@@ -42,6 +43,6 @@ export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 apt-get install -y -qq -t bookworm-backports qemu-system-x86 qemu-utils >/dev/null
 apt-get install -y -qq libnbd-bin nbdkit redis-server restic cpio gcc g++ make python3 procps time gcc-multilib busybox-static \
-  zstd e2fsprogs fio iproute2 grub-common grub-pc-bin grub-efi-amd64-bin xorriso mtools ovmf qemu-guest-agent >/dev/null
+  zstd e2fsprogs fio iproute2 grub-common grub-pc-bin grub-efi-amd64-bin xorriso mtools ovmf qemu-guest-agent chromium >/dev/null
 [ "$(qemu_major)" = "10" ] || { echo "setup-system: QEMU 10 did not install (got: $(qemu-system-x86_64 --version | head -1))" >&2; exit 1; }
 echo "setup-system: done ($(qemu-system-x86_64 --version | head -1))" >&2

@@ -12,7 +12,7 @@ import { closeSync, openSync, writeSync, constants as fsc } from 'node:fs';
 import { promises as fsp } from 'node:fs';
 import * as path from 'node:path';
 import { randomBytes } from 'node:crypto';
-import { PAGE_SIZE, type PageRecord, type RebuildPage, type StreamPrefix, type StreamTail } from '../migstream/index.js';
+import { PAGE_SIZE, type PageRecord, type StreamPrefix, type StreamTail } from '../migstream/index.js';
 import { isAllZero } from '../store/hash.js';
 
 const ZERO_PAGE = Buffer.alloc(PAGE_SIZE);

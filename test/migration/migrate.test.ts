@@ -3,7 +3,7 @@
  * directory and repository, the Linux fixture guest checking its memory and disk throughout.
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { existsSync, promises as fsp } from 'node:fs';
+import { existsSync } from 'node:fs';
 import * as path from 'node:path';
 import { VmLab, last } from '../helpers/vm.js';
 import { migrateResult, pair, startReceive, type Receiving } from './helpers.js';
