@@ -194,6 +194,7 @@ export async function receiveOne(sock: net.Socket, o: IncomingOptions): Promise<
 
     phase = 'disk';
     let qemuBytes = 0;
+    const writes = new WriteWindow(32);
     for (;;) {
       const m = await next();
       switch (m.type) {
@@ -207,11 +208,13 @@ export async function receiveOne(sock: net.Socket, o: IncomingOptions): Promise<
           const bs = v.blockSize;
           if (d.kind === 'zero') {
             if (d.block + d.count > Math.ceil(v.size / bs)) throw new FrameError('record', 'zero run beyond the disk');
+            await writes.drain();
             await v.writeZeroes(d.block * bs, Math.min(d.count * bs, v.size - d.block * bs));
           } else {
+            if (d.block >= Math.ceil(v.size / bs)) throw new FrameError('record', 'block beyond the disk');
             const len = v.blockLen(d.block);
             const data = d.kind === 'data' ? decode(d.codec, d.payload, len) : await repo.getChunk(heldChunkId(holdings, d.hash), len);
-            await v.write(d.block * bs, data);
+            await writes.submit(`${d.disk}:${d.block}`, () => v.write(d.block * bs, data));
           }
           break;
         }
@@ -241,6 +244,7 @@ export async function receiveOne(sock: net.Socket, o: IncomingOptions): Promise<
     }
 
     phase = 'switchover';
+    await writes.drain();
     for (const v of volumes) await v.flush();
     await waitLoaded(q.qmp);
     o.log(`${req.vm}: guest state loaded (${qemuBytes} stream bytes), waiting for COMMIT`);
@@ -413,6 +417,41 @@ async function readHeldPages(h: Holdings, hashes: Buffer): Promise<Buffer> {
   }
   await Promise.all(reads);
   return out;
+}
+
+/**
+ * Disk writes kept in flight while the next records are read (one at a time, each awaited, the
+ * receiver was latency-bound). Writes to one block stay in arrival order — a later round's copy
+ * must land last — and a failed write fails the next submit or drain.
+ */
+class WriteWindow {
+  private readonly byBlock = new Map<string, Promise<void>>();
+  private readonly window: Promise<void>[] = [];
+  private failure: Error | null = null;
+
+  constructor(private readonly depth: number) {}
+
+  async submit(key: string, write: () => Promise<void>): Promise<void> {
+    if (this.failure) throw this.failure;
+    const prev = this.byBlock.get(key);
+    const p = prev ? prev.then(write) : write();
+    this.byBlock.set(key, p);
+    p.then(
+      () => {
+        if (this.byBlock.get(key) === p) this.byBlock.delete(key);
+      },
+      (err: Error) => (this.failure ??= err),
+    );
+    this.window.push(p.catch(() => undefined));
+    if (this.window.length >= this.depth) await this.window.shift();
+    if (this.failure) throw this.failure;
+  }
+
+  async drain(): Promise<void> {
+    await Promise.all(this.window.splice(0));
+    await Promise.all([...this.byBlock.values()].map((p) => p.catch(() => undefined)));
+    if (this.failure) throw this.failure;
+  }
 }
 
 function connectUnix(p: string): Promise<net.Socket> {

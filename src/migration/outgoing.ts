@@ -131,6 +131,7 @@ interface MigrationInfo {
 }
 
 const RECORD_PAYLOAD = 1 << 20;
+const READ_AHEAD = 8;
 const RAW_BATCH = 256 << 10;
 
 /** Reads the destination's messages; waiters take the ones they expect, ABORT fails them all. */
@@ -681,7 +682,16 @@ async function sendBlocks(
   aborted: () => void,
 ): Promise<void> {
   const bs = v.blockSize;
-  const buf = Buffer.allocUnsafe(bs);
+  // Reads run a few blocks ahead of the sends (each read waits on the disk, each send on the link).
+  const read = (b: number): Promise<Buffer | null> => {
+    const len = v.blockLen(b);
+    const ext = v.extents(b * bs, len, 1)[0];
+    if (ext !== undefined && ext.flags === 3) return Promise.resolve(null);
+    const buf = Buffer.allocUnsafe(len);
+    return v.read(b * bs, len, buf).then(() => buf);
+  };
+  const ahead: Promise<Buffer | null>[] = [];
+  let next = 0;
   let zeroStart = -1;
   let zeroCount = 0;
   const flushZeros = async (): Promise<void> => {
@@ -691,12 +701,14 @@ async function sendBlocks(
   };
   for (const b of blocks) {
     aborted();
+    while (ahead.length < READ_AHEAD && next < blocks.length) {
+      const p = read(blocks[next++]!);
+      p.catch(() => undefined);
+      ahead.push(p);
+    }
+    const data = await ahead.shift()!;
     const len = v.blockLen(b);
-    const view = buf.subarray(0, len);
-    const ext = v.extents(b * bs, len, 1)[0];
-    const isZero = ext !== undefined && ext.flags === 3;
-    if (!isZero) await v.read(b * bs, len, view);
-    if (isZero || isZeroBuffer(view)) {
+    if (data === null || isZeroBuffer(data)) {
       if (zeroCount > 0 && zeroStart + zeroCount === b) zeroCount++;
       else {
         await flushZeros();
@@ -708,7 +720,7 @@ async function sendBlocks(
       continue;
     }
     await flushZeros();
-    const hash = blake3(view);
+    const hash = blake3(data);
     if (heldIds && !sentOnce[b] && hash.equals(heldIds.subarray(b * BLOCK_HASH_BYTES, (b + 1) * BLOCK_HASH_BYTES))) {
       stats.diskSkipped++;
       stats.bytesSaved += len;
@@ -721,7 +733,7 @@ async function sendBlocks(
       stats.bytesSaved += len - BLOCK_HASH_BYTES;
       continue;
     }
-    const enc = encode(codec, view, 1);
+    const enc = encode(codec, data, 1);
     stats.bytesSaved += len - enc.data.length;
     stats.diskSent++;
     await ch.send(MSG.DISK_DATA, Buffer.concat([diskHeader('data', disk, b, enc.codec), enc.data]));
