@@ -8,14 +8,11 @@ import { processAlive } from '../src/util/process.js';
 import { cloneVolume } from '../src/cow/snapshot.js';
 import type { BasePin } from '../src/cow/base-pin.js';
 import { UsageError } from '../src/store/errors.js';
-import { checkTags } from '../src/store/manifest.js';
 import type { Repository } from '../src/store/repository.js';
 import { DEFAULT_CHUNK_SIZE } from '../src/store/format.js';
-import { loadBytes } from '../src/vm/ram-store.js';
-import { buildDefinition, checkIso, cloneDefinition, writeNewVm, type CreateRequest, type DiskSource } from '../src/vm/create.js';
+import { buildDefinition, checkIso, writeNewVm, type CreateRequest, type DiskSource } from '../src/vm/create.js';
 import { planLibvirtImport } from '../src/vm/libvirt.js';
 import { setMedium } from '../src/vm/media.js';
-import { loadNvram } from '../src/vm/nvram.js';
 import { viewTarget } from '../src/vm/viewer.js';
 import { spawn } from 'node:child_process';
 import * as path from 'node:path';
@@ -24,8 +21,6 @@ import {
   listVms,
   loadDefinition,
   loadState,
-  parseDefinition,
-  saveState,
   checkVmPathsFit,
   VmConfigError,
   vmPaths,
@@ -34,10 +29,10 @@ import {
 import { callSupervisor, forceStop, isRunning, runSupervisor, spawnSupervisor, SupervisorError, vmStatus } from '../src/vm/supervisor.js';
 import { vmProcesses } from '../src/vm/processes.js';
 import { FROM_OTHER_VM_FLAG, resolveUnscoped } from '../src/vm/selectors.js';
-import { checkRestorable, takeStopped, VmOperationError, type TakeResult } from '../src/vm/runtime.js';
+import type { TakeResult } from '../src/vm/runtime.js';
 import { dataDir, openRepository, supervisorEnv, vmOpsContext, type GlobalOptions } from './context.js';
-import { checkedRestoreTarget, diskPin as opsDiskPin, unpinDisks as opsUnpinDisks } from '../src/ops/vm.js';
-import { humanBytes, printJson, shortId } from './output.js';
+import { checkedRestoreTarget, cloneVm, diskPin as opsDiskPin, restoreVm, takeVm, unpinDisks as opsUnpinDisks } from '../src/ops/vm.js';
+import { humanBytes, printJson, progressSink, shortId } from './output.js';
 import { resolveStreamRef } from '../src/ops/export.js';
 
 type Globals = () => GlobalOptions;
@@ -405,22 +400,8 @@ export function registerVmCommands(program: Command, globals: Globals): void {
     .option('--quiesce', "freeze the guest's file systems through qemu-guest-agent for the snapshot (a warning if no agent answers)")
     .action(async (name: string, o: { message?: string; tag: string[]; diskOnly?: boolean; quiesce?: boolean }) => {
       const g = globals();
-      checkTags(o.tag);
-      await loadDefinition(dataDir(), name);
-      const paths = vmPaths(dataDir(), name);
-      const opts = { ...(o.message !== undefined ? { message: o.message } : {}), tags: o.tag, diskOnly: !!o.diskOnly, quiesce: !!o.quiesce };
-      let r: TakeResult;
-      if (await isRunning(paths)) r = await callSupervisor(paths, { op: 'take', options: opts });
-      else {
-        // A stopped guest's file systems are as its shutdown left them: nothing to freeze.
-        if (o.quiesce) console.error(`vmsnap: note: VM ${name} is not running: --quiesce has nothing to freeze`);
-        const repo = await openRepository(g);
-        try {
-          r = await takeStopped(dataDir(), name, repo, opts);
-        } finally {
-          await repo.close();
-        }
-      }
+      const sink = progressSink('take', { bar: false, info: !g.quiet });
+      const r = await takeVm(vmOpsContext(g), name, { ...(o.message !== undefined ? { message: o.message } : {}), tags: o.tag, diskOnly: !!o.diskOnly, quiesce: !!o.quiesce }, sink);
       printTake(r, !!g.json);
     });
 
@@ -430,19 +411,7 @@ export function registerVmCommands(program: Command, globals: Globals): void {
     .option(FROM_OTHER_VM_FLAG, "allow <snapshot> to be another VM's (by id): its RAM, devices and disks replace this VM's")
     .action(async (name: string, ref: string, o: { fromOtherVm?: boolean }) => {
       const g = globals();
-      await loadDefinition(dataDir(), name);
-      const paths = vmPaths(dataDir(), name);
-      const fromOtherVm = !!o.fromOtherVm;
-      let r: { snapshot: string; runState: string; loadMs?: number; guest?: { warning?: string } };
-      if (await isRunning(paths)) r = await callSupervisor(paths, { op: 'restore', snapshot: ref, fromOtherVm });
-      else {
-        // Resolve and check first, so a bad reference fails before anything starts.
-        ref = await checkedRestoreTarget(vmOpsContext(g), name, ref, fromOtherVm);
-        await spawnSupervisor(dataDir(), name, { restore: ref, restoreFromOtherVm: fromOtherVm, env: await supervisorEnv(g) });
-        const st = await callSupervisor(paths, { op: 'status' });
-        r = { snapshot: ref, runState: st.state };
-      }
-      if (r.guest?.warning) console.error(`vmsnap: warning: ${r.guest.warning}`);
+      const r = await restoreVm(vmOpsContext(g), name, { snapshot: ref, fromOtherVm: !!o.fromOtherVm }, progressSink('restore', { bar: false, info: !g.quiet }));
       if (g.json) printJson(r);
       else console.log(`VM ${name} restored to ${shortId(r.snapshot)}: ${r.runState}${r.loadMs !== undefined ? ` (loaded in ${r.loadMs.toFixed(0)} ms)` : ''}`);
     });
@@ -457,52 +426,11 @@ export function registerVmCommands(program: Command, globals: Globals): void {
     .action(async (ref: string, newName: string, o: { start: boolean; hydrate?: boolean | string; qemuArg: string[]; keepQemuArgs?: boolean }) => {
       const g = globals();
       const hydrate = hydrateRate(o.hydrate);
-      const paths = vmPaths(dataDir(), newName);
-      if (await fsp.stat(paths.config).catch(() => null)) throw new UsageError(`VM ${newName} already exists`);
-      checkVmPathsFit(dataDir(), newName);
-      const repo = await openRepository(g);
-      let snapId: string;
-      try {
-        const snap = await resolveUnscoped(repo, ref);
-        snapId = snap.id;
-        const cfg = snap.streams.find((s) => s.name === 'vm-config');
-        if (!cfg) throw new UsageError(`snapshot ${shortId(snap.id)} is not a VM snapshot (no vm-config stream)`);
-        const { def, droppedForwards } = cloneDefinition(parseDefinition(await loadBytes(repo, cfg), `snapshot ${shortId(snap.id)}`), newName);
-        for (const f of droppedForwards) console.error(`vmsnap: note: port forward ${f.proto}:${f.hostPort}:${f.guestPort} of VM ${snap.vm} is not copied into ${newName} (the host port is that VM's)`);
-        // Extra QEMU arguments may name host resources (a socket, a file, a port) that belong to
-        // the source VM: copied silently, the clone would take them over.
-        if (o.qemuArg.length) def.qemuArgs = o.qemuArg;
-        else if (def.qemuArgs.length && !o.keepQemuArgs) {
-          throw new UsageError(
-            `VM ${snap.vm} was defined with extra QEMU arguments (${def.qemuArgs.join(' ')}), which may name sockets, files or ports it uses; ` +
-              `give the clone its own with --qemu-arg (repeatable), or copy them as they are with --keep-qemu-args`,
-          );
-        }
-        // Refuse before creating anything: a clone that cannot be restored must not leave a VM behind.
-        if (o.start) {
-          await checkRestorable(repo, snap, def).catch((err: Error) => {
-            throw new VmOperationError('restore', 'checking the snapshot', err.message, { cause: err });
-          });
-        }
-        await fsp.mkdir(paths.disksDir, { recursive: true, mode: 0o700 });
-        try {
-          for (const d of def.disks) {
-            const s = snap.streams.find((x) => x.name === d.name && x.kind === 'disk');
-            if (!s) throw new UsageError(`snapshot ${shortId(snap.id)} has no disk ${d.name}`);
-            await (await cloneVolume(diskDir(paths, d.name), s, { store: repo, pin: diskPin(repo, snap.id, newName, d.name) })).close();
-          }
-          await writeNewVm(dataDir(), def, (await loadNvram(repo, snap)) ?? undefined);
-          await saveState(dataDir(), newName, { lastSnapshot: null });
-        } catch (err) {
-          await unpinDisks(def.name, () => Promise.resolve(repo)).catch(() => undefined); // a stale pin is safe: `pins rm`
-          await fsp.rm(paths.dir, { recursive: true, force: true });
-          throw err;
-        }
-      } finally {
-        await repo.close();
-      }
-      // A clone is a new VM made from another's snapshot by definition: naming it was the confirmation.
-      if (o.start) await spawnSupervisor(dataDir(), newName, { restore: snapId, restoreFromOtherVm: true, env: await supervisorEnv(g), ...(hydrate !== undefined ? { hydrate } : {}) });
+      const { snapshot: snapId } = await cloneVm(
+        vmOpsContext(g),
+        { snapshot: ref, newVm: newName, start: o.start, qemuArgs: o.qemuArg, keepQemuArgs: !!o.keepQemuArgs, ...(hydrate !== undefined ? { hydrate } : {}) },
+        progressSink('clone', { bar: false, info: !g.quiet }),
+      );
       if (g.json) printJson({ vm: newName, snapshot: snapId, started: o.start });
       else console.log(`VM ${newName} cloned from ${shortId(snapId)}${o.start ? ' and running' : ''}`);
     });

@@ -15,7 +15,9 @@ import { checkTags } from '../store/manifest.js';
 import { repositoryPinner } from '../store/pins.js';
 import { cloneVolume } from '../cow/snapshot.js';
 import { readBasePin, releaseBasePin, type BasePin } from '../cow/base-pin.js';
-import { checkVmPathsFit, diskDir, loadDefinition, parseDefinition, saveDefinition, saveState, vmPaths } from '../vm/config.js';
+import { checkVmPathsFit, diskDir, loadDefinition, parseDefinition, saveState, vmPaths } from '../vm/config.js';
+import { cloneDefinition, writeNewVm } from '../vm/create.js';
+import { loadNvram } from '../vm/nvram.js';
 import { callSupervisor, isRunning, spawnSupervisor } from '../vm/supervisor.js';
 import { resolveForVm, resolveUnscoped } from '../vm/selectors.js';
 import { checkRestorable, takeStopped, VmOperationError, type TakeOptions, type TakeResult } from '../vm/runtime.js';
@@ -47,11 +49,13 @@ export async function takeVm(ctx: VmOpsContext, name: string, opts: TakeOptions 
   await loadDefinition(ctx.dataDir, name);
   const paths = vmPaths(ctx.dataDir, name);
   const r = reporter(sink);
-  const o = { ...(opts.message !== undefined ? { message: opts.message } : {}), tags: opts.tags ?? [], diskOnly: !!opts.diskOnly };
+  const o = { ...(opts.message !== undefined ? { message: opts.message } : {}), tags: opts.tags ?? [], diskOnly: !!opts.diskOnly, quiesce: !!opts.quiesce };
   if (await isRunning(paths)) {
     r.phase('taking (live)');
     return callSupervisor(paths, { op: 'take', options: o });
   }
+  // A stopped guest's file systems are as its shutdown left them: nothing to freeze.
+  if (opts.quiesce) r.info(`vmsnap: note: VM ${name} is not running: --quiesce has nothing to freeze`);
   r.phase('taking (stopped: disks only)');
   return withRepo(ctx, (repo) => takeStopped(ctx.dataDir, name, repo, o));
 }
@@ -82,6 +86,8 @@ export interface RestoreOutcome {
   snapshot: string;
   runState: string;
   loadMs?: number;
+  /** The guest agent's clock set after a live restore (a warning when no agent answered). */
+  guest?: { warning?: string };
 }
 
 /** Puts a VM back to a snapshot: in place while it runs, or starts it on the snapshot. */
@@ -92,7 +98,9 @@ export async function restoreVm(ctx: VmOpsContext, name: string, args: RestoreAr
   const r = reporter(sink);
   if (await isRunning(paths)) {
     r.phase('restoring (live)');
-    return callSupervisor(paths, { op: 'restore', snapshot: args.snapshot, fromOtherVm });
+    const res = await callSupervisor(paths, { op: 'restore', snapshot: args.snapshot, fromOtherVm });
+    if (res.guest?.warning) r.warn(res.guest.warning);
+    return res;
   }
   // Resolve and check first, so a bad reference fails before anything starts.
   r.phase('checking the snapshot');
@@ -167,7 +175,9 @@ export async function cloneVm(ctx: VmOpsContext, args: CloneArgs, sink: Progress
     const snap = await resolveUnscoped(repo, args.snapshot);
     const cfg = snap.streams.find((s) => s.name === 'vm-config');
     if (!cfg) throw new UsageError(`snapshot ${short(snap.id)} is not a VM snapshot (no vm-config stream)`);
-    const def = { ...parseDefinition(await loadBytes(repo, cfg), `snapshot ${short(snap.id)}`), name: newName, created: new Date().toISOString() };
+    // A clone gets its own MAC, and not the source's host port forwards (the ports are that VM's).
+    const { def, droppedForwards } = cloneDefinition(parseDefinition(await loadBytes(repo, cfg), `snapshot ${short(snap.id)}`), newName);
+    for (const f of droppedForwards) r.info(`vmsnap: note: port forward ${f.proto}:${f.hostPort}:${f.guestPort} of VM ${snap.vm} is not copied into ${newName} (the host port is that VM's)`);
     // Extra QEMU arguments may name host resources (a socket, a file, a port) that belong to
     // the source VM: copied silently, the clone would take them over.
     if (qemuArgs.length) def.qemuArgs = qemuArgs;
@@ -192,7 +202,7 @@ export async function cloneVm(ctx: VmOpsContext, args: CloneArgs, sink: Progress
         await (await cloneVolume(diskDir(paths, d.name), s, { store: repo, pin: diskPin(repo, ctx.dataDir, snap.id, newName, d.name) })).close();
         r.count('cloning disks', ++n, def.disks.length);
       }
-      await saveDefinition(ctx.dataDir, def);
+      await writeNewVm(ctx.dataDir, def, (await loadNvram(repo, snap)) ?? undefined);
       await saveState(ctx.dataDir, newName, { lastSnapshot: null });
     } catch (err) {
       await unpinDisks(ctx.dataDir, def.name, () => Promise.resolve(repo)).catch(() => undefined); // a stale pin is safe: `pins rm`
