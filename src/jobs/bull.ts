@@ -21,7 +21,7 @@ import { checkName } from '../store/manifest.js';
 import type { ProgressEvent } from '../ops/progress.js';
 import { guestOf, parseJobSpec, type AnyJobSpec, type JobRecord, type JobState } from './model.js';
 import { runJob, type JobContext } from './handlers.js';
-import { DEFAULT_RETRY, type RetryPolicy } from './embedded.js';
+import { DEFAULT_RETRY, type JobHandler, type RetryPolicy } from './embedded.js';
 import { parseSchedule, scheduleJobs, ScheduleError, type ScheduleDef } from './schedule.js';
 
 export const PREFIX = 'vmsnap';
@@ -276,6 +276,8 @@ export interface BullAgentOptions {
   heartbeatMs?: number;
   dashboard?: string;
   log?: (line: string) => void;
+  /** Replaces runJob behind the same worker (bench/jobs: the queue's own cost, no operation). */
+  handler?: JobHandler;
 }
 
 /** Progress events stored on the BullMQ job: the latest progress, with the phase it belongs to. */
@@ -325,7 +327,8 @@ export class BullAgent {
         }
         const sink = jobSink(job);
         try {
-          return await runJob(opts.ctx, spec, { key: spec.key ?? job.id!, sink });
+          const run = { key: spec.key ?? job.id!, sink };
+          return await (opts.handler ? opts.handler(spec, { ...run, id: job.id! }) : runJob(opts.ctx, spec, run));
         } catch (err) {
           const rec = errorRecord(err);
           log(`job ${job.id} (${spec.kind}) attempt ${job.attemptsMade + 1} failed: ${rec.name}: ${rec.message}${isRetryable(err) ? ' (retryable)' : ''}`);

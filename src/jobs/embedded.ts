@@ -36,6 +36,12 @@ export interface RetryPolicy {
 
 export const DEFAULT_RETRY: RetryPolicy = { attempts: 3, backoffMs: 2000 };
 
+/**
+ * Replaces runJob in a runner (tests of the queue policy, bench/jobs): the job's payload as parsed,
+ * its id in that runner, the idempotency key in force and its progress sink.
+ */
+export type JobHandler = (spec: AnyJobSpec, run: { id: string; key: string; sink: { emit(e: ProgressEvent): void } }) => Promise<unknown>;
+
 export interface EmbeddedRunnerOptions {
   ctx: JobContext;
   concurrency?: number;
@@ -43,7 +49,7 @@ export interface EmbeddedRunnerOptions {
   store?: JobFileStore;
   clock?: Clock;
   /** Replaces runJob (tests of the queue policy itself). */
-  handler?: (spec: AnyJobSpec, run: { key: string; sink: { emit(e: ProgressEvent): void } }) => Promise<unknown>;
+  handler?: JobHandler;
 }
 
 interface Entry {
@@ -158,7 +164,7 @@ export class EmbeddedRunner {
       store?.save(rec, true);
       try {
         const run = { key: rec.key!, sink };
-        rec.result = this.opts.handler ? await this.opts.handler(e.spec, run) : await runJob(this.opts.ctx, e.spec, run);
+        rec.result = this.opts.handler ? await this.opts.handler(e.spec, { ...run, id: rec.id }) : await runJob(this.opts.ctx, e.spec, run);
         rec.state = 'completed';
         rec.error = null;
         break;
