@@ -294,6 +294,19 @@ export class VmRuntime {
     }
   }
 
+  /** What a snapshot of the running QEMU records about it: restore refuses what it cannot run. */
+  private snapshotMeta(q: QemuProcess, type: 'live' | 'disk-only', runState: string): Record<string, MetaValue> {
+    return {
+      type,
+      runState,
+      qemuVersion: `${q.version.major}.${q.version.minor}.${q.version.micro}`,
+      machine: q.machine,
+      accel: q.accel,
+      memoryMiB: this.def.memoryMiB,
+      cpus: this.def.cpus,
+    };
+  }
+
   /**
    * Stores the state the guest left with: the RAM the migration relayed (departure.ts) and the
    * volumes, whose guest no longer writes (QEMU is in postmigrate). A snapshot like a live take's,
@@ -326,15 +339,7 @@ export class VmRuntime {
         await w.close();
       }
       const { snap } = await commitSnapshot(repo, this.opts.dataDir, this.def, parent, streams, { tags: ['departed'], message }, step, {
-        meta: {
-          type: 'live',
-          runState: 'running',
-          qemuVersion: `${q.version.major}.${q.version.minor}.${q.version.micro}`,
-          machine: q.machine,
-          accel: q.accel,
-          memoryMiB: this.def.memoryMiB,
-          cpus: this.def.cpus,
-        },
+        meta: this.snapshotMeta(q, 'live', 'running'),
         withVolume: (name, fn) => fn(this.volumes.get(name)!),
       });
       return snap.id;
@@ -600,15 +605,7 @@ export class VmRuntime {
     await ramWriter?.close();
     try {
       const { snap, disks } = await commitSnapshot(repo, this.opts.dataDir, this.def, parent, streams, opts, step, {
-        meta: {
-          type: diskOnly ? 'disk-only' : 'live',
-          runState,
-          qemuVersion: `${q.version.major}.${q.version.minor}.${q.version.micro}`,
-          machine: q.machine,
-          accel: q.accel,
-          memoryMiB: this.def.memoryMiB,
-          cpus: this.def.cpus,
-        },
+        meta: this.snapshotMeta(q, diskOnly ? 'disk-only' : 'live', runState),
         withVolume: (name, fn) => fn(this.volumes.get(name)!),
       });
       if (!diskOnly) this.recollapseHugePages(q);

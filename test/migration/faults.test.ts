@@ -8,7 +8,7 @@ import { existsSync, promises as fsp, readFileSync } from 'node:fs';
 import * as net from 'node:net';
 import * as path from 'node:path';
 import { VmLab, last } from '../helpers/vm.js';
-import { migrateResult, pair, spawnVmsnap, startReceive, until, type Receiving } from './helpers.js';
+import { expectRunningIntact, migrateResult, pair, spawnVmsnap, startReceive, until, type Receiving } from './helpers.js';
 import { openClientChannel } from '../../src/migration/channel.js';
 import { loadOrCreateIdentity } from '../../src/migration/identity.js';
 import { MSG } from '../../src/migration/protocol.js';
@@ -40,14 +40,8 @@ describe('migration faults: the guest stays on the source, the destination keeps
   const bHasNothing = async (): Promise<void> => {
     await until(async () => !existsSync(path.join(b.dataDir, 'vms', VM)), `the destination to discard ${VM}`, 60_000);
   };
-  const guestFine = async (): Promise<void> => {
-    expect((await a.show(VM)).status.state).toBe('running');
-    const n = (await a.statuses(VM)).length;
-    const s = await a.waitLines(VM, n + 5);
-    expect(last(s).errors).toBe(0);
-    expect(last(s).diskErrors).toBe(0);
-    expect(await a.errorLines(VM)).toEqual([]);
-  };
+  const guestFine = (): Promise<void> => expectRunningIntact(a, VM);
+
   const destWorker = (): number => Number(readFileSync(path.join(b.dataDir, 'vms', VM, 'incoming'), 'utf8').trim());
   const inRamPhase = () => existsSync(path.join(b.dataDir, 'vms', VM, 'run', 'mig-in.sock'));
 

@@ -6,7 +6,8 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import { createInterface } from 'node:readline';
 import { BIN } from '../helpers/cli.js';
-import { VmLab } from '../helpers/vm.js';
+import { expect } from 'vitest';
+import { VmLab, last } from '../helpers/vm.js';
 
 export interface Receiving {
   proc: ChildProcess;
@@ -96,4 +97,14 @@ export async function until(check: () => boolean | Promise<boolean>, what: strin
     if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
     await new Promise((r) => setTimeout(r, 50));
   }
+}
+
+/** The guest runs on `lab` and, over five more status lines, reports no memory or disk error. */
+export async function expectRunningIntact(lab: VmLab, vm: string): Promise<void> {
+  expect((await lab.show(vm)).status.state).toBe('running');
+  const n = (await lab.statuses(vm)).length;
+  const s = await lab.waitLines(vm, n + 5);
+  expect(last(s).errors).toBe(0);
+  expect(last(s).diskErrors).toBe(0);
+  expect(await lab.errorLines(vm)).toEqual([]);
 }

@@ -8,7 +8,7 @@ import * as path from 'node:path';
 import { BIN } from '../helpers/cli.js';
 import { NetnsPair, type Side } from '../helpers/netns.js';
 import { VmLab, last } from '../helpers/vm.js';
-import { migrateResult, pair, startReceive, until, type Receiving } from './helpers.js';
+import { expectRunningIntact, migrateResult, pair, startReceive, until, type Receiving } from './helpers.js';
 
 const VM = 'roamer';
 const root = process.getuid?.() === 0;
@@ -47,14 +47,8 @@ describe.skipIf(!root)('migration between network namespaces', () => {
     await net?.destroy();
   });
 
-  const guestFineOnA = async (): Promise<void> => {
-    expect((await a.show(VM)).status.state).toBe('running');
-    const n = (await a.statuses(VM)).length;
-    const s = await a.waitLines(VM, n + 5);
-    expect(last(s).errors).toBe(0);
-    expect(last(s).diskErrors).toBe(0);
-    expect(await a.errorLines(VM)).toEqual([]);
-  };
+  const guestFineOnA = (): Promise<void> => expectRunningIntact(a, VM);
+
 
   it('the link cut during the RAM phase: the source notices, the guest runs on there, the destination discards', async () => {
     const m = inside('a', a, ['migrate', VM, `${net.addr.b}:${rb.port}`, '--pair', rb.fingerprint]);
