@@ -1,4 +1,4 @@
-import { mkdtemp, readdir, readFile, rename, rm, utimes, writeFile } from 'node:fs/promises';
+import { mkdtemp, readdir, readFile, rename, rm, stat, utimes, writeFile } from 'node:fs/promises';
 import { existsSync } from 'node:fs';
 import { ownerToken } from '../../src/util/process.js';
 import { spawn, spawnSync } from 'node:child_process';
@@ -6,7 +6,7 @@ import { tmpdir } from 'node:os';
 import * as path from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
-import { MemoryChunkStore, checkDiskStream, isZeroId, type DiskStream } from '../../src/cow/chunk-store.js';
+import { MemoryChunkStore, checkDiskStream, isZeroId, type ChunkStore, type DiskStream } from '../../src/cow/chunk-store.js';
 import { Volume, VolumeOpenError } from '../../src/cow/volume.js';
 import { cloneVolume, ensureParentChunks, snapshotVolume } from '../../src/cow/snapshot.js';
 import { Repository } from '../../src/store/repository.js';
@@ -326,33 +326,47 @@ describe('the volume lock', () => {
 });
 
 /**
- * The fastest of three clones of `stream` (each into its own directory), and the first clone for
- * checking its contents. The claim is about the clone (~8–10 ms here, idle); CI runs QEMU guests
- * beside this file, and one clone measured once took 118 ms while the machine was saturated.
+ * A clone of `stream`, and what making it cost: chunks read from the store and bytes allocated on
+ * disk. The claim is structural — a clone is O(metadata): it reads no data and writes only the map
+ * and the chunk list — so it holds on a saturated CI machine; its wall time (8–10 ms here, idle) is
+ * printed, and measured by bench/nbd, not asserted (one clone once took 553 ms under load).
  */
-async function timedClone(dirBase: string, stream: DiskStream, opts: Parameters<typeof cloneVolume>[2]): Promise<{ c: Volume; ms: number }> {
-  let first: Volume | undefined;
-  let ms = Infinity;
-  for (let k = 0; k < 3; k++) {
-    const t0 = performance.now();
-    const c = await cloneVolume(k === 0 ? dirBase : `${dirBase}-${k}`, stream, opts);
-    ms = Math.min(ms, performance.now() - t0);
-    if (k === 0) first = c;
-    else await c.close();
-  }
-  return { c: first!, ms };
+async function countedClone(dirBase: string, stream: DiskStream, store: ChunkStore): Promise<{ c: Volume; chunkReads: number; allocated: number; ms: number }> {
+  let chunkReads = 0;
+  const counting = new Proxy(store, {
+    get(target, prop) {
+      if (prop === 'getChunk') {
+        return (...args: Parameters<ChunkStore['getChunk']>) => {
+          chunkReads++;
+          return target.getChunk(...args);
+        };
+      }
+      const v = Reflect.get(target, prop, target) as unknown;
+      return typeof v === 'function' ? (v as (...a: unknown[]) => unknown).bind(target) : v;
+    },
+  });
+  const t0 = performance.now();
+  const c = await cloneVolume(dirBase, stream, { store: counting });
+  const ms = performance.now() - t0;
+  const readsAtCreate = chunkReads;
+  let allocated = 0;
+  for (const f of await readdir(dirBase)) allocated += (await stat(path.join(dirBase, f))).blocks * 512;
+  console.log(`clone of ${stream.size} bytes: ${ms.toFixed(1)} ms, ${readsAtCreate} chunk reads, ${allocated} bytes allocated`);
+  return { c, chunkReads: readsAtCreate, allocated, ms };
 }
 
 describe('clone of a 4 GiB snapshot', () => {
-  it('is created in under 100 ms and reads back the snapshot bytes', async () => {
+  it('is created from metadata alone (no chunk read, no data written) and reads back the snapshot bytes', async () => {
     const size = 4 * 2 ** 30;
     const n = size / BS;
     const distinct = await Promise.all(Array.from({ length: 16 }, (_, k) => store.putChunk(randomBytes(BS).fill(k, 0, 1))));
     const chunks = Buffer.alloc(n * 32);
     for (let i = 0; i < n; i++) if (i % 5 !== 0) distinct[i % 16]!.id.copy(chunks, i * 32);
     const stream: DiskStream = { size, chunkSize: BS, chunks };
-    const { c, ms } = await timedClone(path.join(dir, 'big'), stream, { store });
-    expect(ms).toBeLessThan(100);
+    const { c, chunkReads, allocated } = await countedClone(path.join(dir, 'big'), stream, store);
+    expect(chunkReads).toBe(0);
+    // The map (4 bytes + generation per block) and the chunk list (32 bytes per block), nothing more.
+    expect(allocated).toBeLessThan(n * (32 + 8 + 8) + (1 << 20));
     for (const i of [0, 1, 7, 12345, n - 1]) {
       const b = Buffer.alloc(BS);
       await c.read(i * BS, BS, b);
@@ -364,7 +378,7 @@ describe('clone of a 4 GiB snapshot', () => {
 });
 
 describe('clone of a 4 GiB snapshot in a real repository', () => {
-  it('is created in under 100 ms and reads back the snapshot bytes (Repository on a LocalBackend)', async () => {
+  it('is created from metadata alone and reads back the snapshot bytes (Repository on a LocalBackend)', async () => {
     const size = 4 * 2 ** 30;
     const n = size / BS;
     const repoDir = path.join(dir, 'repo');
@@ -392,8 +406,9 @@ describe('clone of a 4 GiB snapshot in a real repository', () => {
     const reopened = await Repository.open(new LocalBackend(repoDir));
     const snap = await reopened.readSnapshot(saved.id);
     const disk = snap.streams[0]!;
-    const { c, ms } = await timedClone(path.join(dir, 'big'), { size: disk.size, chunkSize: disk.chunkSize, chunks: disk.chunks }, { store: reopened });
-    expect(ms).toBeLessThan(100);
+    const { c, chunkReads, allocated } = await countedClone(path.join(dir, 'big'), { size: disk.size, chunkSize: disk.chunkSize, chunks: disk.chunks }, reopened);
+    expect(chunkReads).toBe(0);
+    expect(allocated).toBeLessThan(n * (32 + 8 + 8) + (1 << 20));
     const picks = [0, 1, 2, 63, 64, 12345, n / 2, n - 2, n - 1];
     for (let k = 0; k < 40; k++) picks.push(Math.floor(Math.random() * n));
     for (const i of picks) {
