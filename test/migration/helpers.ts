@@ -8,6 +8,7 @@ import { createInterface } from 'node:readline';
 import { BIN } from '../helpers/cli.js';
 import { expect } from 'vitest';
 import { VmLab, last } from '../helpers/vm.js';
+import type { MigrateResult } from '../../src/migration/outgoing.js';
 
 export interface Receiving {
   proc: ChildProcess;
@@ -49,19 +50,10 @@ export async function pair(a: VmLab, b: VmLab, names: { a: string; b: string }, 
   await b.ok(['peer', 'add', names.a, '--fingerprint', fa, ...(addrs.a ? ['--address', addrs.a] : [])]);
 }
 
-export interface MigrateJson {
+/** What `migrate --json` prints: the migration's result (outgoing.ts) and what the CLI adds. */
+export interface MigrateJson extends MigrateResult {
   vm: string;
   destination: string;
-  totalMs: number;
-  pauseMs: number | null;
-  qemuDowntimeMs: number | null;
-  bytesSent: number;
-  bytesSaved: number;
-  qemuBytes: number;
-  ramRefs: number;
-  diskBlocksSent: number;
-  diskBlocksSkipped: number;
-  base: string | null;
   departure: string | null;
   departureError?: string;
 }
@@ -106,5 +98,14 @@ export async function expectRunningIntact(lab: VmLab, vm: string): Promise<void>
   const s = await lab.waitLines(vm, n + 5);
   expect(last(s).errors).toBe(0);
   expect(last(s).diskErrors).toBe(0);
+  expect(await lab.errorLines(vm)).toEqual([]);
+}
+
+/** A migrated guest runs on `lab` (adopted for cleanup), continuing with no memory or disk error. */
+export async function expectArrived(lab: VmLab, vm: string): Promise<void> {
+  lab.adopt(vm);
+  await lab.rememberPids(vm);
+  const s = await lab.waitLines(vm, 8);
+  expect(last(s).errors).toBe(0);
   expect(await lab.errorLines(vm)).toEqual([]);
 }

@@ -7,8 +7,8 @@ import { existsSync } from 'node:fs';
 import * as path from 'node:path';
 import { BIN } from '../helpers/cli.js';
 import { NetnsPair, type Side } from '../helpers/netns.js';
-import { VmLab, last } from '../helpers/vm.js';
-import { expectRunningIntact, migrateResult, pair, startReceive, until, type Receiving } from './helpers.js';
+import { VmLab } from '../helpers/vm.js';
+import { expectArrived, expectRunningIntact, migrateResult, pair, startReceive, until, type Receiving } from './helpers.js';
 
 const VM = 'roamer';
 const root = process.getuid?.() === 0;
@@ -69,11 +69,7 @@ describe.skipIf(!root)('migration between network namespaces', () => {
       if (r.code === 0) {
         // Converged (auto-converge throttled the guest): it runs on B, intact.
         expect(migrateResult(r.stdout).vm).toBe(VM);
-        b.adopt(VM);
-        await b.rememberPids(VM);
-        const s = await b.waitLines(VM, 8);
-        expect(last(s).errors).toBe(0);
-        expect(await b.errorLines(VM)).toEqual([]);
+        await expectArrived(b, VM);
       } else {
         expect(r.stderr).toMatch(/phase ram: did not converge within 25 s/);
         await guestFineOnA();
