@@ -14,7 +14,7 @@ import { openCopyTarget } from '../src/ops/copy.js';
 import { GuestLocks, RepoGate } from '../src/jobs/locks.js';
 import type { JobContext } from '../src/jobs/handlers.js';
 import { EmbeddedRunner } from '../src/jobs/embedded.js';
-import { BullAgent, Fleet } from '../src/jobs/bull.js';
+import type { Fleet } from '../src/jobs/bull.js';
 import { hostVms, LocalAgent, localAgentPid, sendToLocalAgent } from '../src/jobs/local.js';
 import { JobFileStore } from '../src/jobs/store.js';
 import { formatInterval, parseInterval, ScheduleFile, scheduleJobs, type ScheduleDef } from '../src/jobs/schedule.js';
@@ -61,8 +61,20 @@ export function jobContext(g: GlobalOptions, host: string): JobContext {
   };
 }
 
+/**
+ * BullMQ and ioredis take about 400 ms to load, paid by every vmsnap command if imported at the
+ * top: only the commands that talk to Redis load them.
+ */
+async function bull(): Promise<typeof import('../src/jobs/bull.js')> {
+  return import('../src/jobs/bull.js');
+}
+
+async function connectFleet(url: string): Promise<Fleet> {
+  return (await bull()).Fleet.connect(url);
+}
+
 async function withFleet<T>(url: string, fn: (f: Fleet) => Promise<T>): Promise<T> {
-  const fleet = await Fleet.connect(url);
+  const fleet = await connectFleet(url);
   try {
     return await fn(fleet);
   } finally {
@@ -121,7 +133,7 @@ export function registerAgentCommands(program: Command, globals: Globals): void 
       if (url) {
         // Reachability is checked once for a clear first line; later outages the worker rides out.
         await withFleet(url, async () => undefined);
-        const agent = await BullAgent.start({
+        const agent = await (await bull()).BullAgent.start({
           url,
           ctx,
           concurrency,
@@ -276,7 +288,7 @@ export function registerAgentCommands(program: Command, globals: Globals): void 
     .action(async (o: { redis?: string; watch?: boolean; limit: number }) => {
       const g = globals();
       const url = redisUrl(o);
-      const fleet = url ? await Fleet.connect(url) : null;
+      const fleet = url ? await connectFleet(url) : null;
       try {
         const read = async () => (fleet ? await fleet.jobs(o.limit) : await JobFileStore.forDataDir(dataDir()).list());
         if (!o.watch) {

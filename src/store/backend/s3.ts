@@ -24,15 +24,7 @@
 import { createHash, randomBytes } from 'node:crypto';
 import type { Readable } from 'node:stream';
 import { inspect } from 'node:util';
-import {
-  DeleteObjectCommand,
-  GetObjectCommand,
-  HeadObjectCommand,
-  ListObjectsCommand,
-  PutObjectCommand,
-  S3Client,
-  type S3ClientConfig,
-} from '@aws-sdk/client-s3';
+import type { S3Client, S3ClientConfig } from '@aws-sdk/client-s3';
 import {
   BackendError,
   OBJECT_NAME,
@@ -49,6 +41,21 @@ import {
 } from './contract.js';
 
 const MAX_SINGLE_PUT = 5 * 2 ** 30;
+
+type S3Sdk = typeof import('@aws-sdk/client-s3');
+interface S3Handle {
+  client: S3Client;
+  sdk: S3Sdk;
+}
+let sdkLoad: Promise<S3Sdk> | undefined;
+/**
+ * The SDK takes about 200 ms to load on this class of machine, and every CLI command opens a
+ * backend: a command on a local repository must not pay for S3, and an S3 one pays on its first
+ * request instead of at start.
+ */
+function loadSdk(): Promise<S3Sdk> {
+  return (sdkLoad ??= import('@aws-sdk/client-s3'));
+}
 /** Slowest upload rate tolerated before a PUT counts as stalled (64 MiB pack: about 4 minutes). */
 const MIN_UPLOAD_BYTES_PER_S = 256 * 1024;
 
@@ -320,7 +327,8 @@ export class S3Backend implements Backend {
   readonly capabilities: BackendCapabilities;
   readonly bucket: string;
   private readonly base: string;
-  private readonly client: S3Client;
+  private readonly config: S3ClientConfig;
+  private handle: Promise<S3Handle> | undefined;
   private readonly sem: Semaphore;
   private readonly idleMs: number;
   private readonly pageSize: number;
@@ -357,7 +365,11 @@ export class S3Backend implements Backend {
     if (endpoint !== undefined) config.endpoint = endpoint;
     if (opts.credentials) config.credentials = { ...opts.credentials };
     if (opts.profile !== undefined) config.profile = opts.profile;
-    this.client = new S3Client(config);
+    this.config = config;
+  }
+
+  private s3(): Promise<S3Handle> {
+    return (this.handle ??= loadSdk().then((sdk) => ({ sdk, client: new sdk.S3Client(this.config) })));
   }
 
   static fromUrl(url: string, opts: S3BackendOptions = {}): S3Backend {
@@ -375,13 +387,14 @@ export class S3Backend implements Backend {
    * cover a server that accepts the request and then never answers. Uploads get extra time in
    * proportion to their size (a floor of {@link MIN_UPLOAD_BYTES_PER_S}) so slow links still work.
    */
-  private async timed<T>(op: S3Operation, uploadBytes: number, fn: (abortSignal: AbortSignal) => Promise<T>): Promise<T> {
+  private async timed<T>(op: S3Operation, uploadBytes: number, fn: (abortSignal: AbortSignal, s3: S3Handle) => Promise<T>): Promise<T> {
+    const s3 = await this.s3();
     this.requestCounts[op]++;
     const ac = new AbortController();
     const ms = this.idleMs + Math.ceil((uploadBytes / MIN_UPLOAD_BYTES_PER_S) * 1000);
     const timer = setTimeout(() => ac.abort(), ms);
     try {
-      return await fn(ac.signal);
+      return await fn(ac.signal, s3);
     } catch (err) {
       if (ac.signal.aborted) throw Object.assign(new Error(`no answer within ${ms} ms`), { name: 'TimeoutError' });
       throw err;
@@ -410,9 +423,9 @@ export class S3Backend implements Backend {
     const md5 = createHash('md5').update(data).digest();
     const res = await this.sem.run(async () => {
       try {
-        return await this.timed('put', data.length, (abortSignal) =>
-          this.client.send(
-            new PutObjectCommand({
+        return await this.timed('put', data.length, (abortSignal, { client, sdk }) =>
+          client.send(
+            new sdk.PutObjectCommand({
               Bucket: this.bucket,
               Key: key,
               Body: data,
@@ -474,9 +487,9 @@ export class S3Backend implements Backend {
     return this.sem.run(async () => {
       let res;
       try {
-        res = await this.timed('get', 0, (abortSignal) =>
-          this.client.send(
-            new GetObjectCommand({
+        res = await this.timed('get', 0, (abortSignal, { client, sdk }) =>
+          client.send(
+            new sdk.GetObjectCommand({
               Bucket: this.bucket,
               Key: key,
               ...(range ? { Range: `bytes=${range.offset}-${range.offset + range.length - 1}` } : {}),
@@ -529,8 +542,8 @@ export class S3Backend implements Backend {
     const key = this.key(kind, name);
     return this.sem.run(async () => {
       try {
-        const res = await this.timed('head', 0, (abortSignal) =>
-          this.client.send(new HeadObjectCommand({ Bucket: this.bucket, Key: key }), { abortSignal }),
+        const res = await this.timed('head', 0, (abortSignal, { client, sdk }) =>
+          client.send(new sdk.HeadObjectCommand({ Bucket: this.bucket, Key: key }), { abortSignal }),
         );
         return { name, size: res.ContentLength ?? 0 };
       } catch (err) {
@@ -549,9 +562,9 @@ export class S3Backend implements Backend {
     for (;;) {
       const page = await this.sem.run(async () => {
         try {
-          return await this.timed('list', 0, (abortSignal) =>
-            this.client.send(
-              new ListObjectsCommand({
+          return await this.timed('list', 0, (abortSignal, { client, sdk }) =>
+            client.send(
+              new sdk.ListObjectsCommand({
                 Bucket: this.bucket,
                 Prefix: prefix,
                 MaxKeys: this.pageSize,
@@ -580,8 +593,8 @@ export class S3Backend implements Backend {
     const key = this.key(kind, name);
     await this.sem.run(async () => {
       try {
-        await this.timed('delete', 0, (abortSignal) =>
-          this.client.send(new DeleteObjectCommand({ Bucket: this.bucket, Key: key }), { abortSignal }),
+        await this.timed('delete', 0, (abortSignal, { client, sdk }) =>
+          client.send(new sdk.DeleteObjectCommand({ Bucket: this.bucket, Key: key }), { abortSignal }),
         );
       } catch (err) {
         if (isNotFound(err)) return;
@@ -607,7 +620,8 @@ export class S3Backend implements Backend {
         throw err;
       }
     } finally {
-      await this.client.send(new DeleteObjectCommand({ Bucket: this.bucket, Key: key })).catch(() => undefined);
+      const { client, sdk } = await this.s3();
+      await client.send(new sdk.DeleteObjectCommand({ Bucket: this.bucket, Key: key })).catch(() => undefined);
     }
   }
 
@@ -623,7 +637,7 @@ export class S3Backend implements Backend {
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
-    this.client.destroy();
+    if (this.handle) await this.handle.then((h) => h.client.destroy(), () => undefined);
   }
 
   /** Printing the backend shows where it points, never the client and its credential provider. */
