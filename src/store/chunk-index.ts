@@ -100,12 +100,7 @@ export class ChunkIndex {
   add(id: Uint8Array, pack: string, e: Omit<PackEntry, 'id'>): boolean {
     if (this.find(id) >= 0) return false;
     if (this.n === this.packOf.length) this.grow();
-    let p = this.packIds.get(pack);
-    if (p === undefined) {
-      p = this.packNames.length;
-      this.packNames.push(pack);
-      this.packIds.set(pack, p);
-    }
+    const p = this.packNumber(pack);
     const i = this.n++;
     this.ids.set(id.subarray(0, ID_SIZE), i * ID_SIZE);
     this.packOf[i] = p;
@@ -134,31 +129,74 @@ export class ChunkIndex {
     };
   }
 
-  private slotOf(id: Uint8Array): number {
-    // Ids are uniformly distributed hashes: their first bytes are a perfect hash key.
-    return ((id[0]! | (id[1]! << 8) | (id[2]! << 16) | (id[3]! << 24)) >>> 0) & (this.table.length - 1);
-  }
-
-  private find(id: Uint8Array): number {
+  private find(id: Uint8Array, at = 0): number {
     const mask = this.table.length - 1;
-    for (let s = this.slotOf(id); ; s = (s + 1) & mask) {
+    const ids = this.ids;
+    const key = (id[at]! | (id[at + 1]! << 8) | (id[at + 2]! << 16) | (id[at + 3]! << 24)) >>> 0;
+    for (let s = key & mask; ; s = (s + 1) & mask) {
       const v = this.table[s]!;
       if (v === 0) return -1;
-      const i = v - 1;
-      if (this.ids.compare(id, 0, ID_SIZE, i * ID_SIZE, (i + 1) * ID_SIZE) === 0) return i;
+      // A byte loop in JS: Buffer.compare is a native call per probe, which cost more than the
+      // comparison itself (most probes differ in the first byte).
+      const base = (v - 1) * ID_SIZE;
+      let k = 0;
+      while (k < ID_SIZE && ids[base + k] === id[at + k]) k++;
+      if (k === ID_SIZE) return v - 1;
     }
+  }
+
+  /** Room for `more` entries without growing on the way (a grow rehashes everything). */
+  reserve(more: number): void {
+    if (this.n + more > this.packOf.length) this.grow(Math.max(this.packOf.length * 2, this.n + more));
+  }
+
+  /**
+   * The entries of a validated index file, added in place from its bytes: loading the index is on
+   * every command's path, and an object and a subarray per entry were most of its cost.
+   * Each row's pack is its number in `packs` (checked by the caller). Returns how many were new.
+   */
+  addRows(buf: Buffer, at: number, count: number, entrySize: number, packs: readonly string[]): number {
+    this.reserve(count);
+    // A pack joins the list on its first new entry, as add() does.
+    const packAt = new Int32Array(packs.length).fill(-1);
+    let added = 0;
+    for (let r = 0, p = at; r < count; r++, p += entrySize) {
+      if (this.find(buf, p) >= 0) continue;
+      const i = this.n++;
+      buf.copy(this.ids, i * ID_SIZE, p, p + ID_SIZE);
+      const k = buf.readUInt32BE(p + 32);
+      if (packAt[k]! < 0) packAt[k] = this.packNumber(packs[k]!);
+      this.packOf[i] = packAt[k]!;
+      this.offsets[i] = buf.readUInt32BE(p + 36);
+      this.stored[i] = buf.readUInt32BE(p + 40);
+      this.raw[i] = buf.readUInt32BE(p + 44);
+      this.codecs[i] = buf[p + 48]!;
+      this.insertSlot(i);
+      added++;
+    }
+    return added;
+  }
+
+  private packNumber(pack: string): number {
+    let p = this.packIds.get(pack);
+    if (p === undefined) {
+      p = this.packNames.length;
+      this.packNames.push(pack);
+      this.packIds.set(pack, p);
+    }
+    return p;
   }
 
   private insertSlot(i: number): void {
     const mask = this.table.length - 1;
-    const id = this.ids.subarray(i * ID_SIZE, (i + 1) * ID_SIZE);
-    let s = this.slotOf(id);
+    const ids = this.ids;
+    const b = i * ID_SIZE;
+    let s = ((ids[b]! | (ids[b + 1]! << 8) | (ids[b + 2]! << 16) | (ids[b + 3]! << 24)) >>> 0) & mask;
     while (this.table[s] !== 0) s = (s + 1) & mask;
     this.table[s] = i + 1;
   }
 
-  private grow(): void {
-    const cap = this.packOf.length * 2;
+  private grow(cap = this.packOf.length * 2): void {
     const ids = Buffer.alloc(cap * ID_SIZE);
     this.ids.copy(ids);
     this.ids = ids;
@@ -273,16 +311,8 @@ export function decodeIndexFile(
     const pi = buf.readUInt32BE(p + i * ENTRY + 32);
     if (pi >= packCount) throw new IntegrityError(`index ${name}: entry ${i} names pack #${pi} of ${packCount}`);
   }
-  for (let i = 0; i < entries; i++, p += ENTRY) {
-    const pi = buf.readUInt32BE(p + 32);
-    into.add(buf.subarray(p, p + 32), packs[pi]!, {
-      offset: buf.readUInt32BE(p + 36),
-      storedLength: buf.readUInt32BE(p + 40),
-      rawLength: buf.readUInt32BE(p + 44),
-      codec: buf.readUInt8(p + 48),
-    });
-  }
-  p += 4;
+  into.addRows(buf, p, entries, ENTRY, packs);
+  p += entries * ENTRY + 4;
   const superseded: string[] = [];
   for (let i = 0; i < sup; i++, p += 32) superseded.push(buf.subarray(p, p + 32).toString('hex'));
   return { packs, superseded, entries };
