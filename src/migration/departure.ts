@@ -16,6 +16,8 @@ import { PAGE_SIZE, type PageRecord, type StreamPrefix, type StreamTail } from '
 import { isAllZero } from '../store/hash.js';
 
 const ZERO_PAGE = Buffer.alloc(PAGE_SIZE);
+/** Consecutive pages are gathered into one write of up to this many bytes (see `record`). */
+const RUN_BYTES = 1 << 20;
 
 export class DepartureRecorder {
   private fd: number | null = null;
@@ -25,6 +27,14 @@ export class DepartureRecorder {
   prefix: StreamPrefix | null = null;
   tail: StreamTail | null = null;
   readonly file: string;
+  /**
+   * Pages not yet written: a run of consecutive ones starting at runPos. QEMU sends RAM mostly in
+   * address order, so one write per run instead of one per page takes the recorder (which runs
+   * inside the relay loop, synchronously) from ~50k syscalls per 200 MB to ~200.
+   */
+  private run = Buffer.allocUnsafe(RUN_BYTES);
+  private runPos = 0;
+  private runLen = 0;
 
   constructor(dir: string) {
     this.file = path.join(dir, `departure-${randomBytes(6).toString('hex')}.ram`);
@@ -48,21 +58,37 @@ export class DepartureRecorder {
     const page = pos / PAGE_SIZE;
     const bit = 1 << (page & 7);
     if (rec.kind === 'page' && rec.data) {
-      writeSync(this.fd, rec.data, 0, PAGE_SIZE, pos);
+      if (this.runLen === 0 || pos !== this.runPos + this.runLen || this.runLen === RUN_BYTES) {
+        this.flushRun();
+        this.runPos = pos;
+      }
+      rec.data.copy(this.run, this.runLen, 0, PAGE_SIZE);
+      this.runLen += PAGE_SIZE;
       this.nonZero[page >>> 3]! |= bit;
     } else if (this.nonZero[page >>> 3]! & bit) {
+      // The pending run may hold this page's older content: it must land first.
+      this.flushRun();
       writeSync(this.fd, ZERO_PAGE, 0, PAGE_SIZE, pos);
       this.nonZero[page >>> 3]! &= ~bit;
     }
   }
 
+  private flushRun(): void {
+    if (this.runLen === 0 || this.fd === null) return;
+    let done = 0;
+    while (done < this.runLen) done += writeSync(this.fd, this.run, done, this.runLen - done, this.runPos + done);
+    this.runLen = 0;
+  }
+
   finish(tail: StreamTail): void {
+    this.flushRun();
     this.tail = tail;
   }
 
   /** The final RAM, page by page in block order, for a RamStreamWriter. */
   async *pages(): AsyncGenerator<PageRecord> {
     if (!this.prefix) return;
+    this.flushRun();
     const fh = await fsp.open(this.file, 'r');
     try {
       const buf = Buffer.allocUnsafe(1 << 20);
@@ -85,6 +111,7 @@ export class DepartureRecorder {
   }
 
   async dispose(): Promise<void> {
+    this.runLen = 0;
     if (this.fd !== null) closeSync(this.fd);
     this.fd = null;
     await fsp.rm(this.file, { force: true });

@@ -245,8 +245,9 @@ export async function receiveOne(sock: net.Socket, o: IncomingOptions): Promise<
 
     phase = 'switchover';
     await writes.drain();
-    for (const v of volumes) await v.flush();
-    await waitLoaded(q.qmp);
+    // Both inside the guest's pause: the disks' fsync and QEMU's loading of the device state
+    // run side by side.
+    await Promise.all([Promise.all(volumes.map((v) => v.flush())), waitLoaded(q.qmp)]);
     o.log(`${req.vm}: guest state loaded (${qemuBytes} stream bytes), waiting for COMMIT`);
     await ch.send(MSG.READY);
 
@@ -386,7 +387,7 @@ async function sendHoldings(ch: SecureChannel, h: Holdings, req: MigrationReques
         const head = Buffer.alloc(6);
         head.writeUInt16BE(di, 0);
         head.writeUInt32BE(first, 2);
-        await ch.send(MSG.HAVE_DISK, Buffer.concat([head, s.chunks.subarray(first * BLOCK_HASH_BYTES, (first + k) * BLOCK_HASH_BYTES)]));
+        await ch.send(MSG.HAVE_DISK, head, s.chunks.subarray(first * BLOCK_HASH_BYTES, (first + k) * BLOCK_HASH_BYTES));
       }
     }
   }

@@ -120,6 +120,12 @@ export interface MigrateResult {
   diskBlocksSkipped: number;
   rounds: number;
   base: string | null;
+  /**
+   * Where the pause went, in ms after the source's STOP (null: the step was not reached or STOP
+   * was not seen): QEMU's last byte relayed, QEMU reporting completion, the final disk round sent,
+   * the destination READY (state loaded, disks flushed), and RUNNING.
+   */
+  switchover: { ramSentMs: number | null; completedMs: number | null; diskDoneMs: number | null; readyMs: number | null; runningMs: number | null };
 }
 
 interface MigrationInfo {
@@ -274,9 +280,14 @@ export async function migrateOut(vm: SourceVm, target: MigrateTarget, o: Migrate
       downtimeLimitMs: downtimeLimit,
     });
   };
+  let stopped!: () => void;
+  const stoppedNow = new Promise<void>((res) => (stopped = res));
   const onStop = (): void => {
     stopAt ??= performance.now();
+    stopped();
   };
+  const sinceStop = (): number | null => (stopAt === null ? null : Math.round(performance.now() - stopAt));
+  const switchover: MigrateResult['switchover'] = { ramSentMs: null, completedMs: null, diskDoneMs: null, readyMs: null, runningMs: null };
   vm.qmp.events.on('STOP', onStop);
   try {
     const files = await fileOffers(vm.definition, vm.nvramPath);
@@ -326,7 +337,7 @@ export async function migrateOut(vm: SourceVm, target: MigrateTarget, o: Migrate
       if (!f) throw new Error(`the destination asked for file #${idx}, which was not offered`);
       for await (const c of createReadStream(f.path, { highWaterMark: RECORD_PAYLOAD })) {
         aborted();
-        await chan.send(MSG.FILE_DATA, Buffer.concat([Buffer.from([idx]), c as Buffer]));
+        await chan.send(MSG.FILE_DATA, Buffer.from([idx]), c as Buffer);
       }
     }
     await chan.send(MSG.FILE_END);
@@ -466,9 +477,14 @@ export async function migrateOut(vm: SourceVm, target: MigrateTarget, o: Migrate
         }
       })();
 
+      let stopRoundTaken = false;
       const diskLoop = (async () => {
         while (!ramDone && !abort.signal.aborted) {
-          await new Promise((r) => setTimeout(r, 200));
+          // QEMU's STOP ends the guest's writes (those in flight land in the round after RAM_END):
+          // their round starts at once, beside the RAM tail, instead of inside the pause after it.
+          const tick = new Promise((r) => setTimeout(r, 200));
+          await (stopRoundTaken ? tick : Promise.race([tick, stoppedNow]));
+          if (stopAt !== null) stopRoundTaken = true;
           if (ramDone || abort.signal.aborted) return;
           let dirty = 0;
           for (const b of bitmaps.values()) dirty += b.count;
@@ -479,6 +495,7 @@ export async function migrateOut(vm: SourceVm, target: MigrateTarget, o: Migrate
 
       const relay = new MigStreamRelay();
       await relayRam(conn, chan, relay, heldPages, () => codec, stats, abort.signal, o.recorder);
+      switchover.ramSentMs = sinceStop();
       const tail = relay.finish();
       o.recorder?.finish(tail);
       stats.qemuBytes = relay.bytes;
@@ -494,6 +511,7 @@ export async function migrateOut(vm: SourceVm, target: MigrateTarget, o: Migrate
         if (st.status === 'failed' || st.status === 'cancelled') throw new Error(`QEMU reports the migration ${st.status}: ${st['error-desc'] ?? ''}`);
         await new Promise((r) => setTimeout(r, 10));
       }
+      switchover.completedMs = sinceStop();
       await chan.send(MSG.RAM_END);
     } finally {
       ramDone = true;
@@ -506,14 +524,17 @@ export async function migrateOut(vm: SourceVm, target: MigrateTarget, o: Migrate
     phase = 'switchover';
     emit(phase);
     await diskRound();
+    switchover.diskDoneMs = sinceStop();
     await chan.send(MSG.SENT_ALL, jsonBody({ qemuBytes: stats.qemuBytes, ramRefs: stats.ramRefs, diskBlocks: stats.diskSent }));
     await inbox.expect(MSG.READY, 'READY', 120_000);
+    switchover.readyMs = sinceStop();
     aborted();
     phase = 'commit';
     committed = true;
     await chan.send(MSG.COMMIT);
     await inbox.expect(MSG.RUNNING, 'RUNNING', 60_000);
     const tRunning = performance.now();
+    switchover.runningMs = sinceStop();
     inbox.stop();
     await chan.close();
     emit('done');
@@ -529,6 +550,7 @@ export async function migrateOut(vm: SourceVm, target: MigrateTarget, o: Migrate
       diskBlocksSkipped: stats.diskSkipped,
       rounds: lastInfo.ram?.['dirty-sync-count'] ?? 0,
       base: pre.base,
+      switchover,
     };
   } catch (err) {
     const e = abort.signal.aborted && !(err instanceof MigrationError) && !(err instanceof MigrationRefusedError) ? (abort.signal.reason as Error) : (err as Error);
@@ -615,13 +637,13 @@ async function relayRam(
     head[0] = enc.codec;
     head.writeUInt32BE(bytes.length, 1);
     stats.bytesSaved += bytes.length - enc.data.length;
-    await ch.send(MSG.RAM_RAW, Buffer.concat([head, enc.data]));
+    await ch.send(MSG.RAM_RAW, head, enc.data);
   };
   const flushRefs = async (): Promise<void> => {
     if (refs.length === 0) return;
-    const body = Buffer.concat(refs);
+    const body = refs;
     refs = [];
-    await ch.send(MSG.RAM_REF, body);
+    await ch.send(MSG.RAM_REF, ...body);
   };
   // A push's pieces are views valid only until the next push: raw bytes are copied, pages become
   // their hash (computed once, in `cut`).
@@ -729,14 +751,14 @@ async function sendBlocks(
     }
     sentOnce[b] = 1;
     if (heldSet.has(hash.toString('latin1'))) {
-      await ch.send(MSG.DISK_REF, Buffer.concat([diskHeader('ref', disk, b, 0), hash]));
+      await ch.send(MSG.DISK_REF, diskHeader('ref', disk, b, 0), hash);
       stats.bytesSaved += len - BLOCK_HASH_BYTES;
       continue;
     }
     const enc = encode(codec, data, 1);
     stats.bytesSaved += len - enc.data.length;
     stats.diskSent++;
-    await ch.send(MSG.DISK_DATA, Buffer.concat([diskHeader('data', disk, b, enc.codec), enc.data]));
+    await ch.send(MSG.DISK_DATA, diskHeader('data', disk, b, enc.codec), enc.data);
   }
   await flushZeros();
 }
