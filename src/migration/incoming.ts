@@ -245,9 +245,7 @@ export async function receiveOne(sock: net.Socket, o: IncomingOptions): Promise<
 
     phase = 'switchover';
     await writes.drain();
-    // Both inside the guest's pause: the disks' fsync and QEMU's loading of the device state
-    // run side by side.
-    await Promise.all([Promise.all(volumes.map((v) => v.flush())), waitLoaded(q.qmp)]);
+    await waitLoaded(q.qmp);
     o.log(`${req.vm}: guest state loaded (${qemuBytes} stream bytes), waiting for COMMIT`);
     await ch.send(MSG.READY);
 
@@ -255,6 +253,9 @@ export async function receiveOne(sock: net.Socket, o: IncomingOptions): Promise<
     await next(); // COMMIT (the state machine accepts nothing else)
     sock.setTimeout(0);
     await q.qmp.execute('cont');
+    // The guest runs from the volumes' page cache; RUNNING, which lets the source delete its
+    // copy, waits until what arrived is durable here. The fsync is outside the guest's pause.
+    for (const v of volumes) await v.flush();
     const st = await q.qmp.execute<{ status: string }>('query-status');
     await fsp.rm(paths.incomingMarker, { force: true });
     await ch.send(MSG.RUNNING, jsonBody({ state: st.status }));

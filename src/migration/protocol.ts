@@ -13,11 +13,12 @@
  *   ── DISK_DATA | DISK_ZERO | DISK_REF  (round 1: all blocks) ──▶  written into the new volumes
  *   ── RAM_RAW | RAM_REF  (QEMU's stream, verbatim but for refs) ─▶  fed to QEMU -incoming (paused)
  *   ── DISK_* (later rounds: blocks dirtied since), interleaved ──▶
- *   ── RAM_END (QEMU completed: source guest stopped) ───────────▶
- *   ── DISK_* (final round) , SENT_ALL {stats} ──────────────────▶  flush volumes, wait for QEMU to
- *   ◀─────────────────────────────────────────────── READY          load the stream (paused)
- *   ── COMMIT ──────────────────────────────────────────────────▶  `cont`; the VM is now this host's
- *   ◀─────────────────────────────────────────────── RUNNING        the source lets go only now
+ *   ── RAM_END (the stream is whole: source guest stopped) ──────▶
+ *   ── DISK_* (final round) , SENT_ALL {stats} ──────────────────▶  wait for QEMU to load the
+ *   ◀─────────────────────────────────────────────── READY          stream (paused)
+ *   ── COMMIT (after the source QEMU reported completion) ───────▶  `cont`; the VM is now this host's;
+ *   ◀─────────────────────────────────────────────── RUNNING        volumes flushed, then RUNNING:
+ *                                                                   the source lets go only now
  *
  *   ABORT {phase, message} may be sent by either side at any point before COMMIT; then both close.
  *
@@ -27,8 +28,8 @@
  *   AwaitRequest ──REQUEST──▶ [pre-flight] ──▶ AwaitFiles ──FILE_END──▶ [send haves] ──▶ Receiving
  *   AwaitFiles   ──FILE_DATA──▶ AwaitFiles
  *   Receiving    ──DISK_*, RAM_RAW, RAM_REF──▶ Receiving   ──RAM_END──▶ RamDone
- *   RamDone      ──DISK_*──▶ RamDone   ──SENT_ALL──▶ [flush, load] ──▶ AwaitCommit
- *   AwaitCommit  ──COMMIT──▶ [cont] ──▶ Running (terminal: the guest is ours)
+ *   RamDone      ──DISK_*──▶ RamDone   ──SENT_ALL──▶ [load] ──▶ AwaitCommit
+ *   AwaitCommit  ──COMMIT──▶ [cont, flush] ──▶ Running (terminal: the guest is ours)
  *   any state but Running ──ABORT / channel closed / error──▶ Discarded (terminal)
  *
  * Why commit is a separate step: a destination that resumed the guest on its own when the stream
