@@ -189,6 +189,8 @@ export class SecureChannel {
   /** Bytes written to and read from the socket, headers and seals included (the link's own count). */
   bytesSent = 0;
   bytesReceived = 0;
+  /** Time spent waiting for a full send buffer to drain, ms: the link, not this process, was the limit. */
+  sendBlockedMs = 0;
 
   /** @internal built by openClientChannel / acceptServerChannel */
   constructor(
@@ -240,7 +242,14 @@ export class SecureChannel {
     const boxLen = sealInto(this.sendKey, plain, this.aad(this.sendSeq++), frame.subarray(4));
     frame.writeUInt32BE(boxLen, 0);
     this.bytesSent += frame.length;
-    if (!this.sock.write(frame)) await this.drained();
+    if (!this.sock.write(frame)) {
+      const t = performance.now();
+      try {
+        await this.drained();
+      } finally {
+        this.sendBlockedMs += performance.now() - t;
+      }
+    }
   }
 
   private drained(): Promise<void> {

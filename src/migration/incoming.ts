@@ -252,13 +252,15 @@ export async function receiveOne(sock: net.Socket, o: IncomingOptions): Promise<
     phase = 'commit';
     await next(); // COMMIT (the state machine accepts nothing else)
     sock.setTimeout(0);
+    const tCommit = performance.now();
     await q.qmp.execute('cont');
+    const resumeMs = Math.round(performance.now() - tCommit);
     // The guest runs from the volumes' page cache; RUNNING, which lets the source delete its
     // copy, waits until what arrived is durable here. The fsync is outside the guest's pause.
     for (const v of volumes) await v.flush();
     const st = await q.qmp.execute<{ status: string }>('query-status');
     await fsp.rm(paths.incomingMarker, { force: true });
-    await ch.send(MSG.RUNNING, jsonBody({ state: st.status }));
+    await ch.send(MSG.RUNNING, jsonBody({ state: st.status, resumeMs }));
     await ch.close();
     await releaseHoldings(holdings);
     o.log(`${req.vm}: running here (${st.status})`);

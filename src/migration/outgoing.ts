@@ -110,7 +110,7 @@ export interface MigrateResult {
   totalMs: number;
   /** QEMU's downtime figure (source side: ends when the source wrote its last byte). */
   qemuDowntimeMs: number | null;
-  /** Source stop (QMP STOP event) to the destination's RUNNING reply: the pause the guest saw, at most. */
+  /** Source stop (QMP STOP event) to the destination's `cont` (as it reports it): the guest's pause, host-side. */
   pauseMs: number | null;
   bytesSent: number;
   bytesSaved: number;
@@ -123,9 +123,10 @@ export interface MigrateResult {
   /**
    * Where the pause went, in ms after the source's STOP (null: the step was not reached or STOP
    * was not seen): QEMU's last byte relayed, QEMU reporting completion, the final disk round sent,
-   * the destination READY (state loaded, disks flushed), and RUNNING.
+   * the destination READY (state loaded), the guest resumed there (`cont`, as the destination
+   * reports it), and RUNNING (the arrived disks flushed there: the source may let go).
    */
-  switchover: { ramSentMs: number | null; completedMs: number | null; diskDoneMs: number | null; readyMs: number | null; runningMs: number | null };
+  switchover: { ramSentMs: number | null; completedMs: number | null; diskDoneMs: number | null; readyMs: number | null; resumedMs: number | null; runningMs: number | null };
 }
 
 interface MigrationInfo {
@@ -252,6 +253,7 @@ export async function migrateOut(vm: SourceVm, target: MigrateTarget, o: Migrate
   let qemuStarted = false;
   const bitmaps = new Map<string, DirtyBitmap>();
   let watchdog: NodeJS.Timeout | undefined;
+  let codecTimer: NodeJS.Timeout | undefined;
   const abort = new AbortController();
   const fail = (e: Error) => abort.abort(e);
   o.signal?.addEventListener('abort', () => fail(new MigrationError(phase, 'cancelled', false)), { once: true });
@@ -287,7 +289,7 @@ export async function migrateOut(vm: SourceVm, target: MigrateTarget, o: Migrate
     stopped();
   };
   const sinceStop = (): number | null => (stopAt === null ? null : Math.round(performance.now() - stopAt));
-  const switchover: MigrateResult['switchover'] = { ramSentMs: null, completedMs: null, diskDoneMs: null, readyMs: null, runningMs: null };
+  const switchover: MigrateResult['switchover'] = { ramSentMs: null, completedMs: null, diskDoneMs: null, readyMs: null, resumedMs: null, runningMs: null };
   vm.qmp.events.on('STOP', onStop);
   try {
     const files = await fileOffers(vm.definition, vm.nvramPath);
@@ -373,7 +375,25 @@ export async function migrateOut(vm: SourceVm, target: MigrateTarget, o: Migrate
     inbox = new Inbox(chan);
     inbox.run(fail);
 
-    let codec: CodecId = pickCodec(o.compress ?? 'auto', 0);
+    let codec: CodecId = pickCodec(o.compress ?? 'auto', 0, false);
+    // Compression pays only while the link is what limits us: its send buffer stayed full for
+    // much of the interval. Otherwise the CPU is (on two cores here: both QEMUs, this relay and
+    // the destination's), and compressing would slow the move down.
+    let linkBound = false;
+    let lastBlocked = 0;
+    let lastSent = 0;
+    let lastTick = performance.now();
+    codecTimer = setInterval(() => {
+      const now = performance.now();
+      const dt = Math.max(1, now - lastTick);
+      const blocked = (chan.sendBlockedMs - lastBlocked) / dt;
+      const rate = ((chan.bytesSent - lastSent) * 1000) / dt;
+      lastTick = now;
+      lastBlocked = chan.sendBlockedMs;
+      lastSent = chan.bytesSent;
+      linkBound = blocked > 0.5 || (linkBound && blocked > 0.2);
+      codec = pickCodec(o.compress ?? 'auto', rate, linkBound);
+    }, 250);
 
     // ------------------------------------------------------------------ disks, round 1 and on
     phase = 'disk';
@@ -391,7 +411,7 @@ export async function migrateOut(vm: SourceVm, target: MigrateTarget, o: Migrate
         const [name, v] = volumes[di]!;
         const blocks = bitmaps.get(name)!.drain();
         n += blocks.length;
-        await sendBlocks(chan, di, v, blocks, heldBlocks.get(di) ?? null, heldBlockSet, sentOnce.get(di)!, codec, stats, aborted);
+        await sendBlocks(chan, di, v, blocks, heldBlocks.get(di) ?? null, heldBlockSet, sentOnce.get(di)!, () => codec, stats, aborted);
       }
       return n;
     };
@@ -452,7 +472,6 @@ export async function migrateOut(vm: SourceVm, target: MigrateTarget, o: Migrate
           lastBytes = chan.bytesSent;
           lastT = now;
           if (rate > 0) linkRate = linkRate === 0 ? rate : linkRate * 0.6 + rate * 0.4;
-          codec = pickCodec(o.compress ?? 'auto', linkRate);
           // QEMU counts the bytes it writes; the link carries fewer when we dedup or compress.
           if (compressing() && linkRate > 0 && Math.abs(linkRate - switchoverBw) > switchoverBw * 0.1) {
             switchoverBw = Math.round(linkRate);
@@ -540,17 +559,27 @@ export async function migrateOut(vm: SourceVm, target: MigrateTarget, o: Migrate
     aborted();
     phase = 'commit';
     committed = true;
+    const tCommit = performance.now();
     await chan.send(MSG.COMMIT);
-    await inbox.expect(MSG.RUNNING, 'RUNNING', 60_000);
-    const tRunning = performance.now();
+    const running = await inbox.expect(MSG.RUNNING, 'RUNNING', 60_000);
     switchover.runningMs = sinceStop();
+    // The guest's pause ended at the destination's `cont`, before it flushed the arrived disks and
+    // answered: it reports how long after COMMIT that was (older destinations do not: RUNNING then).
+    let resumed: unknown;
+    try {
+      resumed = parseJsonBody<{ resumeMs?: unknown }>(running.body, 'RUNNING').resumeMs;
+    } catch {
+      // RUNNING itself is the confirmation; its figures are only for the report.
+    }
+    const tResumed = typeof resumed === 'number' && resumed >= 0 ? Math.min(performance.now(), tCommit + resumed) : performance.now();
+    switchover.resumedMs = stopAt !== null ? Math.round(tResumed - stopAt) : null;
     inbox.stop();
     await chan.close();
     emit('done');
     return {
       totalMs: performance.now() - t0,
       qemuDowntimeMs: lastInfo.downtime ?? null,
-      pauseMs: stopAt !== null ? tRunning - stopAt : null,
+      pauseMs: stopAt !== null ? tResumed - stopAt : null,
       bytesSent: chan.bytesSent,
       bytesSaved: stats.bytesSaved,
       qemuBytes: stats.qemuBytes,
@@ -585,6 +614,7 @@ export async function migrateOut(vm: SourceVm, target: MigrateTarget, o: Migrate
     throw new MigrationError(phase, e.message, retryable, 'source', { cause: e });
   } finally {
     clearInterval(watchdog);
+    clearInterval(codecTimer);
     vm.qmp.events.off('STOP', onStop);
     // auto-converge stays set in QEMU otherwise, and a later take's background snapshot refuses it.
     if (qemuStarted) await vm.qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'auto-converge', state: false }] }).catch(() => undefined);
@@ -592,11 +622,15 @@ export async function migrateOut(vm: SourceVm, target: MigrateTarget, o: Migrate
   }
 }
 
-function pickCodec(choice: 'auto' | 'zstd' | 'lz4' | 'none', linkRate: number): CodecId {
+/**
+ * The codec for the next records. `auto`: none while the CPU is the limit (the link takes all we
+ * send), else zstd on a slow link (more bytes saved per CPU second) and lz4 on a fast one.
+ */
+function pickCodec(choice: 'auto' | 'zstd' | 'lz4' | 'none', linkRate: number, linkBound: boolean): CodecId {
   if (choice === 'none') return CODECS.none;
   if (choice === 'zstd') return CODECS.zstd;
   if (choice === 'lz4') return CODECS.lz4;
-  // zstd saves more bytes per CPU second on a slow link; lz4 keeps up with a fast one.
+  if (!linkBound) return CODECS.none;
   return linkRate > 0 && linkRate < 40e6 ? CODECS.zstd : CODECS.lz4;
 }
 
@@ -708,7 +742,7 @@ async function sendBlocks(
   heldIds: Buffer | null,
   heldSet: ReadonlySet<string>,
   sentOnce: Uint8Array,
-  codec: CodecId,
+  codec: () => CodecId,
   stats: { bytesSaved: number; diskSent: number; diskSkipped: number },
   aborted: () => void,
 ): Promise<void> {
@@ -764,7 +798,7 @@ async function sendBlocks(
       stats.bytesSaved += len - BLOCK_HASH_BYTES;
       continue;
     }
-    const enc = encode(codec, data, 1);
+    const enc = encode(codec(), data, 1);
     stats.bytesSaved += len - enc.data.length;
     stats.diskSent++;
     await ch.send(MSG.DISK_DATA, diskHeader('data', disk, b, enc.codec), enc.data);

@@ -52,6 +52,8 @@
  *   DISK_REF    u16 disk | u32 block | 32-byte hash of a block the destination holds
  *   RAM_RAW     u8 codec | u32 length | stream bytes, encoded (decoded length must be `length`)
  *   RAM_REF     n × 16-byte page hashes (pages the destination holds, in stream order)
+ *   RUNNING     JSON {state, resumeMs}: resumeMs = COMMIT to `cont` done (the guest's pause ends
+ *               there; RUNNING follows the flush of the arrived disks)
  */
 import { UserFacingError } from '../util/errors.js';
 import { FrameError } from './channel.js';
