@@ -73,7 +73,7 @@ export function vmsnapMethod(): MigrationMethod {
           guest: { console: Console.file(path.join(to.dataDir, 'vms', VM, 'run', 'serial.log')) },
           ...(typeof result.pauseMs === 'number' ? { freezeMs: Math.round(result.pauseMs) } : {}),
           qemu: { ...(typeof result.qemuDowntimeMs === 'number' ? { downtimeMs: result.qemuDowntimeMs } : {}), ...(typeof result.totalMs === 'number' ? { totalMs: Math.round(result.totalMs) } : {}) },
-          details: { bytesSent: result.bytesSent, bytesSaved: result.bytesSaved, qemuBytes: result.qemuBytes, ramRefs: result.ramRefs, diskBlocksSent: result.diskBlocksSent, diskBlocksSkipped: result.diskBlocksSkipped, base: result.base, departure: result.departure, switchover: result.switchover, migrateMs: result.totalMs },
+          details: { bytesSent: result.bytesSent, bytesSaved: result.bytesSaved, qemuBytes: result.qemuBytes, ramRefs: result.ramRefs, diskBlocksSent: result.diskBlocksSent, diskBlocksSkipped: result.diskBlocksSkipped, base: result.base, departure: result.departure, switchover: result.switchover, phases: result.phases, migrateMs: result.totalMs },
         };
       } finally {
         recv.kill('SIGTERM');

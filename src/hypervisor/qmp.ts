@@ -355,3 +355,8 @@ function openSocket(path: string): Promise<net.Socket> {
     });
   });
 }
+
+/** QEMU's event timestamp (host wall clock, µs) in ms since the epoch. */
+export function eventTimeMs(e: QmpEvent): number {
+  return e.timestamp.seconds * 1000 + e.timestamp.microseconds / 1000;
+}

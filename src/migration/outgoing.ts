@@ -29,7 +29,7 @@ import { createHash, randomBytes } from 'node:crypto';
 import { blake3 } from '@napi-rs/blake-hash';
 import { MigStreamRelay, PAGE_SIZE, type PageRecord, type RelayPiece } from '../migstream/index.js';
 import type { DepartureRecorder } from './departure.js';
-import type { QmpClient } from '../hypervisor/qmp.js';
+import { eventTimeMs, type QmpClient, type QmpEvent } from '../hypervisor/qmp.js';
 import type { Volume } from '../cow/volume.js';
 import type { DirtyBitmap } from '../cow/dirty-bitmap.js';
 import { CODECS, encode, type CodecId } from '../store/codec.js';
@@ -122,11 +122,14 @@ export interface MigrateResult {
   base: string | null;
   /**
    * Where the pause went, in ms after the source's STOP (null: the step was not reached or STOP
-   * was not seen): QEMU's last byte relayed, QEMU reporting completion, the final disk round sent,
+   * was not seen): QEMU's last byte relayed, QEMU reporting completion (and its MIGRATION event's
+   * own time of it), the final disk round sent,
    * the destination READY (state loaded), the guest resumed there (`cont`, as the destination
    * reports it), and RUNNING (the arrived disks flushed there: the source may let go).
    */
-  switchover: { ramSentMs: number | null; completedMs: number | null; diskDoneMs: number | null; readyMs: number | null; resumedMs: number | null; runningMs: number | null };
+  /** When each phase began, ms after the start of the migration ('done': the end). */
+  phases: Partial<Record<MigrationPhase | 'done', number>>;
+  switchover: { ramSentMs: number | null; completedMs: number | null; qemuCompletedMs: number | null; diskDoneMs: number | null; readyMs: number | null; resumedMs: number | null; runningMs: number | null };
 }
 
 interface MigrationInfo {
@@ -265,7 +268,10 @@ export async function migrateOut(vm: SourceVm, target: MigrateTarget, o: Migrate
   let downtimeLimit = Math.min(maxDowntime, 300);
   let stopAt: number | null = null;
   let lastInfo: MigrationInfo = {};
+  /** When each phase began, ms after the start (the result's `phases`). */
+  const phaseAt: Partial<Record<MigrationPhase | 'done', number>> = {};
   const emit = (p: MigrationPhase | 'done'): void => {
+    phaseAt[p] ??= Math.round(performance.now() - t0);
     const ram = lastInfo.ram ?? {};
     const remaining = ram.remaining ?? 0;
     o.onEvent?.({
@@ -284,13 +290,26 @@ export async function migrateOut(vm: SourceVm, target: MigrateTarget, o: Migrate
   };
   let stopped!: () => void;
   const stoppedNow = new Promise<void>((res) => (stopped = res));
-  const onStop = (): void => {
+  let stopQemuAt: number | null = null;
+  let completedQemuAt: number | null = null;
+  let completedSeen!: () => void;
+  const completedEvent = new Promise<void>((res) => (completedSeen = res));
+  const onStop = (e: QmpEvent): void => {
     stopAt ??= performance.now();
+    stopQemuAt ??= eventTimeMs(e);
     stopped();
   };
+  // The MIGRATION event carries QEMU's own time of completion: the switchover report tells QEMU's
+  // delay from the delay of its monitor's answer.
+  const onMigration = (e: QmpEvent): void => {
+    if (e.data.status !== 'completed') return;
+    completedQemuAt ??= eventTimeMs(e);
+    completedSeen();
+  };
   const sinceStop = (): number | null => (stopAt === null ? null : Math.round(performance.now() - stopAt));
-  const switchover: MigrateResult['switchover'] = { ramSentMs: null, completedMs: null, diskDoneMs: null, readyMs: null, resumedMs: null, runningMs: null };
+  const switchover: MigrateResult['switchover'] = { ramSentMs: null, completedMs: null, qemuCompletedMs: null, diskDoneMs: null, readyMs: null, resumedMs: null, runningMs: null };
   vm.qmp.events.on('STOP', onStop);
+  vm.qmp.events.on('MIGRATION', onMigration);
   try {
     const files = await fileOffers(vm.definition, vm.nvramPath);
     ch = await connectToPeer(target, o.identity);
@@ -425,6 +444,10 @@ export async function migrateOut(vm: SourceVm, target: MigrateTarget, o: Migrate
     await new Promise<void>((res, rej) => server.once('error', rej).listen(sockPath, () => res()));
     let conn: net.Socket | null = null;
     let ramDone = false;
+    // The loops beside the relay sleep between steps; the end of the stream must not wait out a
+    // sleep (a 250 ms one was most of the guest's pause).
+    let ramOver!: () => void;
+    const ramFinished = new Promise<void>((res) => (ramOver = res));
     try {
       const accepted = new Promise<net.Socket>((res) => server.once('connection', res));
       const compressing = (): boolean => codec !== CODECS.none || heldPages.size > 0;
@@ -453,7 +476,7 @@ export async function migrateOut(vm: SourceVm, target: MigrateTarget, o: Migrate
       let switchoverBw = 0;
       const poll = (async () => {
         while (!ramDone && !abort.signal.aborted) {
-          await new Promise((r) => setTimeout(r, 250));
+          await Promise.race([new Promise((r) => setTimeout(r, 250)), ramFinished]);
           if (ramDone) return;
           let st: MigrationInfo;
           try {
@@ -502,7 +525,7 @@ export async function migrateOut(vm: SourceVm, target: MigrateTarget, o: Migrate
           // QEMU's STOP ends the guest's writes (those in flight land in the round after RAM_END):
           // their round starts at once, beside the RAM tail, instead of inside the pause after it.
           const tick = new Promise((r) => setTimeout(r, 200));
-          await (stopRoundTaken ? tick : Promise.race([tick, stoppedNow]));
+          await Promise.race(stopRoundTaken ? [tick, ramFinished] : [tick, ramFinished, stoppedNow]);
           if (stopAt !== null) stopRoundTaken = true;
           if (ramDone || abort.signal.aborted) return;
           let dirty = 0;
@@ -519,15 +542,16 @@ export async function migrateOut(vm: SourceVm, target: MigrateTarget, o: Migrate
       o.recorder?.finish(tail);
       stats.qemuBytes = relay.bytes;
       ramDone = true;
+      ramOver();
       await poll;
       await diskLoop;
       aborted();
       // The stream is whole (relay.finish checked its device state and EOF): the destination can
-      // load it now, while QEMU here still finishes up (it flushes its disks before it reports
-      // completion, which took 250 ms under load, all of it inside the guest's pause).
+      // load it now, while QEMU here still finishes up (COMMIT waits for its completion).
       await chan.send(MSG.RAM_END);
     } finally {
       ramDone = true;
+      ramOver();
       conn?.destroy();
       server.close();
       await fsp.rm(sockPath, { force: true });
@@ -545,7 +569,8 @@ export async function migrateOut(vm: SourceVm, target: MigrateTarget, o: Migrate
         lastInfo = st;
         if (st.status === 'completed') return;
         if (st.status === 'failed' || st.status === 'cancelled') throw new Error(`QEMU reports the migration ${st.status}: ${st['error-desc'] ?? ''}`);
-        await new Promise((r) => setTimeout(r, 5));
+        // The event, when it comes first, ends the wait: one more query then confirms it.
+        await Promise.race([new Promise((r) => setTimeout(r, 5)), completedEvent]);
       }
     })();
     completed.catch(() => undefined);
@@ -554,6 +579,7 @@ export async function migrateOut(vm: SourceVm, target: MigrateTarget, o: Migrate
     await chan.send(MSG.SENT_ALL, jsonBody({ qemuBytes: stats.qemuBytes, ramRefs: stats.ramRefs, diskBlocks: stats.diskSent }));
     await completed;
     switchover.completedMs = sinceStop();
+    switchover.qemuCompletedMs = stopQemuAt !== null && completedQemuAt !== null ? Math.round(completedQemuAt - stopQemuAt) : null;
     await inbox.expect(MSG.READY, 'READY', 120_000);
     switchover.readyMs = sinceStop();
     aborted();
@@ -589,6 +615,7 @@ export async function migrateOut(vm: SourceVm, target: MigrateTarget, o: Migrate
       rounds: lastInfo.ram?.['dirty-sync-count'] ?? 0,
       base: pre.base,
       switchover,
+      phases: phaseAt,
     };
   } catch (err) {
     const e = abort.signal.aborted && !(err instanceof MigrationError) && !(err instanceof MigrationRefusedError) ? (abort.signal.reason as Error) : (err as Error);
@@ -616,6 +643,7 @@ export async function migrateOut(vm: SourceVm, target: MigrateTarget, o: Migrate
     clearInterval(watchdog);
     clearInterval(codecTimer);
     vm.qmp.events.off('STOP', onStop);
+    vm.qmp.events.off('MIGRATION', onMigration);
     // auto-converge stays set in QEMU otherwise, and a later take's background snapshot refuses it.
     if (qemuStarted) await vm.qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'auto-converge', state: false }] }).catch(() => undefined);
     for (const [name, v] of vm.volumes) if (bitmaps.has(name)) v.removeDirtyBitmap('migration');

@@ -28,11 +28,6 @@
 import type { NbdServer } from '../cow/nbd-server.js';
 import type { QmpClient, QmpEvent } from '../hypervisor/qmp.js';
 
-/** QEMU's event timestamp (host wall clock, µs) in ms since the epoch. */
-export function eventTimeMs(e: QmpEvent): number {
-  return e.timestamp.seconds * 1000 + e.timestamp.microseconds / 1000;
-}
-
 /** Our own clock on the same scale as eventTimeMs (wall clock, sub-millisecond). */
 export function nowMs(): number {
   return performance.timeOrigin + performance.now();

@@ -5,7 +5,8 @@
  * pause, the setup and the background save can be reported apart.
  */
 import type { QmpClient, QmpEvent } from '../hypervisor/qmp.js';
-import { eventTimeMs, nowMs } from './stop-point-cut.js';
+import { nowMs } from './stop-point-cut.js';
+import { eventTimeMs } from '../hypervisor/qmp.js';
 
 export interface TakeEvent {
   /** ms since the epoch (fractional). */

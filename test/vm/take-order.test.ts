@@ -14,7 +14,7 @@
 import * as path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { QmpClient, type QmpEvent } from '../../src/hypervisor/qmp.js';
-import { eventTimeMs } from '../../src/vm/stop-point-cut.js';
+import { eventTimeMs } from '../../src/hypervisor/qmp.js';
 import { VmLab, last, type TakeJson } from '../helpers/vm.js';
 
 describe('take: the guest is paused only after QEMU has finished its migration setup', () => {
