@@ -11,8 +11,9 @@ import { check, freshDir } from './measure.js';
 export const REPO_ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
 
 /**
- * Compiles src/ and cli/ into `<root>/<name>` and returns the path of cli/main.js there. Each suite
- * uses its own name, so one suite's build never replaces the files another is running.
+ * Compiles src/ and cli/ into `<root>/<name>`, bundles it like `npm run build`, and returns the
+ * bundle's entry (bundle/main.js there). Each suite uses its own name, so one suite's build never
+ * replaces the files another is running.
  */
 export async function buildCli(root: string, name: string): Promise<string> {
   const out = path.join(root, name);
@@ -26,7 +27,11 @@ export async function buildCli(root: string, name: string): Promise<string> {
   await fsp.symlink(path.join(REPO_ROOT, '.cache'), path.join(out, '.cache'));
   const main = path.join(out, 'cli/main.js');
   if (!existsSync(main)) throw new Error(`tsc did not produce ${main}`);
-  return main;
+  // Then bundled, as `npm run build` does (scripts/bundle.mjs): what bin/vmsnap.js runs, start-up included.
+  await check(process.execPath, [path.join(REPO_ROOT, 'scripts/bundle.mjs'), out], { cwd: REPO_ROOT });
+  const bundled = path.join(out, 'bundle/main.js');
+  if (!existsSync(bundled)) throw new Error(`scripts/bundle.mjs did not produce ${bundled}`);
+  return bundled;
 }
 
 /**
@@ -38,7 +43,7 @@ export async function vmCli(root: string, name: string): Promise<{ cli: (args: s
   const cliMain = await buildCli(root, `build-${name}`);
   const buildDir = path.dirname(path.dirname(cliMain));
   await fsp.mkdir(path.join(buildDir, 'bin'), { recursive: true });
-  await fsp.writeFile(path.join(buildDir, 'bin', 'vmsnap.js'), "import '../cli/main.js';\n");
+  await fsp.writeFile(path.join(buildDir, 'bin', 'vmsnap.js'), "process.env.UV_THREADPOOL_SIZE ??= '16';\nawait import('../bundle/main.js');\n");
   const dataDir = await freshDir(root, `${name}-data`);
   const repo = await freshDir(root, `${name}-repo`);
   await fsp.rm(repo, { recursive: true });
