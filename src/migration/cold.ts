@@ -15,8 +15,8 @@ import { CODECS } from '../store/codec.js';
 import type { VmDefinition } from '../vm/config.js';
 import type { SecureChannel } from './channel.js';
 import type { HostIdentity } from './identity.js';
-import { connectToPeer, fileOffers, Inbox, migrationRequest, negotiate, pickCodec, sendBlocks, type MigrateResult, type MigrateTarget, type MigrationEvent } from './outgoing.js';
-import { jsonBody, MigrationError, MigrationRefusedError, MSG, parseJsonBody, type MigrationPhase } from './protocol.js';
+import { connectToPeer, fileOffers, Inbox, migrationFailed, migrationRequest, negotiate, pickCodec, sendBlocks, type MigrateResult, type MigrateTarget, type MigrationEvent } from './outgoing.js';
+import { jsonBody, MigrationError, MSG, parseJsonBody, type MigrationPhase } from './protocol.js';
 
 export interface ColdSource {
   definition: VmDefinition;
@@ -121,25 +121,16 @@ export async function migrateColdOut(src: ColdSource, target: MigrateTarget, o: 
       destinationState: String(parseJsonBody<{ state?: string }>(running.body, 'RUNNING').state ?? 'unknown'),
     };
   } catch (err) {
-    const e = abort.signal.aborted && !(err instanceof MigrationError) && !(err instanceof MigrationRefusedError) ? (abort.signal.reason as Error) : (err as Error);
-    inbox?.stop();
-    if (committed) {
-      ch?.destroy();
-      throw new MigrationError(
-        'commit',
-        `the destination was told to take the VM but did not confirm (${e.message}); the VM stays here, stopped. ` +
-          `Check the destination: if the VM is there, remove it here; if not, start it here again.`,
-        false,
-        'unknown',
-        { cause: e },
-      );
-    }
-    if (ch) {
-      await ch.send(MSG.ABORT, jsonBody({ phase, message: e.message })).catch(() => undefined);
-      ch.destroy();
-    }
-    if (e instanceof MigrationError || e instanceof MigrationRefusedError) throw e;
-    throw new MigrationError(phase, e.message, (e as { retryable?: boolean }).retryable ?? true, 'source', { cause: e });
+    throw await migrationFailed(err, {
+      abort: abort.signal,
+      inbox,
+      ch,
+      committed,
+      phase,
+      afterCommit:
+        `the destination was told to take the VM but did not confirm ($ERR); the VM stays here, stopped. ` +
+        `Check the destination: if the VM is there, remove it here; if not, start it here again.`,
+    });
   } finally {
     o.signal?.removeEventListener('abort', onCancel);
   }

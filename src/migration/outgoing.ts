@@ -569,27 +569,17 @@ export async function migrateOut(vm: SourceVm, target: MigrateTarget, o: Migrate
       base: pre.base,
     };
   } catch (err) {
-    const e = abort.signal.aborted && !(err instanceof MigrationError) && !(err instanceof MigrationRefusedError) ? (abort.signal.reason as Error) : (err as Error);
-    inbox?.stop();
-    if (committed) {
-      ch?.destroy();
-      throw new MigrationError(
-        'commit',
-        `the destination was told to run the guest but did not confirm (${e.message}); the guest stays paused here. ` +
-          `Check the destination: if the VM runs there, remove it here; if not, \`vmsnap vm resume ${vm.definition.name}\` here.`,
-        false,
-        'unknown',
-        { cause: e },
-      );
-    }
-    if (ch) {
-      await ch.send(MSG.ABORT, jsonBody({ phase, message: e.message })).catch(() => undefined);
-      ch.destroy();
-    }
-    if (qemuStarted) await cancelAndResume(vm.qmp);
-    if (e instanceof MigrationError || e instanceof MigrationRefusedError) throw e;
-    const retryable = (e as { retryable?: boolean }).retryable ?? true;
-    throw new MigrationError(phase, e.message, retryable, 'source', { cause: e });
+    throw await migrationFailed(err, {
+      abort: abort.signal,
+      inbox,
+      ch,
+      committed,
+      phase,
+      afterCommit:
+        `the destination was told to run the guest but did not confirm ($ERR); the guest stays paused here. ` +
+        `Check the destination: if the VM runs there, remove it here; if not, \`vmsnap vm resume ${vm.definition.name}\` here.`,
+      takeBack: qemuStarted ? () => cancelAndResume(vm.qmp) : undefined,
+    });
   } finally {
     clearInterval(watchdog);
     vm.qmp.events.off('STOP', onStop);
@@ -597,6 +587,32 @@ export async function migrateOut(vm: SourceVm, target: MigrateTarget, o: Migrate
     if (qemuStarted) await vm.qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'auto-converge', state: false }] }).catch(() => undefined);
     for (const [name, v] of vm.volumes) if (bitmaps.has(name)) v.removeDirtyBitmap('migration');
   }
+}
+
+/**
+ * The error a failed migration ends with, after the source side's cleanup: the inbox stopped; after
+ * COMMIT the channel dropped and `afterCommit` (where $ERR is the cause) said — the destination may
+ * hold the VM, so nothing is taken back; before it, ABORT sent, `takeBack` run (the guest is the
+ * source's again) and the error named by its phase.
+ */
+export async function migrationFailed(
+  err: unknown,
+  s: { abort: AbortSignal; inbox: Inbox | null; ch: SecureChannel | null; committed: boolean; phase: MigrationPhase; afterCommit: string; takeBack?: (() => Promise<void>) | undefined },
+): Promise<Error> {
+  // An abort (a cancel, the destination's ABORT, a stall) surfaces below as whatever it broke: name the abort.
+  const e = s.abort.aborted && !(err instanceof MigrationError) && !(err instanceof MigrationRefusedError) ? (s.abort.reason as Error) : (err as Error);
+  s.inbox?.stop();
+  if (s.committed) {
+    s.ch?.destroy();
+    return new MigrationError('commit', s.afterCommit.replace('$ERR', e.message), false, 'unknown', { cause: e });
+  }
+  if (s.ch) {
+    await s.ch.send(MSG.ABORT, jsonBody({ phase: s.phase, message: e.message })).catch(() => undefined);
+    s.ch.destroy();
+  }
+  await s.takeBack?.();
+  if (e instanceof MigrationError || e instanceof MigrationRefusedError) return e;
+  return new MigrationError(s.phase, e.message, (e as { retryable?: boolean }).retryable ?? true, 'source', { cause: e });
 }
 
 export function pickCodec(choice: 'auto' | 'zstd' | 'lz4' | 'none', linkRate: number): CodecId {

@@ -5,7 +5,7 @@
  * here again and leaves nothing on the destination.
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { existsSync } from 'node:fs';
+import { existsSync, readFileSync } from 'node:fs';
 import { createHash } from 'node:crypto';
 import * as path from 'node:path';
 import { VmLab } from '../helpers/vm.js';
@@ -14,7 +14,7 @@ import { Repository } from '../../src/store/repository.js';
 import { openNonS3 } from '../../src/store/backend/open-local.js';
 import { diskDir, loadDefinition, vmPaths } from '../../src/vm/config.js';
 import type { MigrateOutcomeHere } from '../../src/ops/migrate.js';
-import { expectArrived, expectRunningIntact, pair, startReceive, type Receiving } from './helpers.js';
+import { expectArrived, expectRunningIntact, PairedHosts, spawnVmsnap, startReceive, until } from './helpers.js';
 
 /** SHA-256 of a stopped VM's first disk, read through its volume (holes and base chunks included). */
 async function diskDigest(lab: VmLab, vm: string): Promise<string> {
@@ -40,25 +40,16 @@ async function diskDigest(lab: VmLab, vm: string): Promise<string> {
 const result = (stdout: string): MigrateOutcomeHere => JSON.parse(stdout.split('\n').filter((l) => !l.startsWith('{"event"')).join('\n')) as MigrateOutcomeHere;
 
 describe('vmsnap migrate --cold (loopback)', () => {
+  let h: PairedHosts;
   let a: VmLab;
   let b: VmLab;
-  let ra: Receiving;
-  let rb: Receiving;
 
   beforeAll(async () => {
-    a = await VmLab.create('migc-a');
-    b = await VmLab.create('migc-b');
-    ra = await startReceive(a);
-    rb = await startReceive(b);
-    await pair(a, b, { a: 'laptop', b: 'desktop' }, { a: `127.0.0.1:${ra.port}`, b: `127.0.0.1:${rb.port}` });
+    h = await PairedHosts.create('migc', { receiveOnA: true });
+    ({ a, b } = h);
   }, 120_000);
 
-  afterAll(async () => {
-    await ra?.stop();
-    await rb?.stop();
-    await a?.cleanup();
-    await b?.cleanup();
-  });
+  afterAll(() => h?.stop());
 
   it('a stopped VM arrives stopped with its disk bit-exact; the return trip sends only what changed', async () => {
     const VM = 'parked';
@@ -105,12 +96,12 @@ describe('vmsnap migrate --cold (loopback)', () => {
     // The key pinned for the destination is not the one it presents (as after a reinstall there).
     const wrong = (await a.ok(['peer', 'id'])).stdout.trim(); // a valid fingerprint, not B's
     await a.ok(['peer', 'rm', 'desktop']);
-    await a.ok(['peer', 'add', 'desktop', '--fingerprint', wrong, '--address', `127.0.0.1:${rb.port}`]);
+    await a.ok(['peer', 'add', 'desktop', '--fingerprint', wrong, '--address', `127.0.0.1:${h.rb.port}`]);
     const bad = await a.run(['migrate', VM, 'desktop', '--cold']);
     expect(bad.code).not.toBe(0);
     expect(bad.stderr).toMatch(/presented key .* not the paired/);
     await a.ok(['peer', 'rm', 'desktop']);
-    await a.ok(['peer', 'add', 'desktop', '--fingerprint', rb.fingerprint, '--address', `127.0.0.1:${rb.port}`]);
+    await a.ok(['peer', 'add', 'desktop', '--fingerprint', h.rb.fingerprint, '--address', `127.0.0.1:${h.rb.port}`]);
     expect(existsSync(path.join(b.dataDir, 'vms', VM))).toBe(false);
     await a.rememberPids(VM);
     await expectRunningIntact(a, VM);
@@ -122,4 +113,24 @@ describe('vmsnap migrate --cold (loopback)', () => {
     expect((await b.show(VM)).status.state).toBe('running');
     await expectArrived(b, VM);
   }, 600_000);
+
+  it('the destination killed mid-way: the stopped VM stays here as it was, the destination keeps nothing', async () => {
+    const VM = 'parked'; // left stopped here by the first test
+    const digest = await diskDigest(a, VM);
+    const marker = path.join(b.dataDir, 'vms', VM, 'incoming');
+    const worker = (): number => Number((existsSync(marker) ? readFileSync(marker, 'utf8') : '').trim());
+    const m = spawnVmsnap(a, ['migrate', VM, 'desktop', '--cold']);
+    await until(() => worker() > 0, 'the destination worker', 60_000);
+    process.kill(worker(), 'SIGKILL');
+    const r = await m.done;
+    expect(r.code).not.toBe(0);
+    expect(r.stderr).toMatch(/migration failed in phase \w+/);
+    expect((await a.show(VM)).status.state).toBe('shutoff');
+    expect(existsSync(vmPaths(a.dataDir, VM).departingMarker)).toBe(false);
+    expect(await diskDigest(a, VM)).toBe(digest);
+    // The killed worker could not clean up; the next `receive` sweeps what it left.
+    await h.rb.stop();
+    h.rb = await startReceive(b);
+    await until(() => !existsSync(path.join(b.dataDir, 'vms', VM)), 'the destination to discard the VM', 60_000);
+  }, 300_000);
 });

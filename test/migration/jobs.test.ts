@@ -13,7 +13,7 @@ import { parseJobSpec, type MigrateJobResult } from '../../src/jobs/model.js';
 import { ProgressCollector } from '../../src/ops/progress.js';
 import { readMigrationRecord } from '../../src/ops/migrate.js';
 import { labContext } from '../jobs/helpers.js';
-import { expectArrived, pair, startReceive, type Receiving } from './helpers.js';
+import { expectArrived, PairedHosts } from './helpers.js';
 
 const VM = 'jobbed';
 
@@ -34,22 +34,16 @@ describe('migrate job payloads', () => {
 });
 
 describe('a migrate job under the embedded runner (no Redis)', () => {
+  let h: PairedHosts;
   let a: VmLab;
   let b: VmLab;
-  let rb: Receiving;
 
   beforeAll(async () => {
-    a = await VmLab.create('migj-a');
-    b = await VmLab.create('migj-b');
-    rb = await startReceive(b);
-    await pair(a, b, { a: 'laptop', b: 'desktop' }, { b: `127.0.0.1:${rb.port}` });
+    h = await PairedHosts.create('migj');
+    ({ a, b } = h);
   }, 120_000);
 
-  afterAll(async () => {
-    await rb?.stop();
-    await a?.cleanup();
-    await b?.cleanup();
-  });
+  afterAll(() => h?.stop());
 
   it('moves the guest to the paired host; delivered again, it reports the move; another request for it fails for good', async () => {
     await a.createLinuxVm(VM, { rate: 100, memMiB: 32, diskRate: 20 });
@@ -62,7 +56,7 @@ describe('a migrate job under the embedded runner (no Redis)', () => {
       const done = await runner.wait(job.id);
       expect(done.state, JSON.stringify(done.error)).toBe('completed');
       const r = done.result as MigrateJobResult;
-      expect(r).toMatchObject({ alreadyMigrated: false, vm: VM, mode: 'live', destination: `127.0.0.1:${rb.port}`, destinationState: 'running' });
+      expect(r).toMatchObject({ alreadyMigrated: false, vm: VM, mode: 'live', destination: `127.0.0.1:${h.rb.port}`, destinationState: 'running' });
       await expectArrived(b, VM);
       expect(existsSync(path.join(a.dataDir, 'vms', VM))).toBe(false);
       expect(await readMigrationRecord(a.dataDir, VM)).toMatchObject({ vm: VM, key: 'move-1', mode: 'live' });
