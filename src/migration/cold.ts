@@ -15,8 +15,8 @@ import { CODECS } from '../store/codec.js';
 import type { VmDefinition } from '../vm/config.js';
 import type { SecureChannel } from './channel.js';
 import type { HostIdentity } from './identity.js';
-import { connectToPeer, fileOffers, Inbox, migrationFailed, migrationRequest, negotiate, pickCodec, sendBlocks, type MigrateResult, type MigrateTarget, type MigrationEvent } from './outgoing.js';
-import { jsonBody, MigrationError, MSG, parseJsonBody, type MigrationPhase } from './protocol.js';
+import { connectToPeer, fileOffers, Inbox, migrationFailed, migrationRequest, negotiate, pickCodec, requestPreflight, sendBlocks, type DiskShape, type MigrateResult, type MigrateTarget, type MigrationEvent } from './outgoing.js';
+import { jsonBody, MigrationError, MigrationRefusedError, MSG, parseJsonBody, type MigrationPhase } from './protocol.js';
 
 export interface ColdSource {
   definition: VmDefinition;
@@ -35,6 +35,31 @@ export interface ColdOptions {
   compress?: 'auto' | 'zstd' | 'lz4' | 'none';
   signal?: AbortSignal;
   onEvent?: (e: MigrationEvent) => void;
+}
+
+/** What a cold REQUEST says of QEMU: only informative (the guest boots afresh there). */
+const coldQemu = (src: Pick<ColdSource, 'qemuVersion' | 'definition'>) => ({ version: src.qemuVersion, machine: src.definition.machine, accel: 'none' });
+
+/**
+ * Asks the destination whether it would take this VM (pre-flight only: it creates nothing), before
+ * a running VM is stopped for the move — a refusal or a wrong key then costs the guest nothing.
+ * The disks are described from `Volume.inspect` (the running VM's supervisor holds them).
+ */
+export async function preflightCold(src: Omit<ColdSource, 'volumes'> & { disks: ReadonlyMap<string, DiskShape> }, target: MigrateTarget, o: Pick<ColdOptions, 'identity'>): Promise<void> {
+  let phase: MigrationPhase = 'connect';
+  let ch: SecureChannel | null = null;
+  try {
+    const files = await fileOffers(src.definition, src.nvramPath);
+    ch = await connectToPeer(target, o.identity);
+    phase = 'preflight';
+    const req = await migrationRequest(src.definition, coldQemu(src), src.disks, files, 'cold', src.start);
+    await requestPreflight(ch, { ...req, probe: true });
+  } catch (err) {
+    if (err instanceof MigrationError || err instanceof MigrationRefusedError) throw err;
+    throw new MigrationError(phase, (err as Error).message, (err as { retryable?: boolean }).retryable ?? true, 'source', { cause: err });
+  } finally {
+    ch?.destroy();
+  }
 }
 
 /** Moves a stopped VM's disks (and files) to the destination; resolves once it holds the VM. */
@@ -70,7 +95,7 @@ export async function migrateColdOut(src: ColdSource, target: MigrateTarget, o: 
     ch = await connectToPeer(target, o.identity);
     const chan = ch;
     abort.signal.addEventListener('abort', () => chan.destroy(), { once: true });
-    const req = await migrationRequest(src.definition, { version: src.qemuVersion, machine: src.definition.machine, accel: 'none' }, src.volumes, files, 'cold', src.start);
+    const req = await migrationRequest(src.definition, coldQemu(src), src.volumes, files, 'cold', src.start);
     const { pre, heldBlocks, heldBlockSet } = await negotiate(chan, req, files, aborted, (p) => {
       phase = p;
       emit(p);

@@ -120,6 +120,12 @@ export async function receiveOne(sock: net.Socket, o: IncomingOptions): Promise<
       await ch.close();
       return null;
     }
+    if (req.probe) {
+      o.log(`pre-flight check of ${req.vm} from ${peer.name}: accepted`);
+      await ch.send(MSG.PREFLIGHT, jsonBody(pre.reply));
+      await ch.close();
+      return null;
+    }
     // The VM's directory is ours from here: created exclusively, marked incoming.
     await fsp.mkdir(path.dirname(paths.dir), { recursive: true, mode: 0o700 });
     try {
@@ -285,6 +291,7 @@ export async function receiveOne(sock: net.Socket, o: IncomingOptions): Promise<
 function checkRequest(r: MigrationRequest, version: number): MigrationRequest {
   if (r.mode !== undefined && r.mode !== 'live' && !(r.mode === 'cold' && version >= COLD_VERSION)) throw new FrameError('record', `REQUEST mode ${JSON.stringify(r.mode)} is not spoken in protocol version ${version}`);
   if (r.start !== undefined && typeof r.start !== 'boolean') throw new FrameError('record', 'malformed REQUEST message (start)');
+  if (r.probe !== undefined && !(r.probe === true && version >= COLD_VERSION)) throw new FrameError('record', 'malformed REQUEST message (probe)');
   const ok =
     typeof r.vm === 'string' &&
     typeof r.definition === 'object' &&

@@ -30,7 +30,7 @@ import { blake3 } from '@napi-rs/blake-hash';
 import { MigStreamRelay, PAGE_SIZE, type PageRecord, type RelayPiece } from '../migstream/index.js';
 import type { DepartureRecorder } from './departure.js';
 import type { QmpClient } from '../hypervisor/qmp.js';
-import type { Volume } from '../cow/volume.js';
+import type { Volume, VolumeInfo } from '../cow/volume.js';
 import type { DirtyBitmap } from '../cow/dirty-bitmap.js';
 import { CODECS, encode, type CodecId } from '../store/codec.js';
 import { isZeroBuffer } from '../cow/chunk-store.js';
@@ -243,16 +243,19 @@ export interface Negotiated {
   heldBlockSet: Set<string>;
 }
 
+/** What a REQUEST says of a disk: an open Volume, or `Volume.inspect` of one another process holds. */
+export type DiskShape = Pick<VolumeInfo, 'size' | 'blockSize' | 'overlayBlocks'>;
+
 /** The REQUEST a migration opens with (the disks' order is the disk numbering of the DISK_* messages). */
 export async function migrationRequest(
   def: VmDefinition,
   qemu: MigrationRequest['qemu'],
-  volumes: ReadonlyMap<string, Volume>,
+  volumes: ReadonlyMap<string, Volume | DiskShape>,
   files: FileOffer[],
   mode: 'live' | 'cold',
   start = true,
 ): Promise<MigrationRequest> {
-  const vols = [...volumes.entries()];
+  const vols = [...volumes.entries()].map(([name, v]): [string, DiskShape] => [name, 'info' in v ? v.info() : v]);
   return {
     vm: def.name,
     definition: def as unknown as Record<string, unknown>,
@@ -260,12 +263,25 @@ export async function migrationRequest(
     cpu: await cpuIdentity(qemu.accel),
     memoryMiB: def.memoryMiB,
     disks: vols.map(([name, v]) => ({ name, size: v.size, blockSize: v.blockSize })),
-    allocatedBytes: vols.reduce((a, [, v]) => a + v.info().overlayBlocks * v.blockSize, 0),
+    allocatedBytes: vols.reduce((a, [, v]) => a + v.overlayBlocks * v.blockSize, 0),
     files,
     wantHaves: true,
     // Version 1 has no `mode`: a live request stays readable by a version-1 destination.
     ...(mode === 'cold' ? { mode, start } : {}),
   };
+}
+
+/** REQUEST → PREFLIGHT (returned) or REFUSE (MigrationRefusedError). */
+export async function requestPreflight(chan: SecureChannel, req: MigrationRequest): Promise<PreflightReply> {
+  if ((req.mode === 'cold' || req.probe) && chan.version < COLD_VERSION) {
+    throw new MigrationRefusedError(`the destination speaks migration protocol version ${chan.version}, which has no cold migration (version ${COLD_VERSION}); update vmsnap there`);
+  }
+  await chan.send(MSG.REQUEST, jsonBody(req));
+  const first = await chan.receive();
+  if (first === null) throw new Error('the destination closed the connection during pre-flight');
+  if (first.type === MSG.REFUSE) throw new MigrationRefusedError(String(parseJsonBody<{ message: string }>(first.body, 'REFUSE').message));
+  if (first.type !== MSG.PREFLIGHT) throw new Error(`unexpected message 0x${first.type.toString(16)} during pre-flight`);
+  return parseJsonBody<PreflightReply>(first.body, 'PREFLIGHT');
 }
 
 /**
@@ -274,15 +290,7 @@ export async function migrationRequest(
  */
 export async function negotiate(chan: SecureChannel, req: MigrationRequest, files: FileOffer[], aborted: () => void, onPhase: (p: MigrationPhase) => void): Promise<Negotiated> {
   onPhase('preflight');
-  if (req.mode === 'cold' && chan.version < COLD_VERSION) {
-    throw new MigrationRefusedError(`the destination speaks migration protocol version ${chan.version}, which has no cold migration (version ${COLD_VERSION}); update vmsnap there`);
-  }
-  await chan.send(MSG.REQUEST, jsonBody(req));
-  const first = await chan.receive();
-  if (first === null) throw new Error('the destination closed the connection during pre-flight');
-  if (first.type === MSG.REFUSE) throw new MigrationRefusedError(String(parseJsonBody<{ message: string }>(first.body, 'REFUSE').message));
-  if (first.type !== MSG.PREFLIGHT) throw new Error(`unexpected message 0x${first.type.toString(16)} during pre-flight`);
-  const pre = parseJsonBody<PreflightReply>(first.body, 'PREFLIGHT');
+  const pre = await requestPreflight(chan, req);
 
   onPhase('files');
   for (const idx of pre.needFiles ?? []) {

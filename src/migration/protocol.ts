@@ -31,6 +31,9 @@
  *   ── SENT_ALL ────────────────────────────────────────────▶  flush; [start: boot paused]
  *   ◀──────────────────────────────────────────── READY ; COMMIT ▶ ; ◀ RUNNING {state}
  *
+ * A running VM is asked about first: REQUEST {probe: true} → PREFLIGHT | REFUSE, then the
+ * destination closes having created nothing; only an accepted probe stops the VM at the source.
+ *
  * Receiver state machine (`receiverNext`; anything else is a protocol violation → FrameError, the
  * destination discards everything and the source guest keeps running):
  *
@@ -156,6 +159,11 @@ export interface MigrationRequest {
   mode?: 'live' | 'cold';
   /** Cold: boot the VM on the destination at COMMIT (it ran on the source); otherwise it arrives stopped. */
   start?: boolean;
+  /**
+   * Version 2: pre-flight only. The destination answers PREFLIGHT or REFUSE, creates nothing and
+   * closes: a source asks before it stops a running VM for a cold migration.
+   */
+  probe?: boolean;
 }
 
 export interface PreflightReply {

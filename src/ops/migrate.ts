@@ -25,8 +25,8 @@ import { Volume } from '../cow/volume.js';
 import { detectQemu } from '../hypervisor/qemu.js';
 import { addPeer, isFingerprint, listPeers, loadOrCreateIdentity, type Peer } from '../migration/identity.js';
 import { parseHostPort } from '../migration/receiver.js';
-import { migrateColdOut } from '../migration/cold.js';
-import type { MigrateResult, MigrateTarget, MigrationEvent } from '../migration/outgoing.js';
+import { migrateColdOut, preflightCold } from '../migration/cold.js';
+import type { DiskShape, MigrateResult, MigrateTarget, MigrationEvent } from '../migration/outgoing.js';
 import { diskDir, loadDefinition, vmPaths, type VmPaths } from '../vm/config.js';
 import { callSupervisor, isRunning, spawnSupervisor } from '../vm/supervisor.js';
 import { vmProcesses, waitExited } from '../vm/processes.js';
@@ -200,6 +200,11 @@ export async function cancelMigration(ctx: Pick<VmOpsContext, 'dataDir'>, vm: st
   return (await callSupervisor(vmPaths(ctx.dataDir, vm), { op: 'migrate-cancel' })).cancelled;
 }
 
+async function qemuVersion(): Promise<string> {
+  const v = (await detectQemu()).version;
+  return `${v.major}.${v.minor}.${v.micro}`;
+}
+
 async function recordMigration(dataDir: string, rec: MigrationRecord): Promise<void> {
   await fsp.mkdir(path.join(dataDir, 'migrations'), { recursive: true, mode: 0o700 });
   await atomicWriteFile(recordPath(dataDir, rec.vm), JSON.stringify(rec) + '\n');
@@ -227,21 +232,32 @@ async function migrateCold(
   const marker = paths.departingMarker;
   await claimDeparting(marker, args.vm);
   let moved = false;
+  let stopped = false;
   try {
     if (wasRunning) {
+      // Asked first: a refusal (or a wrong key) must not cost the guest a reboot.
+      r.phase('pre-flight');
+      const def = await loadDefinition(ctx.dataDir, args.vm);
+      const disks = new Map<string, DiskShape>();
+      for (const d of def.disks) disks.set(d.name, await Volume.inspect(diskDir(paths, d.name)));
+      await preflightCold(
+        { definition: def, disks, qemuVersion: await qemuVersion(), ...(uefi ? { nvramPath: paths.nvram } : {}), start: true },
+        target,
+        { identity: await loadOrCreateIdentity(ctx.dataDir) },
+      );
       r.phase('stopping the VM');
+      stopped = true;
       await stopAndWait(paths, args.vm);
     }
     const out = await withRepo(ctx, async (repo) => {
       const volumes = await openVolumes(ctx.dataDir, paths, args.vm, repo);
       try {
-        const q = await detectQemu();
         r.phase('cold migration');
         return await migrateColdOut(
           {
             definition: await loadDefinition(ctx.dataDir, args.vm),
             volumes,
-            qemuVersion: `${q.version.major}.${q.version.minor}.${q.version.micro}`,
+            qemuVersion: await qemuVersion(),
             ...(uefi ? { nvramPath: paths.nvram } : {}),
             start: wasRunning,
           },
@@ -267,7 +283,7 @@ async function migrateCold(
     return { ...out, departure, ...(departureError !== undefined ? { departureError } : {}) };
   } finally {
     await fsp.rm(marker, { force: true });
-    if (!moved && wasRunning) {
+    if (!moved && stopped) {
       r.phase('starting the VM here again');
       await spawnSupervisor(ctx.dataDir, args.vm, { env: await ctx.supervisorEnv() }).catch((err: Error) => r.warn(`VM ${args.vm} could not be started here again: ${err.message}`));
     }

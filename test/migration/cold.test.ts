@@ -14,7 +14,7 @@ import { Repository } from '../../src/store/repository.js';
 import { openNonS3 } from '../../src/store/backend/open-local.js';
 import { diskDir, loadDefinition, vmPaths } from '../../src/vm/config.js';
 import type { MigrateOutcomeHere } from '../../src/ops/migrate.js';
-import { expectArrived, expectRunningIntact, PairedHosts, spawnVmsnap, startReceive, until } from './helpers.js';
+import { expectArrived, expectRunningIntact, PairedHosts, spawnVmsnap, until } from './helpers.js';
 
 /** SHA-256 of a stopped VM's first disk, read through its volume (holes and base chunks included). */
 async function diskDigest(lab: VmLab, vm: string): Promise<string> {
@@ -87,24 +87,40 @@ describe('vmsnap migrate --cold (loopback)', () => {
     console.log(`there: ${JSON.stringify(r1)}\nback: ${JSON.stringify(r2)}`);
   }, 600_000);
 
-  it('a running VM: a failed move (wrong key) starts it here again; then it is stopped, shipped and boots on the destination', async () => {
+  it('a running VM: refused before it is touched (wrong key); restarted here when the destination dies after the stop; then it boots on the destination', async () => {
     const VM = 'rebooter';
     await a.createLinuxVm(VM, { rate: 100, memMiB: 16, diskRate: 20 });
     await a.start(VM);
     await a.waitLines(VM, 4);
 
-    // The key pinned for the destination is not the one it presents (as after a reinstall there).
+    // The key pinned for the destination is not the one it presents (as after a reinstall there):
+    // the pre-flight, asked before the VM is stopped, fails, and the guest never stopped.
+    const supervisor = a.supervisorPid(VM);
     const wrong = (await a.ok(['peer', 'id'])).stdout.trim(); // a valid fingerprint, not B's
     await a.ok(['peer', 'rm', 'desktop']);
     await a.ok(['peer', 'add', 'desktop', '--fingerprint', wrong, '--address', `127.0.0.1:${h.rb.port}`]);
     const bad = await a.run(['migrate', VM, 'desktop', '--cold']);
     expect(bad.code).not.toBe(0);
-    expect(bad.stderr).toMatch(/presented key .* not the paired/);
+    expect(bad.stderr).toMatch(/migration failed in phase connect: .*presented key .* not the paired/);
     await a.ok(['peer', 'rm', 'desktop']);
     await a.ok(['peer', 'add', 'desktop', '--fingerprint', h.rb.fingerprint, '--address', `127.0.0.1:${h.rb.port}`]);
     expect(existsSync(path.join(b.dataDir, 'vms', VM))).toBe(false);
+    expect(a.supervisorPid(VM)).toBe(supervisor);
+    await expectRunningIntact(a, VM);
+
+    // The destination dies once the VM was stopped here: it is started here again.
+    const marker = path.join(b.dataDir, 'vms', VM, 'incoming');
+    const worker = (): number => Number((existsSync(marker) ? readFileSync(marker, 'utf8') : '').trim());
+    const m = spawnVmsnap(a, ['migrate', VM, 'desktop', '--cold']);
+    await until(() => a.supervisorPid(VM) === null && worker() > 0, 'the VM stopped here and the destination receiving', 120_000);
+    process.kill(worker(), 'SIGKILL');
+    const killed = await m.done;
+    expect(killed.code, killed.stderr).not.toBe(0);
+    expect(killed.stderr).toMatch(/migration failed in phase \w+/);
     await a.rememberPids(VM);
     await expectRunningIntact(a, VM);
+    await h.restartReceiveB();
+    await until(() => !existsSync(path.join(b.dataDir, 'vms', VM)), 'the destination to discard the VM', 60_000);
 
     const moved = await a.run(['--json', 'migrate', VM, 'desktop', '--cold']);
     expect(moved.code, moved.stderr).toBe(0);
@@ -129,8 +145,7 @@ describe('vmsnap migrate --cold (loopback)', () => {
     expect(existsSync(vmPaths(a.dataDir, VM).departingMarker)).toBe(false);
     expect(await diskDigest(a, VM)).toBe(digest);
     // The killed worker could not clean up; the next `receive` sweeps what it left.
-    await h.rb.stop();
-    h.rb = await startReceive(b);
+    await h.restartReceiveB();
     await until(() => !existsSync(path.join(b.dataDir, 'vms', VM)), 'the destination to discard the VM', 60_000);
   }, 300_000);
 });

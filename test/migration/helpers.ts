@@ -132,6 +132,14 @@ export class PairedHosts {
     return new PairedHosts(a, b, rb, ra);
   }
 
+  /** Restarts b's `receive` (which sweeps what a killed worker left) and points a's pin at its new port. */
+  async restartReceiveB(): Promise<void> {
+    await this.rb.stop();
+    this.rb = await startReceive(this.b);
+    await this.a.ok(['peer', 'rm', 'desktop']);
+    await this.a.ok(['peer', 'add', 'desktop', '--fingerprint', this.rb.fingerprint, '--address', `127.0.0.1:${this.rb.port}`]);
+  }
+
   async stop(): Promise<void> {
     await this.ra?.stop();
     await this.rb.stop();
