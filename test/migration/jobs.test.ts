@@ -33,7 +33,7 @@ describe('migrate job payloads', () => {
   });
 });
 
-describe('a migrate job under the embedded runner (no Redis)', () => {
+describe('migrate jobs under the embedded runner (no Redis)', () => {
   let h: PairedHosts;
   let a: VmLab;
   let b: VmLab;
@@ -80,4 +80,20 @@ describe('a migrate job under the embedded runner (no Redis)', () => {
       await runner.close();
     }
   }, 600_000);
+
+  it('a cold migrate job moves a stopped VM, which arrives stopped', async () => {
+    const vm = 'parkedjob';
+    await a.createLinuxVm(vm, { disk: '16M' });
+    const runner = new EmbeddedRunner({ ctx: labContext(a, 'laptop') });
+    try {
+      const done = await runner.wait(runner.submit({ kind: 'migrate', args: { vm, destination: 'desktop', cold: true }, key: 'cold-1' }).id);
+      expect(done.state, JSON.stringify(done.error)).toBe('completed');
+      expect(done.result).toMatchObject({ alreadyMigrated: false, vm, mode: 'cold', destinationState: 'shutoff' });
+    } finally {
+      await runner.close();
+    }
+    b.adopt(vm);
+    expect((await b.show(vm)).status.state).toBe('shutoff');
+    expect(existsSync(path.join(a.dataDir, 'vms', vm))).toBe(false);
+  }, 300_000);
 });
