@@ -334,6 +334,10 @@ async function preflight(req: MigrationRequest, dataDir: string, paths: VmPaths)
   if (def.firmware === 'uefi' && def.firmwareCode && !existsSync(def.firmwareCode)) {
     throw new Refusal(`the guest boots UEFI from ${def.firmwareCode}, which this host does not have (install ovmf)`);
   }
+  // A gtk display is a window on this host's desktop: QEMU cannot start without one.
+  if (def.display === 'gtk' && (!cold || req.start) && !process.env.DISPLAY && !process.env.WAYLAND_DISPLAY) {
+    throw new Refusal('the guest shows its screen in a local window (--display gtk) and `vmsnap receive` here runs outside a desktop session (no DISPLAY or WAYLAND_DISPLAY); run it from one');
+  }
   if (def.cdrom && !existsSync(def.cdrom)) throw new Refusal(`the guest's CD-ROM holds ${def.cdrom}, which this host does not have; eject it first (\`vmsnap vm eject ${def.name}\`)`);
   if (def.net?.forwards?.length) throw new Refusal('the guest forwards host ports to itself; those belong to the source host (remove the forwards, or use a bridge)');
   const qemu = await detectQemu().catch((err: Error) => {

@@ -14,6 +14,9 @@ import { Repository } from '../../src/store/repository.js';
 import { openNonS3 } from '../../src/store/backend/open-local.js';
 import { diskDir, loadDefinition, vmPaths } from '../../src/vm/config.js';
 import type { MigrateOutcomeHere } from '../../src/ops/migrate.js';
+import { preflightCold } from '../../src/migration/cold.js';
+import { loadOrCreateIdentity } from '../../src/migration/identity.js';
+import { guestArtifacts } from '../../fixtures/guest/index.js';
 import { expectArrived, expectRunningIntact, PairedHosts, spawnVmsnap, until } from './helpers.js';
 
 /** SHA-256 of a stopped VM's first disk, read through its volume (holes and base chunks included). */
@@ -148,4 +151,27 @@ describe('vmsnap migrate --cold (loopback)', () => {
     await h.restartReceiveB();
     await until(() => !existsSync(path.join(b.dataDir, 'vms', VM)), 'the destination to discard the VM', 60_000);
   }, 300_000);
+});
+
+describe('pre-flight of a cold migration (library call)', () => {
+  let h: PairedHosts;
+
+  beforeAll(async () => {
+    h = await PairedHosts.create('migp');
+  }, 120_000);
+
+  afterAll(() => h?.stop());
+
+  it.skipIf(!!(process.env.DISPLAY || process.env.WAYLAND_DISPLAY))('a VM with a local window (--display gtk) is refused by a destination outside a desktop session, before it is stopped', async () => {
+    const g = guestArtifacts();
+    await h.a.ok(['vm', 'create', 'windowed', '--memory', '64M', '--net', 'none', '--display', 'gtk', '--kernel', g.kernel, '--initrd', g.initrd]);
+    const def = await loadDefinition(h.a.dataDir, 'windowed');
+    const target = { host: '127.0.0.1', port: h.rb.port, fingerprint: h.rb.fingerprint };
+    const src = { definition: def, disks: new Map(), qemuVersion: '10.0.0', start: true };
+    const identity = await loadOrCreateIdentity(h.a.dataDir);
+    await expect(preflightCold(src, target, { identity })).rejects.toThrow(/refused the migration: .*local window \(--display gtk\).*no DISPLAY or WAYLAND_DISPLAY/);
+    // Arriving stopped needs no window: accepted, and the pre-flight creates nothing there.
+    await preflightCold({ ...src, start: false }, target, { identity });
+    expect(existsSync(path.join(h.b.dataDir, 'vms', 'windowed'))).toBe(false);
+  }, 120_000);
 });
