@@ -197,7 +197,14 @@ export async function migrateVm(ctx: VmOpsContext, args: MigrateArgs, sink: Prog
 /** Asks the supervisor of `vm` to cancel its live migration; false when none is in progress. */
 export async function cancelMigration(ctx: Pick<VmOpsContext, 'dataDir'>, vm: string): Promise<boolean> {
   await loadDefinition(ctx.dataDir, vm);
-  return (await callSupervisor(vmPaths(ctx.dataDir, vm), { op: 'migrate-cancel' })).cancelled;
+  const paths = vmPaths(ctx.dataDir, vm);
+  // A cold migration has no supervisor to ask: the process that runs it is the one to interrupt.
+  const departing = Number((await fsp.readFile(paths.departingMarker, 'utf8').catch(() => '')).trim());
+  if (departing > 0 && processAlive(departing)) {
+    throw new MigrateRequestError(`VM ${vm} is being moved by a cold migration (pid ${departing}): interrupt the \`vmsnap migrate\` that runs it (Ctrl-C)`);
+  }
+  if (!(await isRunning(paths))) return false;
+  return (await callSupervisor(paths, { op: 'migrate-cancel' })).cancelled;
 }
 
 async function qemuVersion(): Promise<string> {

@@ -133,7 +133,7 @@ describe('vmsnap migrate --cold (loopback)', () => {
     await expectArrived(b, VM);
   }, 600_000);
 
-  it('the destination killed mid-way: the stopped VM stays here as it was, the destination keeps nothing', async () => {
+  it('the destination killed mid-way: the stopped VM stays here as it was, the destination keeps nothing; a fresh move then works', async () => {
     const VM = 'parked'; // left stopped here by the first test
     const digest = await diskDigest(a, VM);
     const marker = path.join(b.dataDir, 'vms', VM, 'incoming');
@@ -150,6 +150,14 @@ describe('vmsnap migrate --cold (loopback)', () => {
     // The killed worker could not clean up; the next `receive` sweeps what it left.
     await h.restartReceiveB();
     await until(() => !existsSync(path.join(b.dataDir, 'vms', VM)), 'the destination to discard the VM', 60_000);
+
+    // A fresh move afterwards works, from disks that read through a base snapshot here (the VM
+    // came back onto its departure snapshot), onto the destination's own earlier snapshot of it.
+    const again = await a.run(['--json', 'migrate', VM, 'desktop', '--cold']);
+    expect(again.code, again.stderr).toBe(0);
+    expect(result(again.stdout).base).toMatch(/^[0-9a-f]{64}$/);
+    expect(await diskDigest(b, VM)).toBe(digest);
+    expect(existsSync(path.join(a.dataDir, 'vms', VM))).toBe(false);
   }, 300_000);
 });
 
