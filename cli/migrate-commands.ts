@@ -7,17 +7,14 @@
 import * as net from 'node:net';
 import type { Command } from 'commander';
 import { UsageError } from '../src/store/errors.js';
-import { addPeer, isFingerprint, listPeers, type Peer } from '../src/migration/identity.js';
 import { DEFAULT_MIGRATION_PORT, parseHostPort, startReceiver } from '../src/migration/receiver.js';
 import { receiveOne } from '../src/migration/incoming.js';
 import { loadOrCreateIdentity } from '../src/migration/identity.js';
-import type { MigrationEvent, MigrateTarget } from '../src/migration/outgoing.js';
-import { callSupervisor, isRunning, serveRuntime, type MigrateRequestOptions } from '../src/vm/supervisor.js';
-import { loadDefinition, vmPaths } from '../src/vm/config.js';
-import { vmProcesses, waitExited } from '../src/vm/processes.js';
-import { dataDir, openRepository, supervisorEnv, type GlobalOptions } from './context.js';
-import { humanBytes, printJson } from './output.js';
-import { removeStoppedVm } from './vm-commands.js';
+import type { MigrationEvent } from '../src/migration/outgoing.js';
+import { serveRuntime } from '../src/vm/supervisor.js';
+import { cancelMigration, migrateVm, type Compression, type MigrateArgs } from '../src/ops/migrate.js';
+import { dataDir, openRepository, supervisorEnv, vmOpsContext, type GlobalOptions } from './context.js';
+import { humanBytes, printJson, progressSink } from './output.js';
 
 type Globals = () => GlobalOptions;
 
@@ -29,6 +26,7 @@ interface MigrateFlags {
   compress: string;
   departureSnapshot: boolean;
   cancel?: boolean;
+  cold?: boolean;
 }
 
 export function registerMigrateCommands(program: Command, globals: Globals): void {
@@ -64,14 +62,17 @@ export function registerMigrateCommands(program: Command, globals: Globals): voi
         return null;
       });
       if (!received) process.exit(1);
+      // A stopped VM that arrived cold has nothing to serve: the worker's job is done.
+      if (!received.runtime) process.exit(0);
       await serveRuntime(received.runtime, received.paths, dataDir(), log);
     });
 
   program
     .command('migrate <vm> [destination]')
-    .description('move a running VM to a paired host (HOST[:PORT] or a peer name); if anything fails the guest keeps running here')
+    .description('move a VM to a paired host (HOST[:PORT] or a peer name): a running one live; with --cold, stopped and started there. If anything fails the VM stays here as it was')
     .option('--pair <fingerprint>', 'pin the destination key now (as `vmsnap peer add` would), e.g. the one `vmsnap receive` printed there')
     .option('--keep-source', 'keep the VM here, stopped, instead of removing it')
+    .option('--cold', 'stop the VM (if it runs), ship its disks (only what the destination lacks) and start it there if it ran: for guests that cannot move live')
     .option('--max-downtime <ms>', 'longest guest pause to allow at switchover', '300')
     .option('--timeout <seconds>', 'give up (the guest keeps running here) when not done by then', '600')
     .option('--compress <codec>', 'auto, zstd, lz4 or none', 'auto')
@@ -79,89 +80,56 @@ export function registerMigrateCommands(program: Command, globals: Globals): voi
     .option('--cancel', 'cancel the migration of <vm> in progress')
     .action(async (name: string, dest: string | undefined, o: MigrateFlags) => {
       const g = globals();
-      const paths = vmPaths(dataDir(), name);
-      await loadDefinition(dataDir(), name);
+      const ctx = vmOpsContext(g);
       if (o.cancel) {
-        const r = await callSupervisor(paths, { op: 'migrate-cancel' });
-        if (g.json) printJson(r);
-        else console.log(r.cancelled ? `cancelling the migration of ${name}` : `VM ${name} is not being migrated`);
+        const cancelled = await cancelMigration(ctx, name);
+        if (g.json) printJson({ cancelled });
+        else console.log(cancelled ? `cancelling the migration of ${name}` : `VM ${name} is not being migrated`);
         return;
       }
       if (!dest) throw new UsageError('migrate: name the destination (HOST[:PORT] or a paired host), or give --cancel');
-      const options = migrateOptions(o);
-      const { target, pinOnSuccess } = await resolveTarget(dest, o.pair);
-      if (!(await isRunning(paths))) throw new UsageError(`VM ${name} is not running: live migration moves a running guest (start it, or use \`vmsnap copy\` for its snapshots)`);
       const render = progressRenderer(g, name);
       // Ctrl-C cancels the migration (the guest keeps running here) instead of leaving it behind.
-      const onSigint = () => void callSupervisor(paths, { op: 'migrate-cancel' }).catch(() => undefined);
+      const cancel = new AbortController();
+      const onSigint = () => cancel.abort();
       process.on('SIGINT', onSigint);
       let r;
       try {
-        r = await callSupervisor(paths, { op: 'migrate', target, options }, options.timeoutMs! + 300_000, render);
+        r = await migrateVm(ctx, { vm: name, destination: dest, ...migrateArgs(o) }, progressSink('migrate', { bar: false, info: !g.quiet }), { onEvent: render, signal: cancel.signal });
       } finally {
         process.off('SIGINT', onSigint);
         render.end();
       }
-      // The key proved itself in the handshake of a migration that worked: now it is pinned.
-      if (pinOnSuccess) await addPeer(dataDir(), pinOnSuccess).catch((err: Error) => console.error(`vmsnap: warning: could not pin ${pinOnSuccess.fingerprint}: ${err.message}`));
-      // The supervisor stops its QEMU (postmigrate) and exits; then the VM goes unless kept.
-      const procs = await vmProcesses(paths, name);
-      await waitExited([procs.supervisor, ...procs.qemus].filter((p): p is number => typeof p === 'number'), 60_000);
-      if (!o.keepSource) await removeStoppedVm(g, name);
-      if (g.json) printJson({ vm: name, destination: `${target.host}:${target.port}`, kept: !!o.keepSource, ...r });
+      if (g.json) printJson(r);
       else {
+        const where = r.destinationState === 'running' ? 'now runs on' : `is now on (${r.destinationState})`;
         console.log(
-          `VM ${name} now runs on ${target.host}:${target.port}: ${(r.totalMs / 1000).toFixed(1)} s, guest paused ≈${r.pauseMs === null ? '?' : Math.round(r.pauseMs)} ms, ` +
-            `${humanBytes(r.bytesSent)} sent, ${humanBytes(r.bytesSaved)} saved by references, zero blocks and compression` +
+          `VM ${name} ${where} ${r.destination}: ${(r.totalMs / 1000).toFixed(1)} s` +
+            (r.mode === 'live' ? `, guest paused ≈${r.pauseMs === null ? '?' : Math.round(r.pauseMs)} ms` : ', moved cold') +
+            `, ${humanBytes(r.bytesSent)} sent, ${humanBytes(r.bytesSaved)} saved by references, zero blocks and compression` +
             (r.base ? ` (destination started from its snapshot ${r.base.slice(0, 12)})` : ''),
         );
         if (r.departure) console.log(`its state at departure is snapshot ${r.departure.slice(0, 12)} here (a return trip sends only what changed)`);
-        if (r.departureError) console.error(`vmsnap: warning: the departure snapshot failed: ${r.departureError}`);
-        console.log(o.keepSource ? `VM ${name} stays here, stopped` : `VM ${name} removed here (its snapshots stay in the repository)`);
+        console.log(r.kept ? `VM ${name} stays here, stopped` : `VM ${name} removed here (its snapshots stay in the repository)`);
       }
     });
 }
 
-function migrateOptions(o: MigrateFlags): MigrateRequestOptions {
+function migrateArgs(o: MigrateFlags): Omit<MigrateArgs, 'vm' | 'destination'> {
   const maxDowntimeMs = Number(o.maxDowntime);
   const timeoutS = Number(o.timeout);
   if (!Number.isFinite(maxDowntimeMs) || maxDowntimeMs < 10 || maxDowntimeMs > 60_000) throw new UsageError(`--max-downtime ${o.maxDowntime}: give milliseconds between 10 and 60000`);
   if (!Number.isFinite(timeoutS) || timeoutS < 1 || timeoutS > 86_400) throw new UsageError(`--timeout ${o.timeout}: give seconds between 1 and 86400`);
   if (!['auto', 'zstd', 'lz4', 'none'].includes(o.compress)) throw new UsageError(`--compress ${o.compress}: give auto, zstd, lz4 or none`);
-  return { maxDowntimeMs, timeoutMs: timeoutS * 1000, compress: o.compress as MigrateRequestOptions['compress'], departure: o.departureSnapshot };
-}
-
-/**
- * A peer name, or HOST[:PORT] whose key is pinned (`peer add`), or given now (`--pair`: used for
- * this connection, pinned only once a migration with it has worked — a mistyped key must not stay).
- */
-async function resolveTarget(dest: string, pair: string | undefined): Promise<{ target: MigrateTarget; pinOnSuccess?: Omit<Peer, 'added'> }> {
-  const peers = await listPeers(dataDir());
-  const byName = peers.find((p) => p.name === dest);
-  if (byName) {
-    if (!byName.address) throw new UsageError(`paired host ${dest} has no address: give HOST[:PORT], or \`vmsnap peer add ${dest} --fingerprint … --address HOST:PORT\``);
-    const a = parseHostPort(byName.address, byName.address, `address of ${dest}`);
-    if (pair && pair !== byName.fingerprint) throw new UsageError(`--pair ${pair} differs from the key pinned for ${dest} (${byName.fingerprint}); \`vmsnap peer rm ${dest}\` first if its key really changed`);
-    return { target: { ...a, fingerprint: byName.fingerprint } };
-  }
-  const a = parseHostPort(dest, '', 'destination');
-  if (!a.host) throw new UsageError(`destination ${JSON.stringify(dest)} names no host`);
-  const addr = `${a.host}:${a.port}`;
-  const known: Peer | undefined = peers.find((p) => p.address === addr || p.address === a.host);
-  if (known) {
-    if (pair && pair !== known.fingerprint) throw new UsageError(`--pair ${pair} differs from the key pinned for ${addr} (peer ${known.name}: ${known.fingerprint})`);
-    return { target: { ...a, fingerprint: known.fingerprint } };
-  }
-  if (!pair) {
-    throw new UsageError(
-      `${addr} is not a paired host: pin its key first — \`vmsnap peer add NAME --fingerprint FP --address ${addr}\` with the fingerprint \`vmsnap receive\` prints there, or \`--pair FP\``,
-    );
-  }
-  if (!isFingerprint(pair)) throw new UsageError(`--pair ${JSON.stringify(pair)} is not a key fingerprint (SHA256:… as \`vmsnap peer id\` prints it)`);
-  // Already paired under a name (the address was not recorded, or changed): that pin is the trust.
-  if (peers.some((p) => p.fingerprint === pair)) return { target: { ...a, fingerprint: pair } };
-  const name = a.host.replace(/[^A-Za-z0-9._-]/g, '-');
-  return { target: { ...a, fingerprint: pair }, pinOnSuccess: { name: peers.some((p) => p.name === name) ? `${name}-${a.port}` : name, fingerprint: pair, address: addr } };
+  return {
+    maxDowntimeMs,
+    timeoutMs: timeoutS * 1000,
+    compress: o.compress as Compression,
+    departure: o.departureSnapshot,
+    keepSource: !!o.keepSource,
+    cold: !!o.cold,
+    ...(o.pair !== undefined ? { pair: o.pair } : {}),
+  };
 }
 
 /** Progress on a terminal, phase lines otherwise, JSON event lines with --json. */

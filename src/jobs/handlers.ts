@@ -10,6 +10,8 @@ import { checkRepository, forgetSnapshots, pruneRepository } from '../ops/mainte
 import { importSnapshot } from '../ops/import.js';
 import { exportSnapshot } from '../ops/export.js';
 import { reporter, type ProgressSink } from '../ops/progress.js';
+import { migrateVm, MigrateRequestError, readMigrationRecord } from '../ops/migrate.js';
+import { loadDefinition } from '../vm/config.js';
 import type { RetentionPolicy } from '../store/retention.js';
 import { guestOf, idempotencyTag, type AnyJobSpec, type JobArgs, type JobKind, type JobResults, type TakeJobResult } from './model.js';
 import { GuestLocks, RepoGate, waitWhileLocked, type LockWaitOptions } from './locks.js';
@@ -75,6 +77,25 @@ async function transfer<T>(ctx: JobContext, to: { to: string; init?: boolean; to
   });
 }
 
+/**
+ * A migrate that is safe to deliver twice. The move is recorded here under the job's key once it
+ * worked; a re-delivery finds that record and reports the move. A VM that is not here with no such
+ * record fails for good (MigrateRequestError: not retried) — retrying cannot bring it back.
+ */
+async function migrateOnce(ctx: JobContext, run: JobRun, args: JobArgs['migrate']): Promise<JobResults['migrate']> {
+  const rec = await readMigrationRecord(ctx.dataDir, args.vm);
+  if (rec && rec.key === run.key) {
+    reporter(run.sink).info(`VM ${args.vm} was already migrated to ${rec.destination} by this job (${rec.at})`);
+    return { ...rec, alreadyMigrated: true };
+  }
+  await loadDefinition(ctx.dataDir, args.vm).catch((err: Error) => {
+    const moved = rec ? `; it was migrated to ${rec.destination} at ${rec.at} by another request` : '';
+    throw new MigrateRequestError(`VM ${args.vm} is not on this host${moved} (${err.message})`);
+  });
+  // Shared, like a take: its departure snapshot commits into the repository (no prune meanwhile).
+  return { ...(await gated(ctx, run, 'shared', () => migrateVm(ctx, args, run.sink, { key: run.key }))), alreadyMigrated: false };
+}
+
 type Handlers = { [K in JobKind]: (ctx: JobContext, run: JobRun, args: JobArgs[K]) => Promise<JobResults[K]> };
 
 const HANDLERS: Handlers = {
@@ -88,6 +109,7 @@ const HANDLERS: Handlers = {
   import: (ctx, run, a) => gated(ctx, run, 'shared', () => withRepo(ctx, (repo) => importSnapshot(repo, a, run.sink))),
   // A reader: no lock (docs/locks.md).
   export: (ctx, run, a) => withRepo(ctx, (repo) => exportSnapshot(repo, a, run.sink)),
+  migrate: migrateOnce,
   'schedule-run': async (ctx, run, a) => {
     const r = reporter(run.sink);
     r.phase('take');

@@ -13,13 +13,14 @@ import type { ImportResult } from '../ops/import.js';
 import type { ExportResult } from '../ops/export.js';
 import type { CopyReport } from '../ops/copy.js';
 import type { CloneResult, RestoreOutcome } from '../ops/vm.js';
+import { badMigrateOption, type MigrateArgs, type MigrateOutcomeHere, type MigrationRecord } from '../ops/migrate.js';
 import type { TakeResult } from '../vm/runtime.js';
 import { STREAM_KINDS, type StreamKind } from '../store/manifest.js';
 import { BadInputError, type ErrorRecord } from '../util/errors.js';
 import type { ProgressEvent } from '../ops/progress.js';
 import { createHash } from 'node:crypto';
 
-export const JOB_KINDS = ['take', 'restore', 'clone', 'copy', 'sync', 'forget', 'check', 'import', 'export', 'schedule-run'] as const;
+export const JOB_KINDS = ['take', 'restore', 'clone', 'copy', 'sync', 'forget', 'check', 'import', 'export', 'schedule-run', 'migrate'] as const;
 export type JobKind = (typeof JOB_KINDS)[number];
 
 /** What a scheduled run does: a take of `vm`, the retention policy applied, a copy off the machine. */
@@ -46,7 +47,19 @@ export interface JobArgs {
   /** A new file on the agent's host (stdout has no meaning for a job). */
   export: { ref: string; target: string; force?: boolean };
   'schedule-run': ScheduleRunArgs;
+  /**
+   * Moves `vm` to `destination` (HOST:PORT or a paired host's name; its key must already be pinned
+   * on the agent's host — a job never brings its own trust), live, or with `cold` stopped and
+   * started there.
+   */
+  migrate: Omit<MigrateArgs, 'pair'>;
 }
+
+/**
+ * A migrate job delivered again after it worked finds the VM gone and the move recorded under its
+ * key: it reports that move (`alreadyMigrated`) instead of failing.
+ */
+export type MigrateJobResult = (MigrateOutcomeHere & { alreadyMigrated: false }) | (MigrationRecord & { alreadyMigrated: true });
 
 /** A take that found its idempotency tag on an existing snapshot returns that one (`reused`). */
 export type TakeJobResult = (TakeResult & { reused: false }) | { snapshot: string; reused: true };
@@ -69,6 +82,7 @@ export interface JobResults {
   import: ImportResult;
   export: ExportResult;
   'schedule-run': ScheduleRunResult;
+  migrate: MigrateJobResult;
 }
 
 export interface JobSpec<K extends JobKind = JobKind> {
@@ -124,6 +138,7 @@ export function guestOf(spec: AnyJobSpec): string | null {
     case 'take':
     case 'restore':
     case 'schedule-run':
+    case 'migrate':
       return spec.args.vm;
     case 'clone':
       return spec.args.newVm;
@@ -214,7 +229,26 @@ const ARG_PARSERS: { [K in JobKind]: (a: Obj) => JobArgs[K] } = {
     return defined({ ref: str(a, 'ref', true), target, force: bool(a, 'force') });
   },
   'schedule-run': (a) => defined({ schedule: str(a, 'schedule', true), vm: str(a, 'vm', true), keep: parsePolicy(a.keep), copyTo: str(a, 'copyTo') }),
+  migrate: (a) => {
+    for (const k of Object.keys(a)) if (!MIGRATE_KEYS.includes(k)) fail(`unknown migrate option "${k}"${k === 'pair' ? ' (pin the destination on the agent\'s host with `vmsnap peer add`)' : ''}`);
+    const compress = str(a, 'compress');
+    const args = defined({
+      vm: str(a, 'vm', true),
+      destination: str(a, 'destination', true),
+      keepSource: bool(a, 'keepSource'),
+      maxDowntimeMs: num(a, 'maxDowntimeMs'),
+      timeoutMs: num(a, 'timeoutMs'),
+      compress: compress as MigrateArgs['compress'],
+      departure: bool(a, 'departure'),
+      cold: bool(a, 'cold'),
+    });
+    const bad = badMigrateOption(args);
+    if (bad) fail(bad);
+    return args;
+  },
 };
+
+const MIGRATE_KEYS: readonly string[] = ['vm', 'destination', 'keepSource', 'maxDowntimeMs', 'timeoutMs', 'compress', 'departure', 'cold'];
 
 /** Checks a payload from outside (a queue, a file) and returns it typed; JobPayloadError otherwise. */
 export function parseJobSpec(data: unknown): AnyJobSpec {

@@ -49,9 +49,10 @@ export function noHoldings(): Holdings {
 }
 
 /** The snapshot the holdings come from: the latest of `vm` with RAM and disks shaped like `disks`. */
-export async function chooseHeldSnapshot(repo: Repository, vm: string, disks: readonly DiskOffer[]): Promise<Snapshot | null> {
+export async function chooseHeldSnapshot(repo: Repository, vm: string, disks: readonly DiskOffer[], needRam = true): Promise<Snapshot | null> {
+  // A cold migration moves disks only: a disk-only snapshot is as good a base as a live one.
   const summaries = (await repo.listSnapshotSummaries(() => undefined))
-    .filter((s) => s.vm === vm && s.streams.some((x) => x.name === 'mig-prefix'))
+    .filter((s) => s.vm === vm && (!needRam || s.streams.some((x) => x.name === 'mig-prefix')))
     .sort((a, b) => (a.time < b.time ? 1 : a.time > b.time ? -1 : 0));
   for (const s of summaries) {
     const fits = disks.every((d) => s.streams.some((x) => x.kind === 'disk' && x.name === d.name && x.size === d.size && x.chunkSize === d.blockSize));
@@ -62,7 +63,7 @@ export async function chooseHeldSnapshot(repo: Repository, vm: string, disks: re
 }
 
 /** Reads the held snapshot's RAM into a page file and its disk streams; null snapshot → nothing. */
-export async function loadHoldings(repo: Repository, snap: Snapshot | null, disks: readonly DiskOffer[], workDir: string): Promise<Holdings> {
+export async function loadHoldings(repo: Repository, snap: Snapshot | null, disks: readonly DiskOffer[], workDir: string, pages = true): Promise<Holdings> {
   const h = noHoldings();
   if (!snap) return h;
   h.snapshot = snap;
@@ -71,6 +72,8 @@ export async function loadHoldings(repo: Repository, snap: Snapshot | null, disk
     const s = snap.streams.find((x) => x.kind === 'disk' && x.name === d.name);
     if (s) h.disks.set(d.name, s);
   }
+  // A cold migration sends no RAM: its page hashes would only cost the reading.
+  if (!pages) return h;
   const ram = await loadStoredRam(repo, snap.streams);
   const file = await createTempFile(path.join(workDir, 'held-pages'));
   h.pageFile = { handle: file.fh, path: file.path };

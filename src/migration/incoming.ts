@@ -42,15 +42,17 @@ import { repositoryPinner } from '../store/pins.js';
 import { checkVmPathsFit, diskDir, parseDefinition, saveDefinition, saveState, vmPaths, type VmDefinition, type VmPaths } from '../vm/config.js';
 import { VmRuntime } from '../vm/runtime.js';
 import { processAlive } from '../util/process.js';
+import { COLD_VERSION } from './version.js';
 
 /** Silence from the source, once it sends, that ends the migration (overridable for tests). */
 const IDLE_TIMEOUT_MS = Number(process.env.VMSNAP_MIGRATION_IDLE_MS) || 30_000;
 
 /** Devices that cannot move with a guest, by the QEMU argument that adds them. */
-const UNMIGRATABLE: ReadonlyArray<[RegExp, string]> = [
-  [/vfio/i, 'a VFIO passthrough device (its state lives in the host hardware)'],
-  [/vhost-user-fs|virtiofs/i, 'a virtiofs share (its files are on the source host)'],
-  [/virgl|gl=on/i, 'virgl 3D acceleration (GPU state cannot migrate)'],
+const UNMIGRATABLE: ReadonlyArray<[RegExp, string, boolean]> = [
+  [/vfio/i, 'a VFIO passthrough device (its state lives in the host hardware)', false],
+  [/vhost-user-fs|virtiofs/i, 'a virtiofs share (its files are on the source host)', false],
+  // The third field: a cold migration (no device state moves) has no objection of its own.
+  [/virgl|gl=on/i, 'virgl 3D acceleration (GPU state cannot migrate)', true],
 ];
 
 export interface IncomingOptions {
@@ -60,9 +62,12 @@ export interface IncomingOptions {
   log: (msg: string) => void;
 }
 
-/** What the worker hands back once the guest runs here: the runtime to serve as its supervisor. */
+/**
+ * What the worker hands back once the VM is this host's: the runtime to serve as its supervisor,
+ * or, for a cold migration of a stopped VM, no runtime (the VM arrived stopped; the worker ends).
+ */
 export interface Received {
-  runtime: VmRuntime;
+  runtime: VmRuntime | null;
   paths: VmPaths;
 }
 
@@ -92,16 +97,18 @@ export async function receiveOne(sock: net.Socket, o: IncomingOptions): Promise<
   let rt: VmRuntime | null = null;
   let holdings: Holdings = noHoldings();
   let repo: Repository | null = null;
+  let mode: 'live' | 'cold' = 'live';
   const next = async (): Promise<{ type: number; body: Buffer }> => {
     const m = await ch.receive();
     if (m === null) throw new MigrationError(phase, 'the source closed the connection', true);
-    sm.state = receiverNext(sm.state, m.type);
+    sm.state = receiverNext(sm.state, m.type, mode);
     if (sm.state === 'Discarded') throw new MigrationError(phase, `the source aborted: ${String(parseJsonBody<{ message?: string }>(m.body, 'ABORT').message)}`, true);
     return m;
   };
   try {
     const reqMsg = await next();
-    const req = checkRequest(parseJsonBody<MigrationRequest>(reqMsg.body, 'REQUEST'));
+    const req = checkRequest(parseJsonBody<MigrationRequest>(reqMsg.body, 'REQUEST'), ch.version);
+    mode = req.mode ?? 'live';
     paths = vmPaths(o.dataDir, req.vm);
     let pre: { reply: PreflightReply; def: VmDefinition };
     try {
@@ -110,6 +117,12 @@ export async function receiveOne(sock: net.Socket, o: IncomingOptions): Promise<
       if (!(err instanceof Refusal)) throw err;
       o.log(`refused ${req.vm} from ${peer.name}: ${err.message}`);
       await ch.send(MSG.REFUSE, jsonBody({ message: err.message }));
+      await ch.close();
+      return null;
+    }
+    if (req.probe) {
+      o.log(`pre-flight check of ${req.vm} from ${peer.name}: accepted`);
+      await ch.send(MSG.PREFLIGHT, jsonBody(pre.reply));
       await ch.close();
       return null;
     }
@@ -127,7 +140,7 @@ export async function receiveOne(sock: net.Socket, o: IncomingOptions): Promise<
     await fsp.writeFile(paths.supervisorPid, String(process.pid), { flag: 'wx', mode: 0o600 });
 
     repo = await o.openRepo();
-    const held = req.wantHaves ? await chooseHeldSnapshot(repo, req.vm, req.disks) : null;
+    const held = req.wantHaves ? await chooseHeldSnapshot(repo, req.vm, req.disks, mode === 'live') : null;
     const usable = held && req.disks.every((d) => d.blockSize === repo!.chunkSize) ? held : null;
     await fsp.mkdir(paths.disksDir, { recursive: true, mode: 0o700 });
     for (const d of req.disks) {
@@ -174,13 +187,29 @@ export async function receiveOne(sock: net.Socket, o: IncomingOptions): Promise<
     if (needFiles.length) await saveDefinition(o.dataDir, pre.def);
 
     phase = 'haves';
-    holdings = await loadHoldings(repo, usable, req.disks, paths.runDir);
+    holdings = await loadHoldings(repo, usable, req.disks, paths.runDir, mode === 'live');
     await sendHoldings(ch, holdings, req);
     o.log(`${req.vm}: holding ${holdings.pages.size} pages and ${usable ? 'disks of ' + usable.id.slice(0, 12) : 'no disks'}`);
 
     // From here the source sends steadily until COMMIT; silence means a dead link or source, and a
     // cut link never errors on its own. Until COMMIT, a silent source means: discard.
     sock.setTimeout(IDLE_TIMEOUT_MS, () => sock.destroy(new Error(`nothing from the source for ${IDLE_TIMEOUT_MS / 1000} s`)));
+    if (mode === 'cold') {
+      const coldDone = await receiveCold(req, { paths, repo, holdings, next, o, phase: (p) => (phase = p), started: (r) => (rt = r) });
+      await ch.send(MSG.READY);
+      phase = 'commit';
+      await next(); // COMMIT
+      sock.setTimeout(0);
+      if (coldDone) await coldDone.qemu!.qmp.execute('cont');
+      else await fsp.rm(paths.supervisorPid, { force: true });
+      await fsp.rm(paths.incomingMarker, { force: true });
+      const state = coldDone ? (await coldDone.qemu!.qmp.execute<{ status: string }>('query-status')).status : 'shutoff';
+      await ch.send(MSG.RUNNING, jsonBody({ state }));
+      await ch.close();
+      await releaseHoldings(holdings);
+      o.log(`${req.vm}: arrived by cold migration (${state})`);
+      return { runtime: coldDone, paths };
+    }
     // QEMU waits for the stream, paused (-S): it runs only on COMMIT.
     phase = 'ram';
     const runtime = await VmRuntime.startIncoming({ dataDir: o.dataDir, name: req.vm, openRepo: () => Promise.resolve(repo!), log: o.log });
@@ -200,24 +229,10 @@ export async function receiveOne(sock: net.Socket, o: IncomingOptions): Promise<
       switch (m.type) {
         case MSG.DISK_DATA:
         case MSG.DISK_ZERO:
-        case MSG.DISK_REF: {
+        case MSG.DISK_REF:
           phase = 'disk';
-          const d = readDiskMessage(m.type, m.body);
-          const v = volumes[d.disk];
-          if (!v) throw new FrameError('record', `disk #${d.disk} does not exist`);
-          const bs = v.blockSize;
-          if (d.kind === 'zero') {
-            if (d.block + d.count > Math.ceil(v.size / bs)) throw new FrameError('record', 'zero run beyond the disk');
-            await writes.drain();
-            await v.writeZeroes(d.block * bs, Math.min(d.count * bs, v.size - d.block * bs));
-          } else {
-            if (d.block >= Math.ceil(v.size / bs)) throw new FrameError('record', 'block beyond the disk');
-            const len = v.blockLen(d.block);
-            const data = d.kind === 'data' ? decode(d.codec, d.payload, len) : await repo.getChunk(heldChunkId(holdings, d.hash), len);
-            await writes.submit(`${d.disk}:${d.block}`, () => v.write(d.block * bs, data));
-          }
+          await applyDiskMessage(m, volumes, writes, repo, holdings);
           break;
-        }
         case MSG.RAM_RAW: {
           phase = 'ram';
           if (m.body.length < 5) throw new FrameError('record', 'malformed RAM_RAW');
@@ -277,7 +292,10 @@ export async function receiveOne(sock: net.Socket, o: IncomingOptions): Promise<
   }
 }
 
-function checkRequest(r: MigrationRequest): MigrationRequest {
+function checkRequest(r: MigrationRequest, version: number): MigrationRequest {
+  if (r.mode !== undefined && r.mode !== 'live' && !(r.mode === 'cold' && version >= COLD_VERSION)) throw new FrameError('record', `REQUEST mode ${JSON.stringify(r.mode)} is not spoken in protocol version ${version}`);
+  if (r.start !== undefined && typeof r.start !== 'boolean') throw new FrameError('record', 'malformed REQUEST message (start)');
+  if (r.probe !== undefined && !(r.probe === true && version >= COLD_VERSION)) throw new FrameError('record', 'malformed REQUEST message (probe)');
   const ok =
     typeof r.vm === 'string' &&
     typeof r.definition === 'object' &&
@@ -308,12 +326,21 @@ async function preflight(req: MigrationRequest, dataDir: string, paths: VmPaths)
     throw new Refusal(`the VM definition is not usable here: ${(err as Error).message}`);
   }
   if (def.name !== req.vm) throw new Refusal('the VM definition names another VM');
+  // A cold migration carries no device or CPU state: only what names the source host's own
+  // resources (a passthrough device, a shared folder, files named in extra arguments) still refuses.
+  const cold = req.mode === 'cold';
   for (const a of def.qemuArgs) {
-    for (const [re, what] of UNMIGRATABLE) if (re.test(a)) throw new Refusal(`the guest has ${what}; it cannot be migrated live (stop it and use \`migrate --cold\`)`);
+    for (const [re, what, coldOk] of UNMIGRATABLE) {
+      if (re.test(a) && !(cold && coldOk)) throw new Refusal(cold ? `the guest has ${what}, which belongs to the source host` : `the guest has ${what}; it cannot be migrated live (stop it and use \`migrate --cold\`)`);
+    }
   }
-  if (def.qemuArgs.length) throw new Refusal(`the VM has extra QEMU arguments (${def.qemuArgs.join(' ')}), which may name host resources of the source; live migration refuses them`);
+  if (def.qemuArgs.length) throw new Refusal(`the VM has extra QEMU arguments (${def.qemuArgs.join(' ')}), which may name host resources of the source; migration refuses them`);
   if (def.firmware === 'uefi' && def.firmwareCode && !existsSync(def.firmwareCode)) {
     throw new Refusal(`the guest boots UEFI from ${def.firmwareCode}, which this host does not have (install ovmf)`);
+  }
+  // A gtk display is a window on this host's desktop: QEMU cannot start without one.
+  if (def.display === 'gtk' && (!cold || req.start) && !process.env.DISPLAY && !process.env.WAYLAND_DISPLAY) {
+    throw new Refusal('the guest shows its screen in a local window (--display gtk) and `vmsnap receive` here runs outside a desktop session (no DISPLAY or WAYLAND_DISPLAY); run it from one');
   }
   if (def.cdrom && !existsSync(def.cdrom)) throw new Refusal(`the guest's CD-ROM holds ${def.cdrom}, which this host does not have; eject it first (\`vmsnap vm eject ${def.name}\`)`);
   if (def.net?.forwards?.length) throw new Refusal('the guest forwards host ports to itself; those belong to the source host (remove the forwards, or use a bridge)');
@@ -321,10 +348,11 @@ async function preflight(req: MigrationRequest, dataDir: string, paths: VmPaths)
     throw new Refusal(`no usable QEMU here: ${err.message}`);
   });
   const [srcMajor, srcMinor] = req.qemu.version.split('.').map(Number);
-  if (qemu.version.major !== srcMajor || qemu.version.minor !== srcMinor) {
+  // Cold: the guest boots afresh here, so neither QEMU's stream format nor the CPU must match.
+  if (!cold && (qemu.version.major !== srcMajor || qemu.version.minor !== srcMinor)) {
     throw new Refusal(`the source runs QEMU ${req.qemu.version}, this host has ${qemu.version.major}.${qemu.version.minor}.${qemu.version.micro}: the migration stream is only checked between equal QEMU versions`);
   }
-  if (req.cpu.model === 'host') {
+  if (!cold && req.cpu.model === 'host') {
     const here = await fsp.readFile('/proc/cpuinfo', 'utf8').catch(() => '');
     const flags = /^flags\s*:\s*(.*)$/m.exec(here)?.[1] ?? '';
     if (createHash('sha256').update(flags).digest('hex').slice(0, 16) !== req.cpu.flagsDigest) {
@@ -332,7 +360,7 @@ async function preflight(req: MigrationRequest, dataDir: string, paths: VmPaths)
     }
   }
   const memAvail = await availableMemory();
-  if (memAvail !== null && memAvail < req.memoryMiB * 1024 * 1024 + (256 << 20)) {
+  if ((!cold || req.start) && memAvail !== null && memAvail < req.memoryMiB * 1024 * 1024 + (256 << 20)) {
     throw new Refusal(`the guest needs ${req.memoryMiB} MiB of memory and this host has ${Math.floor(memAvail / 1048576)} MiB available`);
   }
   const fs = await fsp.statfs(dataDir).catch(() => null);
@@ -421,6 +449,64 @@ async function readHeldPages(h: Holdings, hashes: Buffer): Promise<Buffer> {
   }
   await Promise.all(reads);
   return out;
+}
+
+/** Writes one DISK_DATA / DISK_ZERO / DISK_REF into its volume (checked against the volume's size). */
+async function applyDiskMessage(m: { type: number; body: Buffer }, volumes: Volume[], writes: WriteWindow, repo: Repository, holdings: Holdings): Promise<void> {
+  const d = readDiskMessage(m.type, m.body);
+  const v = volumes[d.disk];
+  if (!v) throw new FrameError('record', `disk #${d.disk} does not exist`);
+  const bs = v.blockSize;
+  if (d.kind === 'zero') {
+    if (d.block + d.count > Math.ceil(v.size / bs)) throw new FrameError('record', 'zero run beyond the disk');
+    await writes.drain();
+    await v.writeZeroes(d.block * bs, Math.min(d.count * bs, v.size - d.block * bs));
+  } else {
+    if (d.block >= Math.ceil(v.size / bs)) throw new FrameError('record', 'block beyond the disk');
+    const len = v.blockLen(d.block);
+    const data = d.kind === 'data' ? decode(d.codec, d.payload, len) : await repo.getChunk(heldChunkId(holdings, d.hash), len);
+    await writes.submit(`${d.disk}:${d.block}`, () => v.write(d.block * bs, data));
+  }
+}
+
+/**
+ * The cold part of an incoming migration: the disk round into the volumes (opened here, no QEMU),
+ * up to SENT_ALL; then, when the VM is to run here, its QEMU booted paused — so a guest that cannot
+ * start here fails before COMMIT, while the source can still take it back. Returns that runtime
+ * (null: the VM arrives stopped).
+ */
+async function receiveCold(
+  req: MigrationRequest,
+  c: {
+    paths: VmPaths;
+    repo: Repository;
+    holdings: Holdings;
+    next: () => Promise<{ type: number; body: Buffer }>;
+    o: IncomingOptions;
+    phase: (p: MigrationPhase) => void;
+    started: (rt: VmRuntime) => void;
+  },
+): Promise<VmRuntime | null> {
+  c.phase('disk');
+  const volumes: Volume[] = [];
+  try {
+    for (const d of req.disks) volumes.push(await Volume.open(diskDir(c.paths, d.name), { store: c.repo }));
+    const writes = new WriteWindow(32);
+    for (;;) {
+      const m = await c.next();
+      if (m.type === MSG.SENT_ALL) break;
+      await applyDiskMessage(m, volumes, writes, c.repo, c.holdings);
+    }
+    c.phase('switchover');
+    await writes.drain();
+    for (const v of volumes) await v.flush();
+  } finally {
+    for (const v of volumes) await v.close().catch(() => undefined);
+  }
+  if (!req.start) return null;
+  const rt = await VmRuntime.start({ dataDir: c.o.dataDir, name: req.vm, openRepo: () => Promise.resolve(c.repo), log: c.o.log, paused: true });
+  c.started(rt);
+  return rt;
 }
 
 /**

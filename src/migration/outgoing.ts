@@ -30,7 +30,7 @@ import { blake3 } from '@napi-rs/blake-hash';
 import { MigStreamRelay, PAGE_SIZE, type PageRecord, type RelayPiece } from '../migstream/index.js';
 import type { DepartureRecorder } from './departure.js';
 import { eventTimeMs, type QmpClient, type QmpEvent } from '../hypervisor/qmp.js';
-import type { Volume } from '../cow/volume.js';
+import type { Volume, VolumeInfo } from '../cow/volume.js';
 import type { DirtyBitmap } from '../cow/dirty-bitmap.js';
 import { CODECS, encode, type CodecId } from '../store/codec.js';
 import { isZeroBuffer } from '../cow/chunk-store.js';
@@ -52,6 +52,7 @@ import {
   type PreflightReply,
 } from './protocol.js';
 import { pageHash } from './holdings.js';
+import { COLD_VERSION } from './version.js';
 import type { VmDefinition } from '../vm/config.js';
 
 export interface SourceVm {
@@ -145,7 +146,7 @@ const READ_AHEAD = 8;
 const RAW_BATCH = 256 << 10;
 
 /** Reads the destination's messages; waiters take the ones they expect, ABORT fails them all. */
-class Inbox {
+export class Inbox {
   private queue: Message[] = [];
   private waiter: (() => void) | null = null;
   private failure: Error | null = null;
@@ -231,7 +232,7 @@ export async function connectToPeer(target: MigrateTarget, identity: HostIdentit
   });
 }
 
-async function fileOffers(def: VmDefinition, nvramPath: string | undefined): Promise<FileOffer[]> {
+export async function fileOffers(def: VmDefinition, nvramPath: string | undefined): Promise<FileOffer[]> {
   const out: FileOffer[] = [];
   for (const role of ['kernel', 'initrd', 'nvram'] as const) {
     const p = role === 'nvram' ? (def.firmware === 'uefi' ? nvramPath : undefined) : def[role];
@@ -242,6 +243,104 @@ async function fileOffers(def: VmDefinition, nvramPath: string | undefined): Pro
     out.push({ role, path: p, size: st.size, sha256: h.digest('hex') });
   }
   return out;
+}
+
+/** What the destination holds of this guest (HAVE_*): page hashes, each disk's base block ids, and all of those ids. */
+export interface Negotiated {
+  pre: PreflightReply;
+  heldPages: Set<string>;
+  heldBlocks: Map<number, Buffer>;
+  heldBlockSet: Set<string>;
+}
+
+/** What a REQUEST says of a disk: an open Volume, or `Volume.inspect` of one another process holds. */
+export type DiskShape = Pick<VolumeInfo, 'size' | 'blockSize' | 'overlayBlocks'>;
+
+/** The REQUEST a migration opens with (the disks' order is the disk numbering of the DISK_* messages). */
+export async function migrationRequest(
+  def: VmDefinition,
+  qemu: MigrationRequest['qemu'],
+  volumes: ReadonlyMap<string, Volume | DiskShape>,
+  files: FileOffer[],
+  mode: 'live' | 'cold',
+  start = true,
+): Promise<MigrationRequest> {
+  const vols = [...volumes.entries()].map(([name, v]): [string, DiskShape] => [name, 'info' in v ? v.info() : v]);
+  return {
+    vm: def.name,
+    definition: def as unknown as Record<string, unknown>,
+    qemu,
+    cpu: await cpuIdentity(qemu.accel),
+    memoryMiB: def.memoryMiB,
+    disks: vols.map(([name, v]) => ({ name, size: v.size, blockSize: v.blockSize })),
+    allocatedBytes: vols.reduce((a, [, v]) => a + v.overlayBlocks * v.blockSize, 0),
+    files,
+    wantHaves: true,
+    // Version 1 has no `mode`: a live request stays readable by a version-1 destination.
+    ...(mode === 'cold' ? { mode, start } : {}),
+  };
+}
+
+/** REQUEST → PREFLIGHT (returned) or REFUSE (MigrationRefusedError). */
+export async function requestPreflight(chan: SecureChannel, req: MigrationRequest): Promise<PreflightReply> {
+  if ((req.mode === 'cold' || req.probe) && chan.version < COLD_VERSION) {
+    throw new MigrationRefusedError(`the destination speaks migration protocol version ${chan.version}, which has no cold migration (version ${COLD_VERSION}); update vmsnap there`);
+  }
+  await chan.send(MSG.REQUEST, jsonBody(req));
+  const first = await chan.receive();
+  if (first === null) throw new Error('the destination closed the connection during pre-flight');
+  if (first.type === MSG.REFUSE) throw new MigrationRefusedError(String(parseJsonBody<{ message: string }>(first.body, 'REFUSE').message));
+  if (first.type !== MSG.PREFLIGHT) throw new Error(`unexpected message 0x${first.type.toString(16)} during pre-flight`);
+  return parseJsonBody<PreflightReply>(first.body, 'PREFLIGHT');
+}
+
+/**
+ * The opening every migration shares (protocol.ts): REQUEST → PREFLIGHT or REFUSE, the files the
+ * destination lacks, then what it holds (HAVE_* up to HAVE_END). `onPhase` follows the phases.
+ */
+export async function negotiate(chan: SecureChannel, req: MigrationRequest, files: FileOffer[], aborted: () => void, onPhase: (p: MigrationPhase) => void): Promise<Negotiated> {
+  onPhase('preflight');
+  const pre = await requestPreflight(chan, req);
+
+  onPhase('files');
+  for (const idx of pre.needFiles ?? []) {
+    const f = files[idx];
+    if (!f) throw new Error(`the destination asked for file #${idx}, which was not offered`);
+    for await (const c of createReadStream(f.path, { highWaterMark: RECORD_PAYLOAD })) {
+      aborted();
+      await chan.send(MSG.FILE_DATA, Buffer.from([idx]), c as Buffer);
+    }
+  }
+  await chan.send(MSG.FILE_END);
+
+  onPhase('haves');
+  const heldPages = new Set<string>();
+  const heldBlocks = new Map<number, Buffer>();
+  const heldBlockSet = new Set<string>();
+  for (;;) {
+    const m = await chan.receive();
+    if (m === null) throw new Error('the destination closed the connection while sending what it holds');
+    if (m.type === MSG.HAVE_END) break;
+    if (m.type === MSG.ABORT) throw new MigrationError('haves', `the destination aborted: ${parseJsonBody<AbortMessage>(m.body, 'ABORT').message}`, false);
+    if (m.type === MSG.HAVE_RAM) {
+      if (m.body.length % PAGE_HASH_BYTES) throw new Error('malformed HAVE_RAM');
+      for (let i = 0; i < m.body.length; i += PAGE_HASH_BYTES) heldPages.add(m.body.toString('latin1', i, i + PAGE_HASH_BYTES));
+    } else if (m.type === MSG.HAVE_DISK) {
+      if (m.body.length < 6 || (m.body.length - 6) % BLOCK_HASH_BYTES) throw new Error('malformed HAVE_DISK');
+      const disk = m.body.readUInt16BE(0);
+      const firstBlock = m.body.readUInt32BE(2);
+      const d = req.disks[disk];
+      if (!d) throw new Error(`HAVE_DISK for unknown disk #${disk}`);
+      const blocks = Math.ceil(d.size / d.blockSize);
+      let ids = heldBlocks.get(disk);
+      if (!ids) heldBlocks.set(disk, (ids = Buffer.alloc(blocks * BLOCK_HASH_BYTES)));
+      const n = (m.body.length - 6) / BLOCK_HASH_BYTES;
+      if (firstBlock + n > blocks) throw new Error('HAVE_DISK beyond the disk');
+      m.body.copy(ids, firstBlock * BLOCK_HASH_BYTES, 6);
+      for (let i = 0; i < n; i++) heldBlockSet.add(m.body.toString('latin1', 6 + i * BLOCK_HASH_BYTES, 6 + (i + 1) * BLOCK_HASH_BYTES));
+    } else throw new Error(`unexpected message 0x${m.type.toString(16)} while receiving what the destination holds`);
+  }
+  return { pre, heldPages, heldBlocks, heldBlockSet };
 }
 
 /** Moves a running guest to the destination. Resolves once the destination runs it. */
@@ -334,63 +433,10 @@ export async function migrateOut(vm: SourceVm, target: MigrateTarget, o: Migrate
     phase = 'preflight';
     emit(phase);
     const volumes = [...vm.volumes.entries()];
-    const req: MigrationRequest = {
-      vm: vm.definition.name,
-      definition: vm.definition as unknown as Record<string, unknown>,
-      qemu: vm.qemu,
-      cpu: await cpuIdentity(vm.qemu.accel),
-      memoryMiB: vm.definition.memoryMiB,
-      disks: volumes.map(([name, v]) => ({ name, size: v.size, blockSize: v.blockSize })),
-      allocatedBytes: volumes.reduce((a, [, v]) => a + v.info().overlayBlocks * v.blockSize, 0),
-      files,
-      wantHaves: true,
-    };
-    await chan.send(MSG.REQUEST, jsonBody(req));
-    const first = await chan.receive();
-    if (first === null) throw new Error('the destination closed the connection during pre-flight');
-    if (first.type === MSG.REFUSE) throw new MigrationRefusedError(String(parseJsonBody<{ message: string }>(first.body, 'REFUSE').message));
-    if (first.type !== MSG.PREFLIGHT) throw new Error(`unexpected message 0x${first.type.toString(16)} during pre-flight`);
-    const pre = parseJsonBody<PreflightReply>(first.body, 'PREFLIGHT');
-
-    phase = 'files';
-    for (const idx of pre.needFiles ?? []) {
-      const f = files[idx];
-      if (!f) throw new Error(`the destination asked for file #${idx}, which was not offered`);
-      for await (const c of createReadStream(f.path, { highWaterMark: RECORD_PAYLOAD })) {
-        aborted();
-        await chan.send(MSG.FILE_DATA, Buffer.from([idx]), c as Buffer);
-      }
-    }
-    await chan.send(MSG.FILE_END);
-
-    phase = 'haves';
-    emit(phase);
-    const heldPages = new Set<string>();
-    const heldBlocks = new Map<number, Buffer>();
-    const heldBlockSet = new Set<string>();
-    for (;;) {
-      const m = await chan.receive();
-      if (m === null) throw new Error('the destination closed the connection while sending what it holds');
-      if (m.type === MSG.HAVE_END) break;
-      if (m.type === MSG.ABORT) throw new MigrationError('haves', `the destination aborted: ${parseJsonBody<AbortMessage>(m.body, 'ABORT').message}`, false);
-      if (m.type === MSG.HAVE_RAM) {
-        if (m.body.length % PAGE_HASH_BYTES) throw new Error('malformed HAVE_RAM');
-        for (let i = 0; i < m.body.length; i += PAGE_HASH_BYTES) heldPages.add(m.body.toString('latin1', i, i + PAGE_HASH_BYTES));
-      } else if (m.type === MSG.HAVE_DISK) {
-        if (m.body.length < 6 || (m.body.length - 6) % BLOCK_HASH_BYTES) throw new Error('malformed HAVE_DISK');
-        const disk = m.body.readUInt16BE(0);
-        const firstBlock = m.body.readUInt32BE(2);
-        const v = volumes[disk];
-        if (!v) throw new Error(`HAVE_DISK for unknown disk #${disk}`);
-        const blocks = Math.ceil(v[1].size / v[1].blockSize);
-        let ids = heldBlocks.get(disk);
-        if (!ids) heldBlocks.set(disk, (ids = Buffer.alloc(blocks * BLOCK_HASH_BYTES)));
-        const n = (m.body.length - 6) / BLOCK_HASH_BYTES;
-        if (firstBlock + n > blocks) throw new Error('HAVE_DISK beyond the disk');
-        m.body.copy(ids, firstBlock * BLOCK_HASH_BYTES, 6);
-        for (let i = 0; i < n; i++) heldBlockSet.add(m.body.toString('latin1', 6 + i * BLOCK_HASH_BYTES, 6 + (i + 1) * BLOCK_HASH_BYTES));
-      } else throw new Error(`unexpected message 0x${m.type.toString(16)} while receiving what the destination holds`);
-    }
+    const { pre, heldPages, heldBlocks, heldBlockSet } = await negotiate(chan, await migrationRequest(vm.definition, vm.qemu, vm.volumes, files, 'live'), files, aborted, (p) => {
+      phase = p;
+      if (p === 'haves') emit(p);
+    });
     inbox = new Inbox(chan);
     inbox.run(fail);
 
@@ -618,27 +664,17 @@ export async function migrateOut(vm: SourceVm, target: MigrateTarget, o: Migrate
       phases: phaseAt,
     };
   } catch (err) {
-    const e = abort.signal.aborted && !(err instanceof MigrationError) && !(err instanceof MigrationRefusedError) ? (abort.signal.reason as Error) : (err as Error);
-    inbox?.stop();
-    if (committed) {
-      ch?.destroy();
-      throw new MigrationError(
-        'commit',
-        `the destination was told to run the guest but did not confirm (${e.message}); the guest stays paused here. ` +
-          `Check the destination: if the VM runs there, remove it here; if not, \`vmsnap vm resume ${vm.definition.name}\` here.`,
-        false,
-        'unknown',
-        { cause: e },
-      );
-    }
-    if (ch) {
-      await ch.send(MSG.ABORT, jsonBody({ phase, message: e.message })).catch(() => undefined);
-      ch.destroy();
-    }
-    if (qemuStarted) await cancelAndResume(vm.qmp);
-    if (e instanceof MigrationError || e instanceof MigrationRefusedError) throw e;
-    const retryable = (e as { retryable?: boolean }).retryable ?? true;
-    throw new MigrationError(phase, e.message, retryable, 'source', { cause: e });
+    throw await migrationFailed(err, {
+      abort: abort.signal,
+      inbox,
+      ch,
+      committed,
+      phase,
+      afterCommit:
+        `the destination was told to run the guest but did not confirm ($ERR); the guest stays paused here. ` +
+        `Check the destination: if the VM runs there, remove it here; if not, \`vmsnap vm resume ${vm.definition.name}\` here.`,
+      takeBack: qemuStarted ? () => cancelAndResume(vm.qmp) : undefined,
+    });
   } finally {
     clearInterval(watchdog);
     clearInterval(codecTimer);
@@ -651,10 +687,36 @@ export async function migrateOut(vm: SourceVm, target: MigrateTarget, o: Migrate
 }
 
 /**
+ * The error a failed migration ends with, after the source side's cleanup: the inbox stopped; after
+ * COMMIT the channel dropped and `afterCommit` (where $ERR is the cause) said — the destination may
+ * hold the VM, so nothing is taken back; before it, ABORT sent, `takeBack` run (the guest is the
+ * source's again) and the error named by its phase.
+ */
+export async function migrationFailed(
+  err: unknown,
+  s: { abort: AbortSignal; inbox: Inbox | null; ch: SecureChannel | null; committed: boolean; phase: MigrationPhase; afterCommit: string; takeBack?: (() => Promise<void>) | undefined },
+): Promise<Error> {
+  // An abort (a cancel, the destination's ABORT, a stall) surfaces below as whatever it broke: name the abort.
+  const e = s.abort.aborted && !(err instanceof MigrationError) && !(err instanceof MigrationRefusedError) ? (s.abort.reason as Error) : (err as Error);
+  s.inbox?.stop();
+  if (s.committed) {
+    s.ch?.destroy();
+    return new MigrationError('commit', s.afterCommit.replace('$ERR', e.message), false, 'unknown', { cause: e });
+  }
+  if (s.ch) {
+    await s.ch.send(MSG.ABORT, jsonBody({ phase: s.phase, message: e.message })).catch(() => undefined);
+    s.ch.destroy();
+  }
+  await s.takeBack?.();
+  if (e instanceof MigrationError || e instanceof MigrationRefusedError) return e;
+  return new MigrationError(s.phase, e.message, (e as { retryable?: boolean }).retryable ?? true, 'source', { cause: e });
+}
+
+/**
  * The codec for the next records. `auto`: none while the CPU is the limit (the link takes all we
  * send), else zstd on a slow link (more bytes saved per CPU second) and lz4 on a fast one.
  */
-function pickCodec(choice: 'auto' | 'zstd' | 'lz4' | 'none', linkRate: number, linkBound: boolean): CodecId {
+export function pickCodec(choice: 'auto' | 'zstd' | 'lz4' | 'none', linkRate: number, linkBound: boolean): CodecId {
   if (choice === 'none') return CODECS.none;
   if (choice === 'zstd') return CODECS.zstd;
   if (choice === 'lz4') return CODECS.lz4;
@@ -762,7 +824,7 @@ async function relayRam(
 }
 
 /** Sends one round of a disk's blocks: zero runs, same-as-base skipped (first time only), refs, data. */
-async function sendBlocks(
+export async function sendBlocks(
   ch: SecureChannel,
   disk: number,
   v: Volume,

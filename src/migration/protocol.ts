@@ -22,12 +22,26 @@
  *
  *   ABORT {phase, message} may be sent by either side at any point before COMMIT; then both close.
  *
+ * Cold migration (version 2, REQUEST `mode: "cold"`; the source VM is stopped, so its disks no
+ * longer change): the same opening (pre-flight, files, haves), then ONE disk round and SENT_ALL —
+ * no RAM, no later rounds. The destination flushes the volumes and, with `start`, boots QEMU paused
+ * before READY (a guest that cannot start there fails the migration, not the commit); COMMIT then
+ * `cont`s it, or, without `start`, just makes the stopped VM the destination's.
+ *
+ *   ── DISK_DATA | DISK_ZERO | DISK_REF (every block once) ──▶  written into the new volumes
+ *   ── SENT_ALL ────────────────────────────────────────────▶  flush; [start: boot paused]
+ *   ◀──────────────────────────────────────────── READY ; COMMIT ▶ ; ◀ RUNNING {state}
+ *
+ * A running VM is asked about first: REQUEST {probe: true} → PREFLIGHT | REFUSE, then the
+ * destination closes having created nothing; only an accepted probe stops the VM at the source.
+ *
  * Receiver state machine (`receiverNext`; anything else is a protocol violation → FrameError, the
  * destination discards everything and the source guest keeps running):
  *
  *   AwaitRequest ──REQUEST──▶ [pre-flight] ──▶ AwaitFiles ──FILE_END──▶ [send haves] ──▶ Receiving
  *   AwaitFiles   ──FILE_DATA──▶ AwaitFiles
  *   Receiving    ──DISK_*, RAM_RAW, RAM_REF──▶ Receiving   ──RAM_END──▶ RamDone
+ *   Receiving    ──SENT_ALL──▶ [flush, boot paused] ──▶ AwaitCommit        (cold only; no RAM_* there)
  *   RamDone      ──DISK_*──▶ RamDone   ──SENT_ALL──▶ [load] ──▶ AwaitCommit
  *   AwaitCommit  ──COMMIT──▶ [cont, flush] ──▶ Running (terminal: the guest is ours)
  *   any state but Running ──ABORT / channel closed / error──▶ Discarded (terminal)
@@ -144,6 +158,15 @@ export interface MigrationRequest {
   files: FileOffer[];
   /** Whether the destination should send page hashes (the source dedups against them). */
   wantHaves: boolean;
+  /** Absent: live. `cold` (version 2): the VM is stopped; disks only, and it boots there when `start`. */
+  mode?: 'live' | 'cold';
+  /** Cold: boot the VM on the destination at COMMIT (it ran on the source); otherwise it arrives stopped. */
+  start?: boolean;
+  /**
+   * Version 2: pre-flight only. The destination answers PREFLIGHT or REFUSE, creates nothing and
+   * closes: a source asks before it stops a running VM for a cold migration.
+   */
+  probe?: boolean;
 }
 
 export interface PreflightReply {
@@ -219,8 +242,13 @@ const DISK_TYPES: ReadonlySet<number> = new Set([MSG.DISK_DATA, MSG.DISK_ZERO, M
  * state, or throws FrameError for a message this state does not accept. States entered by the
  * receiver's own work (pre-flight, loading) are set by it, not here.
  */
-export function receiverNext(state: ReceiverState, type: number): ReceiverState {
+export function receiverNext(state: ReceiverState, type: number, mode: 'live' | 'cold' = 'live'): ReceiverState {
   if (type === MSG.ABORT && state !== 'Running' && state !== 'Discarded') return 'Discarded';
+  if (mode === 'cold' && state === 'Receiving') {
+    if (DISK_TYPES.has(type)) return 'Receiving';
+    if (type === MSG.SENT_ALL) return 'AwaitCommit';
+    throw new FrameError('record', `protocol violation: message type 0x${type.toString(16)} in state ${state} of a cold migration`);
+  }
   switch (state) {
     case 'AwaitRequest':
       if (type === MSG.REQUEST) return 'AwaitFiles';

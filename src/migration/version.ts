@@ -13,7 +13,15 @@
  * The test beside this rule (test/migration/version.test.ts) pins the negotiation outcomes.
  */
 export const PROTOCOL_VERSION_MIN = 1;
-export const PROTOCOL_VERSION_MAX = 1;
+export const PROTOCOL_VERSION_MAX = 2;
+
+/**
+ * Version 2 adds cold migration: REQUEST `mode: "cold"` (and `start`), after which the source sends
+ * only disk rounds and SENT_ALL (no RAM). A version-1 destination would start QEMU for an incoming
+ * RAM stream that never comes, so a cold request is never sent on a version-1 channel; a live one
+ * is the same in both versions.
+ */
+export const COLD_VERSION = 2;
 
 export interface VersionRange {
   min: number;

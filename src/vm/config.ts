@@ -100,6 +100,8 @@ export interface VmPaths {
   qemuLog: string;
   /** Present (holding the worker's pid) while the VM arrives by live migration (migration/incoming.ts). */
   incomingMarker: string;
+  /** Present (with the pid) while a cold migration ships this stopped VM away: `vm start` refuses. */
+  departingMarker: string;
   /** A UEFI VM's own variables (pflash 1). */
   nvram: string;
   /** The guest agent's virtio-serial channel (QEMU listens). */
@@ -123,6 +125,7 @@ export function vmPaths(dataDir: string, name: string): VmPaths {
     serialLog: path.join(runDir, 'serial.log'),
     qemuLog: path.join(runDir, 'qemu.log'),
     incomingMarker: path.join(dir, 'incoming'),
+    departingMarker: path.join(dir, 'departing'),
     nvram: path.join(dir, 'nvram.fd'),
     agentSocket: path.join(runDir, 'agent.sock'),
   };

@@ -164,6 +164,8 @@ export interface RuntimeOptions {
    * only when the migration's COMMIT says so (src/migration/incoming.ts).
    */
   incoming?: boolean;
+  /** Boot QEMU paused (-S): the guest runs at a later `cont` (a cold migration's COMMIT). */
+  paused?: boolean;
 }
 
 export interface MigrateOutcome extends MigrateResult {
@@ -231,7 +233,7 @@ export class VmRuntime {
         const res = await r.write('restore', () => rt!.restoreLocked(ref, { fromOtherVm: !!opts.restoreFromOtherVm }, r));
         if (res.runState === 'running') void resyncGuest(rt.agentSocket()).then((g) => rt!.log(`after the restore: ${g.warning ?? `guest clock set${g.thawed ? `, ${g.thawed} file system(s) thawed` : ''}`}`));
       }
-      else await rt.launch(!!opts.incoming, !!opts.incoming);
+      else await rt.launch(!!opts.incoming, !!opts.incoming || !!opts.paused);
       rt.startHydration();
       return rt;
     } catch (err) {

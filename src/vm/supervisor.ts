@@ -31,6 +31,7 @@ import { projectRoot } from '../util/project.js';
 import { VmRuntime, type MigrateOutcome, type RestoreResult, type RuntimeStatus, type TakeOptions, type TakeResult } from './runtime.js';
 import type { MigrateTarget } from '../migration/outgoing.js';
 import { loadOrCreateIdentity } from '../migration/identity.js';
+import { processAlive } from '../util/process.js';
 import { vmPaths, type VmPaths } from './config.js';
 import { isSupervisorOf, vmProcesses, waitExited } from './processes.js';
 import type { Repository } from '../store/repository.js';
@@ -403,6 +404,8 @@ export async function spawnSupervisor(
   if (await isRunning(paths)) throw new SupervisorError(`VM ${name} is already running`);
   const incoming = await fsp.readFile(paths.incomingMarker, 'utf8').catch(() => null);
   if (incoming !== null) throw new SupervisorError(`VM ${name} is still arriving by live migration (worker pid ${incoming.trim()}); it runs once the migration commits, or disappears if it fails`);
+  const departing = Number((await fsp.readFile(paths.departingMarker, 'utf8').catch(() => '')).trim());
+  if (departing > 0 && processAlive(departing)) throw new SupervisorError(`VM ${name} is being moved to another host by a cold migration (pid ${departing}); it starts there, or again here if that fails`);
   const procs = await vmProcesses(paths, name);
   if (procs.supervisor) throw new SupervisorError(`VM ${name}: its supervisor (pid ${procs.supervisor}) is alive but does not answer; \`vmsnap vm stop ${name}\` ends it (log: ${paths.supervisorLog})`);
   await refuseLeftovers(paths, name);

@@ -109,3 +109,41 @@ export async function expectArrived(lab: VmLab, vm: string): Promise<void> {
   expect(last(s).errors).toBe(0);
   expect(await lab.errorLines(vm)).toEqual([]);
 }
+
+/**
+ * Two paired hosts on loopback, "laptop" (a) and "desktop" (b), with `receive` running on b (and on
+ * a with `receiveOnA`); each pins the other's key with the address of its `receive`, so a
+ * migration names the peer. `stop` ends the receivers and cleans both labs up.
+ */
+export class PairedHosts {
+  private constructor(
+    readonly a: VmLab,
+    readonly b: VmLab,
+    public rb: Receiving,
+    readonly ra: Receiving | null,
+  ) {}
+
+  static async create(prefix: string, o: { receiveOnA?: boolean } = {}): Promise<PairedHosts> {
+    const a = await VmLab.create(`${prefix}-a`);
+    const b = await VmLab.create(`${prefix}-b`);
+    const ra = o.receiveOnA ? await startReceive(a) : null;
+    const rb = await startReceive(b);
+    await pair(a, b, { a: 'laptop', b: 'desktop' }, { ...(ra ? { a: `127.0.0.1:${ra.port}` } : {}), b: `127.0.0.1:${rb.port}` });
+    return new PairedHosts(a, b, rb, ra);
+  }
+
+  /** Restarts b's `receive` (which sweeps what a killed worker left) and points a's pin at its new port. */
+  async restartReceiveB(): Promise<void> {
+    await this.rb.stop();
+    this.rb = await startReceive(this.b);
+    await this.a.ok(['peer', 'rm', 'desktop']);
+    await this.a.ok(['peer', 'add', 'desktop', '--fingerprint', this.rb.fingerprint, '--address', `127.0.0.1:${this.rb.port}`]);
+  }
+
+  async stop(): Promise<void> {
+    await this.ra?.stop();
+    await this.rb.stop();
+    await this.a.cleanup();
+    await this.b.cleanup();
+  }
+}

@@ -1,5 +1,5 @@
 import { describe, expect, it } from 'vitest';
-import { negotiateVersion, PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN } from '../../src/migration/version.js';
+import { COLD_VERSION, negotiateVersion, PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN } from '../../src/migration/version.js';
 
 describe('migration protocol version rule', () => {
   it('picks the highest version both ranges hold', () => {
@@ -19,5 +19,12 @@ describe('migration protocol version rule', () => {
     expect(PROTOCOL_VERSION_MIN).toBeGreaterThanOrEqual(1);
     expect(PROTOCOL_VERSION_MAX).toBeGreaterThanOrEqual(PROTOCOL_VERSION_MIN);
     expect(negotiateVersion({ min: PROTOCOL_VERSION_MIN, max: PROTOCOL_VERSION_MAX }, { min: PROTOCOL_VERSION_MIN, max: PROTOCOL_VERSION_MAX })).toBe(PROTOCOL_VERSION_MAX);
+  });
+
+  it('cold migration needs version 2; a version-1 peer still agrees on 1 (live only)', () => {
+    expect(COLD_VERSION).toBe(2);
+    expect(PROTOCOL_VERSION_MAX).toBeGreaterThanOrEqual(COLD_VERSION);
+    expect(PROTOCOL_VERSION_MIN).toBe(1);
+    expect(negotiateVersion({ min: 1, max: 1 }, { min: PROTOCOL_VERSION_MIN, max: PROTOCOL_VERSION_MAX })).toBe(1);
   });
 });
