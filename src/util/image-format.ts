@@ -23,6 +23,10 @@ import { childEnv } from './process.js';
 
 const execFileP = promisify(execFile);
 
+/** `copyTo` reads the image in pieces of this size, with at most COPY_IN_FLIGHT writes pending. */
+const COPY_PIECE = 4 << 20;
+const COPY_IN_FLIGHT = 4;
+
 export class ImageFormatError extends UserFacingError {
   override readonly name = 'ImageFormatError';
 }
@@ -141,21 +145,35 @@ export async function openDiskImage(file: string, opts: { blockSize: number; tem
     size,
     async copyTo(write) {
       const fh = await fsp.open(rawPath, 'r');
+      // Reads and writes overlap (a few pieces in flight), each piece read into its own buffer
+      // that the write keeps: reading, copying and writing one piece at a time took 3x `cp`.
+      const inFlight = new Set<Promise<void>>();
+      let failed: unknown = null;
       try {
-        const piece = Buffer.alloc(1 << 20);
         for (const e of (await dataExtents(rawPath, imageSize)) ?? [{ offset: 0, length: imageSize }]) {
           for (let off = e.offset; off < e.offset + e.length; ) {
-            const n = Math.min(piece.length, e.offset + e.length - off);
+            const n = Math.min(COPY_PIECE, e.offset + e.length - off);
+            const piece = Buffer.allocUnsafe(n);
             const { bytesRead } = await fh.read(piece, 0, n, off);
             if (bytesRead === 0) throw new ImageFormatError(`${file} ended at ${off} bytes, expected ${imageSize} (did it shrink while it was read?)`);
-            // A copy: the caller may keep the buffer (a volume write is asynchronous).
-            await write(off, Buffer.from(piece.subarray(0, bytesRead)));
+            const w: Promise<void> = write(off, piece.subarray(0, bytesRead)).then(
+              () => void inFlight.delete(w),
+              (err: unknown) => {
+                inFlight.delete(w);
+                failed ??= err;
+              },
+            );
+            inFlight.add(w);
+            if (inFlight.size >= COPY_IN_FLIGHT) await Promise.race(inFlight);
+            if (failed) throw failed;
             off += bytesRead;
           }
         }
       } finally {
+        await Promise.all(inFlight);
         await fh.close();
       }
+      if (failed) throw failed;
     },
     async close() {
       if (temp) await fsp.rm(temp, { force: true });
