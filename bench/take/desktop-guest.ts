@@ -22,18 +22,10 @@ import { vmCli } from '../common/vmsnap-cli.js';
 import { guestArtifacts } from '../../fixtures/guest/index.js';
 import { DEBIAN_READY, ensureDebianImage } from '../../fixtures/debian/index.js';
 import { EventLog, eventMonitorArgs } from './qmp-events.js';
+import { freePort } from '../../test/helpers/redis.js';
 import { promises as fsp } from 'node:fs';
-import * as net from 'node:net';
 
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
-
-async function freePort(): Promise<number> {
-  const s = net.createServer();
-  await new Promise<void>((r) => s.listen(0, '127.0.0.1', () => r()));
-  const port = (s.address() as net.AddressInfo).port;
-  await new Promise((r) => s.close(r));
-  return port;
-}
 
 async function main(): Promise<void> {
   const takes = argNum('--takes', 5);

@@ -18,21 +18,13 @@ import * as net from 'node:net';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { DEBIAN_PAGE, DEBIAN_READY, ensureDebianImage } from '../../fixtures/debian/index.js';
 import { sleep, VmLab, type TakeJson } from '../helpers/vm.js';
+import { freePort } from '../helpers/redis.js';
 import { GuestAgent, withGuestAgent } from '../../src/hypervisor/guest-agent.js';
 import { vmPaths } from '../../src/vm/config.js';
 
 const BOOT_MS = 180_000;
 const image = await ensureDebianImage();
 if (image.skip) console.warn(`debian-guest tests skipped: ${image.skip}`);
-
-/** A TCP port that was free a moment ago. */
-async function freePort(): Promise<number> {
-  const s = net.createServer();
-  await new Promise<void>((r) => s.listen(0, '127.0.0.1', () => r()));
-  const port = (s.address() as net.AddressInfo).port;
-  await new Promise((r) => s.close(r));
-  return port;
-}
 
 async function getForwarded(port: number): Promise<string> {
   const res = await fetch(`http://127.0.0.1:${port}/`, { signal: AbortSignal.timeout(30_000) });
@@ -139,6 +131,8 @@ describe.skipIf(image.skip !== undefined)('a real Debian guest (debootstrap, sys
     expect(quiesced.quiesce?.warning).toBeUndefined();
     expect(quiesced.quiesce?.frozen, 'the root ext4 at least').toBeGreaterThanOrEqual(1);
     expect(quiesced.quiesce?.thawed).toBe(quiesced.quiesce?.frozen);
+    // The freeze happens before the pause, not in it (generous bound: a loaded 2-core machine).
+    expect(quiesced.pauseMs).toBeLessThan(1000);
     // Thawed: the guest writes to its root again.
     await agent('deb', async (a) => {
       expect(await a.freezeStatus()).toBe('thawed');
