@@ -46,7 +46,7 @@ done
 if [ -x fixtures/guest/build.sh ]; then bash fixtures/guest/build.sh; fi
 if [ -x fixtures/guest/build-iso.sh ]; then bash fixtures/guest/build-iso.sh; fi
 if [ -x fixtures/guest/build-agent.sh ]; then bash fixtures/guest/build-agent.sh; fi
-# The Debian guest image (fixtures/debian/build.sh: debootstrap from the Debian archive, ~2 min the
+# The Debian guest image (fixtures/debian/build.sh: debootstrap from the Debian archive, 2-5 min the
 # first time, cached in fixtures/debian/build/). debootstrap needs root; without it its tests skip.
 if [ "$(id -u)" -eq 0 ]; then
   bash fixtures/debian/build.sh
