@@ -23,7 +23,8 @@ done
 [ -x /bin/busybox ] && /bin/busybox --help 2>&1 | grep -q 'static' || dpkg -s busybox-static >/dev/null 2>&1 || missing+=(busybox-static)
 dpkg -s gcc-multilib >/dev/null 2>&1 || missing+=(gcc-multilib)
 # Desktop guests: GRUB for BIOS and UEFI (the fixture ISO, fixtures/guest/build-iso.sh), OVMF (UEFI VMs).
-for pkg in grub-pc-bin grub-efi-amd64-bin ovmf; do dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg"); done
+# The Debian guest (fixtures/debian/build.sh): debootstrap, sfdisk (fdisk), mkfs.fat (dosfstools).
+for pkg in grub-pc-bin grub-efi-amd64-bin ovmf debootstrap fdisk dosfstools; do dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg"); done
 
 if [ ${#missing[@]} -eq 0 ]; then exit 0; fi
 need_root
@@ -43,6 +44,7 @@ export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 apt-get install -y -qq -t bookworm-backports qemu-system-x86 qemu-utils >/dev/null
 apt-get install -y -qq libnbd-bin nbdkit redis-server restic cpio gcc g++ make python3 procps time gcc-multilib busybox-static \
-  zstd e2fsprogs fio iproute2 grub-common grub-pc-bin grub-efi-amd64-bin xorriso mtools ovmf qemu-guest-agent chromium >/dev/null
+  zstd e2fsprogs fio iproute2 grub-common grub-pc-bin grub-efi-amd64-bin xorriso mtools ovmf qemu-guest-agent chromium \
+  debootstrap fdisk dosfstools >/dev/null
 [ "$(qemu_major)" = "10" ] || { echo "setup-system: QEMU 10 did not install (got: $(qemu-system-x86_64 --version | head -1))" >&2; exit 1; }
 echo "setup-system: done ($(qemu-system-x86_64 --version | head -1))" >&2

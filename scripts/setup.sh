@@ -46,3 +46,10 @@ done
 if [ -x fixtures/guest/build.sh ]; then bash fixtures/guest/build.sh; fi
 if [ -x fixtures/guest/build-iso.sh ]; then bash fixtures/guest/build-iso.sh; fi
 if [ -x fixtures/guest/build-agent.sh ]; then bash fixtures/guest/build-agent.sh; fi
+# The Debian guest image (fixtures/debian/build.sh: debootstrap from the Debian archive, 2-5 min the
+# first time, cached in fixtures/debian/build/). debootstrap needs root; without it its tests skip.
+if [ "$(id -u)" -eq 0 ]; then
+  bash fixtures/debian/build.sh
+elif [ ! -f fixtures/debian/build/debian.img ]; then
+  echo "setup: not root, so the Debian guest image is not built (sudo bash fixtures/debian/build.sh); test/vm/debian-guest.test.ts skips" >&2
+fi

@@ -35,7 +35,8 @@ import { benchRoot, check, freshDir, fmt, median, table, MiB } from '../common/m
 import { REPO_ROOT, vmCli } from '../common/vmsnap-cli.js';
 import { guestArtifacts, parseErrorLines, parseStatusLines } from '../../fixtures/guest/index.js';
 import { launchQemu, type QemuProcess } from '../../src/hypervisor/qemu.js';
-import { QmpClient, type QmpEvent } from '../../src/hypervisor/qmp.js';
+import { QmpClient } from '../../src/hypervisor/qmp.js';
+import { EventLog, eventMonitorArgs } from './qmp-events.js';
 
 // ------------------------------------------------------------------ options
 
@@ -216,32 +217,6 @@ function assertWorkloadAlive(tail: SerialTail): void {
   if (dead) throw new Error(`the guest workload stopped (${dead.detail}); console:\n${tail.text.slice(-1500)}`);
 }
 
-// ------------------------------------------------------------------ QMP events
-
-function eventMs(e: QmpEvent): number {
-  return e.timestamp.seconds * 1000 + e.timestamp.microseconds / 1000;
-}
-
-class EventLog {
-  readonly events: { name: string; qemuMs: number }[] = [];
-  constructor(qmp: QmpClient) {
-    qmp.events.on('event', (e: QmpEvent) => {
-      if (e.event === 'STOP' || e.event === 'RESUME') this.events.push({ name: e.event, qemuMs: eventMs(e) });
-    });
-  }
-  mark(): number {
-    return this.events.length;
-  }
-  /** First STOP and last RESUME since `mark` (QEMU's clock): the guest was stopped in between. */
-  pauseSince(mark: number): { pauseMs: number; stops: number; resumes: number } | null {
-    const ev = this.events.slice(mark);
-    const stop = ev.find((e) => e.name === 'STOP');
-    const resume = [...ev].reverse().find((e) => e.name === 'RESUME');
-    if (!stop || !resume || resume.qemuMs < stop.qemuMs) return null;
-    return { pauseMs: resume.qemuMs - stop.qemuMs, stops: ev.filter((e) => e.name === 'STOP').length, resumes: ev.filter((e) => e.name === 'RESUME').length };
-  }
-}
-
 // ------------------------------------------------------------------ statistics
 
 const min = (xs: readonly number[]): number => Math.min(...xs.filter((x) => Number.isFinite(x)));
@@ -299,8 +274,7 @@ async function runVmsnap(o: Options, root: string, log: (s: string) => void): Pr
     'vm', 'create', 'bench', '--memory', `${o.memoryMiB}M`, '--disk', '256M', '--accel', 'tcg',
     '--kernel', g.kernel, '--initrd', g.initrd, '--append', workload(o).append,
     // A second QMP monitor, listen-only: STOP/RESUME events with QEMU's timestamps.
-    '--qemu-arg=-chardev', `--qemu-arg=socket,id=benchqmp,path=${eventSock},server=on,wait=off`,
-    '--qemu-arg=-mon', '--qemu-arg=chardev=benchqmp,mode=control',
+    ...eventMonitorArgs(eventSock),
   ]);
   await cli(['vm', 'start', 'bench']);
   const tail = new SerialTail(path.join(runDir, 'serial.log'));

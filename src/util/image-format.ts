@@ -5,9 +5,20 @@
  * The format is what `qemu-img info` detects, never assumed from the name. Raw images are read as
  * they are. qcow2, qed, vmdk, vdi, vhdx and vpc images are read through `qemu-img convert` into a
  * private sparse raw temp file beside the destination (holes stay holes), after `qemu-img check`
- * has found no corruption (a truncated qcow2 otherwise converts "successfully" to zeros). An image
- * with a backing file or an external data file is refused: it would pull in another file's bytes,
- * chosen by whoever made the image. Any other format is refused, naming it.
+ * has found no corruption in any layer (a truncated qcow2 otherwise converts "successfully" to
+ * zeros). Any other format is refused, naming it.
+ *
+ * A backing chain (a qcow2 overlay on a base image, …) is followed as qemu-img follows it: each
+ * layer's backing name resolved against that layer's own folder, an absolute name as it is, the
+ * format the layer records for it (probed when it records none). The image's bytes are the
+ * flattened chain. The backing names were chosen by whoever made the image, so each one is
+ * checked before qemu-img reads it, and the chain is printed: it must exist, be a regular file
+ * (not a device, FIFO, directory or a /proc, /sys or /dev entry), not loop back, be at most
+ * MAX_CHAIN deep, be an image vmsnap reads — qcow2 & co, or raw with a whole number of 512-byte
+ * sectors (an image naming /etc/shadow or a key file as its raw base is refused: such files are
+ * not sector-sized) — and be of the format the layer records. A protocol name (nbd:, http:, json:)
+ * and an external data file are refused. Left open: a hostile image may still name another
+ * sector-sized image the user can read; the printed chain shows it.
  *
  * A size that is not a multiple of the destination's block size is padded with zeros up to the
  * next multiple, with a notice stating both sizes (the volume stores whole blocks; the guest sees
@@ -15,6 +26,7 @@
  */
 import { execFile } from 'node:child_process';
 import { promises as fsp } from 'node:fs';
+import * as path from 'node:path';
 import { promisify } from 'node:util';
 import { dataExtents } from './sparse.js';
 import { createTempFile } from './fs.js';
@@ -38,9 +50,17 @@ export interface ImageInfo {
   format: string;
   /** Guest-visible size in bytes. */
   virtualSize: number;
+  /** The backing name as the image records it. */
   backingFile?: string;
+  /** That name resolved as qemu-img resolves it (against the image's folder). */
+  fullBackingFile?: string;
+  /** The backing file's format as the image records it (qemu probes it when absent). */
+  backingFormat?: string;
   dataFile?: string;
 }
+
+/** Deepest backing chain followed (layers below the image). */
+export const MAX_CHAIN = 16;
 
 async function qemuImg(args: string[], what: string): Promise<{ stdout: string; code: number }> {
   try {
@@ -65,25 +85,90 @@ export async function probeImage(file: string): Promise<ImageInfo> {
     if (e.code === 'ENOENT' && !e.stderr) throw new ImageFormatError(`cannot inspect ${file}: qemu-img is not installed (Debian: apt-get install qemu-utils)`);
     throw new ImageFormatError(`${file} is not a readable disk image: ${(e.stderr ?? e.message).trim().replace(/^qemu-img: /, '')}`);
   }
-  const j = JSON.parse(stdout) as { format?: unknown; 'virtual-size'?: unknown; 'backing-filename'?: unknown; 'format-specific'?: { data?: { 'data-file'?: unknown } } };
+  const j = JSON.parse(stdout) as {
+    format?: unknown;
+    'virtual-size'?: unknown;
+    'backing-filename'?: unknown;
+    'full-backing-filename'?: unknown;
+    'backing-filename-format'?: unknown;
+    'format-specific'?: { data?: { 'data-file'?: unknown } };
+  };
   if (typeof j.format !== 'string' || typeof j['virtual-size'] !== 'number') throw new ImageFormatError(`qemu-img info gave no format or size for ${file}`);
   return {
     format: j.format,
     virtualSize: j['virtual-size'],
     ...(typeof j['backing-filename'] === 'string' ? { backingFile: j['backing-filename'] } : {}),
+    ...(typeof j['full-backing-filename'] === 'string' ? { fullBackingFile: j['full-backing-filename'] } : {}),
+    ...(typeof j['backing-filename-format'] === 'string' ? { backingFormat: j['backing-filename-format'] } : {}),
     ...(typeof j['format-specific']?.data?.['data-file'] === 'string' ? { dataFile: j['format-specific'].data['data-file'] } : {}),
   };
 }
 
-/** Refuses what cannot be read as the image's own bytes (see the module comment). */
+/** Refuses a format vmsnap cannot read, and an external data file (see the module comment). */
 function checkReadable(file: string, info: ImageInfo): void {
   if (info.format !== 'raw' && !CONVERTIBLE.has(info.format)) {
     throw new ImageFormatError(`${file} is a ${info.format} image, which vmsnap cannot read; convert it to raw or qcow2 first (qemu-img convert -O raw ${file} disk.raw)`);
   }
-  if (info.backingFile) {
-    throw new ImageFormatError(`${file} is a ${info.format} image with a backing file (${info.backingFile}); make a standalone copy first (qemu-img convert -O qcow2 ${file} standalone.qcow2)`);
-  }
   if (info.dataFile) throw new ImageFormatError(`${file} is a ${info.format} image whose data lives in another file (${info.dataFile}); convert it to a standalone image first`);
+}
+
+/** A layer of a backing chain: its real path and what qemu-img says of it. */
+export interface ChainLayer {
+  path: string;
+  info: ImageInfo;
+}
+
+/**
+ * The backing chain below `file` (whose info is `top`), top first, each layer checked as the
+ * module comment says; [] when it has no backing file. Throws ImageFormatError naming the layer
+ * and its backing name.
+ */
+export async function backingChain(file: string, top: ImageInfo): Promise<ChainLayer[]> {
+  const seen = new Set([await fsp.realpath(file)]);
+  const chain: ChainLayer[] = [];
+  let layer = file;
+  let info = top;
+  while (info.backingFile !== undefined) {
+    const what = layer === file ? `${file} has a backing file ${info.backingFile} that` : `${file} has in its backing chain ${layer}, whose backing file ${info.backingFile}`;
+    const resolved = info.fullBackingFile ?? info.backingFile;
+    // qemu reads `proto:…` (nbd:, http:, json:{…}) as a protocol, not a file name.
+    if (!resolved.startsWith('/') || /^json:|^[a-z][a-z0-9+.-]*:\/\//i.test(info.backingFile)) {
+      throw new ImageFormatError(`${what} is not a file path (a protocol or json: name); vmsnap follows backing files only`);
+    }
+    if (chain.length === MAX_CHAIN) throw new ImageFormatError(`${file} has a backing chain deeper than ${MAX_CHAIN} images`);
+    let real: string;
+    try {
+      real = await fsp.realpath(resolved);
+    } catch {
+      throw new ImageFormatError(`${what} is missing (${resolved} does not exist)`);
+    }
+    if (seen.has(real)) throw new ImageFormatError(`${what} loops back to ${real}, already in the chain`);
+    const st = await fsp.stat(real);
+    if (!st.isFile() || /^\/(proc|sys|dev)\//.test(real)) throw new ImageFormatError(`${what} is not a regular image file (${real})`);
+    const below = await probeImage(real);
+    if (below.format === 'raw' && (st.size === 0 || st.size % 512 !== 0)) {
+      throw new ImageFormatError(`${what} is not a disk image: ${real} is ${st.size} bytes of raw data, not a whole number of 512-byte sectors`);
+    }
+    if (info.backingFormat !== undefined && info.backingFormat !== below.format) {
+      throw new ImageFormatError(`${what} is recorded as ${info.backingFormat} but ${real} is a ${below.format} image`);
+    }
+    checkReadable(real, below);
+    seen.add(real);
+    chain.push({ path: real, info: below });
+    layer = real;
+    info = below;
+  }
+  return chain;
+}
+
+/** Runs `qemu-img check` on a non-raw layer; a corrupt one is refused, naming it. */
+async function checkLayer(file: string, layer: string, format: string): Promise<void> {
+  const check = await qemuImg(['check', '-U', '-f', format, '--', layer], `check ${layer}`);
+  // 0: clean, 3: only leaked clusters (harmless), 63: this format has no checks.
+  if (check.code === 1 || check.code === 2) {
+    const which = layer === file ? file : `${file} has in its backing chain ${layer}, which`;
+    throw new ImageFormatError(`${which} is a corrupt ${format} image (qemu-img check found errors; see qemu-img check ${layer})`);
+  }
 }
 
 /** A disk image opened for copying its guest-visible bytes into a volume (openDiskImage). */
@@ -105,16 +190,16 @@ export interface DiskImage {
  * `notice` gets one line when the size is padded.
  */
 export async function openDiskImage(file: string, opts: { blockSize: number; tempNear: string; notice: (line: string) => void }): Promise<DiskImage> {
+  // Absolute: qemu-img then resolves relative backing names against the image's folder.
+  file = path.resolve(file);
   const info = await probeImage(file);
   checkReadable(file, info);
+  const chain = await backingChain(file, info);
+  for (const l of [{ path: file, info }, ...chain]) if (l.info.format !== 'raw') await checkLayer(file, l.path, l.info.format);
+  if (chain.length) opts.notice(`note: ${file} has a backing chain; its disk is the flattened chain ${[file, ...chain.map((l) => l.path)].join(' -> ')}`);
   let rawPath = file;
   let temp: string | undefined;
   if (info.format !== 'raw') {
-    const check = await qemuImg(['check', '-U', '-f', info.format, '--', file], `check ${file}`);
-    // 0: clean, 3: only leaked clusters (harmless), 63: this format has no checks.
-    if (check.code === 1 || check.code === 2) {
-      throw new ImageFormatError(`${file} is a corrupt ${info.format} image (qemu-img check found errors; see qemu-img check ${file})`);
-    }
     const t = await createTempFile(opts.tempNear);
     temp = t.path;
     try {

@@ -23,6 +23,7 @@ import * as path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { guestAgentInitrd, guestArtifacts, guestIso } from '../../fixtures/guest/index.js';
 import { VmLab, last, type ShowJson } from '../helpers/vm.js';
+import { freePort } from '../helpers/redis.js';
 import { vmsnap, type RunResult } from '../helpers/cli.js';
 import type { VmDefinition } from '../../src/vm/config.js';
 import { launchDevices } from '../../src/vm/devices.js';
@@ -37,15 +38,6 @@ function expectClearError(r: RunResult, ...patterns: RegExp[]): void {
   expect(r.stderr).toMatch(/^vmsnap: /);
   expect(r.stderr).not.toMatch(/internal error|^\s+at /m);
   for (const p of patterns) expect(r.stderr).toMatch(p);
-}
-
-/** A TCP port that was free a moment ago. */
-async function freePort(): Promise<number> {
-  const s = net.createServer();
-  await new Promise<void>((r) => s.listen(0, '127.0.0.1', () => r()));
-  const port = (s.address() as net.AddressInfo).port;
-  await new Promise((r) => s.close(r));
-  return port;
 }
 
 function connects(port: number): Promise<boolean> {
