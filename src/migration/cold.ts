@@ -15,7 +15,7 @@ import { CODECS } from '../store/codec.js';
 import type { VmDefinition } from '../vm/config.js';
 import type { SecureChannel } from './channel.js';
 import type { HostIdentity } from './identity.js';
-import { connectToPeer, fileOffers, Inbox, migrationFailed, migrationRequest, negotiate, pickCodec, requestPreflight, sendBlocks, type DiskShape, type MigrateResult, type MigrateTarget, type MigrationEvent } from './outgoing.js';
+import { connectToPeer, fileOffers, Inbox, migrationFailed, migrationRequest, negotiate, noSwitchover, pickCodec, requestPreflight, sendBlocks, type DiskShape, type MigrateResult, type MigrateTarget, type MigrationEvent } from './outgoing.js';
 import { jsonBody, MigrationError, MigrationRefusedError, MSG, parseJsonBody, type MigrationPhase } from './protocol.js';
 
 export interface ColdSource {
@@ -148,7 +148,7 @@ export async function migrateColdOut(src: ColdSource, target: MigrateTarget, o: 
       base: pre.base,
       phases: phaseAt,
       // No guest pause to account for: the VM was stopped before the move.
-      switchover: { ramSentMs: null, completedMs: null, qemuCompletedMs: null, diskDoneMs: null, readyMs: null, resumedMs: null, runningMs: null },
+      switchover: noSwitchover(),
       destinationState: String(parseJsonBody<{ state?: string }>(running.body, 'RUNNING').state ?? 'unknown'),
     };
   } catch (err) {

@@ -133,6 +133,11 @@ export interface MigrateResult {
   switchover: { ramSentMs: number | null; completedMs: number | null; qemuCompletedMs: number | null; diskDoneMs: number | null; readyMs: number | null; resumedMs: number | null; runningMs: number | null };
 }
 
+/** A switchover report with no step reached (a cold move has none: its VM was stopped first). */
+export function noSwitchover(): MigrateResult['switchover'] {
+  return { ramSentMs: null, completedMs: null, qemuCompletedMs: null, diskDoneMs: null, readyMs: null, resumedMs: null, runningMs: null };
+}
+
 interface MigrationInfo {
   status?: string;
   'error-desc'?: string;
@@ -406,7 +411,7 @@ export async function migrateOut(vm: SourceVm, target: MigrateTarget, o: Migrate
     completedSeen();
   };
   const sinceStop = (): number | null => (stopAt === null ? null : Math.round(performance.now() - stopAt));
-  const switchover: MigrateResult['switchover'] = { ramSentMs: null, completedMs: null, qemuCompletedMs: null, diskDoneMs: null, readyMs: null, resumedMs: null, runningMs: null };
+  const switchover = noSwitchover();
   vm.qmp.events.on('STOP', onStop);
   vm.qmp.events.on('MIGRATION', onMigration);
   try {
