@@ -18,6 +18,7 @@ import { acceptServerChannel, FrameError, type SecureChannel } from './channel.j
 import { listPeers, type HostIdentity } from './identity.js';
 import {
   BLOCK_HASH_BYTES,
+  haveDiskMessages,
   jsonBody,
   MigrationError,
   MSG,
@@ -408,18 +409,10 @@ async function sendHoldings(ch: SecureChannel, h: Holdings, req: MigrationReques
     if (batch.length) await ch.send(MSG.HAVE_RAM, Buffer.concat(batch));
   }
   if (h.plainBlockIds) {
-    const per = ((1 << 20) - 6) / BLOCK_HASH_BYTES;
     for (let di = 0; di < req.disks.length; di++) {
       const s = h.disks.get(req.disks[di]!.name);
       if (!s) continue;
-      const n = s.chunks.length / BLOCK_HASH_BYTES;
-      for (let first = 0; first < n; first += per) {
-        const k = Math.min(per, n - first);
-        const head = Buffer.alloc(6);
-        head.writeUInt16BE(di, 0);
-        head.writeUInt32BE(first, 2);
-        await ch.send(MSG.HAVE_DISK, head, s.chunks.subarray(first * BLOCK_HASH_BYTES, (first + k) * BLOCK_HASH_BYTES));
-      }
+      for (const [head, hashes] of haveDiskMessages(di, s.chunks)) await ch.send(MSG.HAVE_DISK, head, hashes);
     }
   }
   await ch.send(MSG.HAVE_END);

@@ -38,6 +38,7 @@ import { openClientChannel, type SecureChannel, type Message } from './channel.j
 import type { HostIdentity } from './identity.js';
 import {
   BLOCK_HASH_BYTES,
+  readHaveDisk,
   diskHeader,
   jsonBody,
   MigrationError,
@@ -331,17 +332,13 @@ export async function negotiate(chan: SecureChannel, req: MigrationRequest, file
       if (m.body.length % PAGE_HASH_BYTES) throw new Error('malformed HAVE_RAM');
       for (let i = 0; i < m.body.length; i += PAGE_HASH_BYTES) heldPages.add(m.body.toString('latin1', i, i + PAGE_HASH_BYTES));
     } else if (m.type === MSG.HAVE_DISK) {
-      if (m.body.length < 6 || (m.body.length - 6) % BLOCK_HASH_BYTES) throw new Error('malformed HAVE_DISK');
-      const disk = m.body.readUInt16BE(0);
-      const firstBlock = m.body.readUInt32BE(2);
-      const d = req.disks[disk];
-      if (!d) throw new Error(`HAVE_DISK for unknown disk #${disk}`);
-      const blocks = Math.ceil(d.size / d.blockSize);
+      const { disk, firstBlock, count: n, hashes } = readHaveDisk(m.body, (i) => {
+        const d = req.disks[i];
+        return d ? Math.ceil(d.size / d.blockSize) : undefined;
+      });
       let ids = heldBlocks.get(disk);
-      if (!ids) heldBlocks.set(disk, (ids = Buffer.alloc(blocks * BLOCK_HASH_BYTES)));
-      const n = (m.body.length - 6) / BLOCK_HASH_BYTES;
-      if (firstBlock + n > blocks) throw new Error('HAVE_DISK beyond the disk');
-      m.body.copy(ids, firstBlock * BLOCK_HASH_BYTES, 6);
+      if (!ids) heldBlocks.set(disk, (ids = Buffer.alloc(Math.ceil(req.disks[disk]!.size / req.disks[disk]!.blockSize) * BLOCK_HASH_BYTES)));
+      hashes.copy(ids, firstBlock * BLOCK_HASH_BYTES);
       for (let i = 0; i < n; i++) heldBlockSet.add(m.body.toString('latin1', 6 + i * BLOCK_HASH_BYTES, 6 + (i + 1) * BLOCK_HASH_BYTES));
     } else throw new Error(`unexpected message 0x${m.type.toString(16)} while receiving what the destination holds`);
   }

@@ -70,7 +70,7 @@
  *               there; RUNNING follows the flush of the arrived disks)
  */
 import { UserFacingError } from '../util/errors.js';
-import { FrameError } from './channel.js';
+import { FrameError, MAX_RECORD_PLAINTEXT } from './channel.js';
 
 export const MSG = {
   REQUEST: 0x01,
@@ -242,6 +242,36 @@ const DISK_TYPES: ReadonlySet<number> = new Set([MSG.DISK_DATA, MSG.DISK_ZERO, M
  * state, or throws FrameError for a message this state does not accept. States entered by the
  * receiver's own work (pre-flight, loading) are set by it, not here.
  */
+/**
+ * The HAVE_DISK messages naming one disk's held blocks: as many whole hashes as fit a record, so a
+ * large disk (4 GiB at 64 KiB blocks: 65,536 hashes, 2 MiB) takes several messages.
+ */
+export const HAVE_DISK_HASHES_PER_MESSAGE = Math.floor((MAX_RECORD_PLAINTEXT - 1 - 6) / BLOCK_HASH_BYTES);
+
+export function* haveDiskMessages(disk: number, hashes: Buffer): Generator<[head: Buffer, hashes: Buffer]> {
+  const n = hashes.length / BLOCK_HASH_BYTES;
+  if (!Number.isInteger(n)) throw new Error('haveDiskMessages: not a whole number of block hashes');
+  for (let first = 0; first < n; first += HAVE_DISK_HASHES_PER_MESSAGE) {
+    const k = Math.min(HAVE_DISK_HASHES_PER_MESSAGE, n - first);
+    const head = Buffer.alloc(6);
+    head.writeUInt16BE(disk, 0);
+    head.writeUInt32BE(first, 2);
+    yield [head, hashes.subarray(first * BLOCK_HASH_BYTES, (first + k) * BLOCK_HASH_BYTES)];
+  }
+}
+
+/** A HAVE_DISK body, checked against the disk's block count. */
+export function readHaveDisk(body: Buffer, blocksOf: (disk: number) => number | undefined): { disk: number; firstBlock: number; count: number; hashes: Buffer } {
+  if (body.length < 6 || (body.length - 6) % BLOCK_HASH_BYTES) throw new FrameError('record', `malformed HAVE_DISK (${body.length} bytes)`);
+  const disk = body.readUInt16BE(0);
+  const firstBlock = body.readUInt32BE(2);
+  const blocks = blocksOf(disk);
+  if (blocks === undefined) throw new FrameError('record', `HAVE_DISK for unknown disk #${disk}`);
+  const count = (body.length - 6) / BLOCK_HASH_BYTES;
+  if (firstBlock + count > blocks) throw new FrameError('record', `HAVE_DISK beyond the disk (blocks ${firstBlock}+${count} of ${blocks})`);
+  return { disk, firstBlock, count, hashes: body.subarray(6) };
+}
+
 export function receiverNext(state: ReceiverState, type: number, mode: 'live' | 'cold' = 'live'): ReceiverState {
   if (type === MSG.ABORT && state !== 'Running' && state !== 'Discarded') return 'Discarded';
   if (mode === 'cold' && state === 'Receiving') {
