@@ -12,7 +12,7 @@ import { receiveOne } from '../src/migration/incoming.js';
 import { loadOrCreateIdentity } from '../src/migration/identity.js';
 import type { MigrationEvent } from '../src/migration/outgoing.js';
 import { serveRuntime } from '../src/vm/supervisor.js';
-import { cancelMigration, migrateVm, type Compression, type MigrateArgs } from '../src/ops/migrate.js';
+import { cancelMigration, migrateVm, removeMovedVm, type Compression, type MigrateArgs } from '../src/ops/migrate.js';
 import { dataDir, openRepository, supervisorEnv, vmOpsContext, type GlobalOptions } from './context.js';
 import { humanBytes, printJson, progressSink } from './output.js';
 
@@ -25,6 +25,7 @@ interface MigrateFlags {
   timeout: string;
   compress: string;
   departureSnapshot: boolean;
+  wait?: boolean;
   cancel?: boolean;
   cold?: boolean;
 }
@@ -64,7 +65,7 @@ export function registerMigrateCommands(program: Command, globals: Globals): voi
       if (!received) process.exit(1);
       // A stopped VM that arrived cold has nothing to serve: the worker's job is done.
       if (!received.runtime) process.exit(0);
-      await serveRuntime(received.runtime, received.paths, dataDir(), log);
+      await serveRuntime(received.runtime, received.paths, dataDir(), log, (vm, warn) => removeMovedVm({ dataDir: dataDir(), openRepo: () => openRepository(g) }, vm, warn));
     });
 
   program
@@ -76,6 +77,7 @@ export function registerMigrateCommands(program: Command, globals: Globals): voi
     .option('--max-downtime <ms>', 'longest guest pause to allow at switchover', '300')
     .option('--timeout <seconds>', 'give up (the guest keeps running here) when not done by then', '600')
     .option('--compress <codec>', 'auto, zstd, lz4 or none', 'auto')
+    .option('--wait', 'return only once the state at departure is stored and the VM removed (or stopped, with --keep-source) here')
     .option('--no-departure-snapshot', 'do not keep the state at departure here (a return trip then sends everything)')
     .option('--cancel', 'cancel the migration of <vm> in progress')
     .action(async (name: string, dest: string | undefined, o: MigrateFlags) => {
@@ -110,7 +112,9 @@ export function registerMigrateCommands(program: Command, globals: Globals): voi
             (r.base ? ` (destination started from its snapshot ${r.base.slice(0, 12)})` : ''),
         );
         if (r.departure) console.log(`its state at departure is snapshot ${r.departure.slice(0, 12)} here (a return trip sends only what changed)`);
-        console.log(r.kept ? `VM ${name} stays here, stopped` : `VM ${name} removed here (its snapshots stay in the repository)`);
+        if (r.departurePending) {
+          console.log(`its state at departure is being stored here in the background (a return trip sends only what changed); then VM ${name} is ${r.kept ? 'kept here, stopped' : 'removed here (its snapshots stay in the repository)'}`);
+        } else console.log(r.kept ? `VM ${name} stays here, stopped` : `VM ${name} removed here (its snapshots stay in the repository)`);
       }
     });
 }
@@ -126,6 +130,7 @@ function migrateArgs(o: MigrateFlags): Omit<MigrateArgs, 'vm' | 'destination'> {
     timeoutMs: timeoutS * 1000,
     compress: o.compress as Compression,
     departure: o.departureSnapshot,
+    waitForDeparture: !!o.wait,
     keepSource: !!o.keepSource,
     cold: !!o.cold,
     ...(o.pair !== undefined ? { pair: o.pair } : {}),

@@ -31,6 +31,7 @@ import { vmProcesses } from '../src/vm/processes.js';
 import { FROM_OTHER_VM_FLAG, resolveUnscoped } from '../src/vm/selectors.js';
 import type { TakeResult } from '../src/vm/runtime.js';
 import { dataDir, openRepository, supervisorEnv, vmOpsContext, type GlobalOptions } from './context.js';
+import { removeMovedVm } from '../src/ops/migrate.js';
 import { checkedRestoreTarget, cloneVm, diskPin as opsDiskPin, restoreVm, takeVm, unpinDisks as opsUnpinDisks } from '../src/ops/vm.js';
 import { humanBytes, printJson, progressSink, shortId } from './output.js';
 import { resolveStreamRef } from '../src/ops/export.js';
@@ -448,6 +449,7 @@ export function registerVmCommands(program: Command, globals: Globals): void {
         ...(o.restore ? { restore: o.restore, restoreFromOtherVm: !!o.fromOtherVm } : {}),
         ...(o.hydrate !== undefined ? { hydrate: Number(o.hydrate) } : {}),
         openRepo: () => openRepository(g),
+        removeMoved: (vm, warn) => removeMovedVm({ dataDir: dataDir(), openRepo: () => openRepository(g) }, vm, warn),
       });
     });
 }

@@ -393,6 +393,12 @@ export interface MigrationMethod {
   startSource(ctx: ScenarioContext): Promise<SourceGuest>;
   /** Resolves once the guest runs on `leg.to`; throws (guest still on `leg.from`) when it cannot. */
   migrate(ctx: ScenarioContext, src: SourceGuest, leg: Leg): Promise<MigrationOutcome>;
+  /**
+   * Untimed, after the leg was checked: waits for work the method still does on the source once
+   * the guest runs on the destination (vmsnap: the departure snapshot, the VM's removal), so the
+   * next leg starts from a settled source; returns figures to add to the leg's details.
+   */
+  settle?(ctx: ScenarioContext, leg: Leg, migrateReturnedAt: number): Promise<Record<string, unknown>>;
 }
 
 export interface ScenarioResult {
@@ -496,6 +502,7 @@ async function runLeg(method: MigrationMethod, ctx: ScenarioContext, src: Source
   // A saturated guest prints late, so only ask that the destination said something more than once.
   if (d.length < 3) problems.push(`only ${d.length} status lines on ${to} in ${params.watchS} s`);
   if (problems.length) throw new Error(problems.join('; '));
+  if (method.settle) res.details = { ...(res.details ?? {}), ...(await method.settle(ctx, leg, t0 + res.totalS * 1000)) };
   res.ok = true;
   return out;
 }

@@ -93,7 +93,7 @@ async function migrateOnce(ctx: JobContext, run: JobRun, args: JobArgs['migrate'
     throw new MigrateRequestError(`VM ${args.vm} is not on this host${moved} (${err.message})`);
   });
   // Shared, like a take: its departure snapshot commits into the repository (no prune meanwhile).
-  return { ...(await gated(ctx, run, 'shared', () => migrateVm(ctx, args, run.sink, { key: run.key }))), alreadyMigrated: false };
+  return { ...(await gated(ctx, run, 'shared', () => migrateVm(ctx, { ...args, waitForDeparture: true }, run.sink, { key: run.key }))), alreadyMigrated: false };
 }
 
 type Handlers = { [K in JobKind]: (ctx: JobContext, run: JobRun, args: JobArgs[K]) => Promise<JobResults[K]> };

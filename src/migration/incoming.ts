@@ -40,7 +40,7 @@ import { Volume } from '../cow/volume.js';
 import { cloneVolume } from '../cow/snapshot.js';
 import { releaseBasePin, readBasePin } from '../cow/base-pin.js';
 import { repositoryPinner } from '../store/pins.js';
-import { checkVmPathsFit, diskDir, parseDefinition, saveDefinition, saveState, vmPaths, type VmDefinition, type VmPaths } from '../vm/config.js';
+import { checkVmPathsFit, diskDir, parseDefinition, readDepartedMarker, saveDefinition, saveState, vmPaths, type VmDefinition, type VmPaths } from '../vm/config.js';
 import { VmRuntime } from '../vm/runtime.js';
 import { processAlive } from '../util/process.js';
 import { COLD_VERSION } from './version.js';
@@ -312,6 +312,28 @@ function checkRequest(r: MigrationRequest, version: number): MigrationRequest {
   return r;
 }
 
+/** How long a return trip waits here for the VM's earlier departure to finish (its snapshot, its removal). */
+const DEPARTED_WAIT_MS = 300_000;
+
+/**
+ * A VM of this name must not exist here. One that just moved away is still being removed (its
+ * supervisor stores the departure snapshot first, then deletes it): a return trip waits for that,
+ * and then holds the departure snapshot.
+ */
+async function waitDepartedGone(paths: VmPaths, vm: string): Promise<void> {
+  const deadline = Date.now() + DEPARTED_WAIT_MS;
+  while (existsSync(paths.dir)) {
+    const d = await readDepartedMarker(paths);
+    if (!d) {
+      if (!existsSync(paths.dir)) return;
+      throw new Refusal(`a VM named ${vm} already exists on this host`);
+    }
+    if (!d.alive) throw new Refusal(`VM ${vm} moved from this host to ${d.to} earlier and its removal here did not finish; \`vmsnap vm rm ${vm}\` on this host removes what is left`);
+    if (Date.now() > deadline) throw new Refusal(`VM ${vm} is still being removed from this host after its move to ${d.to} (its departure state is being stored); try again once it is gone`);
+    await new Promise((r) => setTimeout(r, 100));
+  }
+}
+
 /** Whether this host can run the guest; a Refusal names why not, before anything is created. */
 async function preflight(req: MigrationRequest, dataDir: string, paths: VmPaths): Promise<{ reply: PreflightReply; def: VmDefinition }> {
   try {
@@ -319,7 +341,7 @@ async function preflight(req: MigrationRequest, dataDir: string, paths: VmPaths)
   } catch (err) {
     throw new Refusal((err as Error).message);
   }
-  if (existsSync(paths.dir)) throw new Refusal(`a VM named ${req.vm} already exists on this host`);
+  await waitDepartedGone(paths, req.vm);
   let def: VmDefinition;
   try {
     def = parseDefinition(JSON.stringify(req.definition), 'the migration request');

@@ -53,6 +53,12 @@ export interface MigrateArgs {
   departure?: boolean;
   /** Stop, ship the disks, start there (for guests that cannot move live). */
   cold?: boolean;
+  /**
+   * Live: return only once the departure snapshot is stored and the VM removed here (a job's
+   * result then names the snapshot). Default: return as soon as the guest runs on the
+   * destination; the VM's supervisor here stores the snapshot and removes the VM after that.
+   */
+  waitForDeparture?: boolean;
 }
 
 export interface MigrateOutcomeHere extends MigrateResult {
@@ -60,9 +66,11 @@ export interface MigrateOutcomeHere extends MigrateResult {
   mode: 'live' | 'cold';
   destination: string;
   kept: boolean;
-  /** The snapshot of the state at departure, kept here (null: none). */
+  /** The snapshot of the state at departure, kept here (null: none, or not stored yet). */
   departure: string | null;
   departureError?: string;
+  /** The departure snapshot is being stored here after the command returned (see `waitForDeparture`). */
+  departurePending?: boolean;
   /** What the VM is on the destination: running, or shutoff (a stopped VM cold-migrated). */
   destinationState: string;
 }
@@ -168,18 +176,28 @@ export async function migrateVm(ctx: VmOpsContext, args: MigrateArgs, sink: Prog
   if (!args.cold) {
     if (!(await isRunning(paths))) throw new MigrateRequestError(`VM ${args.vm} is not running: live migration moves a running guest (start it, or use --cold)`);
     r.phase('live migration');
-    const options = { maxDowntimeMs: args.maxDowntimeMs ?? 300, timeoutMs: args.timeoutMs ?? 600_000, compress: args.compress ?? 'auto', departure: args.departure !== false };
+    const departureInBackground = !args.waitForDeparture;
+    const options = {
+      maxDowntimeMs: args.maxDowntimeMs ?? 300,
+      timeoutMs: args.timeoutMs ?? 600_000,
+      compress: args.compress ?? 'auto',
+      departure: args.departure !== false,
+      departureInBackground,
+      keepSource: !!args.keepSource,
+    };
     const cancel = () => void callSupervisor(paths, { op: 'migrate-cancel' }).catch(() => undefined);
     hooks.signal?.addEventListener('abort', cancel, { once: true });
+    const procs = await vmProcesses(paths, args.vm);
     try {
       const out = await callSupervisor(paths, { op: 'migrate', target, options }, options.timeoutMs + 300_000, (e) => onEvent(e as MigrationEvent));
       res = { ...out, destinationState: 'running' };
     } finally {
       hooks.signal?.removeEventListener('abort', cancel);
     }
-    // The supervisor stops its QEMU (postmigrate) and exits.
-    const procs = await vmProcesses(paths, args.vm);
-    await waitExited([procs.supervisor, ...procs.qemus].filter((p): p is number => typeof p === 'number'), 60_000);
+    // The supervisor stores the departure snapshot, stops its QEMU (postmigrate), removes the VM
+    // here (unless kept) and exits: waited for only when asked.
+    if (res.departurePending) r.info(`the guest runs on ${destination}; its state at departure is being stored here, then the VM is ${args.keepSource ? 'kept here, stopped' : 'removed here'}`);
+    else await waitExited([procs.supervisor, ...procs.qemus].filter((p): p is number => typeof p === 'number'), 600_000);
   } else {
     res = await migrateCold(ctx, args, target, paths, def.firmware === 'uefi', r, onEvent, hooks.signal);
   }
@@ -187,9 +205,9 @@ export async function migrateVm(ctx: VmOpsContext, args: MigrateArgs, sink: Prog
   // The key proved itself in the handshake of a migration that worked: now it is pinned.
   if (pinOnSuccess) await addPeer(ctx.dataDir, pinOnSuccess).catch((err: Error) => r.warn(`could not pin ${pinOnSuccess.fingerprint}: ${err.message}`));
   if (res.departureError) r.warn(`the departure snapshot failed: ${res.departureError}`);
-  if (!args.keepSource) {
+  if (args.cold && !args.keepSource) {
     r.phase('removing the VM here');
-    await removeMovedVm(ctx, args.vm, sink);
+    await removeMovedVm(ctx, args.vm, (m) => r.warn(m));
   }
   return { vm: args.vm, mode: args.cold ? 'cold' : 'live', destination, kept: !!args.keepSource, ...res };
 }
@@ -333,11 +351,11 @@ async function openVolumes(dataDir: string, paths: VmPaths, vm: string, repo: Re
 }
 
 /** Removes the moved VM here: its disks' pins (an unreachable repository only warns), then its folder. */
-async function removeMovedVm(ctx: VmOpsContext, vm: string, sink: ProgressSink): Promise<void> {
+export async function removeMovedVm(ctx: Pick<VmOpsContext, 'dataDir' | 'openRepo'>, vm: string, warn: (m: string) => void): Promise<void> {
   let repo: Promise<Repository> | null = null;
   try {
     await unpinDisks(ctx.dataDir, vm, () => (repo ??= ctx.openRepo()), (disk, pin, err) =>
-      reporter(sink).warn(`disk ${disk} of VM ${vm} pins snapshot ${pin.snapshot.slice(0, 12)} and the repository could not be reached to release it (${err.message}); \`vmsnap pins rm ${pin.pin}\` removes it`),
+      warn(`disk ${disk} of VM ${vm} pins snapshot ${pin.snapshot.slice(0, 12)} and the repository could not be reached to release it (${err.message}); \`vmsnap pins rm ${pin.pin}\` removes it`),
     );
   } finally {
     const opened = repo ? await (repo as Promise<Repository>).catch(() => null) : null;

@@ -28,6 +28,7 @@ import { atomicWriteFile, containedPath, exists } from '../util/fs.js';
 import { checkName } from '../store/manifest.js';
 import { DEFAULT_MACHINE_TYPE } from '../hypervisor/qemu.js';
 import { UserFacingError } from '../util/errors.js';
+import { processAlive } from '../util/process.js';
 
 export class VmConfigError extends UserFacingError {
   override readonly name = 'VmConfigError';
@@ -102,6 +103,8 @@ export interface VmPaths {
   incomingMarker: string;
   /** Present (with the pid) while a cold migration ships this stopped VM away: `vm start` refuses. */
   departingMarker: string;
+  /** Written once the guest runs on another host, until this VM is removed here (supervisor.ts). */
+  departedMarker: string;
   /** A UEFI VM's own variables (pflash 1). */
   nvram: string;
   /** The guest agent's virtio-serial channel (QEMU listens). */
@@ -126,6 +129,7 @@ export function vmPaths(dataDir: string, name: string): VmPaths {
     qemuLog: path.join(runDir, 'qemu.log'),
     incomingMarker: path.join(dir, 'incoming'),
     departingMarker: path.join(dir, 'departing'),
+    departedMarker: path.join(dir, 'departed'),
     nvram: path.join(dir, 'nvram.fd'),
     agentSocket: path.join(runDir, 'agent.sock'),
   };
@@ -256,4 +260,13 @@ export async function listVms(dataDir: string): Promise<string[]> {
   const out: string[] = [];
   for (const n of await fsp.readdir(root)) if (await exists(path.join(root, n, 'vm.json'))) out.push(n);
   return out.sort();
+}
+
+/** The `departed` marker of a VM that moved away (null: none): where to, and whether its writer lives. */
+export async function readDepartedMarker(paths: VmPaths): Promise<{ to: string; pid: number; alive: boolean } | null> {
+  const text = await fsp.readFile(paths.departedMarker, 'utf8').catch(() => null);
+  if (text === null) return null;
+  const [pidLine, to] = text.split('\n');
+  const pid = Number(pidLine);
+  return { to: to || 'another host', pid, alive: pid > 0 && processAlive(pid) };
 }

@@ -172,6 +172,11 @@ export interface MigrateOutcome extends MigrateResult {
   /** The snapshot of the guest's state at departure, kept here for the return trip (or null). */
   departure: string | null;
   departureError?: string;
+  /**
+   * The departure snapshot is still being stored (`departureInBackground`): the guest already runs
+   * on the destination; `departureStored` settles when it is kept.
+   */
+  departurePending?: boolean;
 }
 
 export class VmRuntime {
@@ -257,45 +262,52 @@ export class VmRuntime {
    * then stored here as a snapshot (tag `departed`), so a later return trip sends only what
    * changed. On failure the guest runs on here.
    */
-  migrate(target: MigrateTarget, o: MigrateOptions & { departure: boolean }): Promise<MigrateOutcome> {
-    return this.exclusive(async () => {
+  migrate(target: MigrateTarget, o: MigrateOptions & { departure: boolean; departureInBackground?: boolean }): Promise<MigrateOutcome> {
+    // With departureInBackground the answer goes out as soon as the guest runs on the destination;
+    // the departure snapshot is stored after it, still inside `exclusive` (nothing else may use
+    // the stopped QEMU and the volumes meanwhile).
+    let answer!: (r: MigrateOutcome) => void;
+    const answered = new Promise<MigrateOutcome>((res) => (answer = res));
+    const whole = this.exclusive(async () => {
       const q = this.liveQemu('migrate');
       const recorder = o.departure ? new DepartureRecorder(this.paths.runDir) : undefined;
       try {
-        return await this.migrateLocked(q, target, { ...o, ...(recorder ? { recorder } : {}) });
+        const res = await migrateOut(
+          {
+            definition: this.def,
+            qmp: q.qmp,
+            qemu: { version: `${q.version.major}.${q.version.minor}.${q.version.micro}`, machine: q.machine, accel: q.accel },
+            volumes: this.volumes,
+            runDir: this.paths.runDir,
+            nvramPath: this.paths.nvram,
+          },
+          target,
+          { ...o, ...(recorder ? { recorder } : {}) },
+        );
+        if (!recorder) return { ...res, departure: null };
+        if (o.departureInBackground) answer({ ...res, departure: null, departurePending: true });
+        try {
+          const departure = await this.storeDeparture(q, recorder, `state when it moved to ${target.host}:${target.port}`);
+          this.log(`departure snapshot ${departure} kept`);
+          return { ...res, departure };
+        } catch (err) {
+          const departureError = (err as Error).message;
+          this.log(`departure snapshot failed: ${departureError}`);
+          return { ...res, departure: null, departureError };
+        }
       } finally {
         await recorder?.dispose();
       }
     });
+    this.departureStored = whole.then(
+      () => undefined,
+      () => undefined,
+    );
+    return o.departureInBackground ? Promise.race([answered, whole]) : whole;
   }
 
-  private async migrateLocked(q: QemuProcess, target: MigrateTarget, o: MigrateOptions & { departure: boolean }): Promise<MigrateOutcome> {
-    {
-      const res = await migrateOut(
-        {
-          definition: this.def,
-          qmp: q.qmp,
-          qemu: { version: `${q.version.major}.${q.version.minor}.${q.version.micro}`, machine: q.machine, accel: q.accel },
-          volumes: this.volumes,
-          runDir: this.paths.runDir,
-          nvramPath: this.paths.nvram,
-        },
-        target,
-        o,
-      );
-      let departure: string | null = null;
-      let departureError: string | undefined;
-      if (o.recorder) {
-        try {
-          departure = await this.storeDeparture(q, o.recorder, `state when it moved to ${target.host}:${target.port}`);
-        } catch (err) {
-          departureError = (err as Error).message;
-          this.log(`departure snapshot failed: ${departureError}`);
-        }
-      }
-      return { ...res, departure, ...(departureError ? { departureError } : {}) };
-    }
-  }
+  /** Settles when the last migration's departure snapshot was stored (or failed, or none was asked). */
+  departureStored: Promise<void> = Promise.resolve();
 
   /** What a snapshot of the running QEMU records about it: restore refuses what it cannot run. */
   private snapshotMeta(q: QemuProcess, type: 'live' | 'disk-only', runState: string): Record<string, MetaValue> {

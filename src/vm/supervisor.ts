@@ -32,7 +32,7 @@ import { VmRuntime, type MigrateOutcome, type RestoreResult, type RuntimeStatus,
 import type { MigrateTarget } from '../migration/outgoing.js';
 import { loadOrCreateIdentity } from '../migration/identity.js';
 import { processAlive } from '../util/process.js';
-import { vmPaths, type VmPaths } from './config.js';
+import { readDepartedMarker, vmPaths, type VmPaths } from './config.js';
 import { isSupervisorOf, vmProcesses, waitExited } from './processes.js';
 import type { Repository } from '../store/repository.js';
 import { errorRecord, isErrorRecord, RemoteError, UserFacingError, type ErrorRecord } from '../util/errors.js';
@@ -65,6 +65,10 @@ export interface MigrateRequestOptions {
   timeoutMs?: number;
   compress?: 'auto' | 'zstd' | 'lz4' | 'none';
   departure: boolean;
+  /** Answer once the guest runs on the destination; store the departure snapshot after that. */
+  departureInBackground?: boolean;
+  /** Keep the VM here, stopped, instead of removing it once its departure state is stored. */
+  keepSource?: boolean;
 }
 export type SupervisorOp = keyof SupervisorOps;
 export type SupervisorRequest<K extends SupervisorOp = SupervisorOp> = K extends SupervisorOp ? { op: K } & SupervisorOps[K]['args'] : never;
@@ -73,7 +77,15 @@ type Reply = { ok: true; result: unknown } | { ok: false; error: ErrorRecord };
 
 const OPS: ReadonlySet<string> = new Set<SupervisorOp>(['status', 'take', 'restore', 'pause', 'resume', 'stop', 'migrate', 'migrate-cancel', 'media', 'screendump']);
 
-export async function runSupervisor(opts: { dataDir: string; name: string; restore?: string; restoreFromOtherVm?: boolean; hydrate?: number; openRepo: () => Promise<Repository> }): Promise<void> {
+export async function runSupervisor(opts: {
+  dataDir: string;
+  name: string;
+  restore?: string;
+  restoreFromOtherVm?: boolean;
+  hydrate?: number;
+  openRepo: () => Promise<Repository>;
+  removeMoved: RemoveMovedVm;
+}): Promise<void> {
   const paths = vmPaths(opts.dataDir, opts.name);
   const log = (m: string) => process.stderr.write(`${new Date().toISOString()} ${m}\n`);
   await claimPidFile(paths, opts.name);
@@ -85,16 +97,22 @@ export async function runSupervisor(opts: { dataDir: string; name: string; resto
     await fsp.rm(paths.supervisorPid, { force: true });
     throw err;
   }
-  await serveRuntime(rt, paths, opts.dataDir, log);
+  await serveRuntime(rt, paths, opts.dataDir, log, opts.removeMoved);
 }
+
+/**
+ * Removes a VM that moved to another host from this one (its disks' pins, then its folder). Given
+ * by the caller: it belongs to the operations layer (src/ops/migrate.ts), above this one.
+ */
+export type RemoveMovedVm = (vm: string, log: (m: string) => void) => Promise<void>;
 
 /**
  * Serves a running VM's requests until QEMU exits or `stop`, then exits the process. Used by the
  * supervisor a `vm start` spawns and by the worker an incoming migration became (its pid file is
  * already claimed).
  */
-export async function serveRuntime(rt: VmRuntime, paths: VmPaths, dataDir: string, log: (m: string) => void): Promise<never> {
-  const ctx: HandlerContext = { rt, dataDir, log, stop: () => void shutdown(), inflight: new Set(), migration: null };
+export async function serveRuntime(rt: VmRuntime, paths: VmPaths, dataDir: string, log: (m: string) => void, removeMoved: RemoveMovedVm): Promise<never> {
+  const ctx: HandlerContext = { rt, paths, dataDir, log, stop: () => void shutdown(), inflight: new Set(), migration: null, afterShutdown: null, removeMoved };
   // Requests being answered (ctx.inflight): when QEMU dies under a `take`, its error reply must
   // still reach the CLI before this process exits (otherwise it only sees the connection close).
   const inflight = ctx.inflight;
@@ -108,8 +126,11 @@ export async function serveRuntime(rt: VmRuntime, paths: VmPaths, dataDir: strin
   const shutdown = (): Promise<void> =>
     (stopping ??= (async () => {
       server.close();
+      // A moved guest's departure snapshot reads this QEMU's recording and the volumes: let it end.
+      await rt.departureStored;
       await rt.shutdown();
       await Promise.race([Promise.allSettled([...inflight]), new Promise((r) => setTimeout(r, 30_000).unref())]);
+      if (ctx.afterShutdown) await ctx.afterShutdown().catch((err: Error) => log(`after shutdown: ${err.message}`));
       await fsp.rm(paths.supervisorSocket, { force: true });
       await fsp.rm(paths.supervisorPid, { force: true });
       log('supervisor exiting');
@@ -124,12 +145,16 @@ export async function serveRuntime(rt: VmRuntime, paths: VmPaths, dataDir: strin
 
 interface HandlerContext {
   rt: VmRuntime;
+  paths: VmPaths;
   dataDir: string;
   log: (m: string) => void;
   stop: () => void;
   inflight: Set<Promise<void>>;
   /** The migration in progress (one at a time: the runtime serialises it with take/restore). */
   migration: AbortController | null;
+  /** Run once QEMU and the volumes are closed, before the process exits (a moved VM's removal). */
+  afterShutdown: (() => Promise<void>) | null;
+  removeMoved: RemoveMovedVm;
 }
 
 /**
@@ -256,8 +281,16 @@ async function dispatch(ctx: HandlerContext, req: SupervisorRequest, event: (e: 
       try {
         const identity = await loadOrCreateIdentity(ctx.dataDir);
         const r = await rt.migrate(req.target, { ...req.options, identity, signal: abort.signal, onEvent: event });
-        // The guest runs on the destination: this QEMU (postmigrate) and supervisor end here.
-        setImmediate(stop);
+        // The guest runs on the destination. Until this VM is gone from here, the `departed` marker
+        // says so (`vm start` refuses; a return trip's `receive` here waits for the removal).
+        await fsp.writeFile(ctx.paths.departedMarker, `${process.pid}\n${req.target.host}:${req.target.port}\n`, { mode: 0o600 });
+        const keep = req.options.keepSource === true;
+        ctx.afterShutdown = async () => {
+          if (keep) await fsp.rm(ctx.paths.departedMarker, { force: true });
+          else await ctx.removeMoved(rt.def.name, ctx.log);
+        };
+        // This QEMU (postmigrate) and supervisor end once the departure snapshot is stored.
+        void rt.departureStored.then(() => setImmediate(ctx.stop));
         return r;
       } finally {
         ctx.migration = null;
@@ -406,6 +439,8 @@ export async function spawnSupervisor(
   if (incoming !== null) throw new SupervisorError(`VM ${name} is still arriving by live migration (worker pid ${incoming.trim()}); it runs once the migration commits, or disappears if it fails`);
   const departing = Number((await fsp.readFile(paths.departingMarker, 'utf8').catch(() => '')).trim());
   if (departing > 0 && processAlive(departing)) throw new SupervisorError(`VM ${name} is being moved to another host by a cold migration (pid ${departing}); it starts there, or again here if that fails`);
+  const departed = await readDepartedMarker(paths);
+  if (departed) throw new SupervisorError(`VM ${name} moved to ${departed.to}${departed.alive ? ' and is being removed here (its departure state is being stored)' : '; its removal here did not finish: `vmsnap vm rm ' + name + '` removes what is left here'}`);
   const procs = await vmProcesses(paths, name);
   if (procs.supervisor) throw new SupervisorError(`VM ${name}: its supervisor (pid ${procs.supervisor}) is alive but does not answer; \`vmsnap vm stop ${name}\` ends it (log: ${paths.supervisorLog})`);
   await refuseLeftovers(paths, name);
@@ -435,3 +470,4 @@ export async function spawnSupervisor(
   if (exited === undefined) child.kill('SIGKILL');
   throw new SupervisorError(`VM ${name} failed to start: ${lastErr || 'no output'} (log: ${paths.supervisorLog})`);
 }
+

@@ -83,7 +83,7 @@ describe('the display follows a migrated VM', () => {
       await a.start(vm);
       await a.waitLines(vm, 3, 120_000);
       await serves(a, vm, kind);
-      const r = await a.run(['--json', 'migrate', vm, 'desktop']);
+      const r = await a.run(['--json', 'migrate', vm, 'desktop', '--wait']);
       expect(r.code, r.stderr).toBe(0);
       await expectArrived(b, vm);
       await serves(b, vm, kind);

@@ -138,7 +138,7 @@ describe('migration faults: the guest stays on the source, the destination keeps
   }, 120_000);
 
   it('after all that, a fresh migration succeeds', async () => {
-    const r = await a.run(['--json', 'migrate', VM, `127.0.0.1:${rb.port}`, '--pair', rb.fingerprint]);
+    const r = await a.run(['--json', 'migrate', VM, `127.0.0.1:${rb.port}`, '--pair', rb.fingerprint, '--wait']);
     expect(r.code, r.stderr).toBe(0);
     expect(migrateResult(r.stdout).vm).toBe(VM);
     await expectArrived(b, VM);

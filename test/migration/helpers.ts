@@ -56,6 +56,7 @@ export interface MigrateJson extends MigrateResult {
   destination: string;
   departure: string | null;
   departureError?: string;
+  departurePending?: boolean;
 }
 
 /** The final JSON object of `migrate --json` (event lines precede it). */

@@ -29,7 +29,7 @@ describe('live migration of a UEFI guest', () => {
     await a.start(VM);
     await a.waitLines(VM, 3, 240_000);
     const nvram = readFileSync(vmPaths(a.dataDir, VM).nvram);
-    const r = await a.run(['--json', 'migrate', VM, 'desktop', '--max-downtime', '2000']);
+    const r = await a.run(['--json', 'migrate', VM, 'desktop', '--max-downtime', '2000', '--wait']);
     expect(r.code, r.stderr).toBe(0);
     expect(migrateResult(r.stdout).departureError ?? null).toBeNull();
     await expectArrived(b, VM);
