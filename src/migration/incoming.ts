@@ -8,7 +8,7 @@
  * process's pid) from its creation until the guest runs, so `vm start` refuses it and a marker
  * whose process is gone (kill -9) is swept by the next `receive`.
  */
-import { promises as fsp, constants as fsc, existsSync } from 'node:fs';
+import { promises as fsp, constants as fsc, existsSync, readSync } from 'node:fs';
 import type { FileHandle } from 'node:fs/promises';
 import * as net from 'node:net';
 import * as os from 'node:os';
@@ -19,6 +19,8 @@ import { listPeers, type HostIdentity } from './identity.js';
 import {
   BLOCK_HASH_BYTES,
   haveDiskMessages,
+  assembleRamMix,
+  readRamMix,
   jsonBody,
   MigrationError,
   MSG,
@@ -43,7 +45,7 @@ import { repositoryPinner } from '../store/pins.js';
 import { checkVmPathsFit, diskDir, parseDefinition, readDepartedMarker, saveDefinition, saveState, vmPaths, type VmDefinition, type VmPaths } from '../vm/config.js';
 import { VmRuntime } from '../vm/runtime.js';
 import { processAlive } from '../util/process.js';
-import { COLD_VERSION } from './version.js';
+import { COLD_VERSION, MIX_VERSION } from './version.js';
 
 /** Silence from the source, once it sends, that ends the migration (overridable for tests). */
 const IDLE_TIMEOUT_MS = Number(process.env.VMSNAP_MIGRATION_IDLE_MS) || 30_000;
@@ -248,6 +250,16 @@ export async function receiveOne(sock: net.Socket, o: IncomingOptions): Promise<
           const pages = await readHeldPages(holdings, m.body);
           qemuBytes += pages.length;
           await writeAll(qemuIn, pages);
+          break;
+        }
+        case MSG.RAM_MIX: {
+          phase = 'ram';
+          if (ch.version < MIX_VERSION) throw new FrameError('record', `RAM_MIX is not spoken in protocol version ${ch.version}`);
+          const mix = readRamMix(m.body);
+          const decoded = decode(mix.codec, mix.payload, mix.length);
+          const stream = mix.at.length ? assembleRamMix(mix.at, decoded, await readHeldPages(holdings, mix.hashes), PAGE_SIZE) : decoded;
+          qemuBytes += stream.length;
+          await writeAll(qemuIn, stream);
           break;
         }
         case MSG.RAM_END:
@@ -455,14 +467,30 @@ async function readHeldPages(h: Holdings, hashes: Buffer): Promise<Buffer> {
   const n = hashes.length / PAGE_HASH_BYTES;
   const out = Buffer.allocUnsafe(n * PAGE_SIZE);
   if (!h.pageFile) throw new FrameError('record', 'a page reference, but this host advertised no pages');
-  const reads: Promise<unknown>[] = [];
+  // The page file was just written by this process and sits in the page cache: synchronous reads,
+  // one per run of pages that lie next to each other there too (RAM order, mostly), cost far less
+  // than a thread-pool round trip per page.
+  const fd = h.pageFile.handle.fd;
+  let runStart = 0;
+  let runPos = -1;
+  const readRun = (end: number): void => {
+    const len = (end - runStart) * PAGE_SIZE;
+    let done = 0;
+    while (done < len) {
+      const got = readSync(fd, out, runStart * PAGE_SIZE + done, len - done, runPos + done);
+      if (got === 0) throw new Error('the held page file is shorter than its index');
+      done += got;
+    }
+  };
   for (let i = 0; i < n; i++) {
     const pos = h.pages.get(hashes.toString('latin1', i * PAGE_HASH_BYTES, (i + 1) * PAGE_HASH_BYTES));
     if (pos === undefined) throw new FrameError('record', 'a page reference to a page this host did not advertise');
-    reads.push(h.pageFile.handle.read(out, i * PAGE_SIZE, PAGE_SIZE, pos));
-    if (reads.length >= 64) await Promise.all(reads.splice(0));
+    if (runPos >= 0 && pos === runPos + (i - runStart) * PAGE_SIZE) continue;
+    if (runPos >= 0) readRun(i);
+    runStart = i;
+    runPos = pos;
   }
-  await Promise.all(reads);
+  if (runPos >= 0) readRun(n);
   return out;
 }
 

@@ -11,7 +11,7 @@
  *   ◀────────────────────────── HAVE_RAM* HAVE_DISK* HAVE_END        what it holds of this guest:
  *                                                                   page hashes, base block ids
  *   ── DISK_DATA | DISK_ZERO | DISK_REF  (round 1: all blocks) ──▶  written into the new volumes
- *   ── RAM_RAW | RAM_REF  (QEMU's stream, verbatim but for refs) ─▶  fed to QEMU -incoming (paused)
+ *   ── RAM_RAW | RAM_REF | RAM_MIX (QEMU's stream, verbatim but for refs) ─▶  fed to QEMU -incoming (paused)
  *   ── DISK_* (later rounds: blocks dirtied since), interleaved ──▶
  *   ── RAM_END (the stream is whole: source guest stopped) ──────▶
  *   ── DISK_* (final round) , SENT_ALL {stats} ──────────────────▶  wait for QEMU to load the
@@ -40,7 +40,7 @@
  *
  *   AwaitRequest ──REQUEST──▶ [pre-flight] ──▶ AwaitFiles ──FILE_END──▶ [send haves] ──▶ Receiving
  *   AwaitFiles   ──FILE_DATA──▶ AwaitFiles
- *   Receiving    ──DISK_*, RAM_RAW, RAM_REF──▶ Receiving   ──RAM_END──▶ RamDone
+ *   Receiving    ──DISK_*, RAM_RAW, RAM_REF, RAM_MIX──▶ Receiving   ──RAM_END──▶ RamDone
  *   Receiving    ──SENT_ALL──▶ [flush, boot paused] ──▶ AwaitCommit        (cold only; no RAM_* there)
  *   RamDone      ──DISK_*──▶ RamDone   ──SENT_ALL──▶ [load] ──▶ AwaitCommit
  *   AwaitCommit  ──COMMIT──▶ [cont, flush] ──▶ Running (terminal: the guest is ours)
@@ -66,6 +66,9 @@
  *   DISK_REF    u16 disk | u32 block | 32-byte hash of a block the destination holds
  *   RAM_RAW     u8 codec | u32 length | stream bytes, encoded (decoded length must be `length`)
  *   RAM_REF     n × 16-byte page hashes (pages the destination holds, in stream order)
+ *   RAM_MIX     u32 n | n × u32 at | n × 16-byte page hash | u8 codec | u32 length | stream bytes,
+ *               encoded (version 3): the stream is the decoded bytes with the held page of hash i
+ *               inserted before decoded byte at[i] (at non-decreasing, ≤ length)
  *   RUNNING     JSON {state, resumeMs}: resumeMs = COMMIT to `cont` done (the guest's pause ends
  *               there; RUNNING follows the flush of the arrived disks)
  */
@@ -88,6 +91,7 @@ export const MSG = {
   RAM_RAW: 0x30,
   RAM_REF: 0x31,
   RAM_END: 0x32,
+  RAM_MIX: 0x33,
   SENT_ALL: 0x40,
   READY: 0x41,
   COMMIT: 0x42,
@@ -231,6 +235,48 @@ export function readDiskMessage(type: number, body: Buffer): DiskMessage & ({ ki
   return { disk, block, kind: 'ref', hash: body.subarray(6) };
 }
 
+/** The head of a RAM_MIX record (everything before its encoded stream bytes). */
+export function ramMixHead(at: readonly number[], hashes: readonly Buffer[], codec: number, length: number): Buffer {
+  const n = at.length;
+  const head = Buffer.allocUnsafe(4 + n * (4 + PAGE_HASH_BYTES) + 5);
+  head.writeUInt32BE(n, 0);
+  for (let i = 0; i < n; i++) head.writeUInt32BE(at[i]!, 4 + i * 4);
+  for (let i = 0; i < n; i++) hashes[i]!.copy(head, 4 + n * 4 + i * PAGE_HASH_BYTES, 0, PAGE_HASH_BYTES);
+  head[4 + n * (4 + PAGE_HASH_BYTES)] = codec;
+  head.writeUInt32BE(length, 4 + n * (4 + PAGE_HASH_BYTES) + 1);
+  return head;
+}
+
+/** A RAM_MIX body, checked: offsets in order and within the decoded length. */
+export function readRamMix(body: Buffer): { at: Uint32Array; hashes: Buffer; codec: number; length: number; payload: Buffer } {
+  if (body.length < 9) throw new FrameError('record', `malformed RAM_MIX (${body.length} bytes)`);
+  const n = body.readUInt32BE(0);
+  const headLen = 4 + n * (4 + PAGE_HASH_BYTES) + 5;
+  if (n > body.length || headLen > body.length) throw new FrameError('record', `malformed RAM_MIX (${n} references in ${body.length} bytes)`);
+  const at = new Uint32Array(n);
+  for (let i = 0; i < n; i++) at[i] = body.readUInt32BE(4 + i * 4);
+  const codec = body[headLen - 5]!;
+  const length = body.readUInt32BE(headLen - 4);
+  for (let i = 0; i < n; i++) {
+    if (at[i]! > length || (i > 0 && at[i]! < at[i - 1]!)) throw new FrameError('record', 'malformed RAM_MIX (reference offsets out of order or beyond the stream bytes)');
+  }
+  return { at, hashes: body.subarray(4 + n * 4, 4 + n * (4 + PAGE_HASH_BYTES)), codec, length, payload: body.subarray(headLen) };
+}
+
+/** The QEMU stream a RAM_MIX stands for: its decoded bytes with the held pages put in place. */
+export function assembleRamMix(at: Uint32Array, decoded: Buffer, pages: Buffer, pageSize: number): Buffer {
+  const out = Buffer.allocUnsafe(decoded.length + at.length * pageSize);
+  let from = 0;
+  let o = 0;
+  for (let i = 0; i < at.length; i++) {
+    o += decoded.copy(out, o, from, at[i]!);
+    from = at[i]!;
+    o += pages.copy(out, o, i * pageSize, (i + 1) * pageSize);
+  }
+  decoded.copy(out, o, from);
+  return out;
+}
+
 // ------------------------------------------------------------------------------ receiver state
 
 export type ReceiverState = 'AwaitRequest' | 'AwaitFiles' | 'Receiving' | 'RamDone' | 'AwaitCommit' | 'Running' | 'Discarded';
@@ -288,7 +334,7 @@ export function receiverNext(state: ReceiverState, type: number, mode: 'live' | 
       if (type === MSG.FILE_END) return 'Receiving';
       break;
     case 'Receiving':
-      if (DISK_TYPES.has(type) || type === MSG.RAM_RAW || type === MSG.RAM_REF) return 'Receiving';
+      if (DISK_TYPES.has(type) || type === MSG.RAM_RAW || type === MSG.RAM_REF || type === MSG.RAM_MIX) return 'Receiving';
       if (type === MSG.RAM_END) return 'RamDone';
       break;
     case 'RamDone':
