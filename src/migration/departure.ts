@@ -6,7 +6,8 @@
  * the last record of each page is its final content: the recorder writes each one into an image
  * file (one region per RAM block, sparse: a page never sent non-zero stays a hole), and keeps the
  * stream's prefix and device state. Once the destination runs the guest, the image is stored as a
- * snapshot with the volumes (whose guest is stopped), off the critical path of the move.
+ * snapshot with the volumes (whose guest is stopped), off the critical path of the move, and then
+ * kept as the departure cache (holdings.ts) for the guest's return.
  */
 import { closeSync, openSync, writeSync, constants as fsc } from 'node:fs';
 import { promises as fsp } from 'node:fs';
@@ -85,8 +86,8 @@ export class DepartureRecorder {
     this.tail = tail;
   }
 
-  /** The final RAM, page by page in block order, for a RamStreamWriter. */
-  async *pages(): AsyncGenerator<PageRecord> {
+  /** The final RAM, page by page in block order, for a RamStreamWriter; `pos` is the page's offset in `file`. */
+  async *pages(): AsyncGenerator<PageRecord & { pos: number }> {
     if (!this.prefix) return;
     this.flushRun();
     const fh = await fsp.open(this.file, 'r');
@@ -100,8 +101,9 @@ export class DepartureRecorder {
           buf.fill(0, bytesRead, n);
           for (let p = 0; p < n; p += PAGE_SIZE) {
             const data = buf.subarray(p, p + PAGE_SIZE);
-            if (isAllZero(data)) yield { block: bi, offset: off + p, kind: 'zero' };
-            else yield { block: bi, offset: off + p, kind: 'page', data };
+            const pos = this.bases[bi]! + off + p;
+            if (isAllZero(data)) yield { block: bi, offset: off + p, kind: 'zero', pos };
+            else yield { block: bi, offset: off + p, kind: 'page', data, pos };
           }
         }
       }

@@ -33,7 +33,7 @@ import {
   type PreflightReply,
   type ReceiverState,
 } from './protocol.js';
-import { chooseHeldSnapshot, loadHoldings, noHoldings, releaseHoldings, type Holdings } from './holdings.js';
+import { chooseHeldSnapshot, dropDepartureCache, loadHoldings, noHoldings, readHeldPages, releaseHoldings, type Holdings } from './holdings.js';
 import { decode } from '../store/codec.js';
 import { PAGE_SIZE } from '../migstream/index.js';
 import type { Repository } from '../store/repository.js';
@@ -190,9 +190,9 @@ export async function receiveOne(sock: net.Socket, o: IncomingOptions): Promise<
     if (needFiles.length) await saveDefinition(o.dataDir, pre.def);
 
     phase = 'haves';
-    holdings = await loadHoldings(repo, usable, req.disks, paths.runDir, mode === 'live');
+    holdings = await loadHoldings(repo, usable, req.disks, paths.runDir, mode === 'live', { dataDir: o.dataDir, vm: req.vm });
     await sendHoldings(ch, holdings, req);
-    o.log(`${req.vm}: holding ${holdings.pages.size} pages and ${usable ? 'disks of ' + usable.id.slice(0, 12) : 'no disks'}`);
+    o.log(`${req.vm}: holding ${holdings.pages.size} pages${holdings.pageFile && !holdings.pageFile.owned ? ' (from its departure cache)' : ''} and ${usable ? 'disks of ' + usable.id.slice(0, 12) : 'no disks'}`);
 
     // From here the source sends steadily until COMMIT; silence means a dead link or source, and a
     // cut link never errors on its own. Until COMMIT, a silent source means: discard.
@@ -210,6 +210,7 @@ export async function receiveOne(sock: net.Socket, o: IncomingOptions): Promise<
       await ch.send(MSG.RUNNING, jsonBody({ state }));
       await ch.close();
       await releaseHoldings(holdings);
+      await dropDepartureCache(o.dataDir, req.vm).catch(() => undefined);
       o.log(`${req.vm}: arrived by cold migration (${state})`);
       return { runtime: coldDone, paths };
     }
@@ -291,6 +292,8 @@ export async function receiveOne(sock: net.Socket, o: IncomingOptions): Promise<
     await ch.send(MSG.RUNNING, jsonBody({ state: st.status, resumeMs }));
     await ch.close();
     await releaseHoldings(holdings);
+    // The guest is here again: the image it left with is stale from now on.
+    await dropDepartureCache(o.dataDir, req.vm).catch(() => undefined);
     o.log(`${req.vm}: running here (${st.status})`);
     return { runtime, paths };
   } catch (err) {
@@ -463,36 +466,6 @@ function heldChunkId(h: Holdings, hash: Buffer): Buffer {
   return hash;
 }
 
-async function readHeldPages(h: Holdings, hashes: Buffer): Promise<Buffer> {
-  const n = hashes.length / PAGE_HASH_BYTES;
-  const out = Buffer.allocUnsafe(n * PAGE_SIZE);
-  if (!h.pageFile) throw new FrameError('record', 'a page reference, but this host advertised no pages');
-  // The page file was just written by this process and sits in the page cache: synchronous reads,
-  // one per run of pages that lie next to each other there too (RAM order, mostly), cost far less
-  // than a thread-pool round trip per page.
-  const fd = h.pageFile.handle.fd;
-  let runStart = 0;
-  let runPos = -1;
-  const readRun = (end: number): void => {
-    const len = (end - runStart) * PAGE_SIZE;
-    let done = 0;
-    while (done < len) {
-      const got = readSync(fd, out, runStart * PAGE_SIZE + done, len - done, runPos + done);
-      if (got === 0) throw new Error('the held page file is shorter than its index');
-      done += got;
-    }
-  };
-  for (let i = 0; i < n; i++) {
-    const pos = h.pages.get(hashes.toString('latin1', i * PAGE_HASH_BYTES, (i + 1) * PAGE_HASH_BYTES));
-    if (pos === undefined) throw new FrameError('record', 'a page reference to a page this host did not advertise');
-    if (runPos >= 0 && pos === runPos + (i - runStart) * PAGE_SIZE) continue;
-    if (runPos >= 0) readRun(i);
-    runStart = i;
-    runPos = pos;
-  }
-  if (runPos >= 0) readRun(n);
-  return out;
-}
 
 /** Writes one DISK_DATA / DISK_ZERO / DISK_REF into its volume (checked against the volume's size). */
 async function applyDiskMessage(m: { type: number; body: Buffer }, volumes: Volume[], writes: WriteWindow, repo: Repository, holdings: Holdings): Promise<void> {

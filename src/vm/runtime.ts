@@ -48,6 +48,7 @@ import { resolveForVm } from './selectors.js';
 import { RestoreDataError, verifyRestoreData } from './restore-check.js';
 import { migrateOut, type MigrateOptions, type MigrateResult, type MigrateTarget } from '../migration/outgoing.js';
 import { DepartureRecorder } from '../migration/departure.js';
+import { keepDepartureCache, pageHash } from '../migration/holdings.js';
 import type { PageRecord } from '../migstream/index.js';
 import { nowMs, StopPointCut } from './stop-point-cut.js';
 import { eventTimeMs } from '../hypervisor/qmp.js';
@@ -338,11 +339,13 @@ export class VmRuntime {
       for (const v of this.volumes.values()) v.freeze();
       const w = new RamStreamWriter(repo, { spillDir: this.paths.runDir });
       const streams: StreamRecord[] = [];
+      const held: { hash: Buffer; pos: number }[] = [];
       try {
         w.onPrefix(rec.prefix!);
         let batch: PageRecord[] = [];
         for await (const p of rec.pages()) {
-          batch.push(p.kind === 'page' ? { ...p, data: Buffer.from(p.data!) } : p);
+          if (p.kind === 'page') held.push({ hash: pageHash(p.data!), pos: p.pos });
+          batch.push(p.kind === 'page' ? { block: p.block, offset: p.offset, kind: p.kind, data: Buffer.from(p.data!) } : { block: p.block, offset: p.offset, kind: p.kind });
           if (batch.length >= 256) {
             await w.onPages(batch);
             batch = [];
@@ -357,6 +360,8 @@ export class VmRuntime {
         meta: this.snapshotMeta(q, 'live', 'running'),
         withVolume: (name, fn) => fn(this.volumes.get(name)!),
       });
+      // The image becomes the holdings of the guest's return (a cache: the snapshot is committed).
+      await keepDepartureCache(this.opts.dataDir, this.def.name, snap.id, rec.file, held).catch((err: Error) => this.log(`departure cache not kept: ${err.message}`));
       return snap.id;
     });
   }

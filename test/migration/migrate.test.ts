@@ -3,7 +3,7 @@
  * directory and repository, the Linux fixture guest checking its memory and disk throughout.
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { existsSync } from 'node:fs';
+import { existsSync, promises as fsp } from 'node:fs';
 import * as path from 'node:path';
 import { VmLab, last } from '../helpers/vm.js';
 import { migrateResult, pair, startReceive, type Receiving } from './helpers.js';
@@ -66,6 +66,10 @@ describe('vmsnap migrate / receive (loopback)', () => {
     const departed = (await a.json<{ id: string; tags: string[] }[]>(['ls', '--vm', VM, '--tag', 'departed'])).map((x) => x.id);
     expect(departed).toHaveLength(1);
     expect(r2.base).toBe(departed[0]);
+    // A's holdings came from the image it kept when the guest left (not read back from its repository),
+    // and that cache is gone now that the guest is back.
+    expect(await fsp.readFile(path.join(a.dataDir, 'receive.log'), 'utf8')).toMatch(/mover: holding \d+ pages \(from its departure cache\)/);
+    expect(existsSync(path.join(a.dataDir, 'held', 'mover.index'))).toBe(false);
     // --wait: the departure snapshot is named, and the VM is already gone from B.
     expect(r2.departurePending ?? false).toBe(false);
     expect(String(r2.departure)).toMatch(/^[0-9a-f]{64}$/);
