@@ -311,6 +311,32 @@ export class SecureChannel {
     this.sock.destroy();
   }
 
+  /**
+   * Ends the connection after a last message (an ABORT) while the peer may still be sending: what
+   * it sends is read and dropped until it closes (or `ms` pass). Destroying a socket with unread
+   * data sends a TCP reset, which can reach the peer before it has read that last message — it
+   * would then see "ECONNRESET" instead of the reason.
+   */
+  async lingerClose(ms: number): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    if (this.sock.destroyed) return;
+    await new Promise<void>((resolve) => {
+      const done = (): void => {
+        clearTimeout(timer);
+        this.sock.destroy();
+        resolve();
+      };
+      const timer = setTimeout(done, ms);
+      timer.unref();
+      this.sock.once('close', done);
+      this.sock.removeAllListeners('data');
+      this.sock.on('data', () => undefined);
+      this.sock.resume();
+      this.sock.end();
+    });
+  }
+
   get socket(): net.Socket {
     return this.sock;
   }

@@ -301,8 +301,9 @@ export async function receiveOne(sock: net.Socket, o: IncomingOptions): Promise<
     o.log(`incoming migration failed in phase ${phase}: ${e.stack ?? e.message}`);
     if (sm.state !== 'Running') {
       await ch.send(MSG.ABORT, jsonBody({ phase, message: `destination: ${e.message}` })).catch(() => undefined);
-      ch.destroy();
+      const closing = ch.lingerClose(2000);
       await discard(rt, paths, created, repo, o, holdings);
+      await closing;
     }
     throw err;
   }

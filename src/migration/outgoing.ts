@@ -193,6 +193,13 @@ export class Inbox {
     this.done = true;
   }
 
+  /** The destination's own reason (its ABORT), if it arrives within `ms`; null otherwise. */
+  async abortReason(ms: number): Promise<MigrationError | null> {
+    const deadline = Date.now() + ms;
+    while (!this.failure && Date.now() < deadline) await new Promise((r) => setTimeout(r, 10));
+    return this.failure instanceof MigrationError ? this.failure : null;
+  }
+
   async expect(type: number, what: string, timeoutMs: number): Promise<Message> {
     const deadline = Date.now() + timeoutMs;
     for (;;) {
@@ -707,7 +714,10 @@ export async function migrationFailed(
   s: { abort: AbortSignal; inbox: Inbox | null; ch: SecureChannel | null; committed: boolean; phase: MigrationPhase; afterCommit: string; takeBack?: (() => Promise<void>) | undefined },
 ): Promise<Error> {
   // An abort (a cancel, the destination's ABORT, a stall) surfaces below as whatever it broke: name the abort.
-  const e = s.abort.aborted && !(err instanceof MigrationError) && !(err instanceof MigrationRefusedError) ? (s.abort.reason as Error) : (err as Error);
+  let e = s.abort.aborted && !(err instanceof MigrationError) && !(err instanceof MigrationRefusedError) ? (s.abort.reason as Error) : (err as Error);
+  // A destination that gives up sends ABORT with its reason and closes; our next write can fail
+  // ("EPIPE") before the reader has handed that ABORT over. The reason is what the user needs.
+  if (!(e instanceof MigrationError) && !(e instanceof MigrationRefusedError) && !s.committed) e = (await s.inbox?.abortReason(1000)) ?? e;
   s.inbox?.stop();
   if (s.committed) {
     s.ch?.destroy();
