@@ -27,7 +27,8 @@
  * The index names the snapshot it was made with; holdings use it only for that snapshot. Every
  * referenced page read from it is hashed again and must match (readHeldPages), so a damaged cache
  * fails a migration (the guest stays on its source) and never feeds a wrong page to a guest. One
- * cache per VM: a new departure replaces it, an arrival of the VM removes it.
+ * cache per VM: a new departure replaces it, an arrival of the VM removes it. None is kept for an
+ * encrypted repository: the guest's RAM would lie unencrypted on disk while the guest is away.
  */
 import { promises as fsp, constants as fsc, readSync } from 'node:fs';
 import * as path from 'node:path';

@@ -361,7 +361,11 @@ export class VmRuntime {
         withVolume: (name, fn) => fn(this.volumes.get(name)!),
       });
       // The image becomes the holdings of the guest's return (a cache: the snapshot is committed).
-      await keepDepartureCache(this.opts.dataDir, this.def.name, snap.id, rec.file, held).catch((err: Error) => this.log(`departure cache not kept: ${err.message}`));
+      // Not with an encrypted repository: guest RAM would then stay on disk unencrypted for as long
+      // as the guest is away; its return reads the snapshot back instead.
+      if (!repo.encrypted) {
+        await keepDepartureCache(this.opts.dataDir, this.def.name, snap.id, rec.file, held).catch((err: Error) => this.log(`departure cache not kept: ${err.message}`));
+      }
       return snap.id;
     });
   }
