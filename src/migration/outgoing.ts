@@ -87,6 +87,8 @@ export interface MigrateOptions {
   stallTimeoutMs?: number;
   /** Keeps the final RAM as it is relayed (departure.ts), for a snapshot of the state at departure. */
   recorder?: DepartureRecorder;
+  /** Called (synchronously, inside the guest's pause) right before COMMIT: the guest may run elsewhere from then on. */
+  beforeCommit?: () => void;
 }
 
 export interface MigrationEvent {
@@ -647,6 +649,7 @@ export async function migrateOut(vm: SourceVm, target: MigrateTarget, o: Migrate
     switchover.readyMs = sinceStop();
     aborted();
     phase = 'commit';
+    o.beforeCommit?.();
     committed = true;
     const tCommit = performance.now();
     await chan.send(MSG.COMMIT);

@@ -281,9 +281,7 @@ async function dispatch(ctx: HandlerContext, req: SupervisorRequest, event: (e: 
       try {
         const identity = await loadOrCreateIdentity(ctx.dataDir);
         const r = await rt.migrate(req.target, { ...req.options, identity, signal: abort.signal, onEvent: event });
-        // The guest runs on the destination. Until this VM is gone from here, the `departed` marker
-        // says so (`vm start` refuses; a return trip's `receive` here waits for the removal).
-        await fsp.writeFile(ctx.paths.departedMarker, `${process.pid}\n${req.target.host}:${req.target.port}\n`, { mode: 0o600 });
+        // The guest runs on the destination (the runtime marked this VM `departed` before COMMIT).
         const keep = req.options.keepSource === true;
         ctx.afterShutdown = async () => {
           if (keep) await fsp.rm(ctx.paths.departedMarker, { force: true });
