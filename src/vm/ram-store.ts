@@ -276,19 +276,14 @@ export async function loadStoredRam(repo: Repository, streams: readonly StreamRe
 }
 
 /** Pages of the stored RAM for buildStream, chunks fetched ahead of use. */
-export async function* ramPages(
-  repo: Repository,
-  ram: readonly StreamRecord[],
-  readAhead = 8,
-  getChunk: (id: Uint8Array, raw: number) => Promise<Buffer> = (id, raw) => repo.getChunk(id, raw),
-): AsyncGenerator<RebuildPage> {
+export async function* ramPages(repo: Repository, ram: readonly StreamRecord[], readAhead = 8): AsyncGenerator<RebuildPage> {
   for (let bi = 0; bi < ram.length; bi++) {
     const s = ram[bi]!;
     const n = chunkCount(s.size, s.chunkSize);
     const fetch = (i: number) => {
       const raw = Math.min(s.chunkSize, s.size - i * s.chunkSize);
       const id = s.chunks.subarray(i * ID_SIZE, (i + 1) * ID_SIZE);
-      const p = id.equals(ZERO_CHUNK_ID) ? Promise.resolve(null) : getChunk(id, raw);
+      const p = id.equals(ZERO_CHUNK_ID) ? Promise.resolve(null) : repo.getChunk(id, raw);
       p.catch(() => undefined);
       return { p, raw };
     };

@@ -49,12 +49,11 @@ function distinctChunks(streams: readonly StreamRecord[]): ChunkRef[] {
   return out;
 }
 
-export async function verifyRestoreData(repo: Repository, snap: Snapshot, ram: readonly StreamRecord[], disks: readonly StreamRecord[], kept?: DecodedChunks): Promise<void> {
+export async function verifyRestoreData(repo: Repository, snap: Snapshot, ram: readonly StreamRecord[], disks: readonly StreamRecord[]): Promise<void> {
   const what = (c: ChunkRef) => `snapshot ${snap.id.slice(0, 12)} (VM ${snap.vm}): chunk ${idHex(c.id)} of stream ${c.stream} (chunk #${c.index})`;
   await mapLimit(distinctChunks(ram), 8, async (c) => {
     try {
-      const data = await repo.getChunk(c.id, c.raw);
-      kept?.keep(c.id, data);
+      await repo.getChunk(c.id, c.raw);
     } catch (err) {
       throw new RestoreDataError(`${what(c)} cannot be read: ${(err as Error).message}`, { cause: err });
     }
@@ -73,36 +72,4 @@ export async function verifyRestoreData(repo: Repository, snap: Snapshot, ram: r
     if (info instanceof Error) throw new RestoreDataError(`${what(p.first)}: its pack ${pack} cannot be found: ${info.message}`, { cause: info });
     if (info.size < p.end) throw new RestoreDataError(`${what(p.first)}: its pack ${pack} is truncated (${info.size} bytes, chunks up to byte ${p.end} expected)`);
   });
-}
-
-/**
- * RAM chunks read (and so decompressed and hash-checked) by the verification, kept for the load
- * that follows, up to a byte budget: a restore then reads each chunk once instead of twice.
- */
-export class DecodedChunks {
-  private readonly chunks = new Map<string, Buffer>();
-  private bytes = 0;
-
-  constructor(private readonly budget: number) {}
-
-  keep(id: Uint8Array, data: Buffer): void {
-    if (this.bytes + data.length > this.budget) return;
-    const key = Buffer.from(id.buffer, id.byteOffset, id.byteLength).toString('latin1');
-    if (this.chunks.has(key)) return;
-    this.chunks.set(key, data);
-    this.bytes += data.length;
-  }
-
-  /** A getChunk that serves kept chunks first (a chunk may occur more than once: kept until dropped). */
-  reader(repo: Repository): (id: Uint8Array, raw: number) => Promise<Buffer> {
-    return (id, raw) => {
-      const hit = this.chunks.get(Buffer.from(id.buffer, id.byteOffset, id.byteLength).toString('latin1'));
-      return hit && hit.length === raw ? Promise.resolve(hit) : repo.getChunk(id, raw);
-    };
-  }
-
-  drop(): void {
-    this.chunks.clear();
-    this.bytes = 0;
-  }
 }

@@ -27,7 +27,6 @@
  * start a fresh QEMU with -incoming defer, feed it a stream rebuilt from the stored RAM and device
  * state, and `cont` if the guest was running when the snapshot was taken.
  */
-import * as os from 'node:os';
 import { execFile } from 'node:child_process';
 import { promises as fsp, writeFileSync } from 'node:fs';
 import { nativeHelper } from '../util/project.js';
@@ -46,7 +45,7 @@ import { loadBytes, loadStoredRam, ramPages, RamStreamWriter, storeBytes } from 
 import { VmConfigError, diskDir, loadDefinition, loadState, parseDefinition, saveState, vmPaths, type VmDefinition, type VmPaths } from './config.js';
 import { UserFacingError } from '../util/errors.js';
 import { resolveForVm } from './selectors.js';
-import { DecodedChunks, RestoreDataError, verifyRestoreData } from './restore-check.js';
+import { RestoreDataError, verifyRestoreData } from './restore-check.js';
 import { migrateOut, type MigrateOptions, type MigrateResult, type MigrateTarget } from '../migration/outgoing.js';
 import { DepartureRecorder } from '../migration/departure.js';
 import { keepDepartureCache, pageHash } from '../migration/holdings.js';
@@ -729,8 +728,6 @@ export class VmRuntime {
     // was (restore-check.ts says what is read and why disks are only checked for presence).
     await step('checking the snapshot', () => checkRestorable(repo, snap, this.def));
     const disks = this.def.disks.map((d) => snap.streams.find((x) => x.name === d.name)!);
-    // What the verification decodes is kept for the load (within a quarter of free memory, 1 GiB at most).
-    const kept = new DecodedChunks(Math.min(1 << 30, Math.floor(os.freemem() / 4)));
     const ram = await step('verifying the snapshot data', async () => {
       const r =
         snap.meta.type === 'disk-only'
@@ -738,7 +735,7 @@ export class VmRuntime {
           : await loadStoredRam(repo, snap.streams).catch((err: Error) => {
               throw new RestoreDataError(`snapshot ${snap.id.slice(0, 12)} (VM ${snap.vm}): device state cannot be read: ${err.message}`, { cause: err });
             });
-      await verifyRestoreData(repo, snap, r?.ram ?? [], disks, kept);
+      await verifyRestoreData(repo, snap, r?.ram ?? [], disks);
       return r;
     });
     mark('snapshot data verified');
@@ -767,7 +764,7 @@ export class VmRuntime {
     let current = 'loading RAM and device state';
     try {
       if (ram) {
-        const stream = buildStream(ram.prefix, ramPages(repo, ram.ram, 8, kept.reader(repo)), ram.suffix, { commands: ram.commands });
+        const stream = buildStream(ram.prefix, ramPages(repo, ram.ram), ram.suffix, { commands: ram.commands });
         runState = (await restoreFromStream(q.qmp, stream, { qemuLog: q.paths.qemuLog })).runState;
         mark('RAM and device state loaded');
       }
@@ -794,7 +791,6 @@ export class VmRuntime {
       const where = disksReset ? 'its disks may be partly reset to the snapshot' : 'its disks are as they were before the restore';
       throw new VmOperationError('restore', current, `${(err as Error).message}; the previous guest was already stopped, so the VM is now stopped (${where})`, { cause: err });
     }
-    kept.drop();
     await saveState(this.opts.dataDir, this.def.name, { lastSnapshot: snap.id });
     if (this.qemu === q && this.hydration === null && this.volumes.size && !this.stopping) this.startHydration();
     mark('guest running');
