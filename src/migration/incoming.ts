@@ -8,7 +8,7 @@
  * process's pid) from its creation until the guest runs, so `vm start` refuses it and a marker
  * whose process is gone (kill -9) is swept by the next `receive`.
  */
-import { promises as fsp, constants as fsc, existsSync, readSync } from 'node:fs';
+import { promises as fsp, constants as fsc, existsSync } from 'node:fs';
 import type { FileHandle } from 'node:fs/promises';
 import * as net from 'node:net';
 import * as os from 'node:os';
