@@ -342,14 +342,15 @@ export async function negotiate(chan: SecureChannel, req: MigrationRequest, file
       if (m.body.length % PAGE_HASH_BYTES) throw new Error('malformed HAVE_RAM');
       for (let i = 0; i < m.body.length; i += PAGE_HASH_BYTES) heldPages.add(m.body.toString('latin1', i, i + PAGE_HASH_BYTES));
     } else if (m.type === MSG.HAVE_DISK) {
-      const { disk, firstBlock, count: n, hashes } = readHaveDisk(m.body, (i) => {
+      const blocksOf = (i: number): number | undefined => {
         const d = req.disks[i];
         return d ? Math.ceil(d.size / d.blockSize) : undefined;
-      });
+      };
+      const { disk, firstBlock, count: n, hashes } = readHaveDisk(m.body, blocksOf);
       let ids = heldBlocks.get(disk);
-      if (!ids) heldBlocks.set(disk, (ids = Buffer.alloc(Math.ceil(req.disks[disk]!.size / req.disks[disk]!.blockSize) * BLOCK_HASH_BYTES)));
+      if (!ids) heldBlocks.set(disk, (ids = Buffer.alloc(blocksOf(disk)! * BLOCK_HASH_BYTES)));
       hashes.copy(ids, firstBlock * BLOCK_HASH_BYTES);
-      for (let i = 0; i < n; i++) heldBlockSet.add(m.body.toString('latin1', 6 + i * BLOCK_HASH_BYTES, 6 + (i + 1) * BLOCK_HASH_BYTES));
+      for (let i = 0; i < n; i++) heldBlockSet.add(hashes.toString('latin1', i * BLOCK_HASH_BYTES, (i + 1) * BLOCK_HASH_BYTES));
     } else throw new Error(`unexpected message 0x${m.type.toString(16)} while receiving what the destination holds`);
   }
   return { pre, heldPages, heldBlocks, heldBlockSet };

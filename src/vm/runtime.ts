@@ -346,12 +346,13 @@ export class VmRuntime {
       for (const v of this.volumes.values()) v.freeze();
       const w = new RamStreamWriter(repo, { spillDir: this.paths.runDir });
       const streams: StreamRecord[] = [];
-      const held: { hash: Buffer; pos: number }[] = [];
+      // The departure cache's index (holdings.ts); none is kept with an encrypted repository.
+      const held: { hash: Buffer; pos: number }[] | null = repo.encrypted ? null : [];
       try {
         w.onPrefix(rec.prefix!);
         let batch: PageRecord[] = [];
         for await (const p of rec.pages()) {
-          if (p.kind === 'page') held.push({ hash: pageHash(p.data!), pos: p.pos });
+          if (held && p.kind === 'page') held.push({ hash: pageHash(p.data!), pos: p.pos });
           batch.push(p.kind === 'page' ? { block: p.block, offset: p.offset, kind: p.kind, data: Buffer.from(p.data!) } : { block: p.block, offset: p.offset, kind: p.kind });
           if (batch.length >= 256) {
             await w.onPages(batch);
@@ -370,7 +371,7 @@ export class VmRuntime {
       // The image becomes the holdings of the guest's return (a cache: the snapshot is committed).
       // Not with an encrypted repository: guest RAM would then stay on disk unencrypted for as long
       // as the guest is away; its return reads the snapshot back instead.
-      if (!repo.encrypted) {
+      if (held) {
         await keepDepartureCache(this.opts.dataDir, this.def.name, snap.id, rec.file, held).catch((err: Error) => this.log(`departure cache not kept: ${err.message}`));
       }
       return snap.id;
